@@ -1,0 +1,79 @@
+"""The generic export loop: GraphSpec + model -> one ONNX file per graph.
+
+    from export.onnx_export import export_graph
+    path = export_graph(spec, model, out_dir)   # writes out_dir/<spec.name>.onnx
+
+Uses the dynamo exporter (`torch.onnx.export(..., dynamo=True)`, opset 18) with
+`torch.export` dynamic dimensions built from the spec's named axes. Graphs whose
+weights exceed 2 GB are saved with external data (`<name>.onnx.data`).
+"""
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from export.specs import GraphSpec, torch_inputs
+
+OPSET = 18
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB
+
+
+def _dims(spec: GraphSpec) -> dict[str, torch.export.Dim]:
+    """One torch.export.Dim per named axis; a derived axis such as 'past+text' gets its own Dim."""
+    names = {a for t in spec.inputs for a in t.shape if isinstance(a, str)}
+    return {a: torch.export.Dim(re.sub(r"\W", "_", a.replace("+", "_plus_")), min=0) for a in sorted(names)}
+
+
+def _dynamic_shapes(spec: GraphSpec, wrapper: torch.nn.Module) -> tuple:
+    """dynamic_shapes matching the wrapper's signature: named args first, then a tuple for `*past`."""
+    dims = _dims(spec)
+    per_input = [{i: dims[a] for i, a in enumerate(t.shape) if isinstance(a, str)} for t in spec.inputs]
+    import inspect
+
+    params = list(inspect.signature(wrapper.forward).parameters.values())
+    named = [p for p in params if p.kind != p.VAR_POSITIONAL]
+    if len(named) == len(params):
+        return tuple(per_input)
+    return (*per_input[: len(named)], tuple(per_input[len(named):]))
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for p in list(module.parameters()) + list(module.buffers()):
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def export_graph(spec: GraphSpec, model: torch.nn.Module, out_dir: Path) -> Path:
+    """Trace `spec` on `model` and write `<out_dir>/<spec.name>.onnx`; returns the path."""
+    wrapper = spec.build(model).eval()
+    feeds = spec.make_inputs(spec.export_sizes, np.random.default_rng(0))
+    args = torch_inputs(spec, feeds)
+    path = Path(out_dir) / f"{spec.name}.onnx"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            wrapper, args, dynamo=True, opset_version=OPSET, verbose=False,
+            input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
+            dynamic_shapes=_dynamic_shapes(spec, wrapper),
+        )
+    program.save(str(path), external_data=weight_bytes(wrapper) > EXTERNAL_DATA_BYTES)
+    _rename_dims(path, spec)
+    onnx.checker.check_model(str(path))
+    return path
+
+
+def _rename_dims(path: Path, spec: GraphSpec) -> None:
+    """Give every dynamic axis of the ONNX graph's inputs and outputs its spec name ('past+text', ...)."""
+    model = onnx.load(str(path), load_external_data=False)
+    axes = spec.dynamic_axes()
+    for value in list(model.graph.input) + list(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        for i, name in axes.get(value.name, {}).items():
+            dims[i].dim_param = name
+    onnx.save(model, str(path))

@@ -1,0 +1,32 @@
+"""Typed errors raised by the runtime.
+
+Every error message says what is wrong *and* how to fix it, for a deployment
+engineer who has never read the code. All inherit from `Blip2EdgeError`, so
+callers can catch one type:
+
+    from runtime.errors import Blip2EdgeError
+    try:
+        pipe = Blip2Pipeline.from_dir("engines/demo/onnx")
+    except Blip2EdgeError as e:
+        print(e)
+"""
+
+
+class Blip2EdgeError(Exception):
+    """Base class of every error blip2-edge raises on purpose."""
+
+
+class EngineFolderError(Blip2EdgeError):
+    """The engine folder is missing, incomplete, corrupt or from another format version."""
+
+
+class ImageInputError(Blip2EdgeError, ValueError):
+    """An image could not be read or is of a kind the pipeline cannot use."""
+
+
+class PromptError(Blip2EdgeError, ValueError):
+    """A prompt or a generation setting is out of range (empty, too long, ...)."""
+
+
+class BackendError(Blip2EdgeError):
+    """The requested inference backend (onnxruntime / tensorrt) is unavailable or failed."""

@@ -1,0 +1,87 @@
+"""One runner interface over ONNX Runtime (here) and TensorRT (GPU), like polygraphy's BaseRunner.
+
+A runner loads one graph and maps a dict of numpy inputs to a dict of numpy
+outputs. Backends override three small hooks: `_load`, `_infer` and `_names`.
+
+    from runtime.runners import make_runner
+    runner = make_runner("engines/demo/onnx/vision.onnx", backend="onnxruntime")
+    outputs = runner.run({"pixel_values": x})      # {"image_embeds": array}
+"""
+import os
+from pathlib import Path
+
+import numpy as np
+
+from runtime.errors import BackendError, EngineFolderError
+
+
+class Runner:
+    """Base class: validates feeds against the graph's declared inputs, then calls `_infer`."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._load()
+        self.input_names, self.output_names = self._names()
+
+    def _load(self) -> None:
+        raise NotImplementedError
+
+    def _names(self) -> tuple[list[str], list[str]]:
+        raise NotImplementedError
+
+    def _infer(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise ValueError(f"{self.path.name}: missing inputs {missing} (expects {self.input_names})")
+        outputs = self._infer({n: feeds[n] for n in self.input_names})
+        return dict(zip(self.output_names, outputs))
+
+
+class OrtRunner(Runner):
+    """ONNX Runtime on the CPU (or any execution provider given)."""
+
+    def __init__(self, path, providers=None, threads: int | None = None):
+        self.providers = providers or ["CPUExecutionProvider"]
+        self.threads = threads
+        super().__init__(path)
+
+    def _load(self):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts, providers=self.providers)
+        except Exception as e:  # onnxruntime raises its own exception types for corrupt files
+            raise EngineFolderError(
+                f"ONNX Runtime could not load {self.path} ({type(e).__name__}: {str(e).splitlines()[0][:300]}); "
+                f"the file is corrupt or from an incompatible exporter: rebuild the engine folder with "
+                f"`python -m export.build`"
+            ) from None
+
+    def _names(self):
+        return [i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()]
+
+    def _infer(self, feeds):
+        return self.session.run(self.output_names, feeds)
+
+
+BACKENDS = {"onnxruntime": OrtRunner}
+
+
+def make_runner(path, backend: str = "onnxruntime", **kwargs) -> Runner:
+    if backend not in BACKENDS:
+        raise BackendError(f"unknown backend {backend!r}; choose one of {sorted(BACKENDS)}")
+    return BACKENDS[backend](path, **kwargs)
+
+
+def default_threads() -> int | None:
+    """Threads per session from BLIP2_EDGE_THREADS, else ONNX Runtime's default (one per core)."""
+    value = os.environ.get("BLIP2_EDGE_THREADS")
+    return int(value) if value else None

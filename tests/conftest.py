@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny checkpoints built from presets and engine folders exported from them (built once per session)."""
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# Configurations unlike the default: the exporter must not depend on the numbers we usually test with.
+VARIANTS = {
+    "tiny": {},
+    "proj": {"word_embed_proj_dim": 16},  # OPT-350m style project_in/project_out
+    "postln": {"do_layer_norm_before": False},  # OPT-350m style post-layernorm, no final layer norm
+    "untied": {"tie_word_embeddings": False, "num_query_tokens": 3},
+    "geometry": {"image_size": 48, "patch_size": 12, "num_query_tokens": 6, "llm_layers": 3, "llm_heads": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def make_engine(tmp_path_factory):
+    """make_engine(variant) -> (checkpoint folder, engine folder), built once per variant per session."""
+    from export.build import build
+    from train.demo import make_random_checkpoint
+
+    logging.getLogger("export.checkpoint").setLevel(logging.ERROR)
+    cache = {}
+
+    def make(variant: str = "tiny"):
+        if variant not in cache:
+            root = tmp_path_factory.mktemp(f"engine-{variant}")
+            ck = make_random_checkpoint(root / "checkpoints" / variant, "tiny", seed=0, **VARIANTS[variant])
+            engine = build(ck, "onnx", root / "engines", say=lambda *_: None)
+            cache[variant] = (ck, engine)
+        return cache[variant]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(make_engine):
+    return make_engine("tiny")
+
+
+@pytest.fixture(scope="session")
+def pipeline(tiny_engine):
+    from runtime import Blip2Pipeline
+
+    return Blip2Pipeline.from_dir(tiny_engine[1])
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tiny_engine):
+    from export.checkpoint import load_checkpoint
+
+    return load_checkpoint(tiny_engine[0])

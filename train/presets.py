@@ -1,0 +1,91 @@
+"""Model size presets: Blip2Config objects built from a handful of numbers.
+
+No pretrained weights can be downloaded in our environments, so tests, the
+benchmark and the demo build models from these presets.
+
+    >>> from train.presets import blip2_config
+    >>> cfg = blip2_config("tiny", vocab_size=300)
+    >>> cfg.num_query_tokens
+    4
+
+Any knob of the preset can be overridden by keyword (see `Preset`), so the
+tests can cover configurations unlike the defaults: OPT with
+`word_embed_proj_dim != hidden_size` (project_in/out, as OPT-350m),
+post-layernorm OPT (`do_layer_norm_before=False`), an untied LM head, other
+image and patch sizes and numbers of queries.
+"""
+from dataclasses import dataclass, replace
+
+from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, OPTConfig
+
+# Special token ids follow OPT's tokenizer: <s>=0, <pad>=1, </s>=2 (BOS and EOS), <unk>=3.
+BOS_ID, PAD_ID, EOS_ID = 2, 1, 2
+
+
+@dataclass(frozen=True)
+class Preset:
+    # vision transformer
+    image_size: int = 32
+    patch_size: int = 8
+    vision_width: int = 32
+    vision_layers: int = 2
+    vision_heads: int = 4
+    # Q-Former
+    num_query_tokens: int = 4
+    qformer_width: int = 32
+    qformer_layers: int = 2
+    qformer_heads: int = 4
+    qformer_vocab_size: int = 128
+    cross_attention_frequency: int = 1
+    # OPT decoder
+    vocab_size: int = 128
+    llm_width: int = 32
+    word_embed_proj_dim: int | None = None  # None: same as llm_width
+    llm_layers: int = 2
+    llm_heads: int = 4
+    max_positions: int = 128
+    do_layer_norm_before: bool = True
+    tie_word_embeddings: bool = True
+    image_token_index: int | None = None  # None: the last id of the vocabulary
+
+
+PRESETS = {
+    # a few hundred thousand parameters: unit and parity tests
+    "tiny": Preset(),
+    # about 30M parameters: the benchmark's "small" model (ViT 224/16 4x256, Q-Former 4 layers 32 queries, OPT 6x512)
+    "small": Preset(
+        image_size=224, patch_size=16, vision_width=256, vision_layers=4, vision_heads=4,
+        num_query_tokens=32, qformer_width=256, qformer_layers=4, qformer_heads=4, qformer_vocab_size=1024,
+        cross_attention_frequency=2,
+        vocab_size=4096, llm_width=512, llm_layers=6, llm_heads=8, max_positions=512,
+    ),
+}
+
+
+def blip2_config(preset: str | Preset = "tiny", **overrides) -> Blip2Config:
+    """Build a Blip2Config from a preset name (or Preset) with keyword overrides."""
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise KeyError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        preset = PRESETS[preset]
+    p = replace(preset, **overrides)
+    vision = Blip2VisionConfig(
+        hidden_size=p.vision_width, intermediate_size=4 * p.vision_width, num_hidden_layers=p.vision_layers,
+        num_attention_heads=p.vision_heads, image_size=p.image_size, patch_size=p.patch_size,
+    )
+    qformer = Blip2QFormerConfig(
+        hidden_size=p.qformer_width, intermediate_size=4 * p.qformer_width, num_hidden_layers=p.qformer_layers,
+        num_attention_heads=p.qformer_heads, encoder_hidden_size=p.vision_width, vocab_size=p.qformer_vocab_size,
+        cross_attention_frequency=p.cross_attention_frequency, max_position_embeddings=p.max_positions,
+    )
+    text = OPTConfig(
+        vocab_size=p.vocab_size, hidden_size=p.llm_width, word_embed_proj_dim=p.word_embed_proj_dim or p.llm_width,
+        num_hidden_layers=p.llm_layers, ffn_dim=4 * p.llm_width, num_attention_heads=p.llm_heads,
+        max_position_embeddings=p.max_positions, do_layer_norm_before=p.do_layer_norm_before,
+        tie_word_embeddings=p.tie_word_embeddings, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+    )
+    image_token = p.image_token_index if p.image_token_index is not None else p.vocab_size - 1
+    return Blip2Config(
+        vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
+        num_query_tokens=p.num_query_tokens, image_token_index=image_token,
+    )

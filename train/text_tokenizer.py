@@ -1,0 +1,53 @@
+"""A small OPT-style byte-level BPE tokenizer, trained here because none can be downloaded.
+
+It follows OPT's conventions so that real checkpoints and ours share one path:
+<s>=0, <pad>=1, </s>=2 (BOS and EOS, prepended to every prompt), <unk>=3, and an
+`<image>` placeholder token whose id is the model's `image_token_index`.
+
+    python -c "from train.text_tokenizer import build_tokenizer; print(build_tokenizer(512))"
+"""
+import itertools
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]
+IMAGE_TOKEN = "<image>"
+
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "pink", "brown", "gray", "cyan"]
+SHAPES = ["circle", "square", "triangle", "star", "cross", "diamond", "ellipse", "rectangle", "hexagon", "ring"]
+PLACES = ["top", "bottom", "left", "right", "center", "middle", "corner", "upper", "lower"]
+SIZES = ["small", "large", "big", "tiny", "medium", "huge"]
+TEMPLATES = [
+    "a {s} {c} {h} in the {p}", "a photo of a {c} {h}", "there is a {s} {c} {h} on the {p}",
+    "Question: what color is the {h}? Answer: {c}", "Question: what shape is {c}? Answer: {h}",
+    "Question: where is the {h}? Answer: {p}", "an image showing a {c} {h} and a {s} shape",
+]
+
+
+def default_corpus() -> list[str]:
+    """Caption-like sentences covering the words of the synthetic shapes data set."""
+    rows = []
+    for t, (c, h, p, s) in itertools.product(TEMPLATES, zip(COLOURS * 3, SHAPES * 4, PLACES * 4, SIZES * 6)):
+        rows.append(t.format(c=c, h=h, p=p, s=s))
+    rows += COLOURS + SHAPES + PLACES + SIZES
+    return rows
+
+
+def build_tokenizer(vocab_size: int, corpus: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer of at most `vocab_size` ids (the last id is `<image>`)."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - 1, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus or default_corpus(), trainer)
+    tok.post_processor = processors.TemplateProcessing(single="</s> $A", pair="</s> $A </s> $B", special_tokens=[("</s>", 2)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        padding_side="left",
+    )
+    fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    return fast
