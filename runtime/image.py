@@ -341,7 +341,7 @@ class ImageProcessorConfig:
         table = _value_table(self.mean, self.std, self.rescale_factor, self.do_rescale, self.do_normalize)
         out = np.empty((len(items), 3, self.height, self.width), dtype=np.float32)
         for i, item in enumerate(items):
-            pixels = self._resized_pixels(load_image(item))
+            pixels = self._resized_pixels(_load_item(item, i, len(items)))
             for c in range(3):
                 np.take(table[c], pixels[..., c], out=out[i, c])
         return out
@@ -413,6 +413,16 @@ def _value_table(
     return table
 
 
+def _load_item(item: ImageInput, index: int, count: int) -> Image.Image:
+    """load_image, naming the failing item when there are several."""
+    try:
+        return load_image(item)
+    except ImageInputError as e:
+        if count == 1:
+            raise
+        raise ImageInputError(f"image {index} of the list of {count}: {e}") from e
+
+
 def _as_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
     if isinstance(images, (list, tuple)):
         items = list(images)
@@ -443,13 +453,15 @@ def _hf_channels(value: Any) -> Any:
 def _hf_size(size: Any) -> tuple[int, int]:
     if isinstance(size, int):
         return size, size
-    if isinstance(size, dict) and set(size) == {"height", "width"}:
-        return size["height"], size["width"]
-    if isinstance(size, dict) and "shortest_edge" in size:
+    given = {k: v for k, v in size.items() if v is not None} if isinstance(size, dict) else None
+    if given is not None and set(given) == {"height", "width"}:
+        return given["height"], given["width"]
+    if given is not None and "shortest_edge" in given:
+        edge = given["shortest_edge"]
         raise ValueError(
-            f"size={size} makes Hugging Face resize keeping the aspect ratio (a 100x300 image becomes "
-            f"{size['shortest_edge']}x{size['shortest_edge'] * 3}), which a fixed-size BLIP-2 vision encoder "
-            f"cannot take; set \"size\": {{\"height\": {size['shortest_edge']}, \"width\": "
-            f"{size['shortest_edge']}}} in preprocessor_config.json as the BLIP-2 checkpoints do"
+            f"size={size} makes Hugging Face resize keeping the aspect ratio, so images come out in "
+            "varying, non-square shapes that a fixed-size BLIP-2 vision encoder cannot take; set "
+            f'"size": {{"height": {edge}, "width": {edge}}} in preprocessor_config.json, as the '
+            "BLIP-2 checkpoints do"
         )
     raise ValueError(f'unsupported "size" {size!r}; expected {{"height": H, "width": W}} or an int')

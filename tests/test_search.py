@@ -115,9 +115,9 @@ def _make_model(eos_prone: bool) -> OPTForCausalLM:
 MODELS = {"plain": _make_model(False), "eos": _make_model(True)}
 
 
-def _prompts(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _prompts(batch: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompts of lengths 7, 4 and 2 (BOS first)."""
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (3, 7), generator=g)
     mask = torch.ones_like(ids)
     for row, length in enumerate((7, 4, 2)):
@@ -134,9 +134,9 @@ def _hf_new_tokens(out: torch.Tensor, prompt_len: int, eos: int) -> list[list[in
     return rows
 
 
-def _run_both(model_name: str, batch: int, **kw) -> tuple[list[list[int]], list[list[int]], TorchStepModel]:
+def _run_both(model_name: str, batch: int, prompt_seed: int = 1, **kw) -> tuple[list[list[int]], list[list[int]], TorchStepModel]:
     model = MODELS[model_name]
-    ids, mask = _prompts(batch)
+    ids, mask = _prompts(batch, prompt_seed)
     hf_kw = dict(kw)
     if hf_kw.get("num_beams", 1) == 1:  # beam-only flags: HF only warns about them; keep the logs clean
         hf_kw.pop("length_penalty", None)
@@ -202,6 +202,24 @@ def test_beam_matches_hf(model_name, batch, num_beams, length_penalty, early_sto
 def test_beam_with_processors_matches_hf(model_name, opts):
     opts = {"max_new_tokens": 16, **opts}
     got, expected, _ = _run_both(model_name, 3, **opts)
+    assert got == expected
+
+
+@pytest.mark.parametrize(
+    "prompt_seed,num_beams,length_penalty,max_new_tokens",
+    [(5, 2, 1.0, 25), (5, 2, 2.0, 25), (2, 3, 1.0, 16), (1, 2, 2.0, 25)],
+)
+@pytest.mark.parametrize("early_stopping", [False, "never"])
+def test_beam_stopping_heuristics_match_hf(prompt_seed, num_beams, length_penalty, max_new_tokens, early_stopping):
+    """Cases (found by mutation testing) where the outcome depends on the fine print of HF's beam
+    search: the early-stop heuristic (best running score / current new-token count ** length_penalty
+    vs the worst finished score), freezing a batch item's finished set once that heuristic says it
+    cannot improve while other items keep running, keeping 2 * num_beams candidates, and
+    early_stopping="never" using max_new_tokens as the best reachable length."""
+    got, expected, _ = _run_both(
+        "eos", 3, prompt_seed=prompt_seed, max_new_tokens=max_new_tokens, num_beams=num_beams,
+        length_penalty=length_penalty, early_stopping=early_stopping,
+    )
     assert got == expected
 
 
@@ -404,6 +422,30 @@ def test_sampling_finished_rows_stop_and_are_not_padded():
     for r in out:
         assert EOS not in r[:-1] and (r[-1] == EOS or len(r) == 30)
     assert fake.steps == max(len(r) for r in out) - 1
+
+
+def test_greedy_feeds_pad_to_finished_rows():
+    row = np.zeros(8, dtype=np.float32)
+    row[EOS] = 5.0  # row 0 finishes at once; row 1 only after step 3 (see Recorder)
+
+    class Recorder(FixedLogitsModel):
+        def __init__(self):
+            super().__init__(row, 2)
+            self.fed = []
+
+        def step(self, tokens):
+            self.fed.append(tokens.copy())
+            out = super().step(tokens)
+            out[1, EOS] = -10.0 if self.steps < 3 else 10.0
+            return out
+
+    rec = Recorder()
+    first = rec.first()
+    first[1, EOS] = -10.0
+    out = generate(rec, first, np.full((2, 1), BOS), GenerationConfig(max_new_tokens=10))
+    assert out[0] == [EOS] and len(out[1]) == 4 and out[1][-1] == EOS
+    # like HF: the EOS itself goes in at the next step, then pad ids while the other row runs
+    assert rec.steps == 3 and [int(f[0]) for f in rec.fed] == [EOS, PAD, PAD]
 
 
 def test_beam_search_reorders_and_expands_cache():
