@@ -2,8 +2,16 @@
 
     from export.checkpoint import load_checkpoint
     ck = load_checkpoint("checkpoints/demo")
-    ck.model, ck.tokenizer, ck.image_processor_config, ck.prompt_prefix_ids
+    ck.model            # train.model.Blip2Edge: every Q-Former mode, the LLM when there is one
+    ck.hf               # the Hugging Face model sharing its weights (reference for generate / retrieval)
+    ck.tokenizer, ck.qformer_tokenizer, ck.image_processor, ck.prompt_prefix_ids
 
+Two kinds of folder load: stage 2 (`Blip2ForConditionalGeneration`: vision,
+Q-Former, projection, OPT) and stage 1 (`Blip2ForImageTextRetrieval`: vision,
+Q-Former with text side, ITC/ITM heads), each optionally with our extra heads
+(blip2_edge.json + blip2_edge_heads.safetensors: the ITG head, the Q-Former's
+text side kept for stage 2). The Q-Former tokenizer is the folder's tokenizer
+for stage 1 and `qformer_tokenizer/` for stage 2 (InstructBLIP's layout).
 The model is loaded in float32 with eager attention (the dynamo exporter cannot
 trace SDPA's `is_causal` flag in the KV-cached decoder step).
 """
@@ -25,10 +33,16 @@ class CheckpointError(Exception):
 @dataclass
 class Checkpoint:
     path: Path
-    model: torch.nn.Module
-    tokenizer: object  # transformers tokenizer (fast)
+    model: torch.nn.Module  # train.model.Blip2Edge
+    hf: torch.nn.Module  # Blip2ForConditionalGeneration or Blip2ForImageTextRetrieval, same weights
+    tokenizer: object | None  # the LLM's tokenizer (transformers fast tokenizer); None for stage 1
+    qformer_tokenizer: object | None  # the Q-Former's tokenizer; None without the Q-Former text side
     image_processor: dict  # Hugging Face image processor settings
     prompt_prefix_ids: list[int]
+
+    @property
+    def has_llm(self) -> bool:
+        return hasattr(self.model, "language_model")
 
     @property
     def config(self):
@@ -61,18 +75,17 @@ def _prompt_prefix(tokenizer) -> list[int]:
     return list(full[: len(full) - len(raw)])
 
 
-def load_checkpoint(path) -> Checkpoint:
-    from transformers import AutoTokenizer, Blip2Config, Blip2ForConditionalGeneration
+def _load_tokenizer(path: Path, what: str):
+    from transformers import AutoTokenizer
 
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint folder not found: {path}; pass --model a folder written by save_pretrained "
-                              f"(make the demo one with `python -m train.demo --out {path}`)")
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"{path} has no config.json: it is not a Hugging Face save_pretrained folder")
-    config = Blip2Config.from_pretrained(path)
-    if config.model_type != "blip-2":
-        raise CheckpointError(f"{path} holds a {config.model_type!r} model; blip2-edge exports BLIP-2 (model_type 'blip-2')")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise CheckpointError(f"could not load the {what} tokenizer from {path} ({str(e)[:200]}); save it there with "
+                              f"tokenizer.save_pretrained({str(path)!r})") from None
+
+
+def _check_llm(path: Path, config) -> None:
     if config.text_config.model_type != "opt":
         raise CheckpointError(
             f"{path} uses a {config.text_config.model_type!r} language model; blip2-edge exports OPT decoders "
@@ -83,14 +96,7 @@ def load_checkpoint(path) -> Checkpoint:
             f"{path}/config.json has no image_token_index: transformers 5 places the query outputs at these "
             f"placeholder ids; set \"image_token_index\" to the id of the tokenizer's <image> token"
         )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except Exception as e:
-        raise CheckpointError(f"could not load the tokenizer from {path} ({e}); save it with "
-                              f"tokenizer.save_pretrained({str(path)!r})") from None
-    image_processor = _image_processor_dict(path)
-    model = Blip2ForConditionalGeneration.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
-    if model.config.image_token_index >= model.config.text_config.vocab_size:
+    if config.image_token_index >= config.text_config.vocab_size:
         raise CheckpointError(f"image_token_index {config.image_token_index} is outside the decoder's vocabulary "
                               f"({config.text_config.vocab_size}); resize the embeddings or fix config.json")
     if config.text_config.hidden_size != config.text_config.word_embed_proj_dim:
@@ -100,7 +106,51 @@ def load_checkpoint(path) -> Checkpoint:
             "narrower embeddings, mixing images across a batch; the export reproduces that exactly",
             config.text_config.hidden_size, config.text_config.word_embed_proj_dim,
         )
-    return Checkpoint(path, model, tokenizer, image_processor, _prompt_prefix(tokenizer))
+
+
+def _ids_from_tokenizer(edge, tokenizer) -> None:
+    """A plain HF folder does not say its Q-Former's special ids: take them from its (BERT) tokenizer."""
+    for field, token in (("cls_token_id", tokenizer.cls_token_id), ("sep_token_id", tokenizer.sep_token_id),
+                         ("pad_token_id", tokenizer.pad_token_id)):
+        if token is None:
+            raise CheckpointError(f"the Q-Former tokenizer has no {field.replace('_id', '')}; BLIP-2 needs a "
+                                  f"BERT-style tokenizer with [CLS], [SEP] and [PAD]")
+        setattr(edge, field, token)
+
+
+def load_checkpoint(path) -> Checkpoint:
+    from transformers import Blip2Config
+
+    from train.model import Blip2Edge, EdgeConfig
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint folder not found: {path}; pass --model a folder written by save_pretrained "
+                              f"(make the demo one with `python -m train.demo --out {path}`)")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} has no config.json: it is not a Hugging Face save_pretrained folder")
+    config = Blip2Config.from_pretrained(path)
+    if config.model_type != "blip-2":
+        raise CheckpointError(f"{path} holds a {config.model_type!r} model; blip2-edge exports BLIP-2 (model_type 'blip-2')")
+    edge = EdgeConfig.load(path, config)
+    if edge.stage == 2:
+        _check_llm(path, config)
+    elif not edge.qformer_text:
+        raise CheckpointError(f"{path} is a stage-1 checkpoint without the Q-Former's text side; nothing to export")
+    image_processor = _image_processor_dict(path)
+    tokenizer = _load_tokenizer(path, "LLM") if edge.stage == 2 else None
+    qformer_tokenizer = None
+    if edge.qformer_text:
+        qdir = path if edge.stage == 1 else path / "qformer_tokenizer"
+        if not qdir.is_dir():
+            raise CheckpointError(f"{path} has the Q-Former's text side but no Q-Former tokenizer in {qdir}; save it "
+                                  f"with qformer_tokenizer.save_pretrained({str(qdir)!r})")
+        qformer_tokenizer = _load_tokenizer(qdir, "Q-Former")
+    model = Blip2Edge.from_pretrained(path)
+    if qformer_tokenizer is not None and not (path / "blip2_edge.json").is_file():
+        _ids_from_tokenizer(model.edge, qformer_tokenizer)
+    prefix = _prompt_prefix(tokenizer) if tokenizer is not None else []
+    return Checkpoint(path, model, model.hf_model(), tokenizer, qformer_tokenizer, image_processor, prefix)
 
 
 def checkpoint_hash(path: Path) -> str:

@@ -1,13 +1,17 @@
-"""End-to-end parity: the runtime pipeline's generated tokens against `Blip2ForConditionalGeneration.generate`.
+"""End-to-end parity: the runtime pipeline against PyTorch, capability by capability.
 
     from export.e2e import hf_generate_ids, token_agreement
     ref = hf_generate_ids(checkpoint, images, prompts, max_new_tokens=20, num_beams=1)
     got = pipeline.generate_ids(images, prompts, max_new_tokens=20, num_beams=1)
     token_agreement(got, ref)      # 1.0 when every token of every row matches
 
-The reference uses Hugging Face's own image processor, tokenizer and generate;
-only the prompt layout (image placeholders, then BOS + prompt, left-padded) is
-built here, as `Blip2Processor` does it.
+LLM captions are compared with `Blip2ForConditionalGeneration.generate`, using
+Hugging Face's own image processor and tokenizer; only the prompt layout (image
+placeholders, then BOS + prompt, left-padded) is built here, as `Blip2Processor`
+does it. The Q-Former capabilities (ITC similarities and rankings, ITM
+probabilities, ITG captions) are compared with `train.model.Blip2Edge`, whose
+ITG reference runs the whole sequence through the causal mask at every step
+(no KV cache), so it checks the cached graph independently.
 """
 import numpy as np
 import torch
@@ -33,7 +37,7 @@ def hf_generate_ids(checkpoint, images, prompts, **generation) -> list[list[int]
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     with torch.no_grad():
-        out = checkpoint.model.generate(
+        out = checkpoint.hf.generate(
             pixel_values=hf_pixel_values(checkpoint, images), input_ids=ids, attention_mask=mask, do_sample=False,
             eos_token_id=cfg.text_config.eos_token_id, pad_token_id=pad, **generation,
         )
@@ -67,3 +71,94 @@ def probe_images(size: int, count: int = 4, seed: int = 0) -> list[Image.Image]:
         draw.ellipse([int(x0), int(y0), int(x0) + side // 2, int(y0) + side // 2], fill=color)
         images.append(im)
     return images
+
+
+E2E_TEXTS = ["a red circle on the left", "a photo", "there is a small blue square at the top of the image",
+             "two shapes, a green triangle above an orange circle"]
+
+
+def llm_end_to_end(ck, pipe, limits, required: dict) -> dict:
+    """Greedy captions and prompted answers: runtime pipeline vs HF generate."""
+    images = probe_images(ck.config.vision_config.image_size, count=4)
+    new = min(20, limits.max_new_tokens)
+    cases = {
+        "caption": [None] * len(images),
+        "prompted": ["a photo of", "Question: what color is the circle? Answer:", "a", "there is"],
+    }
+    report = {}
+    for case, prompts in cases.items():
+        ref = hf_generate_ids(ck, images, prompts, max_new_tokens=new)
+        got = pipe.generate_ids(images, prompt=prompts, max_new_tokens=new)
+        agreement = token_agreement(got, ref)
+        report[case] = {"token_agreement": agreement, "rows": len(images), "max_new_tokens": new,
+                        "reference": "Blip2ForConditionalGeneration.generate (greedy)",
+                        "passed": agreement >= required["token_agreement"],
+                        "summary": f"token agreement {agreement:.3f}"}
+    return report
+
+
+def qformer_texts(ck, texts: list[str], first_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q-Former token ids and mask as the HF tokenizer makes them ([CLS] text [SEP], right-padded)."""
+    enc = ck.qformer_tokenizer(texts, padding=True, truncation=True, max_length=ck.model.edge.max_text_tokens,
+                               return_tensors="pt")
+    ids = enc.input_ids.clone()
+    if first_id is not None:
+        ids[:, 0] = first_id
+    return ids, enc.attention_mask
+
+
+@torch.no_grad()
+def torch_itg_greedy(model, image_embeds: torch.Tensor, max_new_tokens: int) -> list[list[int]]:
+    """Greedy Q-Former captions, the whole sequence through the causal mask at every step (no cache)."""
+    e = model.edge
+    out = []
+    for row in image_embeds.split(1):
+        ids = torch.tensor([[e.dec_token_id]])
+        new = []
+        for _ in range(max_new_tokens):
+            logits = model.itg_logits(row, ids, torch.ones_like(ids))[:, -1]
+            token = int(logits.argmax(-1))
+            new.append(token)
+            if token == e.sep_token_id:
+                break
+            ids = torch.cat([ids, torch.tensor([[token]])], 1)
+        out.append(new)
+    return out
+
+
+@torch.no_grad()
+def qformer_end_to_end(ck, pipe, limits, required: dict) -> dict:
+    """ITC similarities and rankings, ITM probabilities, ITG greedy captions: runtime vs Blip2Edge."""
+    model = ck.model
+    images = probe_images(ck.config.vision_config.image_size, count=4, seed=5)
+    image_embeds = model.encode_image(hf_pixel_values(ck, images))
+    report = {}
+    if "image_feats" in pipe.runners["qformer_query"].output_names and "qformer_text" in pipe.runners:
+        ids, mask = qformer_texts(ck, E2E_TEXTS)
+        query_output, _ = model.query_forward(image_embeds)
+        ref = torch.einsum("iqd,td->iqt", model.image_feats(query_output), model.text_feat(ids, mask)).amax(1).numpy()
+        got = pipe.similarity(pipe.embed_images(images), pipe.embed_texts(E2E_TEXTS))
+        err = float(np.abs(got - ref).max())
+        same = bool((np.argsort(-got, 1) == np.argsort(-ref, 1)).all() and
+                    (np.argsort(-got, 0) == np.argsort(-ref, 0)).all())
+        report["itc"] = {"max_abs": err, "same_ranking": same, "reference": "Blip2Edge image_feats/text_feat",
+                         "passed": err <= required["sim_atol"] and (same or not required["same_ranking"]),
+                         "summary": f"similarity max abs err {err:.2g}, rankings {'identical' if same else 'DIFFER'}"}
+    if "qformer_itm" in pipe.runners:
+        ids, mask = qformer_texts(ck, E2E_TEXTS)
+        logits, _ = model.itm_forward(image_embeds, ids, mask)
+        ref = logits.softmax(-1)[:, 1].numpy()
+        got = pipe.itm(images, E2E_TEXTS)
+        err = float(np.abs(got - ref).max())
+        report["itm"] = {"max_abs": err, "reference": "Blip2Edge itm_forward", "passed": err <= required["prob_atol"],
+                         "summary": f"match probability max abs err {err:.2g}"}
+    if "qformer_itg" in pipe.runners:
+        new = min(16, limits.max_qformer_tokens - 1)
+        ref = torch_itg_greedy(model, image_embeds, new)
+        got = pipe.generate_ids(images, decoder="qformer", max_new_tokens=new)
+        agreement = token_agreement(got, ref)
+        report["itg_caption"] = {"token_agreement": agreement, "rows": len(images), "max_new_tokens": new,
+                                 "reference": "Blip2Edge itg_logits, uncached greedy",
+                                 "passed": agreement >= required["token_agreement"],
+                                 "summary": f"token agreement {agreement:.3f}"}
+    return report

@@ -40,13 +40,9 @@ def _dynamic_shapes(spec: GraphSpec, wrapper: torch.nn.Module) -> tuple:
     return (*per_input[: len(named)], tuple(per_input[len(named):]))
 
 
-def weight_bytes(module: torch.nn.Module) -> int:
-    seen, total = set(), 0
-    for p in list(module.parameters()) + list(module.buffers()):
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel() * p.element_size()
-    return total
+def weight_bytes(program) -> int:
+    """Bytes of the exported graph's initializers (only the weights the graph really uses)."""
+    return sum(v.const_value.nbytes for v in program.model.graph.initializers.values() if v.const_value is not None)
 
 
 def export_graph(spec: GraphSpec, model: torch.nn.Module, out_dir: Path) -> Path:
@@ -62,7 +58,7 @@ def export_graph(spec: GraphSpec, model: torch.nn.Module, out_dir: Path) -> Path
             input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
             dynamic_shapes=_dynamic_shapes(spec, wrapper),
         )
-    program.save(str(path), external_data=weight_bytes(wrapper) > EXTERNAL_DATA_BYTES)
+    program.save(str(path), external_data=weight_bytes(program) > EXTERNAL_DATA_BYTES)
     _rename_dims(path, spec)
     onnx.checker.check_model(str(path))
     return path

@@ -7,8 +7,12 @@ at any axis sizes, and the TensorRT optimization profiles, all derived from
 the same `AxisRange` numbers.
 
     >>> from export.specs import graph_specs
-    >>> [s.name for s in graph_specs(model.config)]
-    ['vision', 'qformer_query', 'llm_decoder']
+    >>> [s.name for s in graph_specs(model)]          # model: train.model.Blip2Edge
+    ['vision', 'qformer_query', 'qformer_text', 'qformer_itm', 'qformer_itg', 'llm_decoder']
+
+A graph is exported when the weights it needs exist (`@needs`): a
+stage-1 checkpoint has no `llm_decoder`, a plain HF stage-2 one no Q-Former
+text graphs.
 
 Axis names used across graphs: `batch`, `text` (tokens fed in this call),
 `past` (tokens already in the KV cache), `queries` (soft-prompt rows) and the
@@ -20,7 +24,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from export.wrappers import LlmDecoderWrapper, QFormerQueryWrapper, VisionWrapper
+from export.wrappers import (
+    LlmDecoderWrapper, QFormerItgWrapper, QFormerItmWrapper, QFormerQueryWrapper, QFormerTextWrapper, VisionWrapper,
+    query_outputs,
+)
 
 
 @dataclass(frozen=True)
@@ -47,12 +54,16 @@ class Limits:
     max_batch: int = 8
     max_prompt_tokens: int | None = None  # text tokens after the image placeholders (BOS included) at prefill
     max_new_tokens: int | None = None
+    max_qformer_tokens: int | None = None  # Q-Former texts ([CLS]/[DEC] and [SEP] included); None: the model's limit
 
-    def resolve(self, cfg) -> "Limits":
+    def resolve(self, model) -> "Limits":
+        cfg = model.config
         budget = cfg.text_config.max_position_embeddings - cfg.num_query_tokens - 1
         new = self.max_new_tokens if self.max_new_tokens is not None else min(64, budget // 2)
         prompt = self.max_prompt_tokens if self.max_prompt_tokens is not None else min(64, budget - new)
-        return Limits(self.max_batch, prompt, new)
+        q_limit = min(model.edge.max_text_tokens, cfg.qformer_config.max_position_embeddings)
+        q_tokens = min(self.max_qformer_tokens or q_limit, q_limit)
+        return Limits(self.max_batch, prompt, new, q_tokens)
 
 
 @dataclass
@@ -97,9 +108,17 @@ def _axis_size(axis, ranges: dict[str, AxisRange], which: str) -> int:
     return sum(getattr(ranges[a], which) for a in axis.split("+"))
 
 
+def needs(*attributes: str):
+    """Declare the model attributes (weights) a graph needs; without them the graph is not exported."""
+    def mark(builder):
+        builder.needs = attributes
+        return builder
+    return mark
+
+
 # ---------------------------------------------------------------- vision
-def vision_spec(cfg, limits: Limits) -> GraphSpec:
-    v = cfg.vision_config
+def vision_spec(model, limits: Limits) -> GraphSpec:
+    v = model.config.vision_config
     patches = (v.image_size // v.patch_size) ** 2 + 1  # + class token
 
     def make_inputs(sizes, rng):
@@ -117,27 +136,140 @@ def vision_spec(cfg, limits: Limits) -> GraphSpec:
     )
 
 
-# ---------------------------------------------------------------- Q-Former, queries only
-def qformer_query_spec(cfg, limits: Limits) -> GraphSpec:
+# ---------------------------------------------------------------- Q-Former
+def _image_embeds(cfg) -> TensorSpec:
     v = cfg.vision_config
-    patches = (v.image_size // v.patch_size) ** 2 + 1
-    nq, dq, dllm = cfg.num_query_tokens, cfg.qformer_config.hidden_size, cfg.text_config.hidden_size
+    return TensorSpec("image_embeds", "float32", ("batch", (v.image_size // v.patch_size) ** 2 + 1, v.hidden_size))
 
-    def make_inputs(sizes, rng):
-        return {"image_embeds": rng.standard_normal((sizes["batch"], patches, v.hidden_size), dtype=np.float32)}
 
+def _random_image_embeds(cfg, batch: int, rng) -> np.ndarray:
+    shape = _image_embeds(cfg).shape
+    return rng.standard_normal((batch, *shape[1:]), dtype=np.float32)
+
+
+def _random_text(model, batch: int, length: int, rng, first: int) -> tuple[np.ndarray, np.ndarray]:
+    """Q-Former token ids starting with `first` ([CLS] or [DEC]); the first row right-padded when it can be."""
+    vocab = model.config.qformer_config.vocab_size
+    ids = rng.integers(6, vocab, size=(batch, length), dtype=np.int64)
+    ids[:, 0] = first
+    mask = np.ones((batch, length), dtype=np.int64)
+    if batch > 1 and length > 2:
+        mask[0, -2:] = 0
+        ids[0, -2:] = model.edge.pad_token_id
+    return ids, mask
+
+
+def qformer_query_spec(model, limits: Limits) -> GraphSpec:
+    cfg = model.config
+    nq, q = cfg.num_query_tokens, cfg.qformer_config
+    head_dim = q.hidden_size // q.num_attention_heads
+    wanted = query_outputs(model)
+    outputs = [TensorSpec("query_output", "float32", ("batch", nq, q.hidden_size))]
+    if "llm_prompt" in wanted:
+        outputs.append(TensorSpec("llm_prompt", "float32", ("batch", nq, cfg.text_config.hidden_size)))
+    if "image_feats" in wanted:
+        outputs.append(TensorSpec("image_feats", "float32", ("batch", nq, cfg.image_text_hidden_size)))
+    if "query_kv" in wanted:
+        outputs += [TensorSpec(n, "float32", ("batch", q.num_attention_heads, nq, head_dim))
+                    for n in kv_names(q.num_hidden_layers, "query")]
     return GraphSpec(
         name="qformer_query",
         build=QFormerQueryWrapper,
-        inputs=[TensorSpec("image_embeds", "float32", ("batch", patches, v.hidden_size))],
-        outputs=[
-            TensorSpec("query_output", "float32", ("batch", nq, dq)),
-            TensorSpec("llm_prompt", "float32", ("batch", nq, dllm)),
-        ],
-        make_inputs=make_inputs,
+        inputs=[_image_embeds(cfg)],
+        outputs=outputs,
+        make_inputs=lambda sizes, rng: {"image_embeds": _random_image_embeds(cfg, sizes["batch"], rng)},
         profiles=[{"batch": AxisRange(1, 1, limits.max_batch)}],
         export_sizes={"batch": 2},
         check_sizes=[{"batch": 1}, {"batch": 3}],
+    )
+
+
+@needs("embeddings", "text_projection")
+def qformer_text_spec(model, limits: Limits) -> GraphSpec:
+    cfg = model.config
+
+    def make_inputs(sizes, rng):
+        ids, mask = _random_text(model, sizes["batch"], sizes["text"], rng, model.edge.cls_token_id)
+        return {"input_ids": ids, "attention_mask": mask}
+
+    return GraphSpec(
+        name="qformer_text",
+        build=QFormerTextWrapper,
+        inputs=[TensorSpec("input_ids", "int64", ("batch", "text")),
+                TensorSpec("attention_mask", "int64", ("batch", "text"))],
+        outputs=[TensorSpec("text_feat", "float32", ("batch", cfg.image_text_hidden_size))],
+        make_inputs=make_inputs,
+        profiles=[{"batch": AxisRange(1, 1, limits.max_batch), "text": AxisRange(2, 12, limits.max_qformer_tokens)}],
+        export_sizes={"batch": 2, "text": 7},
+        check_sizes=[{"batch": 1, "text": 4}, {"batch": 3, "text": 11}],
+    )
+
+
+@needs("embeddings", "itm_head")
+def qformer_itm_spec(model, limits: Limits) -> GraphSpec:
+    cfg = model.config
+    nq, q = cfg.num_query_tokens, cfg.qformer_config
+    outputs = [TensorSpec("itm_logits", "float32", ("batch", 2)),
+               TensorSpec("query_output", "float32", ("batch", nq, q.hidden_size))]
+    if hasattr(model, "language_projection"):
+        outputs.append(TensorSpec("llm_prompt", "float32", ("batch", nq, cfg.text_config.hidden_size)))
+
+    def make_inputs(sizes, rng):
+        ids, mask = _random_text(model, sizes["batch"], sizes["text"], rng, model.edge.cls_token_id)
+        return {"image_embeds": _random_image_embeds(cfg, sizes["batch"], rng), "input_ids": ids, "attention_mask": mask}
+
+    return GraphSpec(
+        name="qformer_itm",
+        build=QFormerItmWrapper,
+        inputs=[_image_embeds(cfg), TensorSpec("input_ids", "int64", ("batch", "text")),
+                TensorSpec("attention_mask", "int64", ("batch", "text"))],
+        outputs=outputs,
+        make_inputs=make_inputs,
+        profiles=[{"batch": AxisRange(1, 1, limits.max_batch), "text": AxisRange(2, 12, limits.max_qformer_tokens)}],
+        export_sizes={"batch": 2, "text": 7},
+        check_sizes=[{"batch": 1, "text": 4}, {"batch": 3, "text": 11}],
+    )
+
+
+@needs("itg_head")
+def qformer_itg_spec(model, limits: Limits) -> GraphSpec:
+    cfg = model.config
+    nq, q = cfg.num_query_tokens, cfg.qformer_config
+    heads, layers = q.num_attention_heads, q.num_hidden_layers
+    head_dim = q.hidden_size // heads
+    max_text = limits.max_qformer_tokens
+
+    def make_inputs(sizes, rng):
+        b, text, past = sizes["batch"], sizes["text"], sizes["past"]  # past >= nq: the queries come first
+        ids, _ = _random_text(model, b, text, rng, model.edge.dec_token_id)
+        mask = np.ones((b, past + text), dtype=np.int64)
+        if b > 1 and past + text - nq > 2:
+            mask[0, -1] = 0  # a finished row (padding after its [SEP])
+        position_ids = np.tile(np.arange(past - nq, past - nq + text, dtype=np.int64), (b, 1))
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids}
+        for name in kv_names(layers, "past"):
+            feeds[name] = rng.standard_normal((b, heads, past, head_dim), dtype=np.float32)
+        return feeds
+
+    batch = AxisRange(1, 1, limits.max_batch)
+    return GraphSpec(
+        name="qformer_itg",
+        build=QFormerItgWrapper,
+        inputs=[TensorSpec("input_ids", "int64", ("batch", "text")),
+                TensorSpec("attention_mask", "int64", ("batch", "past+text")),
+                TensorSpec("position_ids", "int64", ("batch", "text")),
+                *[TensorSpec(n, "float32", ("batch", heads, "past", head_dim)) for n in kv_names(layers, "past")]],
+        outputs=[TensorSpec("logits", "float32", ("batch", q.vocab_size)),
+                 *[TensorSpec(n, "float32", ("batch", heads, "past+text", head_dim))
+                   for n in kv_names(layers, "present")]],
+        make_inputs=make_inputs,
+        profiles=[
+            {"batch": batch, "text": AxisRange(1, 1, max_text), "past": AxisRange(nq, nq, nq)},  # [DEC] (+ prompt)
+            {"batch": batch, "text": AxisRange(1, 1, 1), "past": AxisRange(nq + 1, nq + 8, nq + max_text - 1)},
+        ],
+        export_sizes={"batch": 2, "text": 3, "past": nq + 2},
+        check_sizes=[{"batch": 3, "text": 1, "past": nq}, {"batch": 1, "text": 1, "past": nq + 5},
+                     {"batch": 2, "text": 4, "past": nq + 3}],
     )
 
 
@@ -147,7 +279,9 @@ def kv_names(num_layers: int, prefix: str) -> list[str]:
     return [f"{prefix}_{kind}_{i}" for i in range(num_layers) for kind in ("key", "value")]
 
 
-def llm_decoder_spec(cfg, limits: Limits) -> GraphSpec:
+@needs("language_model")
+def llm_decoder_spec(model, limits: Limits) -> GraphSpec:
+    cfg = model.config
     t = cfg.text_config
     nq, layers, heads = cfg.num_query_tokens, t.num_hidden_layers, t.num_attention_heads
     head_dim = t.hidden_size // heads
@@ -211,13 +345,14 @@ def llm_decoder_spec(cfg, limits: Limits) -> GraphSpec:
     )
 
 
-SPEC_BUILDERS = [vision_spec, qformer_query_spec, llm_decoder_spec]
+SPEC_BUILDERS = [vision_spec, qformer_query_spec, qformer_text_spec, qformer_itm_spec, qformer_itg_spec,
+                 llm_decoder_spec]
 
 
-def graph_specs(cfg, limits: Limits | None = None) -> list[GraphSpec]:
-    """The specs of every graph this checkpoint exports, in pipeline order."""
-    limits = (limits or Limits()).resolve(cfg)
-    return [build(cfg, limits) for build in SPEC_BUILDERS]
+def graph_specs(model, limits: Limits | None = None) -> list[GraphSpec]:
+    """The specs of every graph this model exports (those whose weights exist), in pipeline order."""
+    limits = (limits or Limits()).resolve(model)
+    return [build(model, limits) for build in SPEC_BUILDERS if all(hasattr(model, n) for n in getattr(build, "needs", ()))]
 
 
 def torch_inputs(spec: GraphSpec, feeds: dict[str, np.ndarray]) -> tuple:

@@ -22,23 +22,80 @@ class VisionWrapper(nn.Module):
         return self.vision_model(pixel_values=pixel_values, return_dict=True).last_hidden_state
 
 
+def query_outputs(model) -> list[str]:
+    """What the qformer_query graph returns for this model: the parts whose weights exist."""
+    names = ["query_output"]
+    if hasattr(model, "language_projection"):
+        names.append("llm_prompt")
+    if hasattr(model, "vision_projection"):
+        names.append("image_feats")
+    if hasattr(model, "itg_head"):
+        names.append("query_kv")  # expanded to query_key_i / query_value_i per layer
+    return names
+
+
 class QFormerQueryWrapper(nn.Module):
-    """image_embeds [B,Np,Dv] -> query_output [B,Nq,Dq], llm_prompt [B,Nq,Dllm] (language projection)."""
+    """image_embeds [B,Np,Dv] -> query_output [B,Nq,Dq], then where the weights exist: llm_prompt [B,Nq,Dllm]
+    (stage-2 soft prompt), image_feats [B,Nq,D] (normalised ITC features), query_key_i / query_value_i
+    [B,H,Nq,d] (the queries' self-attention keys/values, the ITG graph's initial cache)."""
 
     def __init__(self, model):
         super().__init__()
-        self.query_tokens = model.query_tokens
-        self.qformer = model.qformer
-        self.language_projection = model.language_projection
+        self.model = model
+        self.outputs = query_outputs(model)
 
     def forward(self, image_embeds):
-        batch, patches = image_embeds.shape[:2]
-        image_mask = torch.ones(batch, patches, dtype=torch.long, device=image_embeds.device)
-        queries = self.query_tokens.expand(batch, -1, -1)
-        query_output = self.qformer(
-            query_embeds=queries, encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask, return_dict=True
-        ).last_hidden_state  # [B, Nq, Dq]
-        return query_output, self.language_projection(query_output)  # [B, Nq, Dq], [B, Nq, Dllm]
+        query_output, kv = self.model.query_forward(image_embeds)
+        out = [query_output]
+        if "llm_prompt" in self.outputs:
+            out.append(self.model.soft_prompt(query_output))
+        if "image_feats" in self.outputs:
+            out.append(self.model.image_feats(query_output))
+        if "query_kv" in self.outputs:
+            out += [t for pair in kv for t in pair]
+        return tuple(out)
+
+
+class QFormerTextWrapper(nn.Module):
+    """Unimodal mode (ITC text side): input_ids [B,T], attention_mask [B,T] -> text_feat [B,D] (normalised [CLS])."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model.text_feat(input_ids, attention_mask)
+
+
+class QFormerItmWrapper(nn.Module):
+    """Bi-directional mode: image_embeds, input_ids [B,T], attention_mask [B,T] -> itm_logits [B,2],
+    query_output [B,Nq,Dq] (text-conditioned queries) and, for stage 2, llm_prompt [B,Nq,Dllm]."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image_embeds, input_ids, attention_mask):
+        itm_logits, query_output = self.model.itm_forward(image_embeds, input_ids, attention_mask)
+        if hasattr(self.model, "language_projection"):
+            return itm_logits, query_output, self.model.soft_prompt(query_output)
+        return itm_logits, query_output
+
+
+class QFormerItgWrapper(nn.Module):
+    """Multimodal causal mode with a KV cache (Q-Former captioning): input_ids [B,T], attention_mask
+    [B,P+T], position_ids [B,T], past_key_i / past_value_i [B,H,P,d] (P counts the queries, whose
+    keys/values come from qformer_query) -> logits [B,V] of the last position, present_key_i / value_i."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.num_layers = model.config.qformer_config.num_hidden_layers
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)]
+        logits, presents = self.model.itg_step(input_ids, attention_mask, position_ids, pairs)
+        return (logits[:, -1, :], *[t for pair in presents for t in pair])
 
 
 def scatter_soft_prompt(embeds: torch.Tensor, is_image: torch.Tensor, soft_prompt: torch.Tensor) -> torch.Tensor:

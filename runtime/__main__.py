@@ -3,18 +3,28 @@
     python -m runtime caption --engines engines/demo/onnx examples/*.png
     python -m runtime caption --engines engines/demo/onnx --num-beams 3 --max-new-tokens 20 photo.jpg
     python -m runtime ask --engines engines/demo/onnx --prompt "Question: what color is the circle? Answer:" img.png
+    python -m runtime caption --engines engines/stage1/onnx --decoder qformer img.png   # Q-Former (ITG) captions
+    python -m runtime match --engines engines/stage1/onnx --text "a red circle" a.png b.png   # ITM probability
+    python -m runtime retrieve --engines engines/stage1/onnx --text "a red circle" --k 5 gallery/*.png
+    python -m runtime retrieve --engines engines/stage1/onnx --image a.png --k 3 "a red circle" "a blue square"
 
-Prints one line per image: `path<TAB>text`.
+caption/ask print one line per image: `path<TAB>text`; match prints `path<TAB>probability`;
+retrieve prints the best k candidates, best first: `rank<TAB>itm probability<TAB>itc similarity<TAB>candidate`.
 """
 import argparse
 import sys
+from pathlib import Path
 
 from runtime.errors import Blip2EdgeError
 
 
-def _generation_args(p: argparse.ArgumentParser) -> None:
+def _folder_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engines", required=True, help="engine folder written by `python -m export.build`")
     p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
+
+
+def _generation_args(p: argparse.ArgumentParser) -> None:
+    _folder_args(p)
     p.add_argument("--max-new-tokens", type=int, default=30)
     p.add_argument("--min-new-tokens", type=int, default=0)
     p.add_argument("--num-beams", type=int, default=1)
@@ -24,7 +34,36 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--decoder", choices=["llm", "qformer"], default=None,
+                   help="text decoder: the LLM (default when the folder has one) or the Q-Former's ITG mode")
     p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
+
+
+def _generate(pipe, args) -> list[str]:
+    return pipe.generate(
+        args.images, prompt=getattr(args, "prompt", None), decoder=args.decoder,
+        qformer_text=getattr(args, "qformer_text", None), max_new_tokens=args.max_new_tokens,
+        min_new_tokens=args.min_new_tokens, num_beams=args.num_beams, do_sample=args.sample,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, seed=args.seed,
+    )
+
+
+def _match(pipe, args) -> list[str]:
+    probs = pipe.itm(args.images, args.text)
+    return [f"{path}\t{p:.4f}" for path, p in zip(args.images, probs)]
+
+
+def _retrieve(pipe, args) -> list[str]:
+    if (args.text is None) == (args.image is None):
+        from runtime.errors import PromptError
+
+        raise PromptError("retrieve needs exactly one query: --text (search the images given) or --image "
+                          "(search the texts given)")
+    query = args.text if args.text is not None else Path(args.image)  # a str query is a text
+    hits = pipe.retrieve(query, args.candidates, k=args.k, rerank=not args.no_rerank)
+    return [f"{r}\t{'-' if h.itm is None else f'{h.itm:.4f}'}\t{h.itc:.4f}\t{args.candidates[h.index]}"
+            for r, h in enumerate(hits, 1)]
 
 
 def main(argv=None) -> int:
@@ -34,24 +73,34 @@ def main(argv=None) -> int:
     _generation_args(sub.add_parser("caption", help="caption images"))
     ask = sub.add_parser("ask", help="generate after a text prompt, e.g. a question")
     ask.add_argument("--prompt", required=True, help='e.g. "Question: what is in the picture? Answer:"')
+    ask.add_argument("--qformer-text", help="also feed this text (e.g. the bare question) to the Q-Former, "
+                     "so the image's soft prompt depends on it (needs the qformer_itm graph)")
     _generation_args(ask)
+    match = sub.add_parser("match", help="ITM: probability that each image matches the text")
+    _folder_args(match)
+    match.add_argument("--text", required=True)
+    match.add_argument("images", nargs="+", help="image files")
+    ret = sub.add_parser("retrieve", help="two-step retrieval: ITC over all candidates, top k re-ranked by ITM")
+    _folder_args(ret)
+    ret.add_argument("--text", help="text query: the candidates are image files")
+    ret.add_argument("--image", help="image query: the candidates are texts")
+    ret.add_argument("--k", type=int, default=10, help="how many candidates to re-rank and print (default 10)")
+    ret.add_argument("--no-rerank", action="store_true", help="ITC ranking only, no ITM")
+    ret.add_argument("candidates", nargs="+", help="image files (with --text) or texts (with --image)")
     args = ap.parse_args(argv)
 
     from runtime import Blip2Pipeline
 
+    run = {"caption": _generate, "ask": _generate, "match": _match, "retrieve": _retrieve}[args.command]
     try:
         pipe = Blip2Pipeline.from_dir(args.engines, backend=args.backend)
-        texts = pipe.generate(
-            args.images, prompt=getattr(args, "prompt", None), max_new_tokens=args.max_new_tokens,
-            min_new_tokens=args.min_new_tokens, num_beams=args.num_beams, do_sample=args.sample,
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-            repetition_penalty=args.repetition_penalty, seed=args.seed,
-        )
+        lines = run(pipe, args)
     except Blip2EdgeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for path, text in zip(args.images, texts):
-        print(f"{path}\t{text}")
+    if args.command in ("caption", "ask"):
+        lines = [f"{path}\t{text}" for path, text in zip(args.images, lines)]
+    print("\n".join(lines))
     return 0
 
 

@@ -1,12 +1,20 @@
-"""Stepping the exported LLM decoder graph: prefill, one-token steps, KV cache, beam reordering.
+"""Stepping the exported decoder graphs: prefill, one-token steps, KV cache, beam reordering.
 
-`LlmDecoder` implements the `StepModel` protocol of `runtime.search`, so the
-search strategies never see graphs, caches or masks:
+Two graphs generate text with a KV cache: the LLM (`llm_decoder`) and the
+Q-Former in its multimodal causal mode (`qformer_itg`). Both take input_ids,
+an attention mask over cache + new tokens, position ids and the cache, and
+return last-position logits and the grown cache, so one `CachedDecoder` drives
+both; the subclasses only say how the cache starts. They implement the
+`StepModel` protocol of `runtime.search`, so the search strategies never see
+graphs, caches or masks:
 
     dec = LlmDecoder(runner, manifest)
     logits = dec.prefill(input_ids, attention_mask, soft_prompt)   # [B, V], cache holds B rows
     logits = dec.step(next_tokens)                                  # [B, V], cache grew by one
     dec.reorder(np.array([0, 0, 1, 1]))                             # beam expansion / selection
+
+    itg = QFormerDecoder(runner, num_queries)
+    logits = itg.prefill(dec_ids, text_mask, query_kv)             # cache starts as the queries' keys/values
 """
 import numpy as np
 
@@ -35,41 +43,82 @@ class KVCache:
         self.arrays = [a[index] for a in self.arrays]
 
 
-class LlmDecoder:
-    """Owns the decoder's attention mask and KV cache across calls."""
+class CachedDecoder:
+    """Owns a decoder graph's attention mask and KV cache across calls.
 
-    def __init__(self, runner, manifest):
+    The first `prefix` cache entries of every row may be something other than text (the Q-Former's
+    queries); position ids count text tokens only.
+    """
+
+    prefix = 0
+
+    def __init__(self, runner):
         self.runner = runner
-        model = manifest["model"]
-        self.heads, self.head_dim = model["num_heads"], model["head_dim"]
-        self.prompt_width = model["llm_hidden_size"]
-        names = runner.input_names
-        past = [n for n in names if n.startswith("past_")]
+        past = [n for n in runner.input_names if n.startswith("past_")]
         self.cache = KVCache(past, [n.replace("past_", "present_", 1) for n in past])
         self.attention_mask = np.zeros((0, 0), dtype=np.int64)
 
-    def _run(self, input_ids, soft_prompt) -> np.ndarray:
+    def _extra_feeds(self, n: int, prefill: bool) -> dict:
+        """Graph inputs beyond ids / mask / positions / cache (hook)."""
+        return {}
+
+    def _run(self, input_ids: np.ndarray, prefill: bool) -> np.ndarray:
         mask = self.attention_mask
-        position_ids = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)[:, -input_ids.shape[1]:]
+        text_mask = mask[:, self.prefix:]
+        position_ids = np.clip(np.cumsum(text_mask, axis=1) - 1, 0, None)[:, -input_ids.shape[1]:]
         outputs = self.runner.run({
-            "input_ids": input_ids, "soft_prompt": soft_prompt, "attention_mask": mask,
-            "position_ids": position_ids, **self.cache.feeds(),
+            "input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids,
+            **self._extra_feeds(input_ids.shape[0], prefill), **self.cache.feeds(),
         })
         self.cache.update(outputs)
         return outputs["logits"]
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        n = tokens.shape[0]
+        self.attention_mask = np.concatenate([self.attention_mask, np.ones((n, 1), np.int64)], axis=1)
+        return self._run(tokens.reshape(n, 1).astype(np.int64), prefill=False)
+
+    def reorder(self, index: np.ndarray) -> None:
+        self.cache.reorder(index)
+        self.attention_mask = self.attention_mask[index]
+
+
+class LlmDecoder(CachedDecoder):
+    """The OPT decoder: prefill takes the soft prompt, which later steps feed empty."""
+
+    def __init__(self, runner, manifest):
+        super().__init__(runner)
+        model = manifest["model"]
+        self.heads, self.head_dim = model["num_heads"], model["head_dim"]
+        self.prompt_width = model["llm_hidden_size"]
+        self._soft_prompt = None
+
+    def _extra_feeds(self, n: int, prefill: bool) -> dict:
+        if prefill:
+            return {"soft_prompt": self._soft_prompt}
+        return {"soft_prompt": np.zeros((n, 0, self.prompt_width), dtype=np.float32)}
 
     def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray, soft_prompt: np.ndarray) -> np.ndarray:
         """input_ids/attention_mask [B, T] (left-padded), soft_prompt [B, Nq, D] -> logits [B, V]."""
         self.cache.reset(input_ids.shape[0], self.heads, self.head_dim, soft_prompt.dtype)
         self.attention_mask = attention_mask.astype(np.int64)
-        return self._run(input_ids.astype(np.int64), soft_prompt)
+        self._soft_prompt = soft_prompt
+        logits = self._run(input_ids.astype(np.int64), prefill=True)
+        self._soft_prompt = None
+        return logits
 
-    def step(self, tokens: np.ndarray) -> np.ndarray:
-        n = tokens.shape[0]
-        self.attention_mask = np.concatenate([self.attention_mask, np.ones((n, 1), np.int64)], axis=1)
-        empty = np.zeros((n, 0, self.prompt_width), dtype=np.float32)
-        return self._run(tokens.reshape(n, 1).astype(np.int64), empty)
 
-    def reorder(self, index: np.ndarray) -> None:
-        self.cache.reorder(index)
-        self.attention_mask = self.attention_mask[index]
+class QFormerDecoder(CachedDecoder):
+    """The Q-Former's ITG mode: the cache starts as the queries' self-attention keys/values
+    (qformer_query's query_key_i / query_value_i), computed once per image; text follows."""
+
+    def __init__(self, runner, num_queries: int):
+        super().__init__(runner)
+        self.prefix = num_queries
+
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray, query_kv: dict) -> np.ndarray:
+        """input_ids/attention_mask [B, T] (left-padded, each row starting with [DEC]), query_kv {query_key_i: [B,H,Nq,d], ...}."""
+        self.cache.arrays = [query_kv[n.replace("past_", "query_", 1)] for n in self.cache.past_names]
+        queries = np.ones((input_ids.shape[0], self.prefix), dtype=np.int64)
+        self.attention_mask = np.concatenate([queries, attention_mask.astype(np.int64)], axis=1)
+        return self._run(input_ids.astype(np.int64), prefill=True)

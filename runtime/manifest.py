@@ -12,7 +12,7 @@ from runtime.errors import EngineFolderError
 
 FORMAT = "blip2-edge/engine"
 FORMAT_VERSION = 1
-REQUIRED_GRAPHS = ("vision", "qformer_query", "llm_decoder")
+REQUIRED_GRAPHS = ("vision", "qformer_query")
 
 
 @dataclass

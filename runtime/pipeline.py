@@ -1,4 +1,4 @@
-"""`Blip2Pipeline`: captioning and prompted generation over an engine folder, no torch involved.
+"""`Blip2Pipeline`: everything an engine folder can do, no torch involved.
 
     from runtime import Blip2Pipeline
     pipe = Blip2Pipeline.from_dir("engines/demo/onnx")
@@ -6,21 +6,38 @@
     pipe.generate(images, prompt="Question: what color is the circle? Answer:")
     pipe.generate(images, prompt=["a photo of", "Question: how many? Answer:"], do_sample=True, top_p=0.9, seed=0)
 
+    # with the Q-Former's text side (stage-1 checkpoints, or stage 2 trained here):
+    pipe.itm(images, texts)                        # match probability per (image, text) pair
+    pipe.similarity(pipe.embed_images(images), pipe.embed_texts(texts))   # ITC, [I, T]
+    pipe.retrieve("a red circle", gallery_images, k=16)   # ITC top-k, re-ranked by ITM
+    pipe.caption(images, decoder="qformer")        # ITG: the Q-Former's own text decoder
+    pipe.generate(images, prompt="Question: what colour is it? Answer:", qformer_text="what colour is it?")
+
 Images are paths, PIL images or uint8 HWC arrays. Rows of a batch may have
 prompts of different lengths: they are left-padded, and a batch gives the same
-tokens as captioning each image alone.
+tokens as captioning each image alone. Work is split into chunks of the
+engine's max_batch (divided by num_beams for beam search).
 """
 from pathlib import Path
 
 import numpy as np
 
-from runtime import search
-from runtime.decoder import LlmDecoder
-from runtime.errors import BackendError, PromptError
+from runtime import retrieval, search
+from runtime.decoder import LlmDecoder, QFormerDecoder
+from runtime.errors import BackendError, EngineFolderError, PromptError
 from runtime.image import ImageProcessorConfig
 from runtime.manifest import load_manifest
+from runtime.retrieval import ImageGallery, Match, TextGallery
 from runtime.runners import default_threads, make_runner
-from runtime.text import PromptTokenizer
+from runtime.text import PromptTokenizer, QFormerTokenizer
+
+# What each optional capability needs, and how an engineer gets it.
+NEEDS = {
+    "llm_decoder": "a stage-2 checkpoint (Blip2ForConditionalGeneration: Q-Former + OPT)",
+    "qformer_text": "a checkpoint with the Q-Former's text side (stage 1, Blip2ForImageTextRetrieval-style)",
+    "qformer_itm": "a checkpoint with the Q-Former's text side and ITM head (stage 1)",
+    "qformer_itg": "a stage-1 checkpoint trained by blip2-edge (it adds the ITG head)",
+}
 
 
 def _as_list(x) -> list:
@@ -34,14 +51,26 @@ class Blip2Pipeline:
         kwargs = {"threads": threads or default_threads()} if backend == "onnxruntime" else {}
         self.runners = {name: make_runner(manifest.graph_path(name), backend, **kwargs) for name in manifest.graphs}
         self.image_config = ImageProcessorConfig.from_dict(manifest["image"])
-        self.tokenizer = PromptTokenizer.from_manifest(manifest)
-        self.decoder = LlmDecoder(self.runners["llm_decoder"], manifest)
-        gen = manifest["generation"]
         self.num_queries = manifest["model"]["num_query_tokens"]
-        self.image_token_id = manifest["model"]["image_token_id"]
-        self.eos_token_id, self.pad_token_id = gen["eos_token_id"], gen["pad_token_id"]
-        self.max_prompt_tokens, self.max_new_tokens = gen["max_prompt_tokens"], gen["max_new_tokens"]
-        self.max_batch = gen["max_batch"]
+        gen, qformer = manifest.data.get("generation"), manifest.data.get("qformer")
+        self.max_batch = (gen or qformer)["max_batch"]
+        if gen:
+            self.tokenizer = PromptTokenizer.from_manifest(manifest)
+            self.decoder = LlmDecoder(self.runners["llm_decoder"], manifest)
+            self.image_token_id = manifest["model"]["image_token_id"]
+            self.eos_token_id, self.pad_token_id = gen["eos_token_id"], gen["pad_token_id"]
+            self.max_prompt_tokens, self.max_new_tokens = gen["max_prompt_tokens"], gen["max_new_tokens"]
+        if qformer:
+            self.qtokenizer = QFormerTokenizer.from_manifest(manifest)
+            if "qformer_itg" in self.runners:
+                self.itg = QFormerDecoder(self.runners["qformer_itg"], self.num_queries)
+
+    def _need(self, graph: str, what: str) -> None:
+        if graph not in self.runners:
+            raise EngineFolderError(
+                f"{what} needs the '{graph}' graph, which the engine folder {self.manifest.folder} does not have "
+                f"(it has: {', '.join(self.runners)}); build it from {NEEDS[graph]} with `python -m export.build`"
+            )
 
     @classmethod
     def from_dir(cls, folder, backend: str = "auto", threads: int | None = None) -> "Blip2Pipeline":
@@ -60,42 +89,180 @@ class Blip2Pipeline:
         return cls(manifest, backend, threads)
 
     # ------------------------------------------------------------------ public API
-    def caption(self, images, max_new_tokens: int = 30, num_beams: int = 1, **generation) -> list[str]:
-        """One caption per image (no text prompt)."""
-        return self.generate(images, prompt=None, max_new_tokens=max_new_tokens, num_beams=num_beams, **generation)
+    def caption(self, images, max_new_tokens: int = 30, num_beams: int = 1, decoder: str | None = None,
+                **generation) -> list[str]:
+        """One caption per image (no text prompt). decoder: "llm" (default when the folder has one) or
+        "qformer" (the Q-Former's ITG text decoder)."""
+        return self.generate(images, prompt=None, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                             decoder=decoder, **generation)
 
-    def generate(self, images, prompt=None, **generation) -> list[str]:
+    def generate(self, images, prompt=None, decoder: str | None = None, qformer_text=None, **generation) -> list[str]:
         """Generate text for each image, optionally after a prompt (one string, or one per image).
 
+        qformer_text: a text (or one per image) fed to the Q-Former with the image through the bi-directional
+        graph, so the LLM's soft prompt depends on the question (BLIP-2's question-aware queries).
         generation: max_new_tokens, min_new_tokens, num_beams, do_sample, temperature, top_k, top_p,
         repetition_penalty, length_penalty, early_stopping, seed (see runtime.search.GenerationConfig).
         """
-        return [self.tokenizer.decode(ids) for ids in self.generate_ids(images, prompt, **generation)]
+        decoder = self._decoder(decoder)
+        ids = self.generate_ids(images, prompt, decoder=decoder, qformer_text=qformer_text, **generation)
+        tok = self.tokenizer if decoder == "llm" else self.qtokenizer
+        return [tok.decode(row) for row in ids]
 
-    def generate_ids(self, images, prompt=None, **generation) -> list[list[int]]:
-        """Like `generate`, but returns the new token ids of each row (EOS included if produced)."""
-        cfg = self._generation_config(generation)
+    def generate_ids(self, images, prompt=None, decoder: str | None = None, qformer_text=None,
+                     **generation) -> list[list[int]]:
+        """Like `generate`, but returns the new token ids of each row (EOS / [SEP] included if produced)."""
+        decoder = self._decoder(decoder)
         images = _as_list(images)
         prompts = self._prompts(prompt, len(images))
+        if decoder == "qformer":
+            if qformer_text is not None:
+                raise PromptError("qformer_text feeds the LLM's soft prompt; with decoder='qformer' put the text "
+                                  "in prompt instead")
+            return self._generate_qformer(images, prompts, generation)
+        cfg = self._generation_config(generation)
         rows = [self._prompt_ids(p) for p in prompts]  # validate every prompt before running anything
+        questions = None
+        if qformer_text is not None:
+            self._need("qformer_itm", "qformer_text")
+            questions = self._texts(self._prompts(qformer_text, len(images)), "qformer_text")
         pixel_values = self.image_config(images)
         chunk = max(1, self.max_batch // cfg.num_beams)
         out = []
         for start in range(0, len(images), chunk):
-            out += self._generate_chunk(pixel_values[start:start + chunk], rows[start:start + chunk], cfg)
+            part = slice(start, start + chunk)
+            soft_prompt = self._soft_prompt(pixel_values[part], questions[part] if questions else None)
+            out += self._generate_chunk(soft_prompt, rows[part], cfg)
         return out
+
+    # ------------------------------------------------------------------ Q-Former: ITC, ITM, retrieval
+    def embed_images(self, images) -> np.ndarray:
+        """ITC features of each image: [I, num_queries, D] unit vectors (one per query)."""
+        return self.encode_gallery(images).feats
+
+    def encode_gallery(self, images) -> ImageGallery:
+        """Encode candidate images once (ITC features + image embeddings for ITM); save/load it for reuse."""
+        self._need("qformer_text", "ITC image features")
+        images = _as_list(images)
+        if not images:
+            raise PromptError("no images given; pass one image or a list of images")
+        feats, embeds = [], []
+        for start in range(0, len(images), self.max_batch):
+            e = self._image_embeds(self.image_config(images[start:start + self.max_batch]))
+            feats.append(self.runners["qformer_query"].run({"image_embeds": e})["image_feats"])
+            embeds.append(e)
+        return ImageGallery(np.concatenate(feats), np.concatenate(embeds))
+
+    def embed_texts(self, texts) -> np.ndarray:
+        """ITC feature of each text ([CLS] through the unimodal graph): [T, D] unit vectors."""
+        self._need("qformer_text", "ITC text features")
+        texts = self._texts(_as_list(texts), "texts")
+        out = []
+        for start in range(0, len(texts), self.max_batch):
+            ids, mask = self.qtokenizer.encode_texts(texts[start:start + self.max_batch])
+            out.append(self.runners["qformer_text"].run({"input_ids": ids, "attention_mask": mask})["text_feat"])
+        return np.concatenate(out)
+
+    @staticmethod
+    def similarity(image_feats: np.ndarray, text_feats: np.ndarray) -> np.ndarray:
+        """ITC similarity [I, T]: for each image and text, the largest cosine over the image's queries."""
+        return retrieval.similarity(image_feats, text_feats)
+
+    def itm(self, images, texts) -> np.ndarray:
+        """Probability that each image matches its text (pairs; one image or one text is broadcast): [N]."""
+        self._need("qformer_itm", "ITM")
+        images, texts = _as_list(images), self._texts(_as_list(texts), "texts")
+        if len(images) == 1 and len(texts) > 1:
+            embeds = np.repeat(self._image_embeds(self.image_config(images)), len(texts), axis=0)
+        else:
+            if len(texts) == 1 and len(images) > 1:
+                texts = texts * len(images)
+            if len(images) != len(texts):
+                raise PromptError(f"got {len(images)} images but {len(texts)} texts; pass pairs of equal length, "
+                                  f"or one image (or one text) to compare against all")
+            embeds = np.concatenate([self._image_embeds(self.image_config(images[s:s + self.max_batch]))
+                                     for s in range(0, len(images), self.max_batch)])
+        return self._itm_probs(embeds, texts)
+
+    def retrieve(self, query, candidates, k: int = 16, rerank: bool = True) -> list[Match]:
+        """Two-step retrieval, best match first: ITC similarity against every candidate, then the top k
+        re-ranked by ITM. A text query (str) searches images (a list of images, or an `ImageGallery` from
+        `encode_gallery` so a gallery is encoded once); an image query (a pathlib.Path, PIL image or uint8
+        array; a plain str is always a text) searches texts (a list of strings or a `TextGallery`)."""
+        candidates = candidates if isinstance(candidates, (ImageGallery, TextGallery)) else _as_list(candidates)
+        if isinstance(query, str):
+            k = retrieval.check_k(k, len(candidates), "image gallery")
+            gallery = candidates if isinstance(candidates, ImageGallery) else self.encode_gallery(candidates)
+            itc = self.similarity(gallery.feats, self.embed_texts([query]))[:, 0]
+            probs = (lambda idx: self._itm_probs(gallery.embeds[idx], [query] * len(idx))) if rerank else None
+            return retrieval.rank(itc, k, probs)
+        k = retrieval.check_k(k, len(candidates), "text gallery")
+        texts = candidates if isinstance(candidates, TextGallery) else self.encode_texts(candidates)
+        image = self.encode_gallery([query])
+        itc = self.similarity(image.feats, texts.feats)[0]
+        probs = (lambda idx: self._itm_probs(np.repeat(image.embeds, len(idx), 0), [texts.texts[i] for i in idx])
+                 ) if rerank else None
+        return retrieval.rank(itc, k, probs)
+
+    def encode_texts(self, texts) -> TextGallery:
+        """Encode candidate texts once for image -> text retrieval."""
+        texts = self._texts(_as_list(texts), "texts")
+        return TextGallery(texts, self.embed_texts(texts))
 
     def image_prompts(self, images) -> np.ndarray:
         """The LLM soft prompt of each image: [B, num_query_tokens, llm_hidden]."""
         return self._soft_prompt(self.image_config(_as_list(images)))
 
     # ------------------------------------------------------------------ steps
-    def _soft_prompt(self, pixel_values: np.ndarray) -> np.ndarray:
-        image_embeds = self.runners["vision"].run({"pixel_values": pixel_values})["image_embeds"]
-        return self.runners["qformer_query"].run({"image_embeds": image_embeds})["llm_prompt"]
+    def _image_embeds(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self.runners["vision"].run({"pixel_values": pixel_values})["image_embeds"]
 
-    def _generate_chunk(self, pixel_values, rows, cfg) -> list[list[int]]:
-        soft_prompt = self._soft_prompt(pixel_values)
+    def _soft_prompt(self, pixel_values: np.ndarray, questions: list[str] | None = None) -> np.ndarray:
+        image_embeds = self._image_embeds(pixel_values)
+        if questions is None:
+            return self.runners["qformer_query"].run({"image_embeds": image_embeds})["llm_prompt"]
+        ids, mask = self.qtokenizer.encode_texts(questions)
+        feeds = {"image_embeds": image_embeds, "input_ids": ids, "attention_mask": mask}
+        return self.runners["qformer_itm"].run(feeds)["llm_prompt"]
+
+    def _itm_probs(self, image_embeds: np.ndarray, texts: list[str]) -> np.ndarray:
+        out = []
+        for start in range(0, len(texts), self.max_batch):
+            ids, mask = self.qtokenizer.encode_texts(texts[start:start + self.max_batch])
+            feeds = {"image_embeds": image_embeds[start:start + self.max_batch], "input_ids": ids,
+                     "attention_mask": mask}
+            logits = self.runners["qformer_itm"].run(feeds)["itm_logits"].astype(np.float64)
+            e = np.exp(logits - logits.max(-1, keepdims=True))
+            out.append((e[:, 1] / e.sum(-1)).astype(np.float32))
+        return np.concatenate(out)
+
+    def _generate_qformer(self, images, prompts, generation) -> list[list[int]]:
+        """ITG: the queries' keys/values are computed once per image; each step feeds one text token."""
+        self._need("qformer_itg", "decoder='qformer'")
+        info = self.manifest["qformer"]
+        known = set(search.GenerationConfig.__dataclass_fields__) - {"eos_token_id", "pad_token_id"}
+        unknown = sorted(set(generation) - known)
+        if unknown:
+            raise PromptError(f"unknown generation option(s) {unknown}; valid options are {sorted(known)}")
+        cfg = search.GenerationConfig(eos_token_id=info["sep_token_id"], pad_token_id=info["pad_token_id"],
+                                      **generation).validate()
+        ids, mask = self.qtokenizer.encode_prompts(prompts)  # validates every prompt first
+        room = info["max_text_tokens"] - ids.shape[1]
+        if cfg.max_new_tokens > room:
+            raise PromptError(f"max_new_tokens={cfg.max_new_tokens} does not fit: the Q-Former takes "
+                              f"{info['max_text_tokens']} text tokens (manifest qformer.max_text_tokens) and the "
+                              f"prompt uses {ids.shape[1]}; ask for at most {room}")
+        pixel_values = self.image_config(images)
+        chunk = max(1, self.max_batch // cfg.num_beams)
+        out = []
+        for start in range(0, len(images), chunk):
+            part = slice(start, start + chunk)
+            query = self.runners["qformer_query"].run({"image_embeds": self._image_embeds(pixel_values[part])})
+            logits = self.itg.prefill(ids[part], mask[part], query)
+            out += search.generate(self.itg, logits, ids[part], cfg, prompt_mask=mask[part])
+        return out
+
+    def _generate_chunk(self, soft_prompt, rows, cfg) -> list[list[int]]:
         input_ids, attention_mask = self._left_pad(rows)
         logits = self.decoder.prefill(input_ids, attention_mask, soft_prompt)
         return search.generate(self.decoder, logits, input_ids, cfg)
@@ -110,6 +277,23 @@ class Blip2Pipeline:
         return ids, mask
 
     # ------------------------------------------------------------------ input checks
+    def _decoder(self, decoder: str | None) -> str:
+        if decoder is None:
+            return "llm" if "llm_decoder" in self.runners else "qformer"
+        if decoder not in ("llm", "qformer"):
+            raise PromptError(f"decoder must be 'llm' or 'qformer', got {decoder!r}")
+        self._need("llm_decoder" if decoder == "llm" else "qformer_itg", f"decoder={decoder!r}")
+        return decoder
+
+    def _texts(self, texts: list, what: str) -> list[str]:
+        if not texts:
+            raise PromptError(f"no {what} given; pass one string or a list of strings")
+        for i, t in enumerate(texts):
+            if not isinstance(t, str) or not t.strip():
+                raise PromptError(f"{what}[{i}] is {'empty' if isinstance(t, str) else type(t).__name__}; "
+                                  f"every text must be a non-empty string")
+        return list(texts)
+
     def _generation_config(self, generation: dict) -> search.GenerationConfig:
         known = set(search.GenerationConfig.__dataclass_fields__) - {"eos_token_id", "pad_token_id"}
         unknown = sorted(set(generation) - known)

@@ -4,23 +4,32 @@
     tok = PromptTokenizer.from_manifest(manifest)
     ids = tok.encode("Question: what colour is the square? Answer:")   # prefix (BOS) + prompt ids
     tok.decode([12, 34, 2])                                              # special tokens dropped
+
+    qtok = QFormerTokenizer.from_manifest(manifest)
+    ids, mask = qtok.encode_texts(["a red circle", "a blue square"])    # [CLS] ... [SEP], right-padded
 """
+import warnings
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer
 
-from runtime.errors import EngineFolderError
+from runtime.errors import EngineFolderError, PromptError
+
+
+def _read_tokenizer(path: Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:
+        raise EngineFolderError(
+            f"could not read the tokenizer {path} ({str(e)[:200]}); copy tokenizer.json from the checkpoint "
+            f"or rebuild the engine folder"
+        ) from None
 
 
 class PromptTokenizer:
     def __init__(self, path: Path, prefix_ids: list[int]):
-        try:
-            self.tokenizer = Tokenizer.from_file(str(path))
-        except Exception as e:
-            raise EngineFolderError(
-                f"could not read the tokenizer {path} ({str(e)[:200]}); copy tokenizer.json from the checkpoint "
-                f"or rebuild the engine folder"
-            ) from None
+        self.tokenizer = _read_tokenizer(path)
         self.prefix_ids = list(prefix_ids)
 
     @classmethod
@@ -34,3 +43,63 @@ class PromptTokenizer:
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True).strip()
+
+
+class QFormerTokenizer:
+    """The Q-Former's (BERT-style) tokenizer: `[CLS] text [SEP]` for ITC/ITM, `[DEC] prompt` for ITG.
+
+    Texts longer than the engine's limit (manifest qformer.max_text_tokens) are cut to the limit, keeping
+    the final [SEP], with a warning: BLIP-2 itself truncates its texts the same way.
+    """
+
+    def __init__(self, path: Path, info: dict):
+        self.tokenizer = _read_tokenizer(path)
+        self.cls_id, self.sep_id, self.dec_id = info["cls_token_id"], info["sep_token_id"], info["dec_token_id"]
+        self.pad_id, self.max_tokens = info["pad_token_id"], info["max_text_tokens"]
+
+    @classmethod
+    def from_manifest(cls, manifest) -> "QFormerTokenizer":
+        return cls(manifest.folder / manifest["tokenizers"]["qformer"], manifest["qformer"])
+
+    def _words(self, text, what: str) -> list[int]:
+        if not isinstance(text, str):
+            raise PromptError(f"{what} must be a string, got {type(text).__name__}")
+        if not text.strip():
+            raise PromptError(f"{what} is empty; pass a non-empty text")
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_texts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """[CLS] text [SEP] per row, right-padded -> input_ids, attention_mask [N, T] int64."""
+        rows = []
+        for i, text in enumerate(texts):
+            words = self._words(text, f"text {i}")
+            if len(words) + 2 > self.max_tokens:
+                warnings.warn(f"text {i} is {len(words) + 2} Q-Former tokens long; cut to the engine's limit of "
+                              f"{self.max_tokens} (manifest qformer.max_text_tokens)", stacklevel=3)
+                words = words[: self.max_tokens - 2]
+            rows.append([self.cls_id, *words, self.sep_id])
+        return _pad(rows, self.pad_id, left=False)
+
+    def encode_prompts(self, prompts: list) -> tuple[np.ndarray, np.ndarray]:
+        """[DEC] (+ prompt words) per row, left-padded for generation -> input_ids, attention_mask."""
+        rows = []
+        for i, p in enumerate(prompts):
+            words = [] if p is None else self._words(p, f"prompt {i}")
+            if len(words) + 1 >= self.max_tokens:
+                raise PromptError(f"prompt {i} is {len(words) + 1} Q-Former tokens long, the engine allows fewer "
+                                  f"than {self.max_tokens} (manifest qformer.max_text_tokens); shorten it")
+            rows.append([self.dec_id, *words])
+        return _pad(rows, self.pad_id, left=True)
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True).strip()
+
+
+def _pad(rows: list[list[int]], pad_id: int, left: bool) -> tuple[np.ndarray, np.ndarray]:
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        span = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[i, span], mask[i, span] = r, 1
+    return ids, mask

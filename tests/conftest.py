@@ -17,6 +17,13 @@ VARIANTS = {
     "untied": {"tie_word_embeddings": False, "num_query_tokens": 3},
     "geometry": {"image_size": 48, "patch_size": 12, "num_query_tokens": 6, "llm_layers": 3, "llm_heads": 2},
 }
+# Checkpoints with the Q-Former's text side: stage 1 (ITC/ITM/ITG, no LLM) and stage 2 keeping it.
+QFORMER_VARIANTS = {
+    "stage1": {"stage": 1},
+    "stage1-geometry": {"stage": 1, "num_query_tokens": 5, "qformer_layers": 3, "cross_attention_frequency": 2,
+                        "image_size": 48, "patch_size": 12},
+    "stage2text": {"qformer_text": True},
+}
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +38,8 @@ def make_engine(tmp_path_factory):
     def make(variant: str = "tiny"):
         if variant not in cache:
             root = tmp_path_factory.mktemp(f"engine-{variant}")
-            ck = make_random_checkpoint(root / "checkpoints" / variant, "tiny", seed=0, **VARIANTS[variant])
+            options = {**VARIANTS, **QFORMER_VARIANTS}[variant]
+            ck = make_random_checkpoint(root / "checkpoints" / variant, "tiny", seed=0, **options)
             engine = build(ck, "onnx", root / "engines", say=lambda *_: None)
             cache[variant] = (ck, engine)
         return cache[variant]

@@ -73,15 +73,15 @@ def test_decoder_weights_stored_once(tiny_engine, checkpoint):
 def test_gate_fails_on_a_wrong_graph(tiny_engine, checkpoint):
     """A graph that computes something else fails, and every failing output is listed."""
     _, engine = tiny_engine
-    spec = next(s for s in graph_specs(checkpoint.config) if s.name == "qformer_query")
+    spec = next(s for s in graph_specs(checkpoint.model) if s.name == "qformer_query")
     wrapper = spec.build(checkpoint.model).eval()
     runner = make_runner(engine / "qformer_query.onnx")
     raise_on_failure(check_graph(spec, wrapper, runner, TOLERANCES["fp32"]))  # the real one passes
     with torch.no_grad():
-        wrapper.language_projection.bias.add_(1e-2)  # a small but real difference in one output only
+        wrapper.model.language_projection.bias.add_(1e-2)  # a small but real difference in one output only
     results = check_graph(spec, wrapper, runner, TOLERANCES["fp32"])
     with torch.no_grad():
-        wrapper.language_projection.bias.sub_(1e-2)
+        wrapper.model.language_projection.bias.sub_(1e-2)
     with pytest.raises(ParityError) as err:
         raise_on_failure(results)
     failed = {(f.output, f.case) for f in err.value.failures}

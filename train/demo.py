@@ -1,12 +1,15 @@
 """Make a randomly initialised BLIP-2 checkpoint folder from a preset (the embedded demo model until
 `train/` ships a trained one).
 
-    python -m train.demo --out checkpoints/demo              # tiny preset, seed 0
+    python -m train.demo --out checkpoints/demo              # tiny preset, seed 0, stage 2
     python -m train.demo --preset small --out checkpoints/small
+    python -m train.demo --stage 1 --out checkpoints/stage1  # Q-Former with ITC/ITM/ITG heads, no LLM
 
 The folder is a regular Hugging Face `save_pretrained` folder (config.json,
 model.safetensors, tokenizer files, preprocessor_config.json), loadable with
-`Blip2ForConditionalGeneration.from_pretrained`, and is written atomically.
+`Blip2ForConditionalGeneration.from_pretrained` (stage 2) or
+`Blip2ForImageTextRetrieval.from_pretrained` (stage 1), plus blip2_edge.json and
+the extra heads; it is written atomically.
 """
 import argparse
 import shutil
@@ -14,33 +17,48 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import Blip2ForConditionalGeneration, Blip2Processor
+from transformers import Blip2Processor
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
+from train.model import Blip2Edge, EdgeConfig
 from train.presets import PRESETS, blip2_config
-from train.text_tokenizer import IMAGE_TOKEN, build_tokenizer
+from train.text_tokenizer import IMAGE_TOKEN, build_qformer_tokenizer, build_tokenizer
 
 
-def make_random_checkpoint(out: str | Path, preset: str = "tiny", seed: int = 0, **overrides) -> Path:
-    """Build tokenizer + model from `preset` (keyword overrides allowed) and save both to `out`."""
+def make_random_checkpoint(out: str | Path, preset: str = "tiny", seed: int = 0, stage: int = 2,
+                           qformer_text: bool | None = None, **overrides) -> Path:
+    """Build tokenizers + model from `preset` (keyword overrides allowed) and save them to `out`.
+
+    stage 1: Q-Former with its text side, ITC/ITM heads and our ITG head (no LLM).
+    stage 2: Q-Former + OPT; with qformer_text=True it also keeps the Q-Former's text side and heads.
+    """
     out = Path(out)
+    qformer_text = stage == 1 if qformer_text is None else qformer_text
     vocab = overrides.pop("vocab_size", PRESETS[preset].vocab_size)
     tokenizer = build_tokenizer(min(vocab, 512))
     image_token = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    qtok = build_qformer_tokenizer(min(PRESETS[preset].qformer_vocab_size, 512)) if qformer_text else None
+    if qtok is not None:
+        overrides.setdefault("qformer_vocab_size", max(PRESETS[preset].qformer_vocab_size, len(qtok)))
     config = blip2_config(preset, vocab_size=max(vocab, len(tokenizer)), image_token_index=image_token, **overrides)
+    if stage == 1:
+        config.image_token_index = None  # HF's retrieval model then takes plain [CLS] text [SEP] ids
     torch.manual_seed(seed)
-    model = Blip2ForConditionalGeneration(config).eval()
+    model = Blip2Edge(config, EdgeConfig(stage=stage, qformer_text=qformer_text, itg_head=qformer_text)).eval()
     size = config.vision_config.image_size
-    processor = Blip2Processor(
-        image_processor=BlipImageProcessorPil(size={"height": size, "width": size}),
-        tokenizer=tokenizer,
-        num_query_tokens=config.num_query_tokens,
-    )
+    image_processor = BlipImageProcessorPil(size={"height": size, "width": size})
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
+        if stage == 2:
+            Blip2Processor(image_processor=image_processor, tokenizer=tokenizer,
+                           num_query_tokens=config.num_query_tokens).save_pretrained(tmp)
+            if qtok is not None:
+                qtok.save_pretrained(tmp / "qformer_tokenizer")
+        else:
+            image_processor.save_pretrained(tmp)
+            qtok.save_pretrained(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -54,8 +72,9 @@ def main(argv=None):
     ap.add_argument("--out", default="checkpoints/demo", help="folder to write (replaced if it exists)")
     ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stage", type=int, default=2, choices=[1, 2])
     args = ap.parse_args(argv)
-    path = make_random_checkpoint(args.out, args.preset, args.seed)
+    path = make_random_checkpoint(args.out, args.preset, args.seed, stage=args.stage)
     print(f"wrote {path}")
 
 

@@ -8,7 +8,7 @@ It follows OPT's conventions so that real checkpoints and ours share one path:
 """
 import itertools
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]
@@ -51,3 +51,23 @@ def build_tokenizer(vocab_size: int, corpus: list[str] | None = None) -> PreTrai
     )
     fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     return fast
+
+
+QFORMER_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]  # ids 0..5
+
+
+def build_qformer_tokenizer(vocab_size: int, corpus: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """Train a lower-cased WordPiece tokenizer for the Q-Former's text side, BERT-style like BLIP-2's own
+    (bert-base-uncased plus [DEC]): `[CLS] text [SEP]` for ITC/ITM; ITG swaps [CLS] for [DEC]."""
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=QFORMER_SPECIALS, show_progress=False)
+    tok.train_from_iterator(corpus or default_corpus(), trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]",
+        mask_token="[MASK]", additional_special_tokens=["[DEC]"], padding_side="right",
+    )

@@ -1,0 +1,135 @@
+"""Text -> image retrieval throughput over a large gallery: the ONNX Runtime pipeline against the same
+two-step procedure written in PyTorch on the same model.
+
+    python bench/bench_retrieval.py                        # small preset, stage 1, 10,000 images, k=16 and 128
+    python bench/bench_retrieval.py --gallery 2000 --queries 10 --ks 16
+
+The gallery is encoded once on each side (vision + Q-Former queries: ITC features and image
+embeddings kept for ITM) and that cost is printed, not counted per query. A query then costs: the
+text's ITC feature (qformer_text), the ITC similarity against every gallery image (max over
+queries), the top k, and ITM on those k (qformer_itm, in chunks of the engine's max batch; PyTorch
+gets the same chunk size). The image tower never runs per query. Both sides must return the same
+top-k ranking; the agreement is printed with the queries per second and their ratio.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from export.build import build  # noqa: E402
+from export.checkpoint import load_checkpoint  # noqa: E402
+from export.e2e import hf_pixel_values, qformer_texts  # noqa: E402
+from export.specs import Limits  # noqa: E402
+from runtime import Blip2Pipeline  # noqa: E402
+from runtime.retrieval import top_k  # noqa: E402
+from train.data import ShapesCaps  # noqa: E402
+from train.demo import make_random_checkpoint  # noqa: E402
+
+
+def prepare(preset: str, work: Path, max_batch: int) -> tuple[Path, Path]:
+    ck = work / "checkpoints" / f"bench-{preset}-stage1"
+    engine = work / "engines" / ck.name / "onnx"
+    if not engine.exists():
+        make_random_checkpoint(ck, preset, seed=0, stage=1)
+        print(f"building {engine} (export + parity gate) ...", flush=True)
+        build(ck, "onnx", work / "engines", limits=Limits(max_batch=max_batch), say=lambda m: print("  " + m, flush=True))
+    return ck, engine
+
+
+class TorchRetrieval:
+    """The same two-step retrieval in PyTorch (train.model.Blip2Edge), gallery encoded once."""
+
+    def __init__(self, ck, chunk: int):
+        self.ck, self.model, self.chunk = ck, ck.model, chunk
+
+    @torch.no_grad()
+    def encode_gallery(self, images):
+        feats, embeds = [], []
+        for s in range(0, len(images), self.chunk):
+            e = self.model.encode_image(hf_pixel_values(self.ck, images[s:s + self.chunk]))
+            feats.append(self.model.image_feats(self.model.query_forward(e)[0]))
+            embeds.append(e)
+        self.feats, self.embeds = torch.cat(feats), torch.cat(embeds)
+
+    @torch.no_grad()
+    def retrieve(self, text: str, k: int) -> list[int]:
+        ids, mask = qformer_texts(self.ck, [text])
+        text_feat = self.model.text_feat(ids, mask)  # [1, D]
+        itc = (self.feats @ text_feat[0]).amax(1)  # [N]
+        top = torch.topk(itc, k).indices
+        probs = []
+        for s in range(0, k, self.chunk):
+            idx = top[s:s + self.chunk]
+            n = len(idx)
+            logits, _ = self.model.itm_forward(self.embeds[idx], ids.expand(n, -1), mask.expand(n, -1))
+            probs.append(logits.softmax(-1)[:, 1])
+        order = torch.argsort(torch.cat(probs), descending=True, stable=True)
+        return top[order].tolist()
+
+
+def gallery_images(n: int, size: int) -> list:
+    data = ShapesCaps("val", n=n, image_size=size, seed=1)
+    return [data[i].image for i in range(n)]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--gallery", type=int, default=10_000, help="gallery size (default 10,000)")
+    ap.add_argument("--queries", type=int, default=20)
+    ap.add_argument("--ks", type=int, nargs="+", default=[16, 128])
+    ap.add_argument("--max-batch", type=int, default=32, help="engine max batch = ITM chunk on both sides")
+    ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    torch.set_flush_denormal(True)  # as ONNX Runtime does; without it PyTorch is far slower on random weights
+
+    ck_dir, engine = prepare(args.preset, args.work, args.max_batch)
+    ck = load_checkpoint(ck_dir)
+    pipe = Blip2Pipeline.from_dir(engine)
+    reference = TorchRetrieval(ck, args.max_batch)
+    images = gallery_images(args.gallery, ck.config.vision_config.image_size)
+    queries = [c for i in range(args.queries) for c in ShapesCaps("val", n=args.queries, seed=2)[i].captions[:1]]
+
+    t0 = time.perf_counter()
+    gallery = pipe.encode_gallery(images)
+    ort_encode = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    reference.encode_gallery(images)
+    torch_encode = time.perf_counter() - t0
+    del images
+    print(f"preset {args.preset}, gallery {args.gallery} images, {len(queries)} queries")
+    print(f"gallery encoding (once): onnxruntime {ort_encode:.1f}s, pytorch {torch_encode:.1f}s; "
+          f"ITC features max abs diff {float(np.abs(gallery.feats - reference.feats.numpy()).max()):.2g}")
+
+    for k in args.ks:
+        pipe.retrieve(queries[0], gallery, k=k)  # warm-up
+        reference.retrieve(queries[0], k)
+        same, t_ort, t_torch = 0, 0.0, 0.0
+        for q in queries:  # interleaved
+            t0 = time.perf_counter()
+            got = [h.index for h in pipe.retrieve(q, gallery, k=k)]
+            t_ort += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            ref = reference.retrieve(q, k)
+            t_torch += time.perf_counter() - t0
+            same += got == ref
+        qps_ort, qps_torch = len(queries) / t_ort, len(queries) / t_torch
+        print(f"k={k:4d}: onnxruntime {qps_ort:7.2f} queries/s | pytorch {qps_torch:7.2f} queries/s | "
+              f"ratio {qps_ort / qps_torch:.2f}x | identical top-{k} rankings {same}/{len(queries)}", flush=True)
+    itc_only = time.perf_counter()
+    text_feat = pipe.embed_texts(queries)
+    for row in text_feat:
+        top_k(pipe.similarity(gallery.feats, row[None])[:, 0], 16)
+    print(f"ITC step alone (text feature + similarity over the gallery + top-k): "
+          f"{(time.perf_counter() - itc_only) / len(queries) * 1000:.1f} ms/query")
+
+
+if __name__ == "__main__":
+    main()

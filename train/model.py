@@ -1,0 +1,263 @@
+"""BLIP-2 for training and export, readable top to bottom.
+
+    from train.model import Blip2Edge
+    model = Blip2Edge.from_pretrained("checkpoints/stage1")     # ours, or a real HF BLIP-2 folder
+    model = Blip2Edge.from_config(blip2_config("tiny"), EdgeConfig(stage=1))   # fresh weights
+    model.save_pretrained("checkpoints/stage1")
+
+The model is assembled from Hugging Face modules where they exist (ViT, the
+Q-Former's layers and text embeddings, the ITC projections and ITM head, OPT,
+the language projection), so its checkpoints are HF `save_pretrained` folders:
+stage 1 loads with `Blip2ForImageTextRetrieval`, stage 2 with
+`Blip2ForConditionalGeneration`. What HF lacks is here:
+
+  * one Q-Former forward that takes any self-attention mask and a KV cache, so
+    the three BLIP-2 modes (ITC unimodal, ITM bi-directional, ITG multimodal
+    causal; masks from `train.masks.qformer_mask`) run through the same code in
+    training and export;
+  * the ITG text-decoder head and the ITC temperature, saved beside the HF
+    weights in `blip2_edge_heads.safetensors`, described by `blip2_edge.json`.
+
+Shapes: B batch, Nq queries, Np image patches (+1 class token), T text tokens,
+P cached text tokens, Dv/Dq/Dl vision/Q-Former/LLM widths, H heads, d head width.
+"""
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
+from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
+
+from train.masks import causal_lm_mask, qformer_mask
+
+EDGE_CONFIG = "blip2_edge.json"
+EDGE_WEIGHTS = "blip2_edge_heads.safetensors"
+HF_CLASS = {1: Blip2ForImageTextRetrieval, 2: Blip2ForConditionalGeneration}
+
+
+@dataclass
+class EdgeConfig:
+    """What Hugging Face's BLIP-2 config does not say; saved as blip2_edge.json beside config.json."""
+    stage: int = 1  # 1: Q-Former pre-training (ITC/ITM/ITG); 2: connected to the LLM (LM loss)
+    qformer_text: bool = True  # Q-Former text embeddings + ITC/ITM heads present
+    itg_head: bool = True  # the ITG text-decoder head present
+    temp: float = 0.07  # initial ITC temperature
+    cls_token_id: int = 2  # Q-Former tokenizer: [CLS] starts ITC/ITM texts
+    sep_token_id: int = 3  # ... [SEP] ends them (and ends ITG generation)
+    dec_token_id: int = 5  # ... [DEC] replaces [CLS] for ITG
+    pad_token_id: int = 0
+    max_text_tokens: int = 32  # Q-Former text length limit ([CLS]/[DEC] and [SEP] included)
+
+    @classmethod
+    def load(cls, path: Path, config: Blip2Config) -> "EdgeConfig":
+        """blip2_edge.json if present, else what a plain HF folder holds (stage from its architecture)."""
+        f = Path(path) / EDGE_CONFIG
+        if f.is_file():
+            data = json.loads(f.read_text())
+            return cls(**{k.name: data[k.name] for k in fields(cls) if k.name in data})
+        arch = (config.architectures or ["Blip2ForConditionalGeneration"])[0]
+        stage = 1 if arch == "Blip2ForImageTextRetrieval" else 2
+        q = config.qformer_config
+        # BLIP-2's own Q-Former tokenizer is bert-base-uncased: [PAD]=0, [CLS]=101, [SEP]=102
+        return cls(stage=stage, qformer_text=stage == 1, itg_head=False, cls_token_id=101, sep_token_id=102,
+                   dec_token_id=q.vocab_size - 1, pad_token_id=q.pad_token_id or 0,
+                   max_text_tokens=min(q.max_position_embeddings, 512))
+
+
+class ItgHead(nn.Module):
+    """BERT-style LM head of the Q-Former's text decoder (BLIP-2's ITG): transform, then vocabulary logits."""
+
+    def __init__(self, hidden: int, vocab: int, eps: float):
+        super().__init__()
+        self.dense = nn.Linear(hidden, hidden)
+        self.layer_norm = nn.LayerNorm(hidden, eps=eps)
+        self.decoder = nn.Linear(hidden, vocab)
+
+    def forward(self, x):  # [B, T, Dq] -> [B, T, V]
+        return self.decoder(self.layer_norm(F.gelu(self.dense(x))))
+
+
+# ---------------------------------------------------------------- the Q-Former forward, any mask, KV cache
+def _split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    return x.view(*x.shape[:2], -1, head_dim).transpose(1, 2)  # [B, T, D] -> [B, H, T, d]
+
+
+def _attend(att, q, k, v, mask):
+    """Scaled dot-product attention exactly as HF's eager path; q/k/v [B,H,*,d], mask additive or None."""
+    scores = q @ k.transpose(-1, -2) * att.scaling  # [B, H, Tq, Tk]
+    if mask is not None:
+        scores = scores + mask
+    probs = F.dropout(scores.softmax(-1), att.attention_dropout, att.training)
+    out = probs @ v  # [B, H, Tq, d]
+    return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)  # [B, Tq, D]
+
+
+def self_attention(block, x, mask, past=None):
+    """Self-attention + output (dense, residual, LayerNorm). past: (k, v) [B,H,P,d] prepended to the keys."""
+    att = block.attention
+    q = _split_heads(att.query(x), att.attention_head_size)
+    k = _split_heads(att.key(x), att.attention_head_size)
+    v = _split_heads(att.value(x), att.attention_head_size)
+    if past is not None:
+        k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+    return block.output(_attend(att, q, k, v, mask), x), (k, v)
+
+
+def cross_attention(block, x, image_embeds):
+    """Queries attend to every image patch."""
+    att = block.attention
+    q = _split_heads(att.query(x), att.attention_head_size)
+    k = _split_heads(att.key(image_embeds), att.attention_head_size)
+    v = _split_heads(att.value(image_embeds), att.attention_head_size)
+    return block.output(_attend(att, q, k, v, None), x)
+
+
+def qformer_layer(layer, x, mask, image_embeds, num_queries: int, has_text: bool, past=None):
+    """One Q-Former layer over [queries; text]: queries go through cross-attention and the query FFN,
+    text through the text FFN. Returns the new hidden states and this layer's self-attention (k, v)."""
+    h, kv = self_attention(layer.attention, x, mask, past)
+    parts = []
+    if num_queries:
+        q = h[:, :num_queries]
+        if layer.has_cross_attention:
+            q = cross_attention(layer.crossattention, q, image_embeds)
+        parts.append(layer.feed_forward_chunk_query(q))
+    if has_text:
+        parts.append(layer.feed_forward_chunk(h[:, num_queries:]))
+    return torch.cat(parts, 1) if len(parts) > 1 else parts[0], kv
+
+
+class Blip2Edge(nn.Module):
+    """BLIP-2 (either stage) with every Q-Former mode. Attribute names follow Hugging Face's classes."""
+
+    def __init__(self, config: Blip2Config, edge: EdgeConfig, hf: nn.Module | None = None):
+        super().__init__()
+        self.config, self.edge = config, edge
+        if edge.qformer_text:
+            config.qformer_config.use_qformer_text_input = True
+        hf = hf if hf is not None else HF_CLASS[edge.stage](config)
+        for name, module in hf.named_children():
+            self.add_module(name, module)
+        self.query_tokens = hf.query_tokens  # [1, Nq, Dq]
+        q = config.qformer_config
+        if edge.qformer_text and not hasattr(self, "embeddings"):  # stage 2 keeps stage 1's text side
+            self.embeddings = Blip2TextEmbeddings(q)
+            self.vision_projection = nn.Linear(q.hidden_size, config.image_text_hidden_size)
+            self.text_projection = nn.Linear(q.hidden_size, config.image_text_hidden_size)
+            self.itm_head = nn.Linear(q.hidden_size, 2)
+        if edge.itg_head:
+            self.itg_head = ItgHead(q.hidden_size, q.vocab_size, q.layer_norm_eps)
+        self.temp = nn.Parameter(torch.tensor(float(edge.temp)))
+
+    @property
+    def num_queries(self) -> int:
+        return self.config.num_query_tokens
+
+    # ------------------------------------------------------------ image side
+    def encode_image(self, pixel_values):  # [B, 3, H, W] -> [B, Np, Dv]
+        return self.vision_model(pixel_values=pixel_values, return_dict=True).last_hidden_state
+
+    def qformer_forward(self, embeds, mask, image_embeds, num_queries: int, has_text: bool, past=None):
+        """LayerNorm + dropout on the input embeddings, then every layer. Returns hidden, [(k, v) per layer]."""
+        x = self.qformer.dropout(self.qformer.layernorm(embeds))
+        presents = []
+        for i, layer in enumerate(self.qformer.encoder.layer):
+            x, kv = qformer_layer(layer, x, mask, image_embeds, num_queries, has_text, past[i] if past else None)
+            presents.append(kv)
+        return x, presents
+
+    def query_forward(self, image_embeds):
+        """Queries alone (what ITC, ITG and the LLM see): -> query_output [B,Nq,Dq], per-layer (k, v) [B,H,Nq,d]."""
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        return self.qformer_forward(queries, None, image_embeds, self.num_queries, has_text=False)
+
+    def image_feats(self, query_output):  # [B, Nq, Dq] -> [B, Nq, D] unit vectors (ITC)
+        return F.normalize(self.vision_projection(query_output), dim=-1)
+
+    def soft_prompt(self, query_output):  # [B, Nq, Dq] -> [B, Nq, Dl] (stage 2)
+        return self.language_projection(query_output)
+
+    # ------------------------------------------------------------ text side, the three modes
+    def text_embeds(self, input_ids, position_ids=None):  # [B, T] -> [B, T, Dq] word + position
+        return self.embeddings(input_ids=input_ids, position_ids=position_ids)
+
+    def text_feat(self, input_ids, attention_mask):
+        """Unimodal (ITC): text sees only text -> normalised projection of [CLS], [B, D]."""
+        mask = qformer_mask("unimodal", attention_mask, 0, self.temp.dtype)
+        hidden, _ = self.qformer_forward(self.text_embeds(input_ids), mask, None, 0, has_text=True)
+        return F.normalize(self.text_projection(hidden[:, 0]), dim=-1)
+
+    def itm_forward(self, image_embeds, input_ids, attention_mask):
+        """Bi-directional (ITM): -> itm_logits [B, 2] (mean over queries), text-conditioned query_output."""
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        embeds = torch.cat([queries, self.text_embeds(input_ids)], 1)  # [B, Nq+T, Dq]
+        mask = qformer_mask("bidirectional", attention_mask, self.num_queries, embeds.dtype)
+        hidden, _ = self.qformer_forward(embeds, mask, image_embeds, self.num_queries, has_text=True)
+        query_output = hidden[:, : self.num_queries]
+        return self.itm_head(query_output).mean(1), query_output
+
+    def itg_logits(self, image_embeds, input_ids, attention_mask):
+        """Multimodal causal (ITG), whole sequence at once (training): -> logits [B, T, V] for the next token."""
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        embeds = torch.cat([queries, self.text_embeds(input_ids)], 1)
+        mask = qformer_mask("causal", attention_mask, self.num_queries, embeds.dtype)
+        hidden, _ = self.qformer_forward(embeds, mask, image_embeds, self.num_queries, has_text=True)
+        return self.itg_head(hidden[:, self.num_queries:])
+
+    def itg_step(self, input_ids, attention_mask, position_ids, past):
+        """Multimodal causal with a KV cache (generation): the cache starts as the queries' (k, v) from
+        `query_forward` and grows by the text. attention_mask [B, Nq+P+T] covers queries, cached text and
+        the T new tokens. -> logits [B, T, V], presents [(k, v) [B,H,Nq+P+T,d] per layer]."""
+        mask = causal_lm_mask(attention_mask, input_ids.shape[1], self.temp.dtype)  # [B, 1, T, Nq+P+T]
+        embeds = self.text_embeds(input_ids, position_ids)
+        hidden, presents = self.qformer_forward(embeds, mask, None, 0, has_text=True, past=past)
+        return self.itg_head(hidden), presents
+
+    # ------------------------------------------------------------ I/O
+    @classmethod
+    def from_config(cls, config: Blip2Config, edge: EdgeConfig) -> "Blip2Edge":
+        return cls(config, edge)
+
+    @classmethod
+    def from_pretrained(cls, path, attn_implementation: str = "eager") -> "Blip2Edge":
+        """Load our folders and real HF BLIP-2 folders alike (float32, eager attention for export)."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        config = Blip2Config.from_pretrained(path)
+        edge = EdgeConfig.load(path, config)
+        hf = HF_CLASS[edge.stage].from_pretrained(path, attn_implementation=attn_implementation, dtype=torch.float32)
+        model = cls(hf.config, edge, hf=hf)
+        extra = path / EDGE_WEIGHTS
+        if extra.is_file():
+            missing, unexpected = model.load_state_dict(load_file(str(extra)), strict=False)
+            if unexpected:
+                raise ValueError(f"{extra} holds weights this model does not have: {unexpected[:5]}")
+        model.__dict__["_hf"] = hf  # shares every module; not registered twice
+        return model.eval()
+
+    def hf_model(self) -> nn.Module:
+        """The Hugging Face model of this stage, sharing these weights (for save_pretrained and references)."""
+        if "_hf" in self.__dict__:
+            return self.__dict__["_hf"]
+        hf = HF_CLASS[self.edge.stage](self.config)
+        hf.load_state_dict({k: v for k, v in self.state_dict().items() if k in hf.state_dict()}, assign=True)
+        if self.edge.stage == 2:
+            hf.language_model.tie_weights()
+        return hf.eval()
+
+    def save_pretrained(self, path) -> None:
+        """HF folder (config.json, model.safetensors) + blip2_edge.json + the extra heads. Not atomic by itself:
+        callers write to a temporary folder and rename."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        hf = self.hf_model()
+        hf.save_pretrained(path)
+        hf_keys = set(hf.state_dict())
+        extra = {k: v.detach().contiguous() for k, v in self.state_dict().items() if k not in hf_keys}
+        save_file(extra, str(path / EDGE_WEIGHTS))
+        (path / EDGE_CONFIG).write_text(json.dumps(asdict(self.edge), indent=2))
