@@ -1,0 +1,547 @@
+"""Held-out evaluation on the ShapesCaps "val" split, for a PyTorch checkpoint or an exported engine folder.
+
+    python -m train.evaluate --model checkpoints/stage2 --n 200 --out results/torch.json
+    python -m train.evaluate --engines engines/stage2/onnx --n 200 --out results/onnx.json
+
+    from train.evaluate import PipelineBackend, TorchBackend, evaluate, format_table
+    results = evaluate(TorchBackend("checkpoints/stage2"), n=200, seed=0)
+    print(format_table(results))
+
+Both backends answer the same five calls, so the same numbers can be shown for PyTorch and for the
+exported pipeline: `TorchBackend` runs the checkpoint (captions and answers with Hugging Face's
+`generate`, greedy; ITC/ITM through `train.model.Blip2Edge`), `PipelineBackend` runs the engine folder
+through `runtime.Blip2Pipeline` (no torch involved). Both read the same images at the model's input size.
+
+Metrics, over the first `n` samples of `ShapesCaps("val", n=n, image_size=<model's>, seed=seed)`:
+
+* caption accuracy: fraction of images whose greedy caption (LLM, no prompt) passes
+  `train.data.caption_correct` (every shape's colour, shape and position right, nothing extra);
+* ITC recall@1, image->text and text->image: n images against one caption per image (`captions[0]`),
+  similarity = largest cosine over the image's queries. Synthetic images repeat their semantics, so
+  EQUIVALENCE: a retrieved item counts as correct when the text describes the image, i.e. the
+  caption passes `caption_correct` for the image (the caption-accuracy rule: every colour, shape and
+  position right, nothing extra). Exact recall (only the query's own pair counts) is reported beside
+  it as `exact_value`;
+* ITM accuracy: for each image its own caption (label 1) and the caption (`captions[0]`) of another
+  sample whose shapes are not equivalent (label 0); predicted "match" when the probability > 0.5;
+  accuracy over the 2n pairs. NEGATIVES are chosen, per image and deterministically from the seed,
+  among samples whose multiset of (colour, shape, position) differs from the image's (stricter than
+  "not equivalent": some captions leave out sizes, and a caption of a shape that differs only in size
+  would still describe the image truthfully);
+* VQA exact match: one question per image from `sample.qa`, chosen deterministically from the seed,
+  prompted as `train.data.qa_prompt(question)` and answered greedily; `train.data.vqa_correct`.
+
+A capability the model lacks (no LLM: a stage-1 folder; no Q-Former text side: a plain stage-2
+folder) is skipped: its metrics are reported as "n/a" with the reason (`value` null, `status` "n/a"
+in the JSON). Targets: caption >= 0.90, ITC R@1 >= 0.90 both ways, ITM >= 0.95, VQA >= 0.90.
+
+`python -m train eval` uses `add_arguments` and `run` from here.
+"""
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from train.data import ShapesCaps, caption_correct, qa_prompt, vqa_correct
+
+SPLIT = "val"
+CAPTION_TOKENS = 30  # greedy caption length limit
+ANSWER_TOKENS = 10  # answers are one word; a few tokens of slack for sub-word tokenizers
+BATCH_SIZE = 16
+
+# metric -> (label, target, capability it needs)
+METRICS = {
+    "caption_accuracy": ("caption accuracy", 0.90, "caption"),
+    "itc_r1_i2t": ("ITC R@1 image->text", 0.90, "itc"),
+    "itc_r1_t2i": ("ITC R@1 text->image", 0.90, "itc"),
+    "itm_accuracy": ("ITM accuracy", 0.95, "itm"),
+    "vqa_accuracy": ("VQA exact match", 0.90, "vqa"),
+}
+CAPABILITIES = ("caption", "vqa", "itc", "itm")
+
+EQUIVALENCE = ("a retrieved item counts as correct when the text describes the image (caption_correct: every "
+               "colour, shape and position right, nothing extra); exact_value counts only the query's own pair")
+NEGATIVES = ("for each image: its own captions[0] (label 1) and captions[0] of another sample (label 0) chosen "
+             "deterministically from the seed among samples whose multiset of (colour, shape, position) differs "
+             "from the image's (so the negative is never equivalent, and stays false even when it omits sizes); "
+             "match predicted when the probability > 0.5")
+QUESTIONS = "one question per image from sample.qa, chosen deterministically from the seed; normalised exact match"
+
+# SeedSequence tags of the per-sample choices, so adding samples never changes earlier ones
+_VQA_STREAM, _ITM_STREAM = 101, 102
+
+
+class EvaluationError(ValueError):
+    """Bad arguments or folder for an evaluation; the message says what to do."""
+
+
+class CapabilityError(EvaluationError):
+    """The model has no graph / module for the requested capability."""
+
+
+# ----------------------------------------------------------------------------- backends
+
+def _chunks(n: int, size: int):
+    for start in range(0, n, size):
+        yield slice(start, start + size)
+
+
+class TorchBackend:
+    """A checkpoint folder evaluated with PyTorch: HF `generate` (greedy) for text, `Blip2Edge` for ITC/ITM."""
+
+    name = "torch"
+
+    def __init__(self, checkpoint_dir):
+        from export.checkpoint import load_checkpoint
+
+        self.folder = Path(checkpoint_dir)
+        self.ck = load_checkpoint(self.folder)
+        self.model = self.ck.model
+        self.image_size = int(self.ck.config.vision_config.image_size)
+        self.missing = {}
+        if not self.ck.has_llm:
+            why = f"no language model in {self.folder} (stage-1 checkpoint)"
+            self.missing.update(caption=why, vqa=why)
+        if self.ck.qformer_tokenizer is None or not hasattr(self.model, "text_projection"):
+            why = f"no Q-Former text side in {self.folder} (stage-2 checkpoint trained without it)"
+            self.missing.update(itc=why, itm=why)
+        elif not hasattr(self.model, "itm_head"):
+            self.missing["itm"] = f"no ITM head in {self.folder}"
+        self.capabilities = frozenset(c for c in CAPABILITIES if c not in self.missing)
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "folder": str(self.folder.resolve()), "stage": self.model.edge.stage}
+
+    def _need(self, capability: str) -> None:
+        if capability not in self.capabilities:
+            raise CapabilityError(f"{capability}: {self.missing[capability]}")
+
+    def _decode(self, rows) -> list[str]:
+        return [self.ck.tokenizer.decode(r, skip_special_tokens=True).strip() for r in rows]
+
+    def _generate(self, images, prompts, max_new_tokens: int) -> list[str]:
+        from export.e2e import hf_generate_ids
+
+        return self._decode(hf_generate_ids(self.ck, list(images), prompts, max_new_tokens=max_new_tokens,
+                                            num_beams=1))
+
+    def caption(self, images, max_new_tokens: int = CAPTION_TOKENS) -> list[str]:
+        self._need("caption")
+        return self._generate(images, [None] * len(images), max_new_tokens)
+
+    def answer(self, images, questions, max_new_tokens: int = ANSWER_TOKENS) -> list[str]:
+        self._need("vqa")
+        return self._generate(images, [qa_prompt(q) for q in questions], max_new_tokens)
+
+    def _image_embeds(self, images):
+        from export.e2e import hf_pixel_values
+
+        return self.model.encode_image(hf_pixel_values(self.ck, list(images)))
+
+    def image_feats(self, images) -> np.ndarray:
+        """[I, Nq, D] unit vectors."""
+        import torch
+
+        self._need("itc")
+        with torch.no_grad():
+            query_output, _ = self.model.query_forward(self._image_embeds(images))
+            return self.model.image_feats(query_output).numpy()
+
+    def text_feats(self, texts) -> np.ndarray:
+        """[T, D] unit vectors."""
+        import torch
+
+        from export.e2e import qformer_texts
+
+        self._need("itc")
+        with torch.no_grad():
+            ids, mask = qformer_texts(self.ck, list(texts))
+            return self.model.text_feat(ids, mask).numpy()
+
+    def itm(self, images, texts) -> np.ndarray:
+        """Match probability of each (image, text) pair: [N]."""
+        import torch
+
+        from export.e2e import qformer_texts
+
+        self._need("itm")
+        with torch.no_grad():
+            ids, mask = qformer_texts(self.ck, list(texts))
+            logits, _ = self.model.itm_forward(self._image_embeds(images), ids, mask)
+            return logits.softmax(-1)[:, 1].numpy()
+
+
+class PipelineBackend:
+    """An engine folder evaluated with `runtime.Blip2Pipeline` (onnxruntime or TensorRT, no torch)."""
+
+    name = "pipeline"
+
+    def __init__(self, engine_dir, runtime_backend: str = "auto", threads: int | None = None):
+        from runtime import Blip2Pipeline
+
+        self.folder = Path(engine_dir)
+        self.pipe = Blip2Pipeline.from_dir(self.folder, backend=runtime_backend, threads=threads)
+        self.image_size = int(self.pipe.manifest["model"]["image_size"])
+
+    @property
+    def missing(self) -> dict:
+        from runtime.pipeline import NEEDS
+
+        runners, missing = self.pipe.runners, {}
+        if "llm_decoder" not in runners:
+            why = f"no llm_decoder graph in {self.folder} (built from a stage-1 checkpoint; needs {NEEDS['llm_decoder']})"
+            missing.update(caption=why, vqa=why)
+        if "qformer_text" not in runners or "image_feats" not in runners["qformer_query"].output_names:
+            missing["itc"] = f"no qformer_text graph in {self.folder} (needs {NEEDS['qformer_text']})"
+        if "qformer_itm" not in runners:
+            missing["itm"] = f"no qformer_itm graph in {self.folder} (needs {NEEDS['qformer_itm']})"
+        return missing
+
+    @property
+    def capabilities(self) -> frozenset:
+        return frozenset(c for c in CAPABILITIES if c not in self.missing)
+
+    def describe(self) -> dict:
+        m = self.pipe.manifest
+        return {"backend": self.name, "folder": str(self.folder.resolve()), "stage": m["model"].get("stage"),
+                "runtime": self.pipe.backend, "target": m["target"], "precision": m["precision"]}
+
+    def _need(self, capability: str) -> None:
+        missing = self.missing
+        if capability in missing:
+            raise CapabilityError(f"{capability}: {missing[capability]}")
+
+    def caption(self, images, max_new_tokens: int = CAPTION_TOKENS) -> list[str]:
+        self._need("caption")
+        return self.pipe.caption(list(images), max_new_tokens=max_new_tokens, num_beams=1, decoder="llm")
+
+    def answer(self, images, questions, max_new_tokens: int = ANSWER_TOKENS) -> list[str]:
+        self._need("vqa")
+        return self.pipe.generate(list(images), prompt=[qa_prompt(q) for q in questions], decoder="llm",
+                                  max_new_tokens=max_new_tokens, num_beams=1)
+
+    def image_feats(self, images) -> np.ndarray:
+        self._need("itc")
+        return self.pipe.embed_images(list(images))
+
+    def text_feats(self, texts) -> np.ndarray:
+        self._need("itc")
+        return self.pipe.embed_texts(list(texts))
+
+    def itm(self, images, texts) -> np.ndarray:
+        self._need("itm")
+        return self.pipe.itm(list(images), list(texts))
+
+
+def open_backend(model=None, engines=None):
+    """TorchBackend for a checkpoint folder (`model`) or PipelineBackend for an engine folder (`engines`)."""
+    if (model is None) == (engines is None):
+        raise EvaluationError(
+            f"pass exactly one of --model DIR (a checkpoint folder, evaluated with PyTorch) or --engines DIR (an "
+            f"engine folder from `python -m export.build`, evaluated with the runtime pipeline); got "
+            f"{'both' if model is not None else 'neither'}")
+    if model is not None:
+        path = Path(model)
+        if not path.is_dir():
+            raise EvaluationError(f"--model folder not found: {path}; pass a checkpoint folder written by training "
+                                  f"(or make a random one with `python -m train.demo --out {path}`)")
+        if (path / "manifest.json").is_file() and not (path / "config.json").is_file():
+            raise EvaluationError(f"{path} is an engine folder, not a checkpoint; pass it with --engines {path}")
+        return TorchBackend(path)
+    path = Path(engines)
+    if not path.is_dir():
+        raise EvaluationError(f"--engines folder not found: {path}; build one with `python -m export.build --model "
+                              f"CHECKPOINT --target onnx` and pass engines/<name>/onnx")
+    if (path / "config.json").is_file() and not (path / "manifest.json").is_file():
+        raise EvaluationError(f"{path} is a checkpoint folder, not an engine folder; pass it with --model {path}, or "
+                              f"export it with `python -m export.build --model {path} --target onnx`")
+    return PipelineBackend(path)
+
+
+# ----------------------------------------------------------------------------- metric logic
+
+def shapes_key(sample) -> tuple:
+    """The equivalence class of a sample: its shapes as a sorted multiset of (colour, shape, size, position)."""
+    return tuple(sorted((s.colour, s.shape, s.size, s.position) for s in sample.shapes))
+
+
+def layout_key(sample) -> tuple:
+    """What every caption of a sample states: its shapes' (colour, shape, position), as a sorted multiset."""
+    return tuple(sorted((s.colour, s.shape, s.position) for s in sample.shapes))
+
+
+def _rng(seed: int, index: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, index, stream]))
+
+
+def pick_questions(samples, seed: int) -> list[tuple[str, str]]:
+    """One (question, answer) per sample, a pure function of (seed, sample index)."""
+    out = []
+    for s in samples:
+        if not s.qa:
+            raise EvaluationError(f"sample {s.index} has no questions; VQA needs ShapesCaps samples")
+        out.append(s.qa[int(_rng(seed, s.index, _VQA_STREAM).integers(len(s.qa)))])
+    return out
+
+
+def pick_negatives(samples, seed: int, extra=None) -> list:
+    """For each sample, another sample whose (colour, shape, position) multiset differs (so its shapes are
+    never equivalent), chosen from `samples` with a per-sample generator seeded by (seed, index). When no
+    sample qualifies (tiny n), the first qualifying one of `extra` (an iterable of further samples) is used."""
+    keys = [layout_key(s) for s in samples]
+    out = []
+    for s, key in zip(samples, keys):
+        candidates = [j for j, k in enumerate(keys) if k != key]
+        if candidates:
+            out.append(samples[candidates[int(_rng(seed, s.index, _ITM_STREAM).integers(len(candidates)))]])
+            continue
+        found = next((o for o in (extra or ()) if layout_key(o) != key), None)
+        if found is None:
+            raise EvaluationError(f"no sample with other shapes than sample {s.index} to use as an ITM negative")
+        out.append(found)
+    return out
+
+
+def similarity(image_feats: np.ndarray, text_feats: np.ndarray) -> np.ndarray:
+    """[I, Nq, D] x [T, D] -> [I, T]: the largest dot product over each image's queries (BLIP-2's ITC)."""
+    return np.einsum("iqd,td->iqt", image_feats.astype(np.float64), text_feats.astype(np.float64)).max(1)
+
+
+def recall_at_1(sim: np.ndarray, keys: list | None = None, describes: np.ndarray | None = None) -> dict:
+    """Recall@1 both ways for a square similarity [n images, n texts], text i being image i's caption.
+
+    A hit is a top-1 item that is equivalent to the query: `describes[i, t]` (text t describes image i)
+    when given, else equal `keys`; `exact` counts only the query's own pair. Ties go to the lower index."""
+    n = sim.shape[0]
+    if describes is None:
+        describes = np.array([[keys[i] == keys[t] for t in range(n)] for i in range(n)])
+    if sim.shape != (n, n) or describes.shape != (n, n):
+        raise ValueError(f"similarity is {sim.shape}, expected ({n}, {n})")
+    i2t, t2i = sim.argmax(1), sim.argmax(0)
+    idx = np.arange(n)
+    return {
+        "i2t": float(np.mean([describes[i, t] for i, t in enumerate(i2t)])),
+        "t2i": float(np.mean([describes[i, t] for t, i in enumerate(t2i)])),
+        "i2t_exact": float(np.mean(i2t == idx)), "t2i_exact": float(np.mean(t2i == idx)),
+        "i2t_top1": i2t.tolist(), "t2i_top1": t2i.tolist(),
+    }
+
+
+def _batched(fn, size: int, *columns) -> list:
+    out = []
+    for part in _chunks(len(columns[0]), size):
+        out.extend(fn(*(c[part] for c in columns)))
+    return out
+
+
+def _batched_array(fn, size: int, *columns) -> np.ndarray:
+    return np.concatenate([np.asarray(fn(*(c[part] for c in columns))) for part in _chunks(len(columns[0]), size)])
+
+
+def _metric(name: str, value=None, reason: str | None = None, **extra) -> dict:
+    label, target, _ = METRICS[name]
+    if value is None:
+        return {"label": label, "value": None, "status": "n/a", "reason": reason, "target": target, "passed": None,
+                **extra}
+    return {"label": label, "value": float(value), "status": "ok", "target": target,
+            "passed": bool(value >= target), **extra}
+
+
+def evaluate(backend, n: int = 200, seed: int = 0, batch_size: int = BATCH_SIZE,
+             caption_tokens: int = CAPTION_TOKENS, answer_tokens: int = ANSWER_TOKENS) -> dict:
+    """Every metric the backend can serve on the first `n` val samples; see the module docstring."""
+    for what, v, low in (("n", n, 1), ("seed", seed, 0), ("batch_size", batch_size, 1)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < low:
+            raise EvaluationError(f"{what} must be an integer >= {low}, got {v!r}")
+    started = time.perf_counter()
+    seconds = {}
+    t0 = time.perf_counter()
+    ds = ShapesCaps(SPLIT, n=n, image_size=backend.image_size, seed=seed)
+    samples = [ds[i] for i in range(n)]
+    images = [s.image for s in samples]
+    captions = [s.captions[0] for s in samples]
+    keys = [shapes_key(s) for s in samples]
+    seconds["data"] = time.perf_counter() - t0
+    caps = backend.capabilities
+    missing = getattr(backend, "missing", {})
+    per_sample = [{"index": s.index, "shapes": [list(k) for k in keys[i]], "caption": captions[i]}
+                  for i, s in enumerate(samples)]
+    metrics = {}
+
+    def skipped(capability):
+        return missing.get(capability) or f"the backend has no {capability}"
+
+    # caption accuracy
+    if "caption" in caps:
+        t0 = time.perf_counter()
+        preds = _batched(lambda im: backend.caption(im, max_new_tokens=caption_tokens), batch_size, images)
+        ok = [caption_correct(p, s) for p, s in zip(preds, samples)]
+        seconds["caption"] = time.perf_counter() - t0
+        for row, p, c in zip(per_sample, preds, ok):
+            row.update(caption_pred=p, caption_correct=c)
+        metrics["caption_accuracy"] = _metric("caption_accuracy", np.mean(ok), correct=int(sum(ok)), total=n,
+                                              seconds=seconds["caption"], max_new_tokens=caption_tokens)
+    else:
+        metrics["caption_accuracy"] = _metric("caption_accuracy", reason=skipped("caption"))
+
+    # ITC recall@1
+    if "itc" in caps:
+        t0 = time.perf_counter()
+        image_feats = _batched_array(backend.image_feats, batch_size, images)
+        text_feats = _batched_array(backend.text_feats, batch_size, captions)
+        describes = np.array([[caption_correct(c, sample) for c in captions] for sample in samples])
+        r = recall_at_1(similarity(image_feats, text_feats), describes=describes)
+        seconds["itc"] = time.perf_counter() - t0
+        for row, i2t, t2i in zip(per_sample, r["i2t_top1"], r["t2i_top1"]):
+            row.update(i2t_top1=i2t, t2i_top1=t2i)
+        for way in ("i2t", "t2i"):
+            metrics[f"itc_r1_{way}"] = _metric(
+                f"itc_r1_{way}", r[way], exact_value=r[f"{way}_exact"], correct=round(r[way] * n), total=n,
+                seconds=seconds["itc"], rule=EQUIVALENCE)
+    else:
+        for way in ("i2t", "t2i"):
+            metrics[f"itc_r1_{way}"] = _metric(f"itc_r1_{way}", reason=skipped("itc"))
+
+    # ITM accuracy
+    if "itm" in caps:
+        t0 = time.perf_counter()
+        more = ShapesCaps(SPLIT, n=n + 1000, image_size=backend.image_size, seed=seed)  # same samples, more of them
+        extra = (more.sample(j, render_image=False) for j in range(n, n + 1000))
+        negatives = pick_negatives(samples, seed, extra)
+        pair_images = images + images
+        pair_texts = captions + [neg.captions[0] for neg in negatives]
+        labels = np.array([1] * n + [0] * n)
+        probs = _batched_array(backend.itm, batch_size, pair_images, pair_texts).astype(np.float64)
+        hits = (probs > 0.5) == labels.astype(bool)
+        seconds["itm"] = time.perf_counter() - t0
+        for i, row in enumerate(per_sample):
+            row.update(itm_negative_index=negatives[i].index, itm_negative=pair_texts[n + i],
+                       itm_pos_prob=float(probs[i]), itm_neg_prob=float(probs[n + i]))
+        metrics["itm_accuracy"] = _metric(
+            "itm_accuracy", hits.mean(), correct=int(hits.sum()), total=2 * n, positives_accuracy=float(hits[:n].mean()),
+            negatives_accuracy=float(hits[n:].mean()), seconds=seconds["itm"], rule=NEGATIVES)
+    else:
+        metrics["itm_accuracy"] = _metric("itm_accuracy", reason=skipped("itm"))
+
+    # VQA exact match
+    if "vqa" in caps:
+        t0 = time.perf_counter()
+        qa = pick_questions(samples, seed)
+        questions = [q for q, _ in qa]
+        preds = _batched(lambda im, q: backend.answer(im, q, max_new_tokens=answer_tokens), batch_size,
+                         images, questions)
+        ok = [vqa_correct(p, a) for p, (_, a) in zip(preds, qa)]
+        seconds["vqa"] = time.perf_counter() - t0
+        for row, (q, a), p, c in zip(per_sample, qa, preds, ok):
+            row.update(question=q, answer=a, answer_pred=p, vqa_correct=c)
+        metrics["vqa_accuracy"] = _metric("vqa_accuracy", np.mean(ok), correct=int(sum(ok)), total=n,
+                                          seconds=seconds["vqa"], max_new_tokens=answer_tokens, rule=QUESTIONS)
+    else:
+        metrics["vqa_accuracy"] = _metric("vqa_accuracy", reason=skipped("vqa"))
+
+    seconds["total"] = time.perf_counter() - started
+    describe = backend.describe() if hasattr(backend, "describe") else {"backend": getattr(backend, "name", "?")}
+    return {
+        **describe,
+        "data": {"dataset": "ShapesCaps", "split": SPLIT, "n": n, "seed": seed, "image_size": backend.image_size},
+        "n": n, "seed": seed,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "equivalence": EQUIVALENCE, "itm_negatives": NEGATIVES, "vqa_questions": QUESTIONS,
+        "metrics": metrics,
+        "passed": all(m["passed"] for m in metrics.values() if m["status"] == "ok"),
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "per_sample": per_sample,
+    }
+
+
+# ----------------------------------------------------------------------------- report
+
+def _secs(s: float) -> str:
+    return f"{s:.1f}s" if s >= 1 else f"{s:.2f}s"
+
+
+def format_table(results: dict) -> str:
+    """Plain text table, one row per metric: metric | value | target | result | time."""
+    rows = [("metric", "value", "target", "result", "time")]
+    notes = []
+    for name, m in results["metrics"].items():
+        target = f">= {m['target']:.2f}"
+        if m["status"] == "n/a":
+            rows.append((m["label"], "n/a", target, "n/a", ""))
+            notes.append(f"{m['label']}: n/a, {m['reason']}")
+            continue
+        value = f"{m['value']:.3f} ({m['correct']}/{m['total']})"
+        rows.append((m["label"], value, target, "pass" if m["passed"] else "FAIL", _secs(m["seconds"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    line = lambda r: " | ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    head = (f"ShapesCaps {results['data']['split']}, n={results['n']}, seed={results['seed']}, "
+            f"image size {results['data']['image_size']}: {results.get('backend', '?')} {results.get('folder', '')}")
+    out = [head, line(rows[0]), "-+-".join("-" * w for w in widths)] + [line(r) for r in rows[1:]]
+    available = [m for m in results["metrics"].values() if m["status"] == "ok"]
+    out.append(f"{sum(m['passed'] for m in available)}/{len(available)} available metrics meet their target "
+               f"(total {_secs(results['seconds']['total'])})")
+    return "\n".join(out + notes)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The evaluation options (for `python -m train eval` and `python -m train.evaluate`)."""
+    parser.add_argument("--model", metavar="DIR", help="checkpoint folder, evaluated with PyTorch")
+    parser.add_argument("--engines", metavar="DIR", help="engine folder (engines/<name>/<target>), evaluated with "
+                        "the runtime pipeline")
+    parser.add_argument("--n", type=int, default=200, help="number of val samples (default 200)")
+    parser.add_argument("--seed", type=int, default=0, help="ShapesCaps seed; also picks questions and ITM "
+                        "negatives (default 0)")
+    parser.add_argument("--out", metavar="results.json", help="write the results (every metric, per-sample "
+                        "predictions) as JSON")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"images per call (default {BATCH_SIZE})")
+    return parser
+
+
+def _expected_errors() -> tuple:
+    """Errors whose message already says what to fix. Looked up lazily: evaluating an engine folder must not
+    import torch (export.checkpoint is only loaded, and can only raise, when a --model folder is opened)."""
+    from runtime.errors import Blip2EdgeError
+
+    errors = [EvaluationError, Blip2EdgeError]
+    if "export.checkpoint" in sys.modules:
+        errors.append(sys.modules["export.checkpoint"].CheckpointError)
+    return tuple(errors)
+
+
+def run(args) -> int:
+    """Evaluate, print the table, write --out; 0 on success (whether or not targets are met), 1 on an error."""
+    out = getattr(args, "out", None)
+    try:
+        if out is not None and Path(out).is_dir():
+            raise EvaluationError(f"--out {out} is a folder; pass a file name such as {Path(out) / 'results.json'}")
+        backend = open_backend(model=getattr(args, "model", None), engines=getattr(args, "engines", None))
+        results = evaluate(backend, n=args.n, seed=args.seed, batch_size=getattr(args, "batch_size", BATCH_SIZE))
+    except Exception as e:
+        if not isinstance(e, _expected_errors()):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(format_table(results))
+    if out is not None:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {path}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
