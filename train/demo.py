@@ -45,20 +45,31 @@ def make_random_checkpoint(out: str | Path, preset: str = "tiny", seed: int = 0,
         config.image_token_index = None  # HF's retrieval model then takes plain [CLS] text [SEP] ids
     torch.manual_seed(seed)
     model = Blip2Edge(config, EdgeConfig(stage=stage, qformer_text=qformer_text, itg_head=qformer_text)).eval()
-    size = config.vision_config.image_size
+    return write_checkpoint(model, out, tokenizer, qtok, stage)
+
+
+def write_checkpoint(model, out: str | Path, tokenizer, qformer_tokenizer, stage: int | None = None,
+                     before_rename=None) -> Path:
+    """Save `model` as a checkpoint folder of `stage` (default: the model's) with its tokenizers and image
+    processor, atomically: everything goes to a temporary folder renamed at the end. `before_rename(tmp)`
+    may add files (e.g. an evaluation report) first."""
+    out, stage = Path(out), stage or model.edge.stage
+    size = model.config.vision_config.image_size
     image_processor = BlipImageProcessorPil(size={"height": size, "width": size})
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, stage=stage)
         if stage == 2:
             Blip2Processor(image_processor=image_processor, tokenizer=tokenizer,
-                           num_query_tokens=config.num_query_tokens).save_pretrained(tmp)
-            if qtok is not None:
-                qtok.save_pretrained(tmp / "qformer_tokenizer")
+                           num_query_tokens=model.config.num_query_tokens).save_pretrained(tmp)
+            if qformer_tokenizer is not None:
+                qformer_tokenizer.save_pretrained(tmp / "qformer_tokenizer")
         else:
             image_processor.save_pretrained(tmp)
-            qtok.save_pretrained(tmp)
+            qformer_tokenizer.save_pretrained(tmp)
+        if before_rename is not None:
+            before_rename(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

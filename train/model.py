@@ -21,8 +21,9 @@ stage 1 loads with `Blip2ForImageTextRetrieval`, stage 2 with
 Shapes: B batch, Nq queries, Np image patches (+1 class token), T text tokens,
 P cached text tokens, Dv/Dq/Dl vision/Q-Former/LLM widths, H heads, d head width.
 """
+import copy
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -239,25 +240,32 @@ class Blip2Edge(nn.Module):
         model.__dict__["_hf"] = hf  # shares every module; not registered twice
         return model.eval()
 
-    def hf_model(self) -> nn.Module:
-        """The Hugging Face model of this stage, sharing these weights (for save_pretrained and references)."""
-        if "_hf" in self.__dict__:
+    def hf_model(self, stage: int | None = None) -> nn.Module:
+        """The Hugging Face model of a stage (default: this model's), sharing these weights."""
+        stage = stage or self.edge.stage
+        if stage == self.edge.stage and "_hf" in self.__dict__:
             return self.__dict__["_hf"]
-        hf = HF_CLASS[self.edge.stage](self.config)
+        config = copy.deepcopy(self.config)
+        if stage == 1:
+            config.image_token_index = None  # HF's retrieval model then takes plain [CLS] text [SEP] ids
+        hf = HF_CLASS[stage](config)
         hf.load_state_dict({k: v for k, v in self.state_dict().items() if k in hf.state_dict()}, assign=True)
-        if self.edge.stage == 2:
+        if stage == 2:
             hf.language_model.tie_weights()
         return hf.eval()
 
-    def save_pretrained(self, path) -> None:
-        """HF folder (config.json, model.safetensors) + blip2_edge.json + the extra heads. Not atomic by itself:
-        callers write to a temporary folder and rename."""
+    def save_pretrained(self, path, stage: int | None = None) -> None:
+        """HF folder (config.json, model.safetensors) + blip2_edge.json + the extra heads. stage=1 saves a
+        stage-2 model's Q-Former part as a stage-1 checkpoint (no LLM). Not atomic by itself: callers
+        write to a temporary folder and rename."""
         from safetensors.torch import save_file
 
-        path = Path(path)
-        hf = self.hf_model()
+        path, stage = Path(path), stage or self.edge.stage
+        hf = self.hf_model(stage)
         hf.save_pretrained(path)
         hf_keys = set(hf.state_dict())
-        extra = {k: v.detach().contiguous() for k, v in self.state_dict().items() if k not in hf_keys}
+        skip = ("language_model.", "language_projection.") if stage == 1 else ()
+        extra = {k: v.detach().contiguous() for k, v in self.state_dict().items()
+                 if k not in hf_keys and not k.startswith(skip)}
         save_file(extra, str(path / EDGE_WEIGHTS))
-        (path / EDGE_CONFIG).write_text(json.dumps(asdict(self.edge), indent=2))
+        (path / EDGE_CONFIG).write_text(json.dumps(asdict(replace(self.edge, stage=stage)), indent=2))

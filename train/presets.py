@@ -47,6 +47,8 @@ class Preset:
     do_layer_norm_before: bool = True
     tie_word_embeddings: bool = True
     image_token_index: int | None = None  # None: the last id of the vocabulary
+    itc_dim: int = 256  # width of the normalised ITC features (image_text_hidden_size)
+    dropout: float = 0.1  # Q-Former and OPT dropout
 
 
 PRESETS = {
@@ -58,6 +60,12 @@ PRESETS = {
         num_query_tokens=32, qformer_width=256, qformer_layers=4, qformer_heads=4, qformer_vocab_size=1024,
         cross_attention_frequency=2,
         vocab_size=4096, llm_width=512, llm_layers=6, llm_heads=8, max_positions=512,
+    ),
+    # the demo model trained on ShapesCaps by `python -m train demo` (about 2M parameters, 64x64 images)
+    "demo": Preset(
+        image_size=64, patch_size=8, vision_width=128, vision_layers=4, vision_heads=4,
+        num_query_tokens=8, qformer_width=128, qformer_layers=3, qformer_heads=4, qformer_vocab_size=512,
+        vocab_size=512, llm_width=128, llm_layers=3, llm_heads=4, max_positions=96, itc_dim=64, dropout=0.0,
     ),
 }
 
@@ -77,15 +85,17 @@ def blip2_config(preset: str | Preset = "tiny", **overrides) -> Blip2Config:
         hidden_size=p.qformer_width, intermediate_size=4 * p.qformer_width, num_hidden_layers=p.qformer_layers,
         num_attention_heads=p.qformer_heads, encoder_hidden_size=p.vision_width, vocab_size=p.qformer_vocab_size,
         cross_attention_frequency=p.cross_attention_frequency, max_position_embeddings=p.max_positions,
+        hidden_dropout_prob=p.dropout, attention_probs_dropout_prob=p.dropout,
     )
     text = OPTConfig(
         vocab_size=p.vocab_size, hidden_size=p.llm_width, word_embed_proj_dim=p.word_embed_proj_dim or p.llm_width,
         num_hidden_layers=p.llm_layers, ffn_dim=4 * p.llm_width, num_attention_heads=p.llm_heads,
         max_position_embeddings=p.max_positions, do_layer_norm_before=p.do_layer_norm_before,
         tie_word_embeddings=p.tie_word_embeddings, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+        dropout=p.dropout, attention_dropout=p.dropout,
     )
     image_token = p.image_token_index if p.image_token_index is not None else p.vocab_size - 1
     return Blip2Config(
         vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
-        num_query_tokens=p.num_query_tokens, image_token_index=image_token,
+        num_query_tokens=p.num_query_tokens, image_token_index=image_token, image_text_hidden_size=p.itc_dim,
     )

@@ -1,0 +1,61 @@
+"""The trainer's command line.
+
+    python -m train demo --out checkpoints/demo        # ShapesCaps from scratch: backbones, stage 1, stage 2, eval
+    python -m train demo --out checkpoints/demo --quick   # a few steps of everything (smoke test, not accurate)
+    python -m train eval --model checkpoints/demo       # held-out ShapesCaps metrics of a checkpoint
+    python -m train eval --engines engines/demo/onnx    # ... of an exported engine folder
+
+Multi-process (data parallel, ITC negatives gathered across processes):
+    torchrun --nproc_per_node 2 -m train demo --out checkpoints/demo
+Interrupted runs resume: run the same command again.
+"""
+import argparse
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+QUICK = {"train_images": 256, "corpus_texts": 2000, "vision_steps": 5, "llm_steps": 5, "stage1_steps": 5,
+         "stage2_steps": 5, "eval_n": 16, "batch_size": 16}
+
+
+def _demo(args) -> int:
+    from train.recipe import Recipe, run_demo
+    from train.trainer import NonFiniteLoss, init_distributed
+
+    init_distributed()
+    overrides = {f.name: getattr(args, f.name) for f in fields(Recipe) if getattr(args, f.name, None) is not None}
+    recipe = Recipe(**{**(QUICK if args.quick else {}), **overrides})
+    run = args.run or Path("runs") / (Path(args.out).name + ("-quick" if args.quick else ""))
+    try:
+        path = run_demo(Path(args.out), Path(run), recipe)
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {path}")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="train the demo model on ShapesCaps from scratch (resumable)")
+    demo.add_argument("--out", default="checkpoints/demo", help="checkpoint folder to write (default checkpoints/demo)")
+    demo.add_argument("--run", help="folder for resumable training state (default runs/<out name>)")
+    demo.add_argument("--quick", action="store_true", help="a few steps of every phase: checks the plumbing only")
+    from train.recipe import Recipe
+
+    for f in fields(Recipe):
+        demo.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None,
+                          help=f"(default {f.default})")
+    from train import evaluate
+
+    evaluate.add_arguments(sub.add_parser("eval", help="held-out ShapesCaps metrics of a checkpoint or engine folder"))
+    args = ap.parse_args(argv)
+    if args.command == "demo":
+        return _demo(args)
+    return evaluate.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""The demo recipe: a working BLIP-2 from nothing, on ShapesCaps, on a laptop CPU.
+
+    python -m train demo --out checkpoints/demo          # about ten minutes on 2 cores
+    python -m train demo --out checkpoints/demo          # again: resumes / skips what is done
+
+Phases, each resumable (its state file lives in --run, default runs/<name>):
+  1. tokenizers: byte-level BPE for OPT and WordPiece (with [DEC]) for the Q-Former, trained on the
+     ShapesCaps texts;
+  2. backbones: the ViT on attribute classification, OPT as a language model of the texts
+     (what BLIP-2 downloads; skipped for phases already done);
+  3. the training images go through the frozen ViT once;
+  4. stage 1: ITC + ITM + ITG on the Q-Former  -> <run>/stage1 (a stage-1 checkpoint folder);
+  5. stage 2: LM loss through the frozen OPT (+ the stage-1 losses, so one folder does everything)
+     -> --out, written atomically with its held-out evaluation (eval.json) inside.
+"""
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from train.trainer import TrainConfig
+
+
+@dataclass
+class Recipe:
+    preset: str = "demo"
+    seed: int = 0
+    train_images: int = 6000
+    corpus_texts: int = 20000
+    llm_vocab: int = 512
+    qformer_vocab: int = 512
+    batch_size: int = 64
+    vision_steps: int = 600
+    llm_steps: int = 800
+    stage1_steps: int = 1500
+    stage2_steps: int = 1500
+    lr: float = 1e-3
+    eval_n: int = 200
+
+    def config(self, steps: int, **kw) -> TrainConfig:
+        return TrainConfig(steps=steps, batch_size=self.batch_size, lr=self.lr, seed=self.seed,
+                           log_every=max(1, min(100, steps // 5)), **kw)
+
+
+def build_tokenizers(recipe: Recipe):
+    from train.data import text_corpus
+    from train.text_tokenizer import build_qformer_tokenizer, build_tokenizer
+
+    corpus = list(text_corpus(n_train=recipe.corpus_texts, seed=recipe.seed))
+    return build_tokenizer(recipe.llm_vocab, corpus), build_qformer_tokenizer(recipe.qformer_vocab, corpus)
+
+
+def build_model(recipe: Recipe, tok, qtok):
+    from train.model import Blip2Edge, EdgeConfig
+    from train.presets import blip2_config
+    from train.text_tokenizer import IMAGE_TOKEN
+
+    config = blip2_config(recipe.preset, vocab_size=len(tok), qformer_vocab_size=len(qtok),
+                          image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN))
+    torch.manual_seed(recipe.seed)
+    ids = {"cls_token_id": qtok.cls_token_id, "sep_token_id": qtok.sep_token_id, "pad_token_id": qtok.pad_token_id,
+           "dec_token_id": qtok.convert_tokens_to_ids("[DEC]")}
+    return Blip2Edge(config, EdgeConfig(stage=2, qformer_text=True, itg_head=True, **ids))
+
+
+def preprocessor(model):
+    """The exact numpy preprocessing the runtime uses (bit-identical to HF's BlipImageProcessor)."""
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    from runtime.image import ImageProcessorConfig
+
+    size = model.config.vision_config.image_size
+    return ImageProcessorConfig.from_hf_dict(BlipImageProcessorPil(size={"height": size, "width": size}).to_dict())
+
+
+def run_demo(out: Path, run: Path, recipe: Recipe, say=print) -> Path:
+    from train.backbones import pretrain_llm, pretrain_vision
+    from train.demo import write_checkpoint
+    from train.stages import run_stage1, run_stage2, shapescaps_set
+
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
+    say(f"[1/5] tokenizers (ShapesCaps texts, {recipe.corpus_texts} samples)")
+    tok, qtok = build_tokenizers(recipe)
+    model = build_model(recipe, tok, qtok)
+    preprocess = preprocessor(model)
+    say(f"[2/5] backbones: ViT on attribute classification, OPT on the texts "
+        f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters in all)")
+    pretrain_vision(model.vision_model, preprocess, model.config.vision_config.image_size,
+                    recipe.config(recipe.vision_steps), seed=recipe.seed, say=say, state_file=run / "vision.state")
+    pretrain_llm(model.language_model, tok, recipe.config(recipe.llm_steps), n_texts=recipe.corpus_texts,
+                 seed=recipe.seed, say=say, state_file=run / "llm.state")
+    say(f"[3/5] encoding {recipe.train_images} training images with the frozen ViT")
+    data = shapescaps_set(model.vision_model, preprocess, recipe.train_images, model.config.vision_config.image_size,
+                          seed=recipe.seed)
+    say("[4/5] stage 1: ITC + ITM + ITG")
+    run_stage1(model, data, qtok, recipe.config(recipe.stage1_steps), run / "stage1.state", say=say)
+    write_checkpoint(model, run / "stage1", None, qtok, stage=1)
+    say(f"      wrote the stage-1 checkpoint {run / 'stage1'}")
+    say("[5/5] stage 2: LM loss through the frozen OPT (+ stage-1 losses)")
+    run_stage2(model, data, tok, qtok, recipe.config(recipe.stage2_steps), run / "stage2.state", say=say)
+    return write_checkpoint(model, out, tok, qtok, stage=2, before_rename=lambda tmp: _evaluate(tmp, recipe, say))
+
+
+def _evaluate(folder: Path, recipe: Recipe, say) -> None:
+    from train.evaluate import TorchBackend, evaluate, format_table
+
+    results = evaluate(TorchBackend(folder), n=recipe.eval_n, seed=recipe.seed)
+    say(format_table(results))
+    (folder / "eval.json").write_text(json.dumps(results, indent=2))

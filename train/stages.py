@@ -1,0 +1,179 @@
+"""BLIP-2's two training stages over a captioned-image set (ShapesCaps, or COCO captions).
+
+    data = shapescaps_set(model.vision_model, preprocess, n=8000, image_size=64)   # frozen ViT, run once
+    run_stage1(model, data, qformer_tokenizer, TrainConfig(steps=1500), run_dir / "stage1.state")
+    run_stage2(model, data, tokenizer, qformer_tokenizer, TrainConfig(steps=1500), run_dir / "stage2.state")
+
+The image encoder is frozen in both stages, so every training image goes through it once and its
+output tokens are kept (`CaptionSet.embeds`). Stage 1 trains the Q-Former (queries, layers, text
+embeddings, ITC/ITM/ITG heads, temperature) with ITC + ITM + ITG. Stage 2 also freezes OPT and
+trains the Q-Former and the language projection with the LM loss on captions (after an optional
+prompt such as "a photo of") and on answers after "Question: ... Answer:"; when the model keeps
+the Q-Former's text side, the stage-1 losses stay on (weight `aux_weight`) so one checkpoint does
+ITC/ITM/ITG as well as it did after stage 1.
+
+Batches are a pure function of (seed, step, rank): see train.trainer.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from train.data import ShapesCaps, qa_prompt
+from train.losses import lm_loss, stage1_losses, world
+from train.trainer import TrainConfig, fit
+
+
+@dataclass
+class CaptionSet:
+    """Training images as frozen-ViT outputs, with their texts."""
+    embeds: torch.Tensor  # [N, Np, Dv]
+    captions: list[list[str]]
+    qa: list[list[tuple[str, str]]]
+    keys: list  # images with equal keys are described equally well by each other's texts
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+@torch.no_grad()
+def encode_images(vision_model, preprocess, images, batch: int = 64) -> torch.Tensor:
+    vision_model.eval()
+    out = [vision_model(pixel_values=torch.from_numpy(preprocess(images[s:s + batch])), return_dict=True)
+           .last_hidden_state for s in range(0, len(images), batch)]
+    return torch.cat(out)
+
+
+def scene_key(shapes) -> tuple:
+    return tuple(sorted((s.colour, s.shape, s.size, s.position) for s in shapes))
+
+
+def shapescaps_set(vision_model, preprocess, n: int, image_size: int, seed: int = 0, split: str = "train") -> CaptionSet:
+    data = ShapesCaps(split, n=n, image_size=image_size, seed=seed)
+    samples = list(data)
+    embeds = encode_images(vision_model, preprocess, [s.image for s in samples])
+    return CaptionSet(embeds, [s.captions for s in samples], [s.qa for s in samples],
+                      [scene_key(s.shapes) for s in samples])
+
+
+def coco_set(vision_model, preprocess, annotations, image_dir, image_size: int) -> CaptionSet:
+    from train.data import CocoCaptions
+
+    data = CocoCaptions(annotations, image_dir, image_size)
+    samples = [data[i] for i in range(len(data))]
+    embeds = encode_images(vision_model, preprocess, [s.image for s in samples])
+    return CaptionSet(embeds, [s.captions for s in samples], [[] for _ in samples], [str(s.path) for s in samples])
+
+
+# ---------------------------------------------------------------- batches
+class Batches:
+    """Indices and captions of every process's batch at a step, drawn from (seed, step, rank)."""
+
+    def __init__(self, data: CaptionSet, batch_size: int, seed: int):
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+
+    def pick(self, step: int, rank: int) -> tuple[np.ndarray, np.random.Generator]:
+        rng = np.random.default_rng([self.seed, step, rank])
+        return rng.choice(len(self.data), size=min(self.batch_size, len(self.data)), replace=False), rng
+
+    def captions(self, index: np.ndarray, rng) -> list[str]:
+        return [self.data.captions[i][rng.integers(len(self.data.captions[i]))] for i in index]
+
+    def same(self, step: int, index: np.ndarray) -> torch.Tensor:
+        """[B, B*W] True where another row's scene equals this row's (every process's batch is known)."""
+        _, size = world()
+        every = np.concatenate([self.pick(step, r)[0] for r in range(size)])
+        keys = self.data.keys
+        same = torch.tensor([[keys[i] == keys[j] for j in every] for i in index])
+        rank, _ = world()
+        own = torch.arange(len(index))
+        same[own, rank * len(index) + own] = False  # the pair itself is the positive, not "same"
+        return same
+
+
+def qformer_batch(qtok, texts: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    enc = qtok(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
+    return enc.input_ids, enc.attention_mask
+
+
+def stage1_batch(model, batches: Batches, qtok, step: int) -> dict:
+    rank, _ = world()
+    index, rng = batches.pick(step, rank)
+    ids, mask = qformer_batch(qtok, batches.captions(index, rng), model.edge.max_text_tokens)
+    return {"image_embeds": batches.data.embeds[index], "ids": ids, "mask": mask, "same": batches.same(step, index),
+            "index": index, "rng": rng}
+
+
+def lm_rows(model, tok, examples: list[tuple[str | None, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(prompt or None, target) pairs -> input_ids, attention_mask, labels [B, T], right-padded.
+    Layout: Nq image placeholders, the tokenizer's prefix (BOS) + prompt, target, EOS; loss on target + EOS."""
+    cfg = model.config
+    image = [cfg.image_token_index] * cfg.num_query_tokens
+    rows, labels = [], []
+    for prompt, target in examples:
+        head = image + tok(prompt or "").input_ids
+        tail = tok(target if prompt is None else " " + target, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        rows.append(head + tail)
+        labels.append([-100] * len(head) + tail)
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tok.pad_token_id)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    lab = torch.full((len(rows), width), -100)
+    for i, (r, l) in enumerate(zip(rows, labels)):
+        ids[i, : len(r)], mask[i, : len(r)], lab[i, : len(l)] = torch.tensor(r), 1, torch.tensor(l)
+    return ids, mask, lab
+
+
+# ---------------------------------------------------------------- the stages
+def _trainable(model, frozen: tuple[str, ...]) -> list:
+    params = []
+    for name, p in model.named_parameters():
+        p.requires_grad = not name.startswith(frozen)
+        if p.requires_grad:
+            params.append(p)
+    return params
+
+
+def run_stage1(model, data: CaptionSet, qtok, cfg: TrainConfig, state_file=None, say=print) -> None:
+    """ITC + ITM + ITG on the Q-Former; the image encoder (and any LLM) stays frozen."""
+    batches = Batches(data, cfg.batch_size, cfg.seed)
+    params = _trainable(model, ("vision_model.", "language_model.", "language_projection."))
+
+    def objective(step, generator):
+        b = stage1_batch(model, batches, qtok, step)
+        return stage1_losses(model, b["image_embeds"], b["ids"], b["mask"], b["same"], generator)
+
+    fit("stage1", model, params, objective, cfg, state_file, say=say)
+
+
+def run_stage2(model, data: CaptionSet, tok, qtok, cfg: TrainConfig, state_file=None, qa_fraction: float = 0.5,
+               caption_prompt: str | None = None, aux_weight: float = 1.0, say=print) -> None:
+    """LM loss through the frozen OPT on captions and answers; Q-Former + projection trained."""
+    batches = Batches(data, cfg.batch_size, cfg.seed + 1)
+    params = _trainable(model, ("vision_model.", "language_model."))
+    keep_text_side = hasattr(model, "itm_head") and qtok is not None and aux_weight > 0
+
+    def objective(step, generator):
+        rank, _ = world()
+        index, rng = batches.pick(step, rank)
+        examples = []
+        for i in index:
+            qa = data.qa[i]
+            if qa and rng.random() < qa_fraction:
+                question, answer = qa[rng.integers(len(qa))]
+                examples.append((qa_prompt(question), answer))
+            else:
+                captions = data.captions[i]
+                examples.append((caption_prompt, captions[rng.integers(len(captions))]))
+        ids, mask, labels = lm_rows(model, tok, examples)
+        losses = {"lm": lm_loss(model, data.embeds[index], ids, mask, labels)}
+        losses["loss"] = losses["lm"]
+        if keep_text_side:
+            b = stage1_batch(model, batches, qtok, step)
+            aux = stage1_losses(model, b["image_embeds"], b["ids"], b["mask"], b["same"], generator)
+            losses.update({k: v for k, v in aux.items() if k != "loss"})
+            losses["loss"] = losses["lm"] + aux_weight * aux["loss"]
+        return losses
+
+    model.language_model.eval()  # frozen: no dropout either
+    fit("stage2", model, params, objective, cfg, state_file, say=say)

@@ -1,0 +1,156 @@
+"""The training loop every stage shares: AdamW, warm-up + cosine schedule, gradient clipping,
+progress bar and loss lines, resumable state, a NaN/inf guard, and data parallelism.
+
+    from train.trainer import TrainConfig, fit
+    fit("stage1", model, trainable_params, objective, TrainConfig(steps=1500), state_file=run / "state.pt")
+
+`objective(step, generator) -> {"loss": tensor, ...}` builds its own batch from the step number
+(and the process rank), so a run is a pure function of its seed: after a kill, `fit` resumes from
+the last saved state and reaches the same weights as a run that was never interrupted.
+
+Several processes (`torchrun --nproc_per_node 2 -m train ...`; gloo on CPU, nccl on GPU) each
+compute their own batch; gradients are averaged across processes after every backward pass (what
+DistributedDataParallel does, without its wrapper, since the objectives call several model
+methods). ITC gathers features from every process itself (train.losses.gather).
+"""
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from train.losses import world
+
+
+@dataclass
+class TrainConfig:
+    steps: int
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # the cosine decays to lr * this
+    warmup: int = 50
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 100
+    save_every: int = 250
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss became NaN or infinite; the last good state was kept."""
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to lr * min_lr_ratio (a pure function of the step)."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def init_distributed() -> None:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def _average_gradients(params) -> None:
+    rank, size = world()
+    if size == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= size
+
+
+def _all_finite(losses: dict) -> bool:
+    finite = torch.tensor(float(all(torch.isfinite(v).all() for v in losses.values())))
+    if world()[1] > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+def save_state(path: Path, module, optimizer, step: int) -> None:
+    """Atomically write {step, module, optimizer} (rank 0 only)."""
+    if world()[0] != 0:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"step": step, "module": module.state_dict(), "optimizer": optimizer.state_dict()}, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(path: Path, module, optimizer) -> int:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    module.load_state_dict(state["module"])
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"])
+
+
+def _train_mode(module) -> None:
+    """train() for what is trained; modules whose weights are all frozen stay in eval mode (no dropout),
+    as BLIP-2 keeps its frozen image encoder and LLM."""
+    module.train()
+    for child in module.modules():
+        weights = list(child.parameters())
+        if weights and not any(w.requires_grad for w in weights):
+            child.eval()
+
+
+def _fmt(losses: dict) -> str:
+    return " ".join(f"{k} {float(v):.4f}" for k, v in losses.items())
+
+
+def fit(name: str, module, params, objective, cfg: TrainConfig, state_file: Path | None = None, say=print,
+        progress: bool = True) -> int:
+    """Run `cfg.steps` optimisation steps of `objective` on `params`; returns the number of steps run now.
+
+    state_file: where the resumable state goes every `cfg.save_every` steps and at the end; if it
+    exists, training resumes from it. A NaN/inf loss raises NonFiniteLoss and leaves the last good
+    state in place.
+    """
+    from tqdm.auto import tqdm
+
+    rank, _ = world()
+    params = [p for p in params if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    start = 0
+    if state_file is not None and Path(state_file).is_file():
+        start = load_state(Path(state_file), module, optimizer)
+        say(f"{name}: resuming from {state_file} at step {start}/{cfg.steps}")
+    _train_mode(module)
+    bar = tqdm(range(start, cfg.steps), desc=name, disable=not progress or rank != 0, leave=False, mininterval=1.0)
+    t0, last_saved = time.time(), start
+    for step in bar:
+        torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout and sampling: a function of the step
+        generator = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        losses = objective(step, generator)
+        if not _all_finite(losses):
+            where = f"the last good state is {state_file} (step {last_saved})" if state_file else "nothing was saved"
+            raise NonFiniteLoss(
+                f"{name}: the loss became non-finite at step {step} ({_fmt(losses)}); {where}. Lower the learning "
+                f"rate (--lr) or check the data, then run the same command again to resume from the last good state"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        _average_gradients(params)
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        bar.set_postfix_str(_fmt(losses), refresh=False)
+        done = step + 1
+        if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
+            say(f"{name} step {done}/{cfg.steps} lr {lr_at(step, cfg):.2e} {_fmt(losses)} "
+                f"({(time.time() - t0) / (done - start):.3f}s/step)")
+        if state_file is not None and (done % cfg.save_every == 0 or done == cfg.steps):
+            save_state(Path(state_file), module, optimizer, done)
+            last_saved = done
+    bar.close()
+    module.eval()
+    return cfg.steps - start
