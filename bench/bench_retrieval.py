@@ -2,6 +2,7 @@
 two-step procedure written in PyTorch on the same model.
 
     python bench/bench_retrieval.py                        # small preset, stage 1, 10,000 images, k=16 and 128
+    python bench/bench_retrieval.py --checkpoint assets/demo   # the trained demo model (64x64 images)
     python bench/bench_retrieval.py --gallery 2000 --queries 10 --ks 16
 
 The gallery is encoded once (vision + Q-Former queries: ITC features and image embeddings kept for
@@ -34,13 +35,15 @@ from train.data import ShapesCaps  # noqa: E402
 from train.demo import make_random_checkpoint  # noqa: E402
 
 
-def prepare(preset: str, work: Path, max_batch: int) -> tuple[Path, Path]:
-    ck = work / "checkpoints" / f"bench-{preset}-stage1"
-    engine = work / "engines" / ck.name / "onnx"
+def prepare(preset: str, work: Path, max_batch: int, checkpoint: Path | None = None) -> tuple[Path, Path]:
+    ck = checkpoint or work / "checkpoints" / f"bench-{preset}-stage1"
+    engine = work / "engines" / f"bench-{ck.name}" / "onnx"
     if not engine.exists():
-        make_random_checkpoint(ck, preset, seed=0, stage=1)
+        if checkpoint is None:
+            make_random_checkpoint(ck, preset, seed=0, stage=1)
         print(f"building {engine} (export + parity gate) ...", flush=True)
-        build(ck, "onnx", work / "engines", limits=Limits(max_batch=max_batch), say=lambda m: print("  " + m, flush=True))
+        build(ck, "onnx", work / "engines", name=f"bench-{ck.name}", limits=Limits(max_batch=max_batch),
+              say=lambda m: print("  " + m, flush=True))
     return ck, engine
 
 
@@ -79,7 +82,8 @@ def gallery_images(n: int, size: int) -> list:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="small")
+    ap.add_argument("--preset", default="small", help="preset of the random stage-1 model (without --checkpoint)")
+    ap.add_argument("--checkpoint", type=Path, help="benchmark this checkpoint (with the Q-Former's text side) instead")
     ap.add_argument("--gallery", type=int, default=10_000, help="gallery size (default 10,000)")
     ap.add_argument("--queries", type=int, default=20)
     ap.add_argument("--ks", type=int, nargs="+", default=[16, 128])
@@ -89,7 +93,7 @@ def main(argv=None):
     torch.set_num_threads(2)
     torch.set_flush_denormal(True)  # as ONNX Runtime does; without it PyTorch is far slower on random weights
 
-    ck_dir, engine = prepare(args.preset, args.work, args.max_batch)
+    ck_dir, engine = prepare(args.preset, args.work, args.max_batch, args.checkpoint)
     ck = load_checkpoint(ck_dir)
     pipe = Blip2Pipeline.from_dir(engine)
     reference = TorchRetrieval(ck, args.max_batch)
@@ -103,7 +107,7 @@ def main(argv=None):
     reference.encode_gallery(gallery.embeds)
     torch_encode = time.perf_counter() - t0
     del images
-    print(f"preset {args.preset}, gallery {args.gallery} images, {len(queries)} queries")
+    print(f"model {ck_dir}, gallery {args.gallery} images, {len(queries)} queries")
     print(f"gallery encoding (once): onnxruntime vision + Q-Former {ort_encode:.1f}s; pytorch Q-Former on the same "
           f"image embeddings {torch_encode:.1f}s; ITC features max abs diff "
           f"{float(np.abs(gallery.feats - reference.feats.numpy()).max()):.2g}")

@@ -126,6 +126,16 @@ def torch_itg_greedy(model, image_embeds: torch.Tensor, max_new_tokens: int) -> 
     return out
 
 
+def same_ranking(got: np.ndarray, ref: np.ndarray, tie: float) -> bool:
+    """True when, in every row, ranking by `got` ranks by `ref` too; reference scores closer than `tie`
+    are ties (their order is numerical noise, not a different ranking)."""
+    for g, r in zip(got, ref):
+        ranked = r[np.argsort(-g, kind="stable")]
+        if (np.diff(ranked) > tie).any():
+            return False
+    return True
+
+
 @torch.no_grad()
 def qformer_end_to_end(ck, pipe, limits, required: dict) -> dict:
     """ITC similarities and rankings, ITM probabilities, ITG greedy captions: runtime vs Blip2Edge."""
@@ -139,8 +149,7 @@ def qformer_end_to_end(ck, pipe, limits, required: dict) -> dict:
         ref = torch.einsum("iqd,td->iqt", model.image_feats(query_output), model.text_feat(ids, mask)).amax(1).numpy()
         got = pipe.similarity(pipe.embed_images(images), pipe.embed_texts(E2E_TEXTS))
         err = float(np.abs(got - ref).max())
-        same = bool((np.argsort(-got, 1) == np.argsort(-ref, 1)).all() and
-                    (np.argsort(-got, 0) == np.argsort(-ref, 0)).all())
+        same = same_ranking(got, ref, required["sim_atol"]) and same_ranking(got.T, ref.T, required["sim_atol"])
         report["itc"] = {"max_abs": err, "same_ranking": same, "reference": "Blip2Edge image_feats/text_feat",
                          "passed": err <= required["sim_atol"] and (same or not required["same_ranking"]),
                          "summary": f"similarity max abs err {err:.2g}, rankings {'identical' if same else 'DIFFER'}"}

@@ -17,7 +17,7 @@ import pytest
 from train.data import ShapesCaps
 from train.evaluate import (METRICS, CapabilityError, EvaluationError, PipelineBackend, TorchBackend, add_arguments,
                             evaluate, format_table, layout_key, main, pick_negatives, pick_questions, recall_at_1,
-                            run, shapes_key)
+                            run, shapes_key, similarity)
 
 ROOT = Path(__file__).resolve().parents[1]
 # the demo Q-Former tokenizer splits some ShapesCaps captions into more than 32 pieces: both backends cut them alike
@@ -66,10 +66,16 @@ def test_every_metric_in_unit_range(both_results, stage2):
 
 def test_torch_and_pipeline_agree(both_results):
     torch_res, pipe_res, torch_backend, pipe_backend = both_results
-    for key in ("caption_pred", "answer_pred", "question", "itm_negative", "i2t_top1", "t2i_top1"):
+    for key in ("caption_pred", "answer_pred", "question", "itm_negative"):
         assert [r[key] for r in torch_res["per_sample"]] == [r[key] for r in pipe_res["per_sample"]], key
-    for name in METRICS:
+    for name in ("caption_accuracy", "itm_accuracy", "vqa_accuracy"):
         assert torch_res["metrics"][name]["value"] == pytest.approx(pipe_res["metrics"][name]["value"], abs=1e-4)
+    # ITC: the similarities themselves agree (top-1 indices of an untrained model are near-ties, so they
+    # may legitimately flip on 1e-8 differences; the trained demo model's test compares recalls exactly)
+    images = [s.image for s in ShapesCaps("val", n=6, image_size=torch_backend.image_size, seed=0)]
+    texts = [s.captions[0] for s in ShapesCaps("val", n=6, image_size=torch_backend.image_size, seed=0)]
+    sims = [similarity(b.image_feats(images), b.text_feats(texts)) for b in (torch_backend, pipe_backend)]
+    np.testing.assert_allclose(sims[0], sims[1], atol=1e-5)
     for key in ("itm_pos_prob", "itm_neg_prob"):
         got = np.array([r[key] for r in pipe_res["per_sample"]])
         assert np.abs(got - [r[key] for r in torch_res["per_sample"]]).max() < 1e-4

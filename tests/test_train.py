@@ -270,3 +270,25 @@ def test_stage1_and_stage2_learn_and_save_hf_loadable_checkpoints(tmp_path):
     again = Blip2Edge.from_pretrained(s2)
     assert torch.equal(again.itg_head.decoder.weight, model.itg_head.decoder.weight)
     assert float(again.temp) == float(model.temp)
+
+
+def test_demo_recipe_runs_end_to_end_quick(tmp_path):
+    """`python -m train demo --quick` goes through every phase and writes an evaluated, loadable checkpoint."""
+    import json
+    import subprocess
+    import sys
+
+    out, run = tmp_path / "demo", tmp_path / "run"
+    cmd = [sys.executable, "-m", "train", "demo", "--quick", "--out", str(out), "--run", str(run)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for phase in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"):
+        assert phase in proc.stdout
+    report = json.loads((out / "eval.json").read_text())
+    assert set(report["metrics"]) == {"caption_accuracy", "itc_r1_i2t", "itc_r1_t2i", "itm_accuracy", "vqa_accuracy"}
+    assert (run / "stage1" / "blip2_edge.json").is_file() and (out / "qformer_tokenizer").is_dir()
+    model = Blip2Edge.from_pretrained(out)
+    assert model.edge.stage == 2 and hasattr(model, "itg_head") and hasattr(model, "language_model")
+    # a second run resumes every phase from its saved state and trains nothing more
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("resuming from") == 4

@@ -3,9 +3,11 @@
 BLIP-2 freezes a pretrained image encoder and a pretrained LLM. With real backbones (a local HF
 folder) this step is skipped; for the synthetic set we make our own, quickly:
 
-  * the ViT learns to name what is in the image: a multi-label classifier over attribute
+  * the ViT learns to name what is in the image and where: a multi-label classifier over attribute
     tuples (colour-shape, colour@position, shape@position, size-shape, count) reads its output
-    tokens (class token + mean of the patches);
+    tokens (class token + mean of the patches), and every patch token is classified by the colour
+    and the kind of shape that covers it (BLIP-2's Q-Former reads the patch tokens, so they must
+    carry the scene locally);
   * OPT learns the language of the captions and question/answer strings (next-token loss),
     because a frozen random LLM cannot be prompted.
 
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.data import COLOURS, POSITIONS, SHAPES, SIZES, ShapesCaps, text_corpus
+from train.data import COLOURS, POSITIONS, SHAPES, SIZES, ShapesCaps, label_map, text_corpus
 from train.trainer import TrainConfig, fit
 
 ATTRIBUTES = sorted(
@@ -43,24 +45,47 @@ def attribute_targets(shapes) -> np.ndarray:
     return y
 
 
+COLOUR_INDEX = {c: i + 1 for i, c in enumerate(COLOURS)}  # 0: background
+SHAPE_INDEX = {s: i + 1 for i, s in enumerate(SHAPES)}  # 0: no shape
+
+
+def patch_targets(shapes, image_size: int, patch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per patch (row-major, as the ViT orders them): colour and shape-kind class of the shape covering
+    at least a quarter of it (0 when none does)."""
+    grid = image_size // patch
+    labels = label_map(shapes, grid * patch).reshape(grid, patch, grid, patch).transpose(0, 2, 1, 3)
+    labels = labels.reshape(grid * grid, patch * patch)
+    counts = np.stack([(labels == k + 1).sum(1) for k in range(len(shapes))], 1)  # [G*G, shapes]
+    owner = np.where(counts.max(1) * 4 >= patch * patch, counts.argmax(1) + 1, 0)
+    colour = np.array([0] + [COLOUR_INDEX[s.colour] for s in shapes])[owner]
+    kind = np.array([0] + [SHAPE_INDEX[s.shape] for s in shapes])[owner]
+    return colour, kind
+
+
 class AttributeProbe(nn.Module):
-    """The classifier used for pre-training only (discarded afterwards)."""
+    """The classifiers used for pre-training only (discarded afterwards)."""
 
     def __init__(self, vision_model):
         super().__init__()
         self.vision_model = vision_model
         width = vision_model.config.hidden_size
         self.head = nn.Linear(2 * width, len(ATTRIBUTES))
+        self.patch_colour = nn.Linear(width, len(COLOURS) + 1)
+        self.patch_kind = nn.Linear(width, len(SHAPES) + 1)
 
-    def forward(self, pixel_values):  # [B, 3, H, W] -> [B, A] logits
+    def forward(self, pixel_values):
+        """[B, 3, H, W] -> attribute logits [B, A], patch colour logits [B, P, C+1], patch kind logits [B, P, S+1]."""
         tokens = self.vision_model(pixel_values=pixel_values, return_dict=True).last_hidden_state  # [B, Np, Dv]
-        return self.head(torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], -1))
+        patches = tokens[:, 1:]
+        pooled = torch.cat([tokens[:, 0], patches.mean(1)], -1)
+        return self.head(pooled), self.patch_colour(patches), self.patch_kind(patches)
 
 
 def pretrain_vision(vision_model, preprocess, image_size: int, cfg: TrainConfig, seed: int = 0, say=print,
                     state_file=None):
     """Train `vision_model` in place on attribute classification over fresh ShapesCaps images."""
     probe = AttributeProbe(vision_model).train()
+    patch = vision_model.config.patch_size
     data = ShapesCaps("train", n=10_000_000, image_size=image_size, seed=seed + 1)  # effectively endless
 
     def objective(step, generator):
@@ -68,9 +93,18 @@ def pretrain_vision(vision_model, preprocess, image_size: int, cfg: TrainConfig,
         samples = [data[int(i)] for i in rng.integers(0, len(data), cfg.batch_size)]
         pixels = torch.from_numpy(preprocess([s.image for s in samples]))
         targets = torch.from_numpy(np.stack([attribute_targets(s.shapes) for s in samples]))
-        logits = probe(pixels)
-        accuracy = ((logits > 0) == (targets > 0.5)).all(1).float().mean()
-        return {"loss": F.binary_cross_entropy_with_logits(logits, targets), "exact": accuracy.detach()}
+        dense = [patch_targets(s.shapes, image_size, patch) for s in samples]
+        colour = torch.from_numpy(np.stack([d[0] for d in dense])).long()  # [B, P]
+        kind = torch.from_numpy(np.stack([d[1] for d in dense])).long()
+        logits, colour_logits, kind_logits = probe(pixels)
+        losses = {
+            "attributes": F.binary_cross_entropy_with_logits(logits, targets),
+            "patch_colour": F.cross_entropy(colour_logits.transpose(1, 2), colour),
+            "patch_kind": F.cross_entropy(kind_logits.transpose(1, 2), kind),
+        }
+        losses["loss"] = losses["attributes"] + losses["patch_colour"] + losses["patch_kind"]
+        losses["exact"] = ((logits > 0) == (targets > 0.5)).all(1).float().mean().detach()
+        return losses
 
     fit("vision", probe, list(probe.parameters()), objective, cfg, state_file, say=say)
     return vision_model.eval()

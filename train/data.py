@@ -166,9 +166,10 @@ def make_scene(rng: np.random.Generator, image_size: int) -> list[Shape]:
 # ----------------------------------------------------------------------------- rendering
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, s: Shape) -> None:
+def _draw_shape(draw: ImageDraw.ImageDraw, s: Shape, fill=None) -> None:
+    """Draw `s` in its colour (or in `fill`, e.g. a label for a segmentation map)."""
     (cx, cy), r = s.center, s.radius
-    fill = COLOURS[s.colour]
+    fill = COLOURS[s.colour] if fill is None else fill
     box = (cx - r, cy - r, cx + r, cy + r)
     if s.shape == "circle":
         draw.ellipse(box, fill=fill)
@@ -182,6 +183,15 @@ def _background(rng: np.random.Generator) -> tuple[int, int, int]:
     """A light, nearly grey colour: a random level with a small per-channel tint."""
     level = rng.uniform(*BACKGROUND)
     return tuple(int(round(level + rng.uniform(-TINT, TINT))) for _ in range(3))
+
+
+def label_map(shapes: list[Shape], image_size: int) -> np.ndarray:
+    """[H, W] uint8: 0 on the background, k + 1 where shapes[k] was drawn (later shapes on top)."""
+    canvas = Image.new("L", (image_size, image_size), 0)
+    draw = ImageDraw.Draw(canvas)
+    for k, s in enumerate(shapes):
+        _draw_shape(draw, s, fill=k + 1)
+    return np.asarray(canvas)
 
 
 def render(shapes: list[Shape], image_size: int, rng: np.random.Generator) -> Image.Image:

@@ -4,6 +4,7 @@
     python -m train.demo --out checkpoints/demo              # tiny preset, seed 0, stage 2
     python -m train.demo --preset small --out checkpoints/small
     python -m train.demo --stage 1 --out checkpoints/stage1  # Q-Former with ITC/ITM/ITG heads, no LLM
+    python -m train.demo --qformer-text --out checkpoints/demo   # stage 2 that also keeps ITC/ITM/ITG
 
 The folder is a regular Hugging Face `save_pretrained` folder (config.json,
 model.safetensors, tokenizer files, preprocessor_config.json), loadable with
@@ -84,8 +85,11 @@ def main(argv=None):
     ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stage", type=int, default=2, choices=[1, 2])
+    ap.add_argument("--qformer-text", action="store_true",
+                    help="stage 2: keep the Q-Former's text side and ITC/ITM/ITG heads (ITM, retrieval, ITG captions)")
     args = ap.parse_args(argv)
-    path = make_random_checkpoint(args.out, args.preset, args.seed, stage=args.stage)
+    path = make_random_checkpoint(args.out, args.preset, args.seed, stage=args.stage,
+                                  qformer_text=True if args.stage == 1 else args.qformer_text)
     print(f"wrote {path}")
 
 

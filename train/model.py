@@ -139,10 +139,13 @@ class Blip2Edge(nn.Module):
         self.config, self.edge = config, edge
         if edge.qformer_text:
             config.qformer_config.use_qformer_text_input = True
-        hf = hf if hf is not None else HF_CLASS[edge.stage](config)
+        fresh = hf is None
+        hf = HF_CLASS[edge.stage](config) if fresh else hf
         for name, module in hf.named_children():
             self.add_module(name, module)
         self.query_tokens = hf.query_tokens  # [1, Nq, Dq]
+        if fresh:  # HF starts the queries at zero: identical queries get identical gradients and never part
+            nn.init.normal_(self.query_tokens, std=config.qformer_config.initializer_range)
         q = config.qformer_config
         if edge.qformer_text and not hasattr(self, "embeddings"):  # stage 2 keeps stage 1's text side
             self.embeddings = Blip2TextEmbeddings(q)

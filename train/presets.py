@@ -64,7 +64,7 @@ PRESETS = {
     # the demo model trained on ShapesCaps by `python -m train demo` (about 2M parameters, 64x64 images)
     "demo": Preset(
         image_size=64, patch_size=8, vision_width=128, vision_layers=4, vision_heads=4,
-        num_query_tokens=8, qformer_width=128, qformer_layers=3, qformer_heads=4, qformer_vocab_size=512,
+        num_query_tokens=8, qformer_width=128, qformer_layers=2, qformer_heads=4, qformer_vocab_size=512,
         vocab_size=512, llm_width=128, llm_layers=3, llm_heads=4, max_positions=96, itc_dim=64, dropout=0.0,
     ),
 }

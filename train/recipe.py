@@ -26,17 +26,20 @@ from train.trainer import TrainConfig
 class Recipe:
     preset: str = "demo"
     seed: int = 0
-    train_images: int = 6000
+    train_images: int = 10000
     corpus_texts: int = 20000
     llm_vocab: int = 512
     qformer_vocab: int = 512
-    batch_size: int = 64
-    vision_steps: int = 600
+    batch_size: int = 32
+    vision_batch_size: int = 64
+    vision_steps: int = 400
     llm_steps: int = 800
     stage1_steps: int = 1500
-    stage2_steps: int = 1500
+    stage2_steps: int = 1200
+    aux_every: int = 2  # stage 2: the stage-1 losses every this many steps
     lr: float = 1e-3
     eval_n: int = 200
+    fp16_weights: bool = True  # store the final checkpoint's weights in float16 (half the size; evaluated as stored)
 
     def config(self, steps: int, **kw) -> TrainConfig:
         return TrainConfig(steps=steps, batch_size=self.batch_size, lr=self.lr, seed=self.seed,
@@ -87,9 +90,13 @@ def run_demo(out: Path, run: Path, recipe: Recipe, say=print) -> Path:
     preprocess = preprocessor(model)
     say(f"[2/5] backbones: ViT on attribute classification, OPT on the texts "
         f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters in all)")
-    pretrain_vision(model.vision_model, preprocess, model.config.vision_config.image_size,
-                    recipe.config(recipe.vision_steps), seed=recipe.seed, say=say, state_file=run / "vision.state")
-    pretrain_llm(model.language_model, tok, recipe.config(recipe.llm_steps), n_texts=recipe.corpus_texts,
+    vision_cfg = recipe.config(recipe.vision_steps)
+    vision_cfg.batch_size = recipe.vision_batch_size
+    pretrain_vision(model.vision_model, preprocess, model.config.vision_config.image_size, vision_cfg,
+                    seed=recipe.seed, say=say, state_file=run / "vision.state")
+    llm_cfg = recipe.config(recipe.llm_steps)
+    llm_cfg.batch_size = recipe.vision_batch_size
+    pretrain_llm(model.language_model, tok, llm_cfg, n_texts=recipe.corpus_texts,
                  seed=recipe.seed, say=say, state_file=run / "llm.state")
     say(f"[3/5] encoding {recipe.train_images} training images with the frozen ViT")
     data = shapescaps_set(model.vision_model, preprocess, recipe.train_images, model.config.vision_config.image_size,
@@ -99,7 +106,10 @@ def run_demo(out: Path, run: Path, recipe: Recipe, say=print) -> Path:
     write_checkpoint(model, run / "stage1", None, qtok, stage=1)
     say(f"      wrote the stage-1 checkpoint {run / 'stage1'}")
     say("[5/5] stage 2: LM loss through the frozen OPT (+ stage-1 losses)")
-    run_stage2(model, data, tok, qtok, recipe.config(recipe.stage2_steps), run / "stage2.state", say=say)
+    run_stage2(model, data, tok, qtok, recipe.config(recipe.stage2_steps), run / "stage2.state",
+               aux_every=recipe.aux_every, say=say)
+    if recipe.fp16_weights:
+        model.half()  # the evaluation below loads the folder back in float32: it measures what is stored
     return write_checkpoint(model, out, tok, qtok, stage=2, before_rename=lambda tmp: _evaluate(tmp, recipe, say))
 
 

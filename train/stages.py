@@ -9,8 +9,8 @@ output tokens are kept (`CaptionSet.embeds`). Stage 1 trains the Q-Former (queri
 embeddings, ITC/ITM/ITG heads, temperature) with ITC + ITM + ITG. Stage 2 also freezes OPT and
 trains the Q-Former and the language projection with the LM loss on captions (after an optional
 prompt such as "a photo of") and on answers after "Question: ... Answer:"; when the model keeps
-the Q-Former's text side, the stage-1 losses stay on (weight `aux_weight`) so one checkpoint does
-ITC/ITM/ITG as well as it did after stage 1.
+the Q-Former's text side, the stage-1 losses stay on (weight `aux_weight`, every `aux_every` steps)
+so one checkpoint does ITC/ITM/ITG as well as it did after stage 1.
 
 Batches are a pure function of (seed, step, rank): see train.trainer.
 """
@@ -147,7 +147,7 @@ def run_stage1(model, data: CaptionSet, qtok, cfg: TrainConfig, state_file=None,
 
 
 def run_stage2(model, data: CaptionSet, tok, qtok, cfg: TrainConfig, state_file=None, qa_fraction: float = 0.5,
-               caption_prompt: str | None = None, aux_weight: float = 1.0, say=print) -> None:
+               caption_prompt: str | None = None, aux_weight: float = 1.0, aux_every: int = 1, say=print) -> None:
     """LM loss through the frozen OPT on captions and answers; Q-Former + projection trained."""
     batches = Batches(data, cfg.batch_size, cfg.seed + 1)
     params = _trainable(model, ("vision_model.", "language_model."))
@@ -168,7 +168,7 @@ def run_stage2(model, data: CaptionSet, tok, qtok, cfg: TrainConfig, state_file=
         ids, mask, labels = lm_rows(model, tok, examples)
         losses = {"lm": lm_loss(model, data.embeds[index], ids, mask, labels)}
         losses["loss"] = losses["lm"]
-        if keep_text_side:
+        if keep_text_side and step % aux_every == 0:
             b = stage1_batch(model, batches, qtok, step)
             aux = stage1_losses(model, b["image_embeds"], b["ids"], b["mask"], b["same"], generator)
             losses.update({k: v for k, v in aux.items() if k != "loss"})
