@@ -40,6 +40,15 @@ NEEDS = {
 }
 
 
+def _search_config(generation: dict, eos_token_id: int, pad_token_id: int) -> search.GenerationConfig:
+    """A validated GenerationConfig from the caller's options; unknown options are named."""
+    known = set(search.GenerationConfig.__dataclass_fields__) - {"eos_token_id", "pad_token_id"}
+    unknown = sorted(set(generation) - known)
+    if unknown:
+        raise PromptError(f"unknown generation option(s) {unknown}; valid options are {sorted(known)}")
+    return search.GenerationConfig(eos_token_id=eos_token_id, pad_token_id=pad_token_id, **generation).validate()
+
+
 def _as_list(x) -> list:
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
@@ -240,12 +249,7 @@ class Blip2Pipeline:
         """ITG: the queries' keys/values are computed once per image; each step feeds one text token."""
         self._need("qformer_itg", "decoder='qformer'")
         info = self.manifest["qformer"]
-        known = set(search.GenerationConfig.__dataclass_fields__) - {"eos_token_id", "pad_token_id"}
-        unknown = sorted(set(generation) - known)
-        if unknown:
-            raise PromptError(f"unknown generation option(s) {unknown}; valid options are {sorted(known)}")
-        cfg = search.GenerationConfig(eos_token_id=info["sep_token_id"], pad_token_id=info["pad_token_id"],
-                                      **generation).validate()
+        cfg = _search_config(generation, info["sep_token_id"], info["pad_token_id"])
         ids, mask = self.qtokenizer.encode_prompts(prompts)  # validates every prompt first
         room = info["max_text_tokens"] - ids.shape[1]
         if cfg.max_new_tokens > room:
@@ -295,12 +299,7 @@ class Blip2Pipeline:
         return list(texts)
 
     def _generation_config(self, generation: dict) -> search.GenerationConfig:
-        known = set(search.GenerationConfig.__dataclass_fields__) - {"eos_token_id", "pad_token_id"}
-        unknown = sorted(set(generation) - known)
-        if unknown:
-            raise PromptError(f"unknown generation option(s) {unknown}; valid options are {sorted(known)}")
-        cfg = search.GenerationConfig(eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id, **generation)
-        cfg.validate()
+        cfg = _search_config(generation, self.eos_token_id, self.pad_token_id)
         if cfg.max_new_tokens > self.max_new_tokens:
             raise PromptError(
                 f"max_new_tokens={cfg.max_new_tokens} exceeds this engine folder's limit of {self.max_new_tokens} "

@@ -100,8 +100,7 @@ def stage1_batch(model, batches: Batches, qtok, step: int) -> dict:
     rank, _ = world()
     index, rng = batches.pick(step, rank)
     ids, mask = qformer_batch(qtok, batches.captions(index, rng), model.edge.max_text_tokens)
-    return {"image_embeds": batches.data.embeds[index], "ids": ids, "mask": mask, "same": batches.same(step, index),
-            "index": index, "rng": rng}
+    return {"image_embeds": batches.data.embeds[index], "ids": ids, "mask": mask, "same": batches.same(step, index)}
 
 
 def lm_rows(model, tok, examples: list[tuple[str | None, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
