@@ -58,17 +58,17 @@ class CachedDecoder:
         self.cache = KVCache(past, [n.replace("past_", "present_", 1) for n in past])
         self.attention_mask = np.zeros((0, 0), dtype=np.int64)
 
-    def _extra_feeds(self, n: int, prefill: bool) -> dict:
-        """Graph inputs beyond ids / mask / positions / cache (hook)."""
+    def _step_feeds(self, n: int) -> dict:
+        """Graph inputs of a one-token step beyond ids / mask / positions / cache (hook)."""
         return {}
 
-    def _run(self, input_ids: np.ndarray, prefill: bool) -> np.ndarray:
+    def _run(self, input_ids: np.ndarray, extra: dict) -> np.ndarray:
         mask = self.attention_mask
         text_mask = mask[:, self.prefix:]
         position_ids = np.clip(np.cumsum(text_mask, axis=1) - 1, 0, None)[:, -input_ids.shape[1]:]
         outputs = self.runner.run({
             "input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids,
-            **self._extra_feeds(input_ids.shape[0], prefill), **self.cache.feeds(),
+            **extra, **self.cache.feeds(),
         })
         self.cache.update(outputs)
         return outputs["logits"]
@@ -76,7 +76,7 @@ class CachedDecoder:
     def step(self, tokens: np.ndarray) -> np.ndarray:
         n = tokens.shape[0]
         self.attention_mask = np.concatenate([self.attention_mask, np.ones((n, 1), np.int64)], axis=1)
-        return self._run(tokens.reshape(n, 1).astype(np.int64), prefill=False)
+        return self._run(tokens.reshape(n, 1).astype(np.int64), self._step_feeds(n))
 
     def reorder(self, index: np.ndarray) -> None:
         self.cache.reorder(index)
@@ -91,21 +91,15 @@ class LlmDecoder(CachedDecoder):
         model = manifest["model"]
         self.heads, self.head_dim = model["num_heads"], model["head_dim"]
         self.prompt_width = model["llm_hidden_size"]
-        self._soft_prompt = None
 
-    def _extra_feeds(self, n: int, prefill: bool) -> dict:
-        if prefill:
-            return {"soft_prompt": self._soft_prompt}
+    def _step_feeds(self, n: int) -> dict:
         return {"soft_prompt": np.zeros((n, 0, self.prompt_width), dtype=np.float32)}
 
     def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray, soft_prompt: np.ndarray) -> np.ndarray:
         """input_ids/attention_mask [B, T] (left-padded), soft_prompt [B, Nq, D] -> logits [B, V]."""
         self.cache.reset(input_ids.shape[0], self.heads, self.head_dim, soft_prompt.dtype)
         self.attention_mask = attention_mask.astype(np.int64)
-        self._soft_prompt = soft_prompt
-        logits = self._run(input_ids.astype(np.int64), prefill=True)
-        self._soft_prompt = None
-        return logits
+        return self._run(input_ids.astype(np.int64), {"soft_prompt": soft_prompt})
 
 
 class QFormerDecoder(CachedDecoder):
@@ -121,4 +115,4 @@ class QFormerDecoder(CachedDecoder):
         self.cache.arrays = [query_kv[n.replace("past_", "query_", 1)] for n in self.cache.past_names]
         queries = np.ones((input_ids.shape[0], self.prefix), dtype=np.int64)
         self.attention_mask = np.concatenate([queries, attention_mask.astype(np.int64)], axis=1)
-        return self._run(input_ids.astype(np.int64), prefill=True)
+        return self._run(input_ids.astype(np.int64), {})

@@ -29,7 +29,7 @@ from runtime.image import ImageProcessorConfig
 from runtime.manifest import load_manifest
 from runtime.retrieval import ImageGallery, Match, TextGallery
 from runtime.runners import default_threads, make_runner
-from runtime.text import PromptTokenizer, QFormerTokenizer
+from runtime.text import PromptTokenizer, QFormerTokenizer, pad_rows
 
 # What each optional capability needs, and how an engineer gets it.
 NEEDS = {
@@ -155,12 +155,10 @@ class Blip2Pipeline:
         images = _as_list(images)
         if not images:
             raise PromptError("no images given; pass one image or a list of images")
-        feats, embeds = [], []
-        for start in range(0, len(images), self.max_batch):
-            e = self._image_embeds(self.image_config(images[start:start + self.max_batch]))
-            feats.append(self.runners["qformer_query"].run({"image_embeds": e})["image_feats"])
-            embeds.append(e)
-        return ImageGallery(np.concatenate(feats), np.concatenate(embeds))
+        embeds = self._encode_images(images)
+        feats = [self.runners["qformer_query"].run({"image_embeds": embeds[s:s + self.max_batch]})["image_feats"]
+                 for s in range(0, len(embeds), self.max_batch)]
+        return ImageGallery(np.concatenate(feats), embeds)
 
     def embed_texts(self, texts) -> np.ndarray:
         """ITC feature of each text ([CLS] through the unimodal graph): [T, D] unit vectors."""
@@ -181,17 +179,13 @@ class Blip2Pipeline:
         """Probability that each image matches its text (pairs; one image or one text is broadcast): [N]."""
         self._need("qformer_itm", "ITM")
         images, texts = _as_list(images), self._texts(_as_list(texts), "texts")
-        if len(images) == 1 and len(texts) > 1:
-            embeds = np.repeat(self._image_embeds(self.image_config(images)), len(texts), axis=0)
-        else:
-            if len(texts) == 1 and len(images) > 1:
-                texts = texts * len(images)
-            if len(images) != len(texts):
-                raise PromptError(f"got {len(images)} images but {len(texts)} texts; pass pairs of equal length, "
-                                  f"or one image (or one text) to compare against all")
-            embeds = np.concatenate([self._image_embeds(self.image_config(images[s:s + self.max_batch]))
-                                     for s in range(0, len(images), self.max_batch)])
-        return self._itm_probs(embeds, texts)
+        if len(texts) == 1 and len(images) > 1:
+            texts = texts * len(images)
+        if len(images) not in (1, len(texts)):
+            raise PromptError(f"got {len(images)} images but {len(texts)} texts; pass pairs of equal length, "
+                              f"or one image (or one text) to compare against all")
+        embeds = self._encode_images(images)
+        return self._itm_probs(np.repeat(embeds, len(texts) // len(images), axis=0), texts)
 
     def retrieve(self, query, candidates, k: int = 16, rerank: bool = True) -> list[Match]:
         """Two-step retrieval, best match first: ITC similarity against every candidate, then the top k
@@ -225,6 +219,11 @@ class Blip2Pipeline:
     # ------------------------------------------------------------------ steps
     def _image_embeds(self, pixel_values: np.ndarray) -> np.ndarray:
         return self.runners["vision"].run({"pixel_values": pixel_values})["image_embeds"]
+
+    def _encode_images(self, images: list) -> np.ndarray:
+        """Vision-tower outputs of every image, max_batch at a time: [N, Np, Dv]."""
+        return np.concatenate([self._image_embeds(self.image_config(images[s:s + self.max_batch]))
+                               for s in range(0, len(images), self.max_batch)])
 
     def _soft_prompt(self, pixel_values: np.ndarray, questions: list[str] | None = None) -> np.ndarray:
         image_embeds = self._image_embeds(pixel_values)
@@ -267,18 +266,9 @@ class Blip2Pipeline:
         return out
 
     def _generate_chunk(self, soft_prompt, rows, cfg) -> list[list[int]]:
-        input_ids, attention_mask = self._left_pad(rows)
+        input_ids, attention_mask = pad_rows(rows, self.pad_token_id, left=True)
         logits = self.decoder.prefill(input_ids, attention_mask, soft_prompt)
         return search.generate(self.decoder, logits, input_ids, cfg)
-
-    def _left_pad(self, rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-        width = max(len(r) for r in rows)
-        ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int64)
-        mask = np.zeros((len(rows), width), dtype=np.int64)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r):] = r
-            mask[i, width - len(r):] = 1
-        return ids, mask
 
     # ------------------------------------------------------------------ input checks
     def _decoder(self, decoder: str | None) -> str:

@@ -78,7 +78,7 @@ class QFormerTokenizer:
                               f"{self.max_tokens} (manifest qformer.max_text_tokens)", stacklevel=3)
                 words = words[: self.max_tokens - 2]
             rows.append([self.cls_id, *words, self.sep_id])
-        return _pad(rows, self.pad_id, left=False)
+        return pad_rows(rows, self.pad_id, left=False)
 
     def encode_prompts(self, prompts: list) -> tuple[np.ndarray, np.ndarray]:
         """[DEC] (+ prompt words) per row, left-padded for generation -> input_ids, attention_mask."""
@@ -89,13 +89,14 @@ class QFormerTokenizer:
                 raise PromptError(f"prompt {i} is {len(words) + 1} Q-Former tokens long, the engine allows fewer "
                                   f"than {self.max_tokens} (manifest qformer.max_text_tokens); shorten it")
             rows.append([self.dec_id, *words])
-        return _pad(rows, self.pad_id, left=True)
+        return pad_rows(rows, self.pad_id, left=True)
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True).strip()
 
 
-def _pad(rows: list[list[int]], pad_id: int, left: bool) -> tuple[np.ndarray, np.ndarray]:
+def pad_rows(rows: list[list[int]], pad_id: int, left: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Token rows of different lengths -> input_ids, attention_mask [N, longest] int64, padded left or right."""
     width = max(len(r) for r in rows)
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(rows), width), dtype=np.int64)

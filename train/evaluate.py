@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.retrieval import similarity  # BLIP-2's ITC: max over queries (the runtime's own)
 from train.data import ShapesCaps, caption_correct, qa_prompt, vqa_correct
 
 SPLIT = "val"
@@ -304,11 +305,6 @@ def pick_negatives(samples, seed: int, extra=None) -> list:
             raise EvaluationError(f"no sample with other shapes than sample {s.index} to use as an ITM negative")
         out.append(found)
     return out
-
-
-def similarity(image_feats: np.ndarray, text_feats: np.ndarray) -> np.ndarray:
-    """[I, Nq, D] x [T, D] -> [I, T]: the largest dot product over each image's queries (BLIP-2's ITC)."""
-    return np.einsum("iqd,td->iqt", image_feats.astype(np.float64), text_feats.astype(np.float64)).max(1)
 
 
 def recall_at_1(sim: np.ndarray, keys: list | None = None, describes: np.ndarray | None = None) -> dict:
