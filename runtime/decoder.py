@@ -20,7 +20,8 @@ import numpy as np
 
 
 class KVCache:
-    """Past keys/values as numpy arrays in the graph's own layout [N, heads, past, head_dim]."""
+    """Past keys/values in the graph's own layout [N, heads, past, head_dim]: numpy arrays, or the
+    backend's device tensors (TensorRT), which support `.shape` and indexing by an index array."""
 
     def __init__(self, past_names: list[str], present_names: list[str]):
         self.past_names, self.present_names = past_names, present_names
@@ -69,7 +70,7 @@ class CachedDecoder:
         outputs = self.runner.run({
             "input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids,
             **extra, **self.cache.feeds(),
-        })
+        }, keep=self.cache.present_names)
         self.cache.update(outputs)
         return outputs["logits"]
 

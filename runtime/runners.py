@@ -2,6 +2,9 @@
 
 A runner loads one graph and maps a dict of numpy inputs to a dict of numpy
 outputs. Backends override three small hooks: `_load`, `_infer` and `_names`.
+`run(feeds, keep=names)` lets a backend whose memory is not the host's (TensorRT)
+return the named outputs as device tensors that the next call takes back as
+inputs, so a KV cache never leaves the GPU; ONNX Runtime returns numpy for all.
 
     from runtime.runners import make_runner
     runner = make_runner("engines/demo/onnx/vision.onnx", backend="onnxruntime")
@@ -29,14 +32,15 @@ class Runner:
     def _names(self) -> tuple[list[str], list[str]]:
         raise NotImplementedError
 
-    def _infer(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def _infer(self, feeds: dict[str, np.ndarray], keep: frozenset = frozenset()) -> list[np.ndarray]:
+        """Outputs in `output_names` order; those named in `keep` may stay in the backend's memory."""
         raise NotImplementedError
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray], keep=()) -> dict[str, np.ndarray]:
         missing = [n for n in self.input_names if n not in feeds]
         if missing:
             raise ValueError(f"{self.path.name}: missing inputs {missing} (expects {self.input_names})")
-        outputs = self._infer({n: feeds[n] for n in self.input_names})
+        outputs = self._infer({n: feeds[n] for n in self.input_names}, frozenset(keep))
         return dict(zip(self.output_names, outputs))
 
 
@@ -94,11 +98,18 @@ class OrtRunner(Runner):
     def _names(self):
         return [i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()]
 
-    def _infer(self, feeds):
+    def _infer(self, feeds, keep=frozenset()):
         return self.session.run(self.output_names, feeds)
 
 
-BACKENDS = {"onnxruntime": OrtRunner}
+def _tensorrt_runner(path, **kwargs) -> Runner:
+    """TensorRT is imported only when a TensorRT folder is opened (the module itself imports without it)."""
+    from runtime.trt_runner import TrtRunner
+
+    return TrtRunner(path, **kwargs)
+
+
+BACKENDS = {"onnxruntime": OrtRunner, "tensorrt": _tensorrt_runner}
 
 
 def make_runner(path, backend: str = "onnxruntime", **kwargs) -> Runner:
