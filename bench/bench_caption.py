@@ -1,16 +1,18 @@
 """Per-caption latency of the ONNX Runtime pipeline against Hugging Face `generate`, and runtime memory.
 
-    python bench/bench_caption.py                         # small preset (~30M params), batch 1 and 8
+    python bench/bench_caption.py                         # small preset (~30M params), batch 1 and 8, fp32
+    python bench/bench_caption.py --targets onnx onnx-fp16 onnx-int8     # reduced precision beside fp32
     python bench/bench_caption.py --preset tiny --rounds 5 --batches 1 4
 
-Same model, same images, same tokens: both sides generate exactly `--new-tokens` tokens
-(min_new_tokens = max_new_tokens) greedily from the same pixels, and the token ids are checked
-equal before any timing counts. Each round times the pipeline, HF eager and HF sdpa back to back
-(interleaved, so drift hits all three alike); the medians are reported, and the ratio is taken
-against the faster PyTorch variant. Timings include image preprocessing on both sides.
+Same model, same images: every side generates exactly `--new-tokens` tokens (min_new_tokens =
+max_new_tokens) greedily from the same pixels, so every side does the same amount of work. The fp32
+pipeline's token ids are checked equal to PyTorch's before any timing counts; for fp16/int8 the greedy
+token agreement with PyTorch fp32 is printed beside the timing. Each round times every pipeline, HF eager
+and HF sdpa back to back (interleaved, so drift hits all alike); the medians are reported, and the ratio
+is taken against the faster PyTorch variant (fp32). Timings include image preprocessing on both sides.
 
-Memory: a fresh process that imports only `runtime` loads the engine folder and captions; its
-peak RSS is printed beside the size of the weights on disk.
+Memory and size: a fresh process that imports only `runtime` loads each engine folder and captions; its
+peak RSS is printed beside the size of the graphs on disk.
 """
 import argparse
 import json
@@ -29,7 +31,7 @@ from transformers import Blip2ForConditionalGeneration  # noqa: E402
 
 from export.build import build  # noqa: E402
 from export.checkpoint import load_checkpoint  # noqa: E402
-from export.e2e import hf_pixel_values, probe_images  # noqa: E402
+from export.e2e import hf_pixel_values, probe_images, token_agreement  # noqa: E402
 from runtime import Blip2Pipeline  # noqa: E402
 from train.demo import make_random_checkpoint  # noqa: E402
 
@@ -45,14 +47,17 @@ print([int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswi
 """
 
 
-def prepare(preset: str, work: Path) -> tuple[Path, Path]:
+def prepare(preset: str, work: Path, targets: list[str]) -> tuple[Path, dict[str, Path]]:
     ck = work / "checkpoints" / f"bench-{preset}"
-    engine = work / "engines" / f"bench-{preset}" / "onnx"
-    if not engine.exists():
+    if not ck.exists():
         make_random_checkpoint(ck, preset, seed=0)
-        print(f"building {engine} (export + parity gate) ...", flush=True)
-        build(ck, "onnx", work / "engines", say=lambda m: print("  " + m, flush=True))
-    return ck, engine
+    engines = {}
+    for target in targets:
+        engines[target] = work / "engines" / f"bench-{preset}" / target
+        if not engines[target].exists():
+            print(f"building {engines[target]} (export + parity gate) ...", flush=True)
+            build(ck, target, work / "engines", say=lambda m: print("  " + m, flush=True))
+    return ck, engines
 
 
 def hf_caption(model, ck, images, new_tokens: int):
@@ -71,23 +76,28 @@ def timed(fn):
     return time.perf_counter() - t0, result
 
 
-def bench_batch(pipe, models, ck, batch: int, new_tokens: int, rounds: int) -> dict:
+def bench_batch(pipes: dict, models, ck, batch: int, new_tokens: int, rounds: int) -> dict:
     images = probe_images(ck.config.vision_config.image_size, count=batch, seed=batch)
-    run_pipe = lambda: pipe.generate_ids(images, max_new_tokens=new_tokens, min_new_tokens=new_tokens)  # noqa: E731
-    runs = {"onnxruntime": run_pipe, **{k: (lambda m=m: hf_caption(m, ck, images, new_tokens)) for k, m in models.items()}}
-    expected = run_pipe()
-    for name, fn in runs.items():  # warm-up, and the same tokens on every side
+    runs = {target: (lambda p=p: p.generate_ids(images, max_new_tokens=new_tokens, min_new_tokens=new_tokens))
+            for target, p in pipes.items()}
+    runs.update({k: (lambda m=m: hf_caption(m, ck, images, new_tokens)) for k, m in models.items()})
+    with torch.inference_mode():
+        expected = runs["eager"]()
+    agreement = {}
+    for name, fn in runs.items():  # warm-up, and the same tokens (fp32) or their agreement (fp16/int8)
         tokens = fn()
-        assert tokens == expected, f"{name} generated other tokens than the pipeline; the comparison would be unfair"
+        agreement[name] = token_agreement(tokens, expected)
+        if name in models or name == "onnx":
+            assert tokens == expected, f"{name} generated other tokens than HF eager; the comparison would be unfair"
     times = {name: [] for name in runs}
     with torch.inference_mode():
         for _ in range(rounds):
             for name, fn in runs.items():
                 times[name].append(timed(fn)[0])
     med = {name: statistics.median(t) for name, t in times.items()}
-    ref_name = min((n for n in med if n != "onnxruntime"), key=med.get)
-    return {"batch": batch, "new_tokens": new_tokens, "rounds": rounds,
-            "median_s": med, "reference": ref_name, "speedup": med[ref_name] / med["onnxruntime"],
+    ref_name = min(models, key=med.get)
+    return {"batch": batch, "new_tokens": new_tokens, "rounds": rounds, "median_s": med, "reference": ref_name,
+            "speedup": {t: med[ref_name] / med[t] for t in pipes}, "token_agreement": agreement,
             "per_caption_ms": {n: 1000 * v / batch for n, v in med.items()}}
 
 
@@ -112,6 +122,8 @@ def peak_memory(engine: Path, image_size: int, new_tokens: int, work: Path) -> d
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small")
+    ap.add_argument("--targets", nargs="+", default=["onnx"], choices=["onnx", "onnx-fp16", "onnx-int8"],
+                    help="engine targets to time against PyTorch fp32 (default: onnx)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--new-tokens", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=7)
@@ -122,24 +134,27 @@ def main(argv=None):
     # Flush denormals in PyTorch too (ONNX Runtime sessions do): randomly initialised weights produce
     # denormal activations that make PyTorch's CPU kernels ~20x slower, which would flatter the runtime.
     torch.set_flush_denormal(True)
-    ck_dir, engine = prepare(args.preset, work)
+    ck_dir, engines = prepare(args.preset, work, args.targets)
     ck = load_checkpoint(ck_dir)
     models = {impl: Blip2ForConditionalGeneration.from_pretrained(ck_dir, attn_implementation=impl).eval()
               for impl in ("eager", "sdpa")}
-    pipe = Blip2Pipeline.from_dir(engine)
+    pipes = {target: Blip2Pipeline.from_dir(engine) for target, engine in engines.items()}
     n_params = sum(p.numel() for p in models["eager"].parameters())
     print(f"\npreset {args.preset}: {n_params / 1e6:.1f}M parameters, torch threads {torch.get_num_threads()}")
-    results = {"preset": args.preset, "params_m": n_params / 1e6, "batches": []}
+    results = {"preset": args.preset, "params_m": n_params / 1e6, "batches": [], "memory": {}}
     for batch in args.batches:
-        r = bench_batch(pipe, models, ck, batch, args.new_tokens, args.rounds)
+        r = bench_batch(pipes, models, ck, batch, args.new_tokens, args.rounds)
         results["batches"].append(r)
         ms = r["per_caption_ms"]
-        print(f"batch {batch:>2}: per caption  onnxruntime {ms['onnxruntime']:8.1f} ms | hf eager {ms['eager']:8.1f} ms"
-              f" | hf sdpa {ms['sdpa']:8.1f} ms | speedup vs hf {r['reference']}: {r['speedup']:.2f}x")
-    mem = peak_memory(engine, ck.config.vision_config.image_size, args.new_tokens, work)
-    results["memory"] = mem
-    print(f"runtime-only process: peak RSS {mem['peak_rss_mb']:.0f} MB for {mem['weights_mb']:.0f} MB of weights "
-          f"({mem['ratio']:.2f}x)")
+        print(f"batch {batch:>2}: per caption  hf eager {ms['eager']:8.1f} ms | hf sdpa {ms['sdpa']:8.1f} ms")
+        for target in pipes:
+            print(f"          {target:<10} {ms[target]:8.1f} ms | {r['speedup'][target]:.2f}x faster than hf "
+                  f"{r['reference']} | greedy token agreement with PyTorch fp32 {r['token_agreement'][target]:.3f}")
+    for target, engine in engines.items():
+        mem = peak_memory(engine, ck.config.vision_config.image_size, args.new_tokens, work)
+        results["memory"][target] = mem
+        print(f"{target:<10} on disk {mem['weights_mb']:6.1f} MB | runtime-only process peak RSS "
+              f"{mem['peak_rss_mb']:.0f} MB ({mem['ratio']:.2f}x the graphs)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

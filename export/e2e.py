@@ -88,13 +88,36 @@ def llm_end_to_end(ck, pipe, limits, required: dict) -> dict:
     report = {}
     for case, prompts in cases.items():
         ref = hf_generate_ids(ck, images, prompts, max_new_tokens=new)
-        got = pipe.generate_ids(images, prompt=prompts, max_new_tokens=new)
-        agreement = token_agreement(got, ref)
+        if required["teacher_forced"]:
+            logits, _ = pipe._prefill_llm(pipe.image_prompts(images), [pipe._prompt_ids(p) for p in prompts])
+            agreement = teacher_forced_agreement(pipe.decoder, logits, ref, pipe.pad_token_id)
+        else:
+            agreement = token_agreement(pipe.generate_ids(images, prompt=prompts, max_new_tokens=new), ref)
         report[case] = {"token_agreement": agreement, "rows": len(images), "max_new_tokens": new,
+                        "teacher_forced": required["teacher_forced"],
                         "reference": "Blip2ForConditionalGeneration.generate (greedy)",
                         "passed": agreement >= required["token_agreement"],
-                        "summary": f"token agreement {agreement:.3f}"}
+                        "summary": f"{_agreement_kind(required)} token agreement {agreement:.3f}"}
     return report
+
+
+def _agreement_kind(required: dict) -> str:
+    return "teacher-forced" if required["teacher_forced"] else "greedy"
+
+
+def teacher_forced_agreement(decoder, logits: np.ndarray, ref: list[list[int]], pad: int) -> float:
+    """Fraction of reference tokens that are the runtime's top choice when every step is fed the reference's
+    previous tokens (a `runtime.decoder` after its prefill; `logits` are the prefill's)."""
+    width = max((len(r) for r in ref), default=0)
+    same = total = 0
+    for t in range(width):
+        top = logits.argmax(-1)
+        live = [b for b, row in enumerate(ref) if t < len(row)]
+        total += len(live)
+        same += sum(int(top[b] == ref[b][t]) for b in live)
+        if t + 1 < width:
+            logits = decoder.step(np.array([row[t] if t < len(row) else pad for row in ref], dtype=np.int64))
+    return same / total if total else 1.0
 
 
 def qformer_texts(ck, texts: list[str], first_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,10 +187,46 @@ def qformer_end_to_end(ck, pipe, limits, required: dict) -> dict:
     if "qformer_itg" in pipe.runners:
         new = min(16, limits.max_qformer_tokens - 1)
         ref = torch_itg_greedy(model, image_embeds, new)
-        got = pipe.generate_ids(images, decoder="qformer", max_new_tokens=new)
-        agreement = token_agreement(got, ref)
+        if required["teacher_forced"]:
+            ids, mask = pipe.qtokenizer.encode_prompts([None] * len(images))
+            logits = pipe._prefill_qformer(pipe.image_config(images), ids, mask)
+            agreement = teacher_forced_agreement(pipe.itg, logits, ref, pipe.manifest["qformer"]["pad_token_id"])
+        else:
+            agreement = token_agreement(pipe.generate_ids(images, decoder="qformer", max_new_tokens=new), ref)
         report["itg_caption"] = {"token_agreement": agreement, "rows": len(images), "max_new_tokens": new,
+                                 "teacher_forced": required["teacher_forced"],
                                  "reference": "Blip2Edge itg_logits, uncached greedy",
                                  "passed": agreement >= required["token_agreement"],
-                                 "summary": f"token agreement {agreement:.3f}"}
+                                 "summary": f"{_agreement_kind(required)} token agreement {agreement:.3f}"}
+    return report
+
+
+def accuracy_report(fp32_folder, folder, ck, count: int = 16, backend: str = "onnxruntime") -> dict:
+    """What a reduced-precision folder costs against the fp32 one, on `count` held-out images: greedy
+    (free-running) token agreement and identical outputs of LLM and Q-Former captions, and the largest
+    change in ITC similarities and ITM probabilities."""
+    from runtime import Blip2Pipeline
+
+    ref_pipe = Blip2Pipeline.from_dir(fp32_folder, backend="onnxruntime")
+    pipe = Blip2Pipeline.from_dir(folder, backend=backend)
+    images = probe_images(ck.config.vision_config.image_size, count=count, seed=23)
+    report, parts = {"images": count}, []
+    decoders = [d for d, graph in (("llm", "llm_decoder"), ("qformer", "qformer_itg")) if graph in pipe.runners]
+    for decoder in decoders:
+        new = min(20, pipe.max_new_tokens) if decoder == "llm" else min(16, pipe.manifest["qformer"]["max_text_tokens"] - 1)
+        ref = ref_pipe.generate_ids(images, decoder=decoder, max_new_tokens=new)
+        got = pipe.generate_ids(images, decoder=decoder, max_new_tokens=new)
+        agree, same = token_agreement(got, ref), sum(g == r for g, r in zip(got, ref)) / len(ref)
+        report[f"{decoder}_caption"] = {"token_agreement": agree, "identical_captions": same, "max_new_tokens": new}
+        parts.append(f"{decoder} captions: greedy token agreement {agree:.3f}, identical {same:.2f}")
+    if "qformer_text" in pipe.runners:
+        sims = [p.similarity(p.embed_images(images), p.embed_texts(E2E_TEXTS)) for p in (ref_pipe, pipe)]
+        top1 = float((sims[0].argmax(1) == sims[1].argmax(1)).mean())
+        report["itc"] = {"max_abs": float(np.abs(sims[0] - sims[1]).max()), "same_top1_text": top1}
+        parts.append(f"ITC similarity max abs diff {report['itc']['max_abs']:.2g}")
+    if "qformer_itm" in pipe.runners:
+        probs = [p.itm(images, [E2E_TEXTS[i % len(E2E_TEXTS)] for i in range(count)]) for p in (ref_pipe, pipe)]
+        report["itm"] = {"max_abs": float(np.abs(probs[0] - probs[1]).max())}
+        parts.append(f"ITM probability max abs diff {report['itm']['max_abs']:.2g}")
+    report["summary"] = "; ".join(parts) + f" ({count} held-out images)"
     return report

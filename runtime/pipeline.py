@@ -57,8 +57,8 @@ class Blip2Pipeline:
     def __init__(self, manifest, backend: str = "onnxruntime", threads: int | None = None):
         self.manifest = manifest
         self.backend = backend
-        kwargs = {"threads": threads or default_threads()} if backend == "onnxruntime" else {}
-        self.runners = {name: make_runner(manifest.graph_path(name), backend, **kwargs) for name in manifest.graphs}
+        self.runners = {name: make_runner(manifest.graph_path(name), backend, **self._runner_options(name, threads))
+                        for name in manifest.graphs}
         self.image_config = ImageProcessorConfig.from_dict(manifest["image"])
         self.num_queries = manifest["model"]["num_query_tokens"]
         gen, qformer = manifest.data.get("generation"), manifest.data.get("qformer")
@@ -73,6 +73,12 @@ class Blip2Pipeline:
             self.qtokenizer = QFormerTokenizer.from_manifest(manifest)
             if "qformer_itg" in self.runners:
                 self.itg = QFormerDecoder(self.runners["qformer_itg"], self.num_queries)
+
+    def _runner_options(self, graph: str, threads: int | None) -> dict:
+        if self.backend == "tensorrt":  # engines are checked against the GPU and TensorRT they were built for
+            return {"build_info": self.manifest.data.get("tensorrt"),
+                    "dynamic_axes": self.manifest.graphs[graph].get("dynamic_axes")}
+        return {"threads": threads or default_threads()}
 
     def _need(self, graph: str, what: str) -> None:
         if graph not in self.runners:
@@ -260,15 +266,23 @@ class Blip2Pipeline:
         out = []
         for start in range(0, len(images), chunk):
             part = slice(start, start + chunk)
-            query = self.runners["qformer_query"].run({"image_embeds": self._image_embeds(pixel_values[part])})
-            logits = self.itg.prefill(ids[part], mask[part], query)
+            logits = self._prefill_qformer(pixel_values[part], ids[part], mask[part])
             out += search.generate(self.itg, logits, ids[part], cfg, prompt_mask=mask[part])
         return out
 
     def _generate_chunk(self, soft_prompt, rows, cfg) -> list[list[int]]:
-        input_ids, attention_mask = pad_rows(rows, self.pad_token_id, left=True)
-        logits = self.decoder.prefill(input_ids, attention_mask, soft_prompt)
+        logits, input_ids = self._prefill_llm(soft_prompt, rows)
         return search.generate(self.decoder, logits, input_ids, cfg)
+
+    def _prefill_llm(self, soft_prompt, rows) -> tuple[np.ndarray, np.ndarray]:
+        """Left-pad the prompt rows and run the LLM's prefill: (first-step logits [B, V], input_ids [B, T])."""
+        input_ids, attention_mask = pad_rows(rows, self.pad_token_id, left=True)
+        return self.decoder.prefill(input_ids, attention_mask, soft_prompt), input_ids
+
+    def _prefill_qformer(self, pixel_values, ids, mask) -> np.ndarray:
+        """Queries once per image, then the ITG prefill of the prompt rows: first-step logits [B, V]."""
+        query = self.runners["qformer_query"].run({"image_embeds": self._image_embeds(pixel_values)})
+        return self.itg.prefill(ids, mask, query)
 
     # ------------------------------------------------------------------ input checks
     def _decoder(self, decoder: str | None) -> str:

@@ -28,21 +28,24 @@ QFORMER_VARIANTS = {
 
 @pytest.fixture(scope="session")
 def make_engine(tmp_path_factory):
-    """make_engine(variant) -> (checkpoint folder, engine folder), built once per variant per session."""
+    """make_engine(variant, target="onnx") -> (checkpoint folder, engine folder), built once per variant and
+    target per session (the targets of one variant share its checkpoint)."""
     from export.build import build
     from train.demo import make_random_checkpoint
 
     logging.getLogger("export.checkpoint").setLevel(logging.ERROR)
-    cache = {}
+    checkpoints, cache = {}, {}
 
-    def make(variant: str = "tiny"):
-        if variant not in cache:
+    def make(variant: str = "tiny", target: str = "onnx"):
+        if variant not in checkpoints:
             root = tmp_path_factory.mktemp(f"engine-{variant}")
             options = {**VARIANTS, **QFORMER_VARIANTS}[variant]
-            ck = make_random_checkpoint(root / "checkpoints" / variant, "tiny", seed=0, **options)
-            engine = build(ck, "onnx", root / "engines", say=lambda *_: None)
-            cache[variant] = (ck, engine)
-        return cache[variant]
+            checkpoints[variant] = (root, make_random_checkpoint(root / "checkpoints" / variant, "tiny", seed=0,
+                                                                 **options))
+        if (variant, target) not in cache:
+            root, ck = checkpoints[variant]
+            cache[variant, target] = (ck, build(ck, target, root / "engines", say=lambda *_: None))
+        return cache[variant, target]
 
     return make
 

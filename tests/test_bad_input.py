@@ -96,10 +96,10 @@ def test_prompt_errors_leave_pipeline_usable(pipeline):
     assert pipeline.generate_ids(img, max_new_tokens=5) == before
 
 
-def test_build_rejects_unbuilt_targets_and_bad_models(tmp_path):
+def test_build_rejects_tensorrt_targets_without_tensorrt_and_bad_models(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "export.build", "--model", str(tmp_path), "--target", "trt-fp16"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1 and "not built yet" in proc.stderr
+    assert proc.returncode == 1 and "needs TensorRT" in proc.stderr and "onnx-fp16" in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "export.build", "--model", str(tmp_path / "none")],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "checkpoint folder not found" in proc.stderr

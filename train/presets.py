@@ -25,6 +25,7 @@ BOS_ID, PAD_ID, EOS_ID = 2, 1, 2
 @dataclass(frozen=True)
 class Preset:
     # vision transformer
+    vision_init_std: float = 0.02  # HF's BLIP-2 default (1e-10) makes a random ViT output ~1e-6: nothing to test
     image_size: int = 32
     patch_size: int = 8
     vision_width: int = 32
@@ -80,6 +81,7 @@ def blip2_config(preset: str | Preset = "tiny", **overrides) -> Blip2Config:
     vision = Blip2VisionConfig(
         hidden_size=p.vision_width, intermediate_size=4 * p.vision_width, num_hidden_layers=p.vision_layers,
         num_attention_heads=p.vision_heads, image_size=p.image_size, patch_size=p.patch_size,
+        initializer_range=p.vision_init_std,
     )
     qformer = Blip2QFormerConfig(
         hidden_size=p.qformer_width, intermediate_size=4 * p.qformer_width, num_hidden_layers=p.qformer_layers,

@@ -1,0 +1,118 @@
+"""Real feeds for every graph, recorded from the fp32 pipeline: INT8 calibration and reduced-precision parity.
+
+Random tensors are fine to check an fp32 export, but an INT8 graph is only right for inputs like the
+ones it was calibrated on, so calibration and the reduced-precision parity gate use what the runtime
+really feeds each graph: the fp32 engine folder is opened with `Blip2Pipeline`, every runner is wrapped
+in a `RecordingRunner`, and the pipeline captions, answers, embeds and matches a set of images.
+
+    from export.calibration import calibration_images, record_feeds
+    images, texts, source = calibration_images(None, image_size=224, count=64, seed=0)   # ShapesCaps
+    feeds = record_feeds("engines/.partial/fp32", images, texts)    # {"vision": [{...}, ...], ...}
+
+Calibration images come from `--calib-images DIR` (every .png/.jpg/.jpeg/.bmp/.webp in it, sorted,
+the first `count`) or, by default, from the synthetic ShapesCaps training split with its captions.
+"""
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from runtime.errors import ImageInputError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+# Texts for the Q-Former text graphs when the calibration images have none and the model cannot caption
+GENERIC_TEXTS = [
+    "a photo of a cat sitting on a sofa", "a red car parked on the street", "two people walking on a beach",
+    "a plate of food on a wooden table", "a small blue circle on the left", "a green square at the top",
+    "a dog running in the grass", "a city skyline at night", "an orange triangle above a yellow square",
+    "a bowl of fruit", "a man riding a bicycle", "a white bird on a branch",
+]
+PROMPTS = [None, "a photo of", "Question: what is in the picture? Answer:", "Question: what color is it? Answer:"]
+
+
+def calibration_images(folder, image_size: int, count: int, seed: int = 0) -> tuple[list, list[str] | None, dict]:
+    """(images, their texts or None, a description for the manifest)."""
+    if folder is None:
+        from train.data import ShapesCaps
+
+        data = ShapesCaps("train", n=count, image_size=image_size, seed=seed)
+        samples = list(data)
+        return ([s.image for s in samples], [s.captions[0] for s in samples],
+                {"source": "ShapesCaps train split (synthetic)", "count": count, "seed": seed})
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ImageInputError(f"--calib-images {folder} is not a folder; pass a folder of .png/.jpg images like the "
+                              f"ones the model will see in deployment")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise ImageInputError(f"--calib-images {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); add a few "
+                              f"dozen images like the ones the model will see in deployment")
+    paths = paths[:count]
+    return paths, None, {"source": str(folder.resolve()), "count": len(paths), "seed": None}
+
+
+class RecordingRunner:
+    """Wraps a runner: forwards every call and keeps a copy of its feeds."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.input_names, self.output_names = runner.input_names, runner.output_names
+        self.feeds: list[dict[str, np.ndarray]] = []
+
+    def run(self, feeds, keep=()):
+        self.feeds.append({n: np.array(feeds[n]) for n in self.input_names})
+        return self.runner.run(feeds, keep)
+
+
+def _exercise(pipe, images: list, texts: list[str] | None, max_new_tokens: int) -> None:
+    """Run every capability the folder has, so that every graph sees realistic inputs."""
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(images))]
+    if "llm_decoder" in pipe.runners:
+        pipe.generate_ids(images, prompt=prompts, max_new_tokens=max_new_tokens)
+    if "qformer_itg" in pipe.runners:
+        generated = pipe.generate(images, decoder="qformer", max_new_tokens=max_new_tokens)
+        texts = texts or [t for t in generated if t.strip()] or None
+    if "qformer_text" in pipe.runners or "qformer_itm" in pipe.runners:
+        texts = texts or GENERIC_TEXTS
+        texts = [texts[i % len(texts)] for i in range(len(images))]
+        if "qformer_text" in pipe.runners:
+            pipe.embed_texts(texts)
+            pipe.embed_images(images)
+        if "qformer_itm" in pipe.runners:
+            pipe.itm(images, texts)
+            if "llm_decoder" in pipe.runners:  # question-aware soft prompts
+                pipe.generate_ids(images[:pipe.max_batch], prompt=prompts[:pipe.max_batch],
+                                  qformer_text=texts[:pipe.max_batch], max_new_tokens=2)
+
+
+def record_feeds(folder, images: list, texts: list[str] | None = None, max_new_tokens: int = 16) -> dict:
+    """{graph name: [feeds of each call]} from running the fp32 pipeline of `folder` on `images`."""
+    from runtime import Blip2Pipeline
+
+    pipe = Blip2Pipeline.from_dir(folder, backend="onnxruntime")
+    recorders = {name: RecordingRunner(r) for name, r in pipe.runners.items()}
+    pipe.runners = recorders
+    if hasattr(pipe, "decoder"):
+        pipe.decoder.runner = recorders["llm_decoder"]
+    if hasattr(pipe, "itg"):
+        pipe.itg.runner = recorders["qformer_itg"]
+    max_new_tokens = min(max_new_tokens, getattr(pipe, "max_new_tokens", max_new_tokens))
+    if "qformer_itg" in pipe.runners:
+        max_new_tokens = min(max_new_tokens, pipe.manifest["qformer"]["max_text_tokens"] - 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # texts cut to the engine's limit: the same cut the runtime applies
+        _exercise(pipe, images, texts, max_new_tokens)
+    return {name: r.feeds for name, r in recorders.items()}
+
+
+def check_cases(feeds: list[dict], count: int = 4) -> list[dict]:
+    """A few recorded calls with different input shapes for the parity gate, spread over what was recorded
+    (for decoders: prefills, early and late single-token steps)."""
+    by_shape = {}
+    for f in feeds:
+        by_shape.setdefault(tuple(v.shape for v in f.values()), f)
+    unique = list(by_shape.values())
+    if len(unique) <= count:
+        return unique
+    picks = np.linspace(0, len(unique) - 1, count).round().astype(int)
+    return [unique[i] for i in sorted(set(picks.tolist()))]

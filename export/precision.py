@@ -1,0 +1,266 @@
+"""Reduced precision from an exported fp32 ONNX graph: FP16 (pre-cast) and INT8 (explicit symmetric Q/DQ).
+
+TensorRT 11 takes its precision from the ONNX itself (no FP16/INT8 builder flags, no calibrators), and
+ONNX Runtime runs the same graphs on the CPU, so one converted graph serves both and its accuracy is
+checked here before any engine is built:
+
+    from export.precision import to_fp16, to_int8
+    info = to_fp16("vision.onnx", "out/vision.onnx")                 # {"kept_fp32": {...}, ...}
+    info = to_int8("vision.onnx", "out/vision.onnx", feeds_list)     # calibrated on recorded feeds
+
+FP16 (`to_fp16`): weights and compute in float16, with the numerically fragile parts kept in float32
+by an explicit rule, recorded in the manifest:
+  * every `LayerNormalization`, `Softmax`, `ReduceL2` (the ITC feature norm), `ReduceMean`, `Pow`, `Sqrt`;
+  * each attention's score path: from the Softmax back up to and including the Q·Kᵀ MatMul (scaling,
+    the additive mask and the mask's own arithmetic with its -3.4e38 fill, which is -inf in fp16
+    and turns fully masked padding rows into NaN); this is where BLIP-2/OPT users hit fp16 overflow;
+  * constants (`Constant`, `ConstantOfShape`): produced in fp32 and cast where an fp16 node reads them.
+Graph inputs and outputs stay float32 (the runtime feeds and reads the same types at every precision);
+casts are inserted at every boundary between fp16 and fp32 nodes, and fp16 weights are clamped to ±65504.
+
+INT8 (`to_int8`): ONNX Runtime's `quantize_static` in QDQ format, symmetric int8 activations and
+per-channel symmetric int8 weights (the form TensorRT consumes), for the MatMul/Gemm/Conv nodes that have
+a weight; matrix products of two activations (attention scores and attention-weighted values) and the
+nodes named in `exclude` stay in float32. Activation ranges come from feeds recorded by running the fp32
+pipeline on calibration images (`export.calibration`).
+"""
+import contextlib
+import tempfile
+from collections import defaultdict, deque
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+FP16_MAX = 65504.0
+# Ops always computed in float32 in the fp16 graph: normalisations and reductions whose sums overflow or
+# lose precision in fp16.
+FP32_OPS = ("LayerNormalization", "Softmax", "ReduceL2", "ReduceMean", "Pow", "Sqrt")
+# Ops whose output is a constant: kept fp32 and cast where needed (casts of constants fold at load time).
+CONSTANT_OPS = ("Constant", "ConstantOfShape")
+# Float inputs that must stay float32 whatever the node's precision (op, input index).
+FP32_INPUTS = {("Resize", 2)}
+
+
+def _float_tensors(model: onnx.ModelProto) -> set[str]:
+    """Names of every float32 tensor in the graph (inputs, initializers, intermediates, outputs)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    g = inferred.graph
+    infos = list(g.input) + list(g.output) + list(g.value_info)
+    out = {v.name for v in infos if v.type.tensor_type.elem_type == TensorProto.FLOAT}
+    out |= {t.name for t in g.initializer if t.data_type == TensorProto.FLOAT}
+    return out
+
+
+def _producers(graph) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in graph.node for o in n.output}
+
+
+def attention_score_nodes(graph, floats: set[str]) -> set[str]:
+    """Names of the nodes between each Softmax and the MatMul that made its scores (both included),
+    and of everything that computes the additive mask on that path. The walk goes up through nodes
+    with float outputs only, so it stops at Shape, comparisons and integer index arithmetic."""
+    producers = _producers(graph)
+    keep = set()
+    for node in graph.node:
+        if node.op_type != "Softmax":
+            continue
+        queue = deque([node])
+        while queue:
+            n = queue.popleft()
+            if n.name in keep:
+                continue
+            keep.add(n.name)
+            if n.op_type == "MatMul" and n is not node:
+                continue  # the Q·Kᵀ product: kept fp32, its inputs are not
+            if not any(o in floats for o in n.output):
+                continue
+            queue.extend(producers[i] for i in n.input if i in producers)
+    return keep
+
+
+def _ensure_names(graph) -> None:
+    for i, node in enumerate(graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+
+
+def to_fp16(src, dst, keep_fp32_nodes: tuple[str, ...] = ()) -> dict:
+    """Write an fp16 copy of `src` to `dst` (fp32 inputs/outputs); returns what was kept in fp32."""
+    model = onnx.load(str(src))
+    graph = model.graph
+    _ensure_names(graph)
+    floats = _float_tensors(model)
+    scores = attention_score_nodes(graph, floats)
+    fp32_nodes = {n.name for n in graph.node
+                  if n.op_type in FP32_OPS or n.op_type in CONSTANT_OPS or n.name in scores} | set(keep_fp32_nodes)
+
+    # Every float tensor gets the type its producer computes in: fp16 for fp16 nodes, fp32 otherwise.
+    initializers = {t.name: t for t in graph.initializer}
+    graph_inputs = {i.name for i in graph.input}
+    half = set()  # float tensors that are fp16 after conversion
+    for node in graph.node:
+        if node.name in fp32_nodes:
+            continue
+        if node.op_type == "Cast":
+            if any(a.name == "to" and a.i == TensorProto.FLOAT for a in node.attribute):
+                for a in node.attribute:
+                    if a.name == "to":
+                        a.i = TensorProto.FLOAT16
+                half.update(node.output)
+            continue
+        half.update(o for o in node.output if o in floats)
+
+    casts, new_nodes, renamed_outputs = {}, [], {}
+    half_weights = {}
+
+    def as_type(name: str, want_half: bool) -> str:
+        """The name of `name` converted to the wanted float type (a cast or an fp16 weight copy)."""
+        is_half = name in half
+        if is_half == want_half:
+            return name
+        if name in initializers and want_half:
+            if name not in half_weights:
+                arr = numpy_helper.to_array(initializers[name])
+                arr = np.clip(arr, -FP16_MAX, FP16_MAX).astype(np.float16)
+                half_weights[name] = numpy_helper.from_array(arr, f"{name}__fp16")
+            return f"{name}__fp16"
+        key = (name, want_half)
+        if key not in casts:
+            out = f"{name}__{'fp16' if want_half else 'fp32'}"
+            new_nodes.append(helper.make_node("Cast", [name], [out], name=f"Cast_{out}",
+                                              to=TensorProto.FLOAT16 if want_half else TensorProto.FLOAT))
+            casts[key] = out
+        return casts[key]
+
+    body = []
+    for node in graph.node:
+        want_half = node.name not in fp32_nodes and node.op_type != "Cast"
+        for idx, name in enumerate(node.input):
+            if not name or name not in floats:
+                continue
+            if node.op_type == "Cast":
+                continue  # a Cast reads either type
+            fixed = (node.op_type, idx) in FP32_INPUTS
+            node.input[idx] = as_type(name, want_half and not fixed)
+        body.extend(new_nodes)
+        new_nodes.clear()
+        body.append(node)
+
+    # Graph outputs keep float32: an fp16 producer writes `<name>__fp16out`, a Cast gives back `<name>`.
+    outputs = {o.name for o in graph.output}
+    tail = []
+    for node in body:
+        for i, o in enumerate(node.output):
+            if o in outputs and o in half:
+                inner = f"{o}__fp16out"
+                node.output[i] = inner
+                renamed_outputs[o] = inner
+                tail.append(helper.make_node("Cast", [inner], [o], name=f"Cast_{o}_out", to=TensorProto.FLOAT))
+        for i, name in enumerate(node.input):
+            if name in renamed_outputs:  # an output that is also read inside the graph
+                node.input[i] = renamed_outputs[name]
+    del graph.node[:]
+    graph.node.extend(body + tail)
+    graph.initializer.extend(half_weights.values())
+    used = {i for n in graph.node for i in n.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    del graph.value_info[:]  # stale types; ONNX Runtime and TensorRT infer them again
+    _save(model, dst)
+    kept = defaultdict(int)
+    for n in graph.node:
+        if n.name in fp32_nodes and n.op_type not in CONSTANT_OPS:
+            kept["attention scores" if n.name in scores and n.op_type not in FP32_OPS else n.op_type] += 1
+    return {"kept_fp32": dict(sorted(kept.items())), "io_dtype": "float32",
+            "rule": "LayerNormalization, Softmax, reductions and each attention's score path (Q·Kᵀ, scale, "
+                    "additive mask) in float32; everything else float16; weights clamped to ±65504"}
+
+
+def _save(model: onnx.ModelProto, dst) -> None:
+    large = model.ByteSize() > 1_800_000_000
+    onnx.save(model, str(dst), save_as_external_data=large, location=f"{Path(dst).name}.data" if large else None)
+    onnx.checker.check_model(str(dst))
+
+
+# ---------------------------------------------------------------- INT8 (Q/DQ)
+def weight_matmuls(graph) -> tuple[list[str], list[str]]:
+    """(nodes with a weight: MatMul/Gemm/Conv reading an initializer, products of two activations)."""
+    inits = {t.name for t in graph.initializer}
+    with_weight, activations = [], []
+    for n in graph.node:
+        if n.op_type not in ("MatMul", "Gemm", "Conv"):
+            continue
+        (with_weight if any(i in inits for i in n.input[:2]) else activations).append(n.name)
+    return with_weight, activations
+
+
+class _Reader:
+    """onnxruntime.quantization CalibrationDataReader over a list of feed dicts."""
+
+    def __init__(self, feeds: list[dict]):
+        self.it = iter(feeds)
+
+    def get_next(self):
+        return next(self.it, None)
+
+    def rewind(self):  # pragma: no cover - not used by MinMax
+        pass
+
+
+@contextlib.contextmanager
+def _calibrator_sessions_share_pool():
+    """ONNX Runtime refuses per-session thread pools once the process-wide pool exists (the runtime creates it,
+    see runtime.runners.OrtRunner); the quantizer's calibrator makes its own session, so while it runs every
+    new SessionOptions is told to use the shared pool."""
+    import onnxruntime
+
+    from runtime.runners import OrtRunner
+
+    if not OrtRunner._global_pool:
+        yield
+        return
+
+    class SharedPoolOptions(onnxruntime.SessionOptions):
+        def __init__(self):
+            super().__init__()
+            self.use_per_session_threads = False
+
+    original = onnxruntime.SessionOptions
+    onnxruntime.SessionOptions = SharedPoolOptions
+    try:
+        yield
+    finally:
+        onnxruntime.SessionOptions = original
+
+
+def to_int8(src, dst, feeds: list[dict], exclude: tuple[str, ...] = (), method: str = "minmax") -> dict:
+    """Write a QDQ int8 copy of `src` to `dst`, calibrated on `feeds` (dicts of graph inputs)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if not feeds:
+        raise ValueError(f"no calibration feeds for {Path(src).name}: give calibration images (--calib-images DIR)")
+    model = onnx.load(str(src))
+    _ensure_names(model.graph)
+    quantized, activations = weight_matmuls(model.graph)
+    excluded = sorted(set(activations) | set(exclude))
+    with tempfile.TemporaryDirectory() as tmp:
+        named = Path(tmp) / "named.onnx"
+        onnx.save(model, str(named))
+        with _calibrator_sessions_share_pool():
+            quantize_static(
+                str(named), str(dst), _Reader(feeds), quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=["MatMul", "Gemm", "Conv"], per_channel=True,
+                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
+                calibrate_method={"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}[method],
+                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "CalibTensorRangeSymmetric": True,
+                               "QuantizeBias": False},  # float biases: what TensorRT fuses
+            )
+    onnx.checker.check_model(str(dst))
+    return {"quantized_nodes": len([n for n in quantized if n not in exclude]),
+            "kept_fp32": {"activation x activation products (attention)": len(activations),
+                          "excluded by name": sorted(set(exclude))},
+            "scheme": "QDQ, symmetric int8 activations (per tensor), symmetric int8 weights (per channel)",
+            "calibration": {"method": method, "feeds": len(feeds)}}

@@ -1,0 +1,227 @@
+"""Reduced precision: onnx-fp16 and onnx-int8 folders, their conversion rules, gates and accuracy reports.
+
+The stage-2 model with the Q-Former's text side has every graph (vision, the four Q-Former modes, the
+LLM decoder), so one build per precision covers them all.
+"""
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from export.calibration import GENERIC_TEXTS, record_feeds
+from export.checkpoint import load_checkpoint
+from export.e2e import E2E_TEXTS, probe_images
+from export.parity import TOLERANCES, check_graph
+from export.precision import FP16_MAX, to_fp16, to_int8, weight_matmuls
+from export.specs import graph_specs
+from runtime import Blip2Pipeline
+from runtime.errors import ImageInputError
+
+VARIANT = "stage2text"
+ALL_GRAPHS = {"vision", "qformer_query", "qformer_text", "qformer_itm", "qformer_itg", "llm_decoder"}
+
+
+@pytest.fixture(scope="module", params=["onnx-fp16", "onnx-int8"])
+def reduced(request, make_engine):
+    ck, engine = make_engine(VARIANT, request.param)
+    return request.param, ck, engine
+
+
+def _json(engine, name):
+    return json.loads((engine / name).read_text())
+
+
+def test_reduced_build_passes_its_gate_on_recorded_feeds(reduced):
+    target, _, engine = reduced
+    precision = target.split("-")[1]
+    parity, manifest = _json(engine, "parity.json"), _json(engine, "manifest.json")
+    assert manifest["target"] == target and manifest["precision"] == precision
+    assert parity["tolerance"]["precision"] == precision
+    assert parity["tolerance"]["max_rel"] == TOLERANCES[precision].max_rel
+    assert set(parity["graphs"]) == ALL_GRAPHS
+    assert all(g["passed"] for g in parity["graphs"].values())
+    # the gate ran on what the pipeline really feeds: decoder prefills and single-token steps, other batch sizes
+    cases = {c["case"] for c in parity["checks"] if c["graph"] == "llm_decoder"}
+    assert all(c.startswith("recorded:") for c in cases)
+    assert any("text=1" in c for c in cases) and any("past=0" in c for c in cases)
+    assert {c["case"] for c in parity["checks"] if c["graph"] == "vision"} == {"recorded:batch=3", "recorded:batch=1"}
+    e2e = parity["end_to_end"]
+    assert e2e["passed"] and e2e["caption"]["teacher_forced"]
+    assert e2e["caption"]["token_agreement"] >= e2e["required"]["token_agreement"]
+    accuracy = parity["accuracy"]
+    assert {"llm_caption", "qformer_caption", "itc", "itm"} <= set(accuracy)
+    assert manifest["parity"]["accuracy"] == accuracy["summary"]
+    assert sorted(p.name for p in engine.glob("*.onnx")) == sorted(f"{g}.onnx" for g in ALL_GRAPHS)
+    assert not (engine / "fp32").exists()
+
+
+def test_fp16_graphs_keep_fragile_ops_in_fp32(make_engine):
+    _, engine = make_engine(VARIANT, "onnx-fp16")
+    details = _json(engine, "manifest.json")["precision_details"]
+    for graph in ALL_GRAPHS:
+        kept = details[graph]["kept_fp32"]
+        assert kept["LayerNormalization"] > 0 and kept["Softmax"] > 0 and kept["attention scores"] > 0, graph
+        model = onnx.shape_inference.infer_shapes(onnx.load(str(engine / f"{graph}.onnx")))
+        types = {v.name: v.type.tensor_type.elem_type for v in
+                 list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
+        types.update({t.name: t.data_type for t in model.graph.initializer})
+        # inputs and outputs stay float32 (or int64): the runtime feeds every precision alike
+        assert {v.type.tensor_type.elem_type for v in model.graph.input} <= {TensorProto.FLOAT, TensorProto.INT64}
+        assert {v.type.tensor_type.elem_type for v in model.graph.output} == {TensorProto.FLOAT}
+        for node in model.graph.node:
+            if node.op_type in ("LayerNormalization", "Softmax"):
+                assert types[node.input[0]] == TensorProto.FLOAT, (graph, node.name)
+        weights = [t for t in model.graph.initializer if len(t.dims) == 2]
+        assert weights and all(t.data_type == TensorProto.FLOAT16 for t in weights
+                               if t.name.endswith("__fp16")), graph
+        assert sum(t.data_type == TensorProto.FLOAT16 for t in weights) >= len(weights) // 2, graph
+
+
+def test_int8_graphs_are_symmetric_qdq_with_per_channel_weights(make_engine):
+    _, engine = make_engine(VARIANT, "onnx-int8")
+    manifest = _json(engine, "manifest.json")
+    assert manifest["calibration"]["source"].startswith("ShapesCaps") and manifest["calibration"]["seed"] == 0
+    assert manifest["calibration"]["count"] == 64 and manifest["calibration"]["calls"]["llm_decoder"] > 10
+    for graph in ALL_GRAPHS:
+        model = onnx.load(str(engine / f"{graph}.onnx"))
+        inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+        q = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+        assert dq and q, graph
+        for n in dq + q:
+            zero = inits[n.input[2]]
+            assert zero.dtype == np.int8 and not zero.any(), f"{graph}: {n.name} is not symmetric int8"
+        per_channel = [n for n in dq if n.input[0] in inits and inits[n.input[1]].size > 1]
+        assert per_channel, f"{graph}: no per-channel weight quantization"
+        # products of two activations (attention) stay in float: only a MatMul with a weight reads DequantizeLinear
+        producers = {o: n for n in model.graph.node for o in n.output}
+        for n in model.graph.node:
+            if n.op_type != "MatMul":
+                continue
+            dq_inputs = [producers[i] for i in n.input if i in producers and producers[i].op_type == "DequantizeLinear"]
+            has_weight = any(d.input[0] in inits for d in dq_inputs) or any(i in inits for i in n.input)
+            assert has_weight or not dq_inputs, f"{graph}: {n.name} quantizes a product of two activations"
+        assert manifest["precision_details"][graph]["quantized_nodes"] > 0
+
+
+def test_reduced_pipelines_do_everything_fp32_does(make_engine, reduced):
+    target, _, engine = reduced
+    fp32 = Blip2Pipeline.from_dir(make_engine(VARIANT, "onnx")[1])
+    pipe = Blip2Pipeline.from_dir(engine)
+    images = probe_images(32, count=3, seed=41)
+    texts = ["a red circle", "two squares", "a photo"]
+    limit = {"onnx-fp16": 1e-2, "onnx-int8": 0.05}[target]
+    assert np.abs(pipe.itm(images, texts) - fp32.itm(images, texts)).max() < limit
+    sims = [p.similarity(p.embed_images(images), p.embed_texts(texts)) for p in (fp32, pipe)]
+    assert np.abs(sims[0] - sims[1]).max() < limit
+    for decoder in ("llm", "qformer"):
+        rows = pipe.generate_ids(images, prompt=[None, "a photo of", "Question: what? Answer:"] if decoder == "llm"
+                                 else None, decoder=decoder, max_new_tokens=6, num_beams=2)
+        assert len(rows) == 3 and all(len(r) >= 1 for r in rows)
+    assert [m.index for m in pipe.retrieve("a red circle", images, k=2)]
+
+
+def test_fp16_keeps_fully_masked_rows_finite(tmp_path):
+    """An additive mask filled with float32's lowest value is -inf in fp16; the score path stays fp32, so a row
+    whose keys are all masked (left padding) gives finite outputs, as in fp32."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4, 8])
+    mask = helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["b", 1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4, 8])
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w")
+    big = numpy_helper.from_array(np.array(1e6, dtype=np.float32), "big")
+    lowest = numpy_helper.from_array(np.array(np.finfo(np.float32).min, dtype=np.float32), "lowest")
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["q"], name="proj"),
+        helper.make_node("Transpose", ["q"], ["kt"], perm=[0, 2, 1], name="kt"),
+        helper.make_node("MatMul", ["q", "kt"], ["scores"], name="qk"),
+        helper.make_node("Mul", ["mask", "lowest"], ["additive"], name="fill"),
+        helper.make_node("Add", ["scores", "additive"], ["masked"], name="add_mask"),
+        helper.make_node("Softmax", ["masked"], ["probs"], axis=-1, name="softmax"),
+        helper.make_node("MatMul", ["probs", "q"], ["ctx"], name="pv"),
+        helper.make_node("Mul", ["ctx", "big"], ["y"], name="scale_out"),  # 1e6 * ... overflows fp16
+    ]
+    model = helper.make_model(helper.make_graph(nodes, "attn", [x, mask], [y], [w, big, lowest]),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    src, dst = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    onnx.save(model, str(src))
+    info = to_fp16(src, dst, keep_fp32_nodes=("scale_out",))
+    assert info["kept_fp32"]["attention scores"] == 3  # qk, fill, add_mask
+    from runtime.runners import make_runner
+
+    feeds = {"x": rng.standard_normal((2, 4, 8)).astype(np.float32) * 0.1,
+             "mask": np.array([[[1, 1, 1, 1]], [[0, 0, 1, 1]]], dtype=np.float32)}  # row 0: every key masked
+    ref = make_runner(src).run(feeds)["y"]
+    got = make_runner(dst).run(feeds)["y"]
+    assert np.isfinite(got).all()
+    assert np.abs(got - ref).max() <= 1e-2 * np.abs(ref).max()
+    halves = [t for t in onnx.load(str(dst)).graph.initializer if t.data_type == TensorProto.FLOAT16]
+    assert [t.name for t in halves] == ["w__fp16"] and FP16_MAX == 65504.0
+
+
+def test_int8_gate_fails_with_clipped_calibration(make_engine):
+    """A graph calibrated on inputs 100x too small clips real activations: the int8 gate must catch it."""
+    ck_dir, engine32 = make_engine(VARIANT, "onnx")
+    ck = load_checkpoint(ck_dir)
+    spec = next(s for s in graph_specs(ck.model) if s.name == "vision")
+    feeds = record_feeds(engine32, probe_images(32, count=3, seed=8), E2E_TEXTS[:3])["vision"]
+    tiny = [{k: v * 0.01 for k, v in f.items()} for f in feeds]
+    out = engine32.parent / "clipped-vision.onnx"
+    from runtime.runners import make_runner
+
+    to_int8(engine32 / "vision.onnx", out, tiny)
+    results = check_graph(spec, spec.build(ck.model).eval(), make_runner(out), TOLERANCES["int8"], feeds=feeds)
+    assert any(not r.passed for r in results)
+    good = engine32.parent / "good-vision.onnx"
+    to_int8(engine32 / "vision.onnx", good, feeds)
+    assert all(r.passed for r in check_graph(spec, spec.build(ck.model).eval(), make_runner(good),
+                                             TOLERANCES["int8"], feeds=feeds))
+
+
+def test_activation_products_are_not_quantized():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])
+    w = numpy_helper.from_array(np.ones((4, 4), dtype=np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="with_weight"),
+             helper.make_node("Transpose", ["h"], ["ht"], name="t"),
+             helper.make_node("MatMul", ["h", "ht"], ["y"], name="two_activations")]
+    graph = helper.make_graph(nodes, "g", [x], [y], [w])
+    assert weight_matmuls(graph) == (["with_weight"], ["two_activations"])
+
+
+def test_calibration_from_a_folder_of_images(make_engine, tmp_path):
+    from export.build import Calibration, build
+    from export.calibration import calibration_images
+
+    ck_dir, _ = make_engine(VARIANT, "onnx")
+    with pytest.raises(ImageInputError, match="no images"):
+        calibration_images(tmp_path, 32, 8)
+    with pytest.raises(ImageInputError, match="not a folder"):
+        calibration_images(tmp_path / "missing", 32, 8)
+    for i, im in enumerate(probe_images(48, count=5, seed=2)):
+        im.save(tmp_path / f"{i}.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    engine = build(ck_dir, "onnx-int8", tmp_path / "engines", say=lambda *_: None,
+                   calibration=Calibration(images=str(tmp_path), count=4, report_images=4))
+    calib = _json(engine, "manifest.json")["calibration"]
+    assert calib["source"] == str(tmp_path.resolve()) and calib["count"] == 4 and calib["seed"] is None
+    assert _json(engine, "parity.json")["accuracy"]["images"] == 4
+    assert GENERIC_TEXTS  # texts for the Q-Former text graphs come from the model's own captions or these
+
+
+def test_tensorrt_targets_fail_at_once_without_tensorrt(tiny_engine, tmp_path):
+    from export.build import BuildError, build
+
+    pytest.importorskip("numpy")
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here; the GPU tests cover trt-* builds")
+    except ImportError:
+        pass
+    for target in ("trt-fp16", "trt-int8"):
+        with pytest.raises(BuildError, match="needs TensorRT") as err:
+            build(tiny_engine[0], target, tmp_path / "engines", say=lambda *_: None)
+        assert "onnx-" in str(err.value)  # says which target builds the same precision without TensorRT
+    assert not (tmp_path / "engines").exists() or not any((tmp_path / "engines").rglob("*.onnx"))
