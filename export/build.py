@@ -107,8 +107,10 @@ def _qformer_info(ck, limits: Limits) -> dict | None:
             "itc_temperature": float(ck.model.temp.detach()), "max_batch": limits.max_batch}
 
 
-def end_to_end_check(ck, folder: Path, limits: Limits, precision: str, backend: str = "onnxruntime") -> dict:
-    """Every capability of the folder through the runtime pipeline against PyTorch (see export.e2e)."""
+def end_to_end_check(ck, folder: Path, limits: Limits, precision: str, backend: str = "onnxruntime",
+                     images: list | None = None) -> dict:
+    """Every capability of the folder through the runtime pipeline against PyTorch (see export.e2e), on
+    `images` (default: export.e2e.probe_images; reduced precision: held-out images like the calibration's)."""
     from export.e2e import llm_end_to_end, qformer_end_to_end
     from runtime import Blip2Pipeline
 
@@ -116,9 +118,9 @@ def end_to_end_check(ck, folder: Path, limits: Limits, precision: str, backend: 
     required = E2E_REQUIRED[precision]
     report = {}
     if ck.has_llm:
-        report.update(llm_end_to_end(ck, pipe, limits, required))
+        report.update(llm_end_to_end(ck, pipe, limits, required, images))
     if ck.qformer_tokenizer is not None:
-        report.update(qformer_end_to_end(ck, pipe, limits, required))
+        report.update(qformer_end_to_end(ck, pipe, limits, required, images))
     report["required"] = required
     report["passed"] = all(r["passed"] for r in report.values() if isinstance(r, dict) and "passed" in r)
     return report
@@ -188,8 +190,9 @@ def _gate(specs, ck, folder: Path, tol, make, say, feeds: dict | None = None) ->
     return results
 
 
-def _convert(specs, src: Path, dst: Path, precision: str, calib_feeds: dict | None, say) -> dict:
-    """fp32 ONNX graphs in `src` -> reduced-precision graphs in `dst`; returns per-graph precision info."""
+def _convert(specs, src: Path, dst: Path, precision: str, calib_feeds: dict | None, say, for_tensorrt: bool) -> dict:
+    """fp32 ONNX graphs in `src` -> reduced-precision graphs in `dst`; returns per-graph precision info.
+    INT8 graphs for ONNX Runtime store activations as uint8 (the same values; see export.precision)."""
     from export.precision import to_fp16, to_int8
 
     info = {}
@@ -198,7 +201,8 @@ def _convert(specs, src: Path, dst: Path, precision: str, calib_feeds: dict | No
         if precision == "fp16":
             info[spec.name] = to_fp16(src / file, dst / file)
         else:
-            info[spec.name] = to_int8(src / file, dst / file, calib_feeds[spec.name])
+            info[spec.name] = to_int8(src / file, dst / file, calib_feeds[spec.name],
+                                      uint8_activations=not for_tensorrt)
         say(f"  {spec.name}: {precision} ({info[spec.name]['kept_fp32']} kept in float32)")
     return info
 
@@ -238,11 +242,11 @@ def build(model_dir, target: str = "onnx", out_root="engines", name: str | None 
                              lambda g: make_runner(fp32_dir / f"{g}.onnx"), say)
         raise_on_failure(fp32_results)
         _write_folder(ck, fp32_dir, _manifest(ck, name, "onnx", "fp32", graphs, limits, model_dir))
-        results, extra, feeds = fp32_results, {}, None
+        results, extra, feeds, data = fp32_results, {}, None, None
 
         # 2. reduced precision: recorded feeds for calibration and for the gate, then the converted graphs
         if precision != "fp32":
-            results, extra, feeds = _reduce(ck, specs, fp32_dir, tmp, precision, calibration, say)
+            extra, feeds, data = _reduce(ck, specs, fp32_dir, tmp, precision, calibration, say, trt is not None)
         # 3. TensorRT engines from the (converted) ONNX graphs
         graph_dir, backend = tmp, "onnxruntime"
         if trt is not None:
@@ -259,7 +263,7 @@ def build(model_dir, target: str = "onnx", out_root="engines", name: str | None 
         manifest.update(extra)
         _write_folder(ck, tmp, manifest)
         say("end-to-end: runtime pipeline vs the PyTorch model ...")
-        e2e = end_to_end_check(ck, tmp, limits, precision, backend)
+        e2e = end_to_end_check(ck, tmp, limits, precision, backend, data.held_out if data else None)
         for case, r in e2e.items():
             if isinstance(r, dict) and "summary" in r:
                 say(f"end-to-end {case}: {r['summary']}")
@@ -269,7 +273,7 @@ def build(model_dir, target: str = "onnx", out_root="engines", name: str | None 
         if precision != "fp32" or trt is not None:
             from export.e2e import accuracy_report
 
-            parity["accuracy"] = accuracy_report(fp32_dir, tmp, ck, calibration.report_images, backend)
+            parity["accuracy"] = accuracy_report(fp32_dir, tmp, data.report, backend, data.source["report"])
             say(f"accuracy against fp32: {parity['accuracy']['summary']}")
         (tmp / "parity.json").write_text(json.dumps(parity, indent=2))
         if not e2e["passed"]:
@@ -290,28 +294,28 @@ def build(model_dir, target: str = "onnx", out_root="engines", name: str | None 
     return final
 
 
-def _reduce(ck, specs, fp32_dir: Path, out: Path, precision: str, calibration: Calibration, say):
+def _reduce(ck, specs, fp32_dir: Path, out: Path, precision: str, calibration: Calibration, say,
+            for_tensorrt: bool):
     """Record real feeds with the fp32 pipeline, convert every graph, return (results, manifest extra, feeds)."""
     from export.calibration import calibration_images, record_feeds
-    from export.e2e import E2E_TEXTS, probe_images
+    from export.e2e import E2E_TEXTS
 
-    size = ck.config.vision_config.image_size
+    data = calibration_images(calibration.images, ck.config.vision_config.image_size, calibration.count,
+                              calibration.seed, calibration.report_images)
     calib = None
     extra = {}
     if precision == "int8":
-        images, texts, source = calibration_images(calibration.images, size, calibration.count, calibration.seed)
-        say(f"calibrating on {source['count']} images from {source['source']} ...")
-        calib = record_feeds(fp32_dir, images, texts)
-        extra["calibration"] = {**source, "method": "minmax",
-                                "calls": {g: len(f) for g, f in calib.items()}}
-    # the gate's inputs: held-out probe images (not the calibration set), batch 3 and 1
-    probes = probe_images(size, count=4, seed=17)
-    gate = record_feeds(fp32_dir, probes[:3], E2E_TEXTS[:3])
-    for g, f in record_feeds(fp32_dir, probes[3:], E2E_TEXTS[3:]).items():
+        say(f"calibrating on {data.source['count']} images from {data.source['source']} ...")
+        calib = record_feeds(fp32_dir, data.images, data.texts)
+        extra["calibration"] = {**data.source, "method": "minmax", "calls": {g: len(f) for g, f in calib.items()}}
+    # the gate's inputs: held-out images of the same kind, at batch 3 and batch 1
+    texts = data.held_out_texts or E2E_TEXTS
+    gate = record_feeds(fp32_dir, data.held_out[:3], texts[:3])
+    for g, f in record_feeds(fp32_dir, data.held_out[3:], texts[3:4]).items():
         gate[g] += f
     say(f"converting to {precision}:")
-    extra["precision_details"] = _convert(specs, fp32_dir, out, precision, calib, say)
-    return [], extra, gate
+    extra["precision_details"] = _convert(specs, fp32_dir, out, precision, calib, say, for_tensorrt)
+    return extra, gate, data
 
 
 def _tensorrt_or_fail(target: str):

@@ -6,13 +6,17 @@ really feeds each graph: the fp32 engine folder is opened with `Blip2Pipeline`, 
 in a `RecordingRunner`, and the pipeline captions, answers, embeds and matches a set of images.
 
     from export.calibration import calibration_images, record_feeds
-    images, texts, source = calibration_images(None, image_size=224, count=64, seed=0)   # ShapesCaps
-    feeds = record_feeds("engines/.partial/fp32", images, texts)    # {"vision": [{...}, ...], ...}
+    data = calibration_images(None, image_size=224, count=64, seed=0)        # ShapesCaps
+    feeds = record_feeds("engines/.partial/fp32", data.images, data.texts)  # {"vision": [{...}, ...], ...}
 
-Calibration images come from `--calib-images DIR` (every .png/.jpg/.jpeg/.bmp/.webp in it, sorted,
-the first `count`) or, by default, from the synthetic ShapesCaps training split with its captions.
+Calibration images come from `--calib-images DIR` (every .png/.jpg/.jpeg/.bmp/.webp in it, sorted by
+name; the last four are held out, the first `count` of the rest calibrate) or, by default, from the
+synthetic ShapesCaps training split with its captions (held out: its val split). The parity gate of a
+reduced-precision build runs on the held-out images: inputs of the kind the graphs were calibrated for,
+which the calibration never saw.
 """
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,25 +34,48 @@ GENERIC_TEXTS = [
 PROMPTS = [None, "a photo of", "Question: what is in the picture? Answer:", "Question: what color is it? Answer:"]
 
 
-def calibration_images(folder, image_size: int, count: int, seed: int = 0) -> tuple[list, list[str] | None, dict]:
-    """(images, their texts or None, a description for the manifest)."""
+@dataclass
+class ImageSet:
+    """Calibration images and held-out images of the same kind (the gate's inputs), with texts when known."""
+    images: list
+    texts: list[str] | None
+    held_out: list
+    held_out_texts: list[str] | None
+    report: list  # held-out images for the accuracy report against fp32
+    source: dict  # for the manifest: where the images come from, how many, the seed
+
+
+HELD_OUT = 4  # images kept out of calibration for the parity gate (batch 3, then batch 1)
+
+
+def calibration_images(folder, image_size: int, count: int, seed: int = 0, report: int = 16) -> ImageSet:
+    """`count` calibration images and HELD_OUT others from the same source: the ShapesCaps train and val
+    splits by default (`report` val images for the accuracy report), else the folder's images (the last
+    HELD_OUT of it, sorted by name, are held out, and are the report's images)."""
     if folder is None:
         from train.data import ShapesCaps
 
-        data = ShapesCaps("train", n=count, image_size=image_size, seed=seed)
-        samples = list(data)
-        return ([s.image for s in samples], [s.captions[0] for s in samples],
-                {"source": "ShapesCaps train split (synthetic)", "count": count, "seed": seed})
+        train = list(ShapesCaps("train", n=count, image_size=image_size, seed=seed))
+        val = list(ShapesCaps("val", n=max(HELD_OUT, report), image_size=image_size, seed=seed))
+        return ImageSet([s.image for s in train], [s.captions[0] for s in train], [s.image for s in val[:HELD_OUT]],
+                        [s.captions[0] for s in val[:HELD_OUT]], [s.image for s in val[:report]],
+                        {"source": "ShapesCaps train split (synthetic)", "count": count, "seed": seed,
+                         "held_out": f"{HELD_OUT} images of the ShapesCaps val split",
+                         "report": f"{report} images of the ShapesCaps val split"})
     folder = Path(folder)
     if not folder.is_dir():
         raise ImageInputError(f"--calib-images {folder} is not a folder; pass a folder of .png/.jpg images like the "
                               f"ones the model will see in deployment")
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise ImageInputError(f"--calib-images {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); add a few "
-                              f"dozen images like the ones the model will see in deployment")
-    paths = paths[:count]
-    return paths, None, {"source": str(folder.resolve()), "count": len(paths), "seed": None}
+    if len(paths) < HELD_OUT + 1:
+        raise ImageInputError(f"--calib-images {folder} holds {len(paths)} images ({', '.join(IMAGE_SUFFIXES)}); "
+                              f"give at least {HELD_OUT + 1} (a few dozen is better) like the ones the model will see "
+                              f"in deployment: {HELD_OUT} are held out to check the INT8 graphs")
+    held_out, paths = paths[-HELD_OUT:], paths[:-HELD_OUT][:count]
+    return ImageSet(paths, None, held_out, None, held_out,
+                    {"source": str(folder.resolve()), "count": len(paths), "seed": None,
+                     "held_out": f"the last {HELD_OUT} images of the folder, by name",
+                     "report": f"the last {HELD_OUT} images of the folder, by name"})
 
 
 class RecordingRunner:

@@ -77,9 +77,9 @@ E2E_TEXTS = ["a red circle on the left", "a photo", "there is a small blue squar
              "two shapes, a green triangle above an orange circle"]
 
 
-def llm_end_to_end(ck, pipe, limits, required: dict) -> dict:
-    """Greedy captions and prompted answers: runtime pipeline vs HF generate."""
-    images = probe_images(ck.config.vision_config.image_size, count=4)
+def llm_end_to_end(ck, pipe, limits, required: dict, images: list | None = None) -> dict:
+    """Greedy captions and prompted answers: runtime pipeline vs HF generate (on 4 images)."""
+    images = _four(images) or probe_images(ck.config.vision_config.image_size, count=4)
     new = min(20, limits.max_new_tokens)
     cases = {
         "caption": [None] * len(images),
@@ -99,6 +99,13 @@ def llm_end_to_end(ck, pipe, limits, required: dict) -> dict:
                         "passed": agreement >= required["token_agreement"],
                         "summary": f"{_agreement_kind(required)} token agreement {agreement:.3f}"}
     return report
+
+
+def _four(images: list | None) -> list | None:
+    """Four PIL images (the prompt and text lists here have four entries), from paths or images."""
+    if not images:
+        return None
+    return [Image.open(i).convert("RGB") if not isinstance(i, Image.Image) else i for i in images[:4]]
 
 
 def _agreement_kind(required: dict) -> str:
@@ -160,10 +167,10 @@ def same_ranking(got: np.ndarray, ref: np.ndarray, tie: float) -> bool:
 
 
 @torch.no_grad()
-def qformer_end_to_end(ck, pipe, limits, required: dict) -> dict:
+def qformer_end_to_end(ck, pipe, limits, required: dict, images: list | None = None) -> dict:
     """ITC similarities and rankings, ITM probabilities, ITG greedy captions: runtime vs Blip2Edge."""
     model = ck.model
-    images = probe_images(ck.config.vision_config.image_size, count=4, seed=5)
+    images = _four(images) or probe_images(ck.config.vision_config.image_size, count=4, seed=5)
     image_embeds = model.encode_image(hf_pixel_values(ck, images))
     report = {}
     if "image_feats" in pipe.runners["qformer_query"].output_names and "qformer_text" in pipe.runners:
@@ -201,16 +208,16 @@ def qformer_end_to_end(ck, pipe, limits, required: dict) -> dict:
     return report
 
 
-def accuracy_report(fp32_folder, folder, ck, count: int = 16, backend: str = "onnxruntime") -> dict:
-    """What a reduced-precision folder costs against the fp32 one, on `count` held-out images: greedy
+def accuracy_report(fp32_folder, folder, images: list, backend: str = "onnxruntime", source: str | None = None) -> dict:
+    """What a reduced-precision folder costs against the fp32 one, on held-out `images`: greedy
     (free-running) token agreement and identical outputs of LLM and Q-Former captions, and the largest
     change in ITC similarities and ITM probabilities."""
     from runtime import Blip2Pipeline
 
     ref_pipe = Blip2Pipeline.from_dir(fp32_folder, backend="onnxruntime")
     pipe = Blip2Pipeline.from_dir(folder, backend=backend)
-    images = probe_images(ck.config.vision_config.image_size, count=count, seed=23)
-    report, parts = {"images": count}, []
+    count = len(images)
+    report, parts = {"images": count, "source": source}, []
     decoders = [d for d, graph in (("llm", "llm_decoder"), ("qformer", "qformer_itg")) if graph in pipe.runners]
     for decoder in decoders:
         new = min(20, pipe.max_new_tokens) if decoder == "llm" else min(16, pipe.manifest["qformer"]["max_text_tokens"] - 1)

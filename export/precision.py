@@ -236,8 +236,38 @@ def _calibrator_sessions_share_pool():
         onnxruntime.SessionOptions = original
 
 
-def to_int8(src, dst, feeds: list[dict], exclude: tuple[str, ...] = (), method: str = "minmax") -> dict:
-    """Write a QDQ int8 copy of `src` to `dst`, calibrated on `feeds` (dicts of graph inputs)."""
+def shift_activations_to_uint8(model: onnx.ModelProto) -> int:
+    """Rewrite symmetric int8 activation Q/DQ (zero point 0) as uint8 with zero point 128, in place; returns
+    how many nodes changed. The quantized values are the same numbers shifted by 128 (saturation included:
+    -128..127 becomes 0..255), so the graph computes exactly the same; ONNX Runtime's x86 kernels fuse
+    uint8 activations with int8 weights (QLinearMatMul, QGemm) and leave int8 activations half unfused,
+    dequantizing weights at every call. Weights keep their int8 zero points."""
+    inits = {t.name: t for t in model.graph.initializer}
+    weights = {n.output[0] for n in model.graph.node
+               if n.op_type == "QuantizeLinear" and n.input[0] in inits}  # (weights are stored quantized)
+    shifted, changed = {}, 0
+    for node in model.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 3:
+            continue
+        if node.input[0] in inits or node.input[0] in weights:
+            continue  # a weight: stays int8
+        zero = node.input[2]
+        if numpy_helper.to_array(inits[zero]).dtype != np.int8:
+            continue
+        if zero not in shifted:
+            value = numpy_helper.to_array(inits[zero]).astype(np.int16) + 128
+            shifted[zero] = numpy_helper.from_array(value.astype(np.uint8), f"{zero}__u8")
+            model.graph.initializer.append(shifted[zero])
+        node.input[2] = shifted[zero].name
+        changed += 1
+    return changed
+
+
+def to_int8(src, dst, feeds: list[dict], exclude: tuple[str, ...] = (), method: str = "minmax",
+            uint8_activations: bool = False) -> dict:
+    """Write a QDQ int8 copy of `src` to `dst`, calibrated on `feeds` (dicts of graph inputs). The result is
+    the form TensorRT builds from (symmetric int8 everywhere); with `uint8_activations` the activations are
+    then shifted to uint8 for ONNX Runtime (`shift_activations_to_uint8`: the same values)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if not feeds:
@@ -254,13 +284,20 @@ def to_int8(src, dst, feeds: list[dict], exclude: tuple[str, ...] = (), method: 
                 str(named), str(dst), _Reader(feeds), quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=["MatMul", "Gemm", "Conv"], per_channel=True,
                 activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
-                calibrate_method={"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}[method],
+                calibrate_method={"minmax": CalibrationMethod.MinMax}[method],  # histograms need fixed shapes
                 extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "CalibTensorRangeSymmetric": True,
-                               "QuantizeBias": False},  # float biases: what TensorRT fuses
+                               "QuantizeBias": False,  # float biases: what TensorRT fuses
+                               "DedicatedQDQPair": True},  # one Q/DQ pair per consumer: ONNX Runtime fuses each
             )
+    if uint8_activations:
+        model = onnx.load(str(dst))
+        shift_activations_to_uint8(model)
+        _save(model, dst)
     onnx.checker.check_model(str(dst))
     return {"quantized_nodes": len([n for n in quantized if n not in exclude]),
             "kept_fp32": {"activation x activation products (attention)": len(activations),
                           "excluded by name": sorted(set(exclude))},
-            "scheme": "QDQ, symmetric int8 activations (per tensor), symmetric int8 weights (per channel)",
+            "scheme": "QDQ, symmetric int8 activations (per tensor), symmetric int8 weights (per channel)" + (
+                "; activations stored as uint8 with zero point 128 (the same values) for ONNX Runtime"
+                if uint8_activations else ""),
             "calibration": {"method": method, "feeds": len(feeds)}}

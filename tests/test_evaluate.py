@@ -302,3 +302,22 @@ def test_engine_evaluation_needs_no_torch(stage2, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert json.loads(out.read_text())["metrics"]["vqa_accuracy"]["total"] == 2
+
+
+def test_comparison_against_a_baseline_flags_losses_beyond_the_precision_budget():
+    from train.evaluate import format_comparison
+
+    def res(precision, itc, vqa):
+        ok = lambda v: {"label": "x", "status": "ok", "value": v}  # noqa: E731
+        return {"precision": precision, "folder": "engines/m/onnx",
+                "metrics": {"itc_r1_i2t": {**ok(itc), "label": "ITC R@1 image->text"},
+                            "vqa": {**ok(vqa), "label": "VQA exact match"},
+                            "itm": {"label": "ITM accuracy", "status": "n/a", "reason": "no ITM graph"}}}
+
+    table = format_comparison(res("fp32", 0.900, 0.800), res("int8", 0.885, 0.700))
+    rows = {line.split("|")[0].strip(): [c.strip() for c in line.split("|")] for line in table.splitlines()[1:]}
+    assert rows["ITC R@1 image->text"][3:] == ["-1.5", "yes"]  # int8 may lose 2 points
+    assert rows["VQA exact match"][3:] == ["-10.0", "NO"]
+    assert rows["ITM accuracy"][1] == "n/a"
+    fp16 = format_comparison(res("fp32", 0.900, 0.800), res("fp16", 0.893, 0.810))
+    assert "within 0.5 points" in fp16 and "NO" in fp16 and "+1.0" in fp16  # -0.7 fails, a gain passes

@@ -14,7 +14,7 @@ from export.calibration import GENERIC_TEXTS, record_feeds
 from export.checkpoint import load_checkpoint
 from export.e2e import E2E_TEXTS, probe_images
 from export.parity import TOLERANCES, check_graph
-from export.precision import FP16_MAX, to_fp16, to_int8, weight_matmuls
+from export.precision import FP16_MAX, shift_activations_to_uint8, to_fp16, to_int8, weight_matmuls
 from export.specs import graph_specs
 from runtime import Blip2Pipeline
 from runtime.errors import ImageInputError
@@ -47,6 +47,7 @@ def test_reduced_build_passes_its_gate_on_recorded_feeds(reduced):
     assert all(c.startswith("recorded:") for c in cases)
     assert any("text=1" in c for c in cases) and any("past=0" in c for c in cases)
     assert {c["case"] for c in parity["checks"] if c["graph"] == "vision"} == {"recorded:batch=3", "recorded:batch=1"}
+    assert parity["accuracy"]["source"] == "16 images of the ShapesCaps val split"
     e2e = parity["end_to_end"]
     assert e2e["passed"] and e2e["caption"]["teacher_forced"]
     assert e2e["caption"]["token_agreement"] >= e2e["required"]["token_agreement"]
@@ -92,7 +93,10 @@ def test_int8_graphs_are_symmetric_qdq_with_per_channel_weights(make_engine):
         assert dq and q, graph
         for n in dq + q:
             zero = inits[n.input[2]]
-            assert zero.dtype == np.int8 and not zero.any(), f"{graph}: {n.name} is not symmetric int8"
+            if n.input[0] in inits:  # weights: symmetric int8
+                assert zero.dtype == np.int8 and not zero.any(), f"{graph}: {n.name} is not symmetric int8"
+            else:  # activations: symmetric int8 shifted to uint8 for ONNX Runtime (zero point 128)
+                assert zero.dtype == np.uint8 and (zero == 128).all(), f"{graph}: {n.name} is not shifted int8"
         per_channel = [n for n in dq if n.input[0] in inits and inits[n.input[1]].size > 1]
         assert per_channel, f"{graph}: no per-channel weight quantization"
         # products of two activations (attention) stay in float: only a MatMul with a weight reads DequantizeLinear
@@ -180,6 +184,28 @@ def test_int8_gate_fails_with_clipped_calibration(make_engine):
                                              TOLERANCES["int8"], feeds=feeds))
 
 
+def test_tensorrt_form_and_onnxruntime_form_compute_the_same(make_engine, tmp_path):
+    """trt-int8 builds from symmetric int8 Q/DQ; onnx-int8 stores the activations as uint8 + 128 for ONNX
+    Runtime's fused kernels. Both forms of one calibration give the same outputs."""
+    from runtime.runners import make_runner
+
+    ck_dir, engine32 = make_engine(VARIANT, "onnx")
+    images = probe_images(32, count=3, seed=9)
+    feeds = record_feeds(engine32, images, E2E_TEXTS[:3])
+    for graph in ("vision", "llm_decoder"):
+        s8, u8 = tmp_path / f"{graph}-s8.onnx", tmp_path / f"{graph}-u8.onnx"
+        to_int8(engine32 / f"{graph}.onnx", s8, feeds[graph])
+        to_int8(engine32 / f"{graph}.onnx", u8, feeds[graph], uint8_activations=True)
+        model = onnx.load(str(s8))
+        zeros = [numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith("zero_point")]
+        assert zeros and all(z.dtype == np.int8 and not z.any() for z in zeros)  # symmetric int8 throughout
+        assert shift_activations_to_uint8(model) > 0
+        a, b = make_runner(s8), make_runner(u8)
+        for f in feeds[graph][:3]:
+            for name, x in a.run(f).items():
+                np.testing.assert_allclose(b.run(f)[name], x, rtol=1e-5, atol=1e-5 * np.abs(x).max())
+
+
 def test_activation_products_are_not_quantized():
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])
@@ -193,22 +219,34 @@ def test_activation_products_are_not_quantized():
 
 def test_calibration_from_a_folder_of_images(make_engine, tmp_path):
     from export.build import Calibration, build
-    from export.calibration import calibration_images
+    from export.calibration import HELD_OUT, calibration_images
 
     ck_dir, _ = make_engine(VARIANT, "onnx")
-    with pytest.raises(ImageInputError, match="no images"):
+    with pytest.raises(ImageInputError, match="holds 0 images"):
         calibration_images(tmp_path, 32, 8)
     with pytest.raises(ImageInputError, match="not a folder"):
         calibration_images(tmp_path / "missing", 32, 8)
-    for i, im in enumerate(probe_images(48, count=5, seed=2)):
+    for i, im in enumerate(probe_images(48, count=9, seed=2)):
         im.save(tmp_path / f"{i}.png")
     (tmp_path / "notes.txt").write_text("not an image")
+    data = calibration_images(tmp_path, 32, count=4)
+    assert [p.name for p in data.images] == ["0.png", "1.png", "2.png", "3.png"]
+    assert [p.name for p in data.held_out] == ["5.png", "6.png", "7.png", "8.png"] == [p.name for p in data.report]
     engine = build(ck_dir, "onnx-int8", tmp_path / "engines", say=lambda *_: None,
-                   calibration=Calibration(images=str(tmp_path), count=4, report_images=4))
+                   calibration=Calibration(images=str(tmp_path), count=4))
     calib = _json(engine, "manifest.json")["calibration"]
     assert calib["source"] == str(tmp_path.resolve()) and calib["count"] == 4 and calib["seed"] is None
-    assert _json(engine, "parity.json")["accuracy"]["images"] == 4
+    assert _json(engine, "parity.json")["accuracy"]["images"] == HELD_OUT
     assert GENERIC_TEXTS  # texts for the Q-Former text graphs come from the model's own captions or these
+
+
+def test_default_calibration_holds_out_shapescaps_val_images():
+    from export.calibration import calibration_images
+
+    data = calibration_images(None, 32, count=6, seed=3, report=10)
+    assert len(data.images) == 6 and len(data.held_out) == 4 and len(data.report) == 10
+    assert data.texts and data.held_out_texts and data.source["seed"] == 3
+    assert data.held_out_texts[0] not in data.texts[:1]  # the val split, not the calibration images
 
 
 def test_tensorrt_targets_fail_at_once_without_tensorrt(tiny_engine, tmp_path):

@@ -134,3 +134,28 @@ def test_kv_cache_stays_on_device(built):
         for n, r in zip(present, ref[1:]):
             assert isinstance(out[n], DeviceTensor)
             close(out[n].numpy(), r)
+
+
+@pytest.mark.parametrize("target", ["trt-fp16", "trt-int8"])
+def test_trt_targets_build_pass_their_gate_and_run_in_the_pipeline(make_engine, target):
+    """The whole target: fp16 / Q/DQ ONNX -> engines -> gate against PyTorch with the precision's tolerances ->
+    manifest with this GPU -> Blip2Pipeline on backend 'tensorrt' (chosen automatically)."""
+    import json
+
+    from runtime import Blip2Pipeline
+    from runtime.trt_runner import current_hardware
+
+    _, engine = make_engine("stage2text", target)
+    manifest = json.loads((engine / "manifest.json").read_text())
+    assert manifest["tensorrt"]["compute_capability"] == current_hardware()["compute_capability"]
+    assert all(g["file"].endswith(".engine") for g in manifest["graphs"].values())
+    assert manifest["parity"]["passed"]
+    pipe = Blip2Pipeline.from_dir(engine)
+    assert pipe.backend == "tensorrt"
+    onnx_pipe = Blip2Pipeline.from_dir(make_engine("stage2text", f"onnx-{target.split('-')[1]}")[1])
+    from export.e2e import probe_images
+
+    images = probe_images(32, count=2, seed=3)
+    assert np.abs(pipe.itm(images, ["a red circle", "a photo"]) - onnx_pipe.itm(images, ["a red circle", "a photo"])
+                  ).max() < 0.05
+    assert len(pipe.generate_ids(images, max_new_tokens=5, num_beams=2)) == 2

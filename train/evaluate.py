@@ -2,6 +2,7 @@
 
     python -m train.evaluate --model checkpoints/stage2 --n 200 --out results/torch.json
     python -m train.evaluate --engines engines/stage2/onnx --n 200 --out results/onnx.json
+    python -m train eval --engines engines/stage2/onnx-int8 --baseline engines/stage2/onnx   # what int8 costs
 
     from train.evaluate import PipelineBackend, TorchBackend, evaluate, format_table
     results = evaluate(TorchBackend("checkpoints/stage2"), n=200, seed=0)
@@ -483,6 +484,31 @@ def format_table(results: dict) -> str:
     return "\n".join(out + notes)
 
 
+# What a reduced-precision folder may lose against its fp32 baseline, in points (0.01) per metric.
+ALLOWED_LOSS = {"fp16": 0.5, "int8": 2.0}
+
+
+def format_comparison(base: dict, results: dict) -> str:
+    """Metric by metric, the baseline's value beside these results, the change in points, and whether the
+    change stays within what this precision may lose (ALLOWED_LOSS; a gain always passes)."""
+    precision = results.get("precision")
+    allowed = ALLOWED_LOSS.get(precision)
+    rows = [("metric", f"baseline ({base.get('precision') or base.get('backend')})", precision or "this",
+             "change (points)", "within" if allowed is None else f"within {allowed} points")]
+    for name, m in results["metrics"].items():
+        b = base["metrics"].get(name)
+        if m["status"] != "ok" or b is None or b["status"] != "ok":
+            rows.append((m["label"], "n/a", "n/a", "", ""))
+            continue
+        change = 100 * (m["value"] - b["value"])
+        verdict = "" if allowed is None else ("yes" if change >= -allowed else "NO")
+        rows.append((m["label"], f"{b['value']:.3f}", f"{m['value']:.3f}", f"{change:+.1f}", verdict))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    line = lambda r: " | ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([f"against {base.get('folder', '')}:", line(rows[0]), "-+-".join("-" * w for w in widths)]
+                     + [line(r) for r in rows[1:]])
+
+
 # ----------------------------------------------------------------------------- CLI
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -496,6 +522,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--out", metavar="results.json", help="write the results (every metric, per-sample "
                         "predictions) as JSON")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"images per call (default {BATCH_SIZE})")
+    parser.add_argument("--baseline", metavar="DIR", help="another engine folder (e.g. engines/NAME/onnx) or "
+                        "checkpoint to evaluate alike and compare with, metric by metric (fp16 may lose 0.5 "
+                        "points, int8 2 points)")
     return parser
 
 
@@ -518,12 +547,20 @@ def run(args) -> int:
             raise EvaluationError(f"--out {out} is a folder; pass a file name such as {Path(out) / 'results.json'}")
         backend = open_backend(model=getattr(args, "model", None), engines=getattr(args, "engines", None))
         results = evaluate(backend, n=args.n, seed=args.seed, batch_size=getattr(args, "batch_size", BATCH_SIZE))
+        baseline = getattr(args, "baseline", None)
+        if baseline is not None:
+            is_engine = (Path(baseline) / "manifest.json").is_file()
+            base = evaluate(open_backend(model=None if is_engine else baseline, engines=baseline if is_engine else None),
+                            n=args.n, seed=args.seed, batch_size=getattr(args, "batch_size", BATCH_SIZE))
+            results["baseline"] = base
     except Exception as e:
         if not isinstance(e, _expected_errors()):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(format_table(results))
+    if "baseline" in results:
+        print(format_comparison(results["baseline"], results))
     if out is not None:
         path = Path(out)
         path.parent.mkdir(parents=True, exist_ok=True)
