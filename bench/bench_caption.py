@@ -2,12 +2,16 @@
 
     python bench/bench_caption.py                         # small preset (~30M params), batch 1 and 8, fp32
     python bench/bench_caption.py --targets onnx onnx-fp16 onnx-int8     # reduced precision beside fp32
+    python bench/bench_caption.py --targets onnx trt-fp16 trt-int8       # on a GPU machine with TensorRT
     python bench/bench_caption.py --preset tiny --rounds 5 --batches 1 4
 
 Same model, same images: every side generates exactly `--new-tokens` tokens (min_new_tokens =
 max_new_tokens) greedily from the same pixels, so every side does the same amount of work. The fp32
-pipeline's token ids are checked equal to PyTorch's before any timing counts; for fp16/int8 the greedy
-token agreement with PyTorch fp32 is printed beside the timing. Each round times every pipeline, HF eager
+pipeline's token ids are checked equal to PyTorch's before any timing counts; for fp16/int8 the token agreement
+with PyTorch fp32 is printed beside the timing, free-running (greedy) and teacher-forced (each step fed
+PyTorch's previous tokens), with the median gap between PyTorch's best and second-best logit: a random
+model's near-flat logits make near-ties, where any rounding flips a token and greedy generation then
+goes its own way (`--checkpoint` benchmarks a trained model instead). Each round times every pipeline, HF eager
 and HF sdpa back to back (interleaved, so drift hits all alike); the medians are reported, and the ratio
 is taken against the faster PyTorch variant (fp32). Timings include image preprocessing on both sides.
 
@@ -29,9 +33,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from transformers import Blip2ForConditionalGeneration  # noqa: E402
 
-from export.build import build  # noqa: E402
+from export.build import TARGETS, build  # noqa: E402
 from export.checkpoint import load_checkpoint  # noqa: E402
-from export.e2e import hf_pixel_values, probe_images, token_agreement  # noqa: E402
+from export.e2e import hf_pixel_values, probe_images, teacher_forced_agreement, token_agreement  # noqa: E402
 from runtime import Blip2Pipeline  # noqa: E402
 from train.demo import make_random_checkpoint  # noqa: E402
 
@@ -47,27 +51,39 @@ print([int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswi
 """
 
 
-def prepare(preset: str, work: Path, targets: list[str]) -> tuple[Path, dict[str, Path]]:
-    ck = work / "checkpoints" / f"bench-{preset}"
+def prepare(preset: str, work: Path, targets: list[str], checkpoint: str | None = None) -> tuple[Path, dict[str, Path]]:
+    ck = Path(checkpoint) if checkpoint else work / "checkpoints" / f"bench-{preset}"
     if not ck.exists():
         make_random_checkpoint(ck, preset, seed=0)
     engines = {}
     for target in targets:
-        engines[target] = work / "engines" / f"bench-{preset}" / target
+        engines[target] = work / "engines" / ck.name / target
         if not engines[target].exists():
             print(f"building {engines[target]} (export + parity gate) ...", flush=True)
             build(ck, target, work / "engines", say=lambda m: print("  " + m, flush=True))
     return ck, engines
 
 
-def hf_caption(model, ck, images, new_tokens: int):
+def hf_caption(model, ck, images, new_tokens: int, margins: bool = False):
+    """New token ids per image (and, with margins, the gap between the best and second-best logit of each step)."""
     cfg = model.config
     ids = torch.tensor([[cfg.image_token_index] * cfg.num_query_tokens + ck.prompt_prefix_ids] * len(images))
     pixels = hf_pixel_values(ck, images)
     out = model.generate(pixel_values=pixels, input_ids=ids, attention_mask=torch.ones_like(ids),
                          max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                         eos_token_id=cfg.text_config.eos_token_id, pad_token_id=cfg.text_config.pad_token_id)
-    return out[:, ids.shape[1]:].tolist()
+                         eos_token_id=cfg.text_config.eos_token_id, pad_token_id=cfg.text_config.pad_token_id,
+                         output_scores=margins, return_dict_in_generate=True)
+    tokens = out.sequences[:, ids.shape[1]:].tolist()
+    if not margins:
+        return tokens
+    top2 = torch.stack(out.scores).float().topk(2, dim=-1).values  # [steps, batch, 2]
+    return tokens, (top2[..., 0] - top2[..., 1]).flatten().tolist()
+
+
+def teacher_forced(pipe, images, expected, eos: int) -> float:
+    """Top-1 agreement of the pipeline with PyTorch when each step is fed PyTorch's previous tokens."""
+    logits, _ = pipe._prefill_llm(pipe.image_prompts(images), [pipe._prompt_ids(None)] * len(images))
+    return teacher_forced_agreement(pipe.decoder, logits, expected, pipe.pad_token_id, banned=(eos,))
 
 
 def timed(fn):
@@ -82,11 +98,14 @@ def bench_batch(pipes: dict, models, ck, batch: int, new_tokens: int, rounds: in
             for target, p in pipes.items()}
     runs.update({k: (lambda m=m: hf_caption(m, ck, images, new_tokens)) for k, m in models.items()})
     with torch.inference_mode():
-        expected = runs["eager"]()
-    agreement = {}
+        expected, margins = hf_caption(models["eager"], ck, images, new_tokens, margins=True)
+    agreement, forced = {}, {}
+    eos = ck.config.text_config.eos_token_id
     for name, fn in runs.items():  # warm-up, and the same tokens (fp32) or their agreement (fp16/int8)
         tokens = fn()
         agreement[name] = token_agreement(tokens, expected)
+        if name in pipes:
+            forced[name] = teacher_forced(pipes[name], images, expected, eos)
         if name in models or name == "onnx":
             assert tokens == expected, f"{name} generated other tokens than HF eager; the comparison would be unfair"
     times = {name: [] for name in runs}
@@ -98,6 +117,7 @@ def bench_batch(pipes: dict, models, ck, batch: int, new_tokens: int, rounds: in
     ref_name = min(models, key=med.get)
     return {"batch": batch, "new_tokens": new_tokens, "rounds": rounds, "median_s": med, "reference": ref_name,
             "speedup": {t: med[ref_name] / med[t] for t in pipes}, "token_agreement": agreement,
+            "teacher_forced_agreement": forced, "median_logit_margin": statistics.median(margins),
             "per_caption_ms": {n: 1000 * v / batch for n, v in med.items()}}
 
 
@@ -115,15 +135,17 @@ def peak_memory(engine: Path, image_size: int, new_tokens: int, work: Path) -> d
     out = subprocess.run([sys.executable, "-c", code, str(engine)], capture_output=True, text=True,
                          env={**os.environ, **env}, check=True)
     peak = int(out.stdout.strip().splitlines()[-1])
-    weights = sum(p.stat().st_size for p in engine.iterdir() if p.suffix in (".onnx", ".data"))
+    weights = sum(p.stat().st_size for p in engine.iterdir() if p.suffix in (".onnx", ".data", ".engine"))
     return {"peak_rss_mb": peak / 2**20, "weights_mb": weights / 2**20, "ratio": peak / weights}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="small")
-    ap.add_argument("--targets", nargs="+", default=["onnx"], choices=["onnx", "onnx-fp16", "onnx-int8"],
-                    help="engine targets to time against PyTorch fp32 (default: onnx)")
+    ap.add_argument("--preset", default="small", help="random model preset to benchmark (default: small)")
+    ap.add_argument("--checkpoint", help="benchmark this stage-2 checkpoint instead (e.g. one trained with "
+                    "`python -m train demo`: a trained model's clear top choices make token agreement meaningful)")
+    ap.add_argument("--targets", nargs="+", default=["onnx"], choices=list(TARGETS),
+                    help="engine targets to time against PyTorch fp32 (default: onnx; trt-* need TensorRT and a GPU)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--new-tokens", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=7)
@@ -134,22 +156,25 @@ def main(argv=None):
     # Flush denormals in PyTorch too (ONNX Runtime sessions do): randomly initialised weights produce
     # denormal activations that make PyTorch's CPU kernels ~20x slower, which would flatter the runtime.
     torch.set_flush_denormal(True)
-    ck_dir, engines = prepare(args.preset, work, args.targets)
+    ck_dir, engines = prepare(args.preset, work, args.targets, args.checkpoint)
     ck = load_checkpoint(ck_dir)
     models = {impl: Blip2ForConditionalGeneration.from_pretrained(ck_dir, attn_implementation=impl).eval()
               for impl in ("eager", "sdpa")}
     pipes = {target: Blip2Pipeline.from_dir(engine) for target, engine in engines.items()}
     n_params = sum(p.numel() for p in models["eager"].parameters())
-    print(f"\npreset {args.preset}: {n_params / 1e6:.1f}M parameters, torch threads {torch.get_num_threads()}")
-    results = {"preset": args.preset, "params_m": n_params / 1e6, "batches": [], "memory": {}}
+    label = f"checkpoint {ck_dir}" if args.checkpoint else f"preset {args.preset} (random weights)"
+    print(f"\n{label}: {n_params / 1e6:.1f}M parameters, torch threads {torch.get_num_threads()}")
+    results = {"preset": None if args.checkpoint else args.preset, "checkpoint": args.checkpoint, "params_m": n_params / 1e6, "batches": [], "memory": {}}
     for batch in args.batches:
         r = bench_batch(pipes, models, ck, batch, args.new_tokens, args.rounds)
         results["batches"].append(r)
         ms = r["per_caption_ms"]
-        print(f"batch {batch:>2}: per caption  hf eager {ms['eager']:8.1f} ms | hf sdpa {ms['sdpa']:8.1f} ms")
+        print(f"batch {batch:>2}: per caption  hf eager {ms['eager']:8.1f} ms | hf sdpa {ms['sdpa']:8.1f} ms | "
+              f"median gap between PyTorch's best and second-best logit {r['median_logit_margin']:.3g}")
         for target in pipes:
             print(f"          {target:<10} {ms[target]:8.1f} ms | {r['speedup'][target]:.2f}x faster than hf "
-                  f"{r['reference']} | greedy token agreement with PyTorch fp32 {r['token_agreement'][target]:.3f}")
+                  f"{r['reference']} | token agreement with PyTorch fp32: greedy {r['token_agreement'][target]:.3f}, "
+                  f"teacher-forced {r['teacher_forced_agreement'][target]:.3f}")
     for target, engine in engines.items():
         mem = peak_memory(engine, ck.config.vision_config.image_size, args.new_tokens, work)
         results["memory"][target] = mem

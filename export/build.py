@@ -16,7 +16,6 @@ renamed only after every graph and the end-to-end caption check passed, so an
 interrupted or failed build leaves nothing that looks like an engine folder.
 """
 import argparse
-from dataclasses import asdict, dataclass
 import datetime
 import json
 import logging
@@ -25,9 +24,9 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 
 from export.checkpoint import CheckpointError, checkpoint_hash, load_checkpoint
 from export.onnx_export import export_graph
@@ -36,6 +35,7 @@ from export.specs import Limits, graph_specs
 from runtime.errors import Blip2EdgeError
 from runtime.image import ImageProcessorConfig
 from runtime.manifest import FORMAT, FORMAT_VERSION
+from runtime.runners import make_runner
 
 @dataclass(frozen=True)
 class Target:
@@ -56,6 +56,9 @@ TARGETS = {
 # equal to PyTorch's greedy choice (fp32: free-running generation; fp16/int8: teacher-forced, each step fed
 # PyTorch's previous tokens, so one near-tie does not derail the rest of the row), and the largest
 # difference allowed in ITM probabilities / ITC similarities; rankings must be identical at fp32 only.
+# Measured teacher-forced agreement: fp16 1.000 on every model tried; int8 0.96..1.00 on the trained demo
+# model and 0.86..0.95 on the random small preset, whose near-flat logits make near-ties common (a random
+# model is the worst case, a trained one has clear winners); ITM/ITC within 0.016 (int8) and 3e-4 (fp16).
 E2E_REQUIRED = {
     "fp32": {"token_agreement": 1.0, "teacher_forced": False, "prob_atol": 1e-4, "sim_atol": 1e-4,
              "same_ranking": True},
@@ -172,8 +175,9 @@ def _write_folder(ck, folder: Path, manifest: dict) -> None:
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
 
-def _gate(specs, ck, folder: Path, tol, make, say, feeds: dict | None = None) -> list:
-    """Parity of every graph file in `folder` against PyTorch; `make(path)` opens a runner."""
+def _gate(specs, ck, tol, make, say, feeds: dict | None = None) -> list:
+    """Parity of every graph against PyTorch; `make(graph name)` opens its runner; random inputs, or the
+    recorded `feeds` (a few calls per graph, see export.calibration.check_cases)."""
     from export.calibration import check_cases
 
     results = []
@@ -212,10 +216,8 @@ def build(model_dir, target: str = "onnx", out_root="engines", name: str | None 
     """Export, check and write `out_root/<name>/<target>/`; returns the folder. Raises BuildError/ParityError."""
     if target not in TARGETS:
         raise BuildError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    spec_target = TARGETS[target]
-    precision = spec_target.precision
-    trt = _tensorrt_or_fail(target) if spec_target.tensorrt else None
-    calibration = calibration or Calibration()
+    precision, reduced = TARGETS[target].precision, TARGETS[target].precision != "fp32"
+    trt = _tensorrt_or_fail(target) if TARGETS[target].tensorrt else None
     model_dir = Path(model_dir)
     name = name or model_dir.resolve().name
     final = Path(out_root) / name / target
@@ -226,72 +228,73 @@ def build(model_dir, target: str = "onnx", out_root="engines", name: str | None 
     specs = graph_specs(ck.model, limits)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target}.partial-", dir=final.parent))
-    from runtime.runners import make_runner
-
     try:
-        # 1. fp32 ONNX, checked on random inputs at shapes other than the export shapes
-        fp32_dir = tmp if precision == "fp32" and trt is None else tmp / "fp32"
+        fp32_dir = tmp / "fp32" if reduced else tmp  # a reduced build starts from the checked fp32 graphs
         fp32_dir.mkdir(exist_ok=True)
-        graphs = {}
-        for i, spec in enumerate(specs, 1):
-            say(f"[{i}/{len(specs)}] {spec.name}: exporting ...")
-            path = export_graph(spec, ck.model, fp32_dir)
-            graphs[spec.name] = {"file": path.name, **spec.to_manifest()}
-        say("parity of the fp32 ONNX graphs against PyTorch:")
-        fp32_results = _gate(specs, ck, fp32_dir, TOLERANCES["fp32"],
-                             lambda g: make_runner(fp32_dir / f"{g}.onnx"), say)
-        raise_on_failure(fp32_results)
+        graphs, results = _export_fp32(ck, specs, fp32_dir, say)
         _write_folder(ck, fp32_dir, _manifest(ck, name, "onnx", "fp32", graphs, limits, model_dir))
-        results, extra, feeds, data = fp32_results, {}, None, None
-
-        # 2. reduced precision: recorded feeds for calibration and for the gate, then the converted graphs
-        if precision != "fp32":
-            extra, feeds, data = _reduce(ck, specs, fp32_dir, tmp, precision, calibration, say, trt is not None)
-        # 3. TensorRT engines from the (converted) ONNX graphs
-        graph_dir, backend = tmp, "onnxruntime"
-        if trt is not None:
-            onnx_dir = tmp if precision != "fp32" else fp32_dir
-            extra["tensorrt"] = _engines(trt, specs, onnx_dir, tmp, graphs, say)
-            backend = "tensorrt"
-        if precision != "fp32" or trt is not None:
+        extra, backend, data = {}, "onnxruntime", None
+        if reduced:
+            extra, feeds, data = _reduce(ck, specs, fp32_dir, tmp, precision, calibration or Calibration(), say,
+                                         trt is not None)
+            if trt is not None:
+                extra["tensorrt"] = _engines(trt, specs, tmp, graphs, say)
+                backend = "tensorrt"
             say(f"parity of the {target} graphs against PyTorch ({precision} tolerances):")
-            tol = TOLERANCES[precision]
             make = (lambda g: make_runner(tmp / graphs[g]["file"], backend, **_runner_kwargs(backend, extra)))
-            results = _gate(specs, ck, tmp, tol, make, say, feeds)
+            results = _gate(specs, ck, TOLERANCES[precision], make, say, feeds)
             raise_on_failure(results)
-        manifest = _manifest(ck, name, target, precision, graphs, limits, model_dir)
-        manifest.update(extra)
+        manifest = {**_manifest(ck, name, target, precision, graphs, limits, model_dir), **extra}
         _write_folder(ck, tmp, manifest)
-        say("end-to-end: runtime pipeline vs the PyTorch model ...")
-        e2e = end_to_end_check(ck, tmp, limits, precision, backend, data.held_out if data else None)
-        for case, r in e2e.items():
-            if isinstance(r, dict) and "summary" in r:
-                say(f"end-to-end {case}: {r['summary']}")
-        tol = TOLERANCES[precision]
-        parity = {"tolerance": {"precision": precision, **asdict(tol)},
-                  "graphs": summarize(results), "checks": as_records(results), "end_to_end": e2e}
-        if precision != "fp32" or trt is not None:
-            from export.e2e import accuracy_report
-
-            parity["accuracy"] = accuracy_report(fp32_dir, tmp, data.report, backend, data.source["report"])
-            say(f"accuracy against fp32: {parity['accuracy']['summary']}")
-        (tmp / "parity.json").write_text(json.dumps(parity, indent=2))
-        if not e2e["passed"]:
-            failed = {c: r["summary"] for c, r in e2e.items() if isinstance(r, dict) and not r.get("passed", True)}
-            raise BuildError(f"end-to-end check failed, the runtime pipeline disagrees with PyTorch: {failed}. "
-                             f"No engine folder was written.")
-        manifest["parity"] = {"graphs": parity["graphs"], "end_to_end": {
-            c: r["summary"] for c, r in e2e.items() if isinstance(r, dict) and "summary" in r}, "passed": True}
-        if "accuracy" in parity:
-            manifest["parity"]["accuracy"] = parity["accuracy"]["summary"]
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        if fp32_dir != tmp:
+        _check_and_record(ck, tmp, fp32_dir, manifest, results, limits, precision, backend, data, say)
+        if reduced:
             shutil.rmtree(fp32_dir)
         _replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     say(f"wrote {final} in {time.time() - started:.0f}s")
     return final
+
+
+def _export_fp32(ck, specs, folder: Path, say) -> tuple[dict, list]:
+    """Every graph to fp32 ONNX in `folder`, checked on random inputs at shapes other than the export shapes;
+    returns the manifest's graph entries and the parity results."""
+    graphs = {}
+    for i, spec in enumerate(specs, 1):
+        say(f"[{i}/{len(specs)}] {spec.name}: exporting ...")
+        path = export_graph(spec, ck.model, folder)
+        graphs[spec.name] = {"file": path.name, **spec.to_manifest()}
+    say("parity of the fp32 ONNX graphs against PyTorch:")
+    results = _gate(specs, ck, TOLERANCES["fp32"], lambda g: make_runner(folder / f"{g}.onnx"), say)
+    raise_on_failure(results)
+    return graphs, results
+
+
+def _check_and_record(ck, folder: Path, fp32_dir: Path, manifest: dict, results: list, limits: Limits,
+                      precision: str, backend: str, data, say) -> None:
+    """End-to-end check of the finished folder; parity.json and the manifest's parity summary (and, for a
+    reduced precision, the accuracy report against the fp32 folder). Raises BuildError on a failure."""
+    say("end-to-end: runtime pipeline vs the PyTorch model ...")
+    e2e = end_to_end_check(ck, folder, limits, precision, backend, data.held_out if data else None)
+    summaries = {c: r["summary"] for c, r in e2e.items() if isinstance(r, dict) and "summary" in r}
+    for case, summary in summaries.items():
+        say(f"end-to-end {case}: {summary}")
+    parity = {"tolerance": {"precision": precision, **asdict(TOLERANCES[precision])},
+              "graphs": summarize(results), "checks": as_records(results), "end_to_end": e2e}
+    if data is not None:
+        from export.e2e import accuracy_report
+
+        parity["accuracy"] = accuracy_report(fp32_dir, folder, data.report, backend, data.source["report"])
+        say(f"accuracy against fp32: {parity['accuracy']['summary']}")
+    (folder / "parity.json").write_text(json.dumps(parity, indent=2))
+    if not e2e["passed"]:
+        failed = {c: r["summary"] for c, r in e2e.items() if isinstance(r, dict) and not r.get("passed", True)}
+        raise BuildError(f"end-to-end check failed, the runtime pipeline disagrees with PyTorch: {failed}. "
+                         f"No engine folder was written.")
+    manifest["parity"] = {"graphs": parity["graphs"], "end_to_end": summaries, "passed": True}
+    if "accuracy" in parity:
+        manifest["parity"]["accuracy"] = parity["accuracy"]["summary"]
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
 
 def _reduce(ck, specs, fp32_dir: Path, out: Path, precision: str, calibration: Calibration, say,
@@ -328,20 +331,21 @@ def _tensorrt_or_fail(target: str):
         raise BuildError(f"--target {target} needs TensorRT and an NVIDIA GPU: {e}") from None
 
 
-def _engines(trt, specs, onnx_dir: Path, out: Path, graphs: dict, say) -> dict:
-    """Build one TensorRT engine per graph (profiles from its spec); returns the manifest's tensorrt section."""
+def _engines(trt, specs, folder: Path, graphs: dict, say) -> dict:
+    """Build one TensorRT engine per graph of `folder` (profiles from its spec) in place of its ONNX file;
+    returns the manifest's tensorrt section."""
     from export.trt_build import build_engine, hardware_info
 
-    cache = out / "timing.cache"
+    cache = folder / "timing.cache"
     built = {}
     for spec in specs:
-        engine = out / f"{spec.name}.engine"
+        engine = folder / f"{spec.name}.engine"
         say(f"  {spec.name}: building TensorRT engine ...")
-        built[spec.name] = build_engine(onnx_dir / f"{spec.name}.onnx", spec, engine, timing_cache_path=cache)
+        built[spec.name] = build_engine(folder / f"{spec.name}.onnx", spec, engine, timing_cache_path=cache)
         graphs[spec.name]["file"] = engine.name
     for spec in specs:
-        (onnx_dir / f"{spec.name}.onnx").unlink(missing_ok=True)
-        (onnx_dir / f"{spec.name}.onnx.data").unlink(missing_ok=True)
+        (folder / f"{spec.name}.onnx").unlink(missing_ok=True)
+        (folder / f"{spec.name}.onnx.data").unlink(missing_ok=True)
     return {**hardware_info(), "engines": built}
 
 

@@ -112,12 +112,17 @@ def _agreement_kind(required: dict) -> str:
     return "teacher-forced" if required["teacher_forced"] else "greedy"
 
 
-def teacher_forced_agreement(decoder, logits: np.ndarray, ref: list[list[int]], pad: int) -> float:
+def teacher_forced_agreement(decoder, logits: np.ndarray, ref: list[list[int]], pad: int,
+                             banned: tuple[int, ...] = ()) -> float:
     """Fraction of reference tokens that are the runtime's top choice when every step is fed the reference's
-    previous tokens (a `runtime.decoder` after its prefill; `logits` are the prefill's)."""
+    previous tokens (a `runtime.decoder` after its prefill; `logits` are the prefill's). `banned` ids are never
+    chosen (EOS when the reference was generated with min_new_tokens)."""
     width = max((len(r) for r in ref), default=0)
     same = total = 0
     for t in range(width):
+        if banned:
+            logits = logits.copy()
+            logits[:, list(banned)] = -np.inf
         top = logits.argmax(-1)
         live = [b for b, row in enumerate(ref) if t < len(row)]
         total += len(live)

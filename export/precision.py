@@ -25,6 +25,7 @@ nodes named in `exclude` stay in float32. Activation ranges come from feeds reco
 pipeline on calibration images (`export.calibration`).
 """
 import contextlib
+import logging
 import tempfile
 from collections import defaultdict, deque
 from pathlib import Path
@@ -98,7 +99,6 @@ def to_fp16(src, dst, keep_fp32_nodes: tuple[str, ...] = ()) -> dict:
 
     # Every float tensor gets the type its producer computes in: fp16 for fp16 nodes, fp32 otherwise.
     initializers = {t.name: t for t in graph.initializer}
-    graph_inputs = {i.name for i in graph.input}
     half = set()  # float tensors that are fp16 after conversion
     for node in graph.node:
         if node.name in fp32_nodes:
@@ -211,6 +211,15 @@ class _Reader:
 
 
 @contextlib.contextmanager
+def _quiet_logging():
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+@contextlib.contextmanager
 def _calibrator_sessions_share_pool():
     """ONNX Runtime refuses per-session thread pools once the process-wide pool exists (the runtime creates it,
     see runtime.runners.OrtRunner); the quantizer's calibrator makes its own session, so while it runs every
@@ -279,7 +288,8 @@ def to_int8(src, dst, feeds: list[dict], exclude: tuple[str, ...] = (), method: 
     with tempfile.TemporaryDirectory() as tmp:
         named = Path(tmp) / "named.onnx"
         onnx.save(model, str(named))
-        with _calibrator_sessions_share_pool():
+        # (the quantizer logs a suggestion to pre-process the model at WARNING level: not for our graphs)
+        with _calibrator_sessions_share_pool(), _quiet_logging():
             quantize_static(
                 str(named), str(dst), _Reader(feeds), quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=["MatMul", "Gemm", "Conv"], per_channel=True,

@@ -18,7 +18,6 @@ prompts of different lengths: they are left-padded, and a batch gives the same
 tokens as captioning each image alone. Work is split into chunks of the
 engine's max_batch (divided by num_beams for beam search).
 """
-from pathlib import Path
 
 import numpy as np
 

@@ -263,3 +263,27 @@ def test_tensorrt_targets_fail_at_once_without_tensorrt(tiny_engine, tmp_path):
             build(tiny_engine[0], target, tmp_path / "engines", say=lambda *_: None)
         assert "onnx-" in str(err.value)  # says which target builds the same precision without TensorRT
     assert not (tmp_path / "engines").exists() or not any((tmp_path / "engines").rglob("*.onnx"))
+
+
+def test_teacher_forced_agreement_feeds_the_reference_and_counts_top_choices():
+    from export.e2e import teacher_forced_agreement
+
+    vocab = 8
+
+    class NextToken:  # a decoder whose top choice is always the token after the one just fed
+        def __init__(self):
+            self.fed = []
+
+        def step(self, tokens):
+            self.fed.append(tokens.tolist())
+            logits = np.zeros((len(tokens), vocab), np.float32)
+            logits[np.arange(len(tokens)), (tokens + 1) % vocab] = 1.0
+            return logits
+
+    first = np.zeros((2, vocab), np.float32)
+    first[:, 0] = 1.0
+    dec = NextToken()
+    ref = [[0, 1, 2, 3], [0, 1, 5]]
+    assert teacher_forced_agreement(dec, first, ref, pad=7) == 6 / 7  # row 2 misses 5 (the decoder says 2)
+    assert dec.fed == [[0, 0], [1, 1], [2, 5]]  # the reference's tokens, the shorter row padded after its end
+    assert teacher_forced_agreement(NextToken(), first, ref, pad=7, banned=(0,)) == 4 / 7  # 0 may not be chosen
