@@ -29,7 +29,7 @@ from runtime.runners import Runner
 
 NO_TENSORRT = (
     "TensorRT's Python package is not usable here ({reason}). Install it where the engines will run: on x86-64 "
-    "with an NVIDIA driver, `pip install \".[trt]\"` (the TensorRT wheels from PyPI, plus `pip install cuda-python`); "
+    "with an NVIDIA driver, `pip install \".[trt]\"` (the TensorRT wheels from PyPI and cuda-python); "
     "on a Jetson, the TensorRT Python bindings of the JetPack (`sudo apt install python3-libnvinfer`; JetPack 6 "
     "ships TensorRT 10.3, which the PyPI wheels do not cover; in a virtualenv, create it with "
     "--system-site-packages). Without TensorRT, build `--target onnx-fp16` or `--target onnx-int8`: the same "
