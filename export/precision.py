@@ -20,8 +20,9 @@ casts are inserted at every boundary between fp16 and fp32 nodes, and fp16 weigh
 
 INT8 (`to_int8`): ONNX Runtime's `quantize_static` in QDQ format, symmetric int8 activations and
 per-channel symmetric int8 weights (the form TensorRT consumes), for the MatMul/Gemm/Conv nodes that have
-a weight; matrix products of two activations (attention scores and attention-weighted values) and the
-nodes named in `exclude` stay in float32. Activation ranges come from feeds recorded by running the fp32
+a weight; matrix products of two activations (attention scores and attention-weighted values), each
+attention's output projection (the most sensitive product, measured) and the nodes named in `exclude`
+stay in float32. Activation ranges come from feeds recorded by running the fp32
 pipeline on calibration images (`export.calibration`).
 """
 import contextlib
@@ -197,6 +198,29 @@ def weight_matmuls(graph) -> tuple[list[str], list[str]]:
     return with_weight, activations
 
 
+PASS_THROUGH = ("Reshape", "Transpose", "Identity", "Squeeze", "Unsqueeze", "Flatten")
+
+
+def attention_output_projections(graph, activation_products: list[str]) -> list[str]:
+    """Weight products that read an attention's result (through reshapes/transposes only): the attention
+    output projection of every layer. Its int8 input error goes straight into the residual stream; kept in
+    float, the LLM's top-1 agreement with fp32 rose from 0.875 to 0.961 on the small preset (out of every
+    group of projections tried, this one cost the most accuracy)."""
+    producers = _producers(graph)
+    products = set(activation_products)
+    with_weight, _ = weight_matmuls(graph)
+    found = []
+    for node in graph.node:
+        if node.name not in with_weight:
+            continue
+        source = producers.get(node.input[0])
+        while source is not None and source.op_type in PASS_THROUGH:
+            source = producers.get(source.input[0])
+        if source is not None and source.name in products:
+            found.append(node.name)
+    return found
+
+
 class _Reader:
     """onnxruntime.quantization CalibrationDataReader over a list of feed dicts."""
 
@@ -284,7 +308,8 @@ def to_int8(src, dst, feeds: list[dict], exclude: tuple[str, ...] = (), method: 
     model = onnx.load(str(src))
     _ensure_names(model.graph)
     quantized, activations = weight_matmuls(model.graph)
-    excluded = sorted(set(activations) | set(exclude))
+    projections = attention_output_projections(model.graph, activations)
+    excluded = sorted(set(activations) | set(projections) | set(exclude))
     with tempfile.TemporaryDirectory() as tmp:
         named = Path(tmp) / "named.onnx"
         onnx.save(model, str(named))
@@ -304,8 +329,9 @@ def to_int8(src, dst, feeds: list[dict], exclude: tuple[str, ...] = (), method: 
         shift_activations_to_uint8(model)
         _save(model, dst)
     onnx.checker.check_model(str(dst))
-    return {"quantized_nodes": len([n for n in quantized if n not in exclude]),
+    return {"quantized_nodes": len([n for n in quantized if n not in excluded]),
             "kept_fp32": {"activation x activation products (attention)": len(activations),
+                          "attention output projections": len(projections),
                           "excluded by name": sorted(set(exclude))},
             "scheme": "QDQ, symmetric int8 activations (per tensor), symmetric int8 weights (per channel)" + (
                 "; activations stored as uint8 with zero point 128 (the same values) for ONNX Runtime"

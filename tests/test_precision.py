@@ -108,6 +108,9 @@ def test_int8_graphs_are_symmetric_qdq_with_per_channel_weights(make_engine):
             has_weight = any(d.input[0] in inits for d in dq_inputs) or any(i in inits for i in n.input)
             assert has_weight or not dq_inputs, f"{graph}: {n.name} quantizes a product of two activations"
         assert manifest["precision_details"][graph]["quantized_nodes"] > 0
+    # each attention's output projection stays in float (the tiny preset: 2 ViT and 2 OPT layers)
+    kept = {g: manifest["precision_details"][g]["kept_fp32"]["attention output projections"] for g in ALL_GRAPHS}
+    assert kept["vision"] == 2 and kept["llm_decoder"] == 2
 
 
 def test_reduced_pipelines_do_everything_fp32_does(make_engine, reduced):
