@@ -299,6 +299,20 @@ def test_text_corpus_covers_the_vocabulary():
     assert corpus == list(text_corpus(200, seed=0))
 
 
+def test_context_corpus_continues_from_what_came_before():
+    from train.data import caption_correct, context_corpus
+
+    ds = ShapesCaps("train", n=20, seed=0)
+    corpus = list(context_corpus(20, seed=0))
+    assert corpus == list(context_corpus(20, seed=0)) and len(corpus) == 20 * 3
+    for i, sample in enumerate(ds.sample(j, render_image=False) for j in range(20)):
+        paraphrase, *questions = corpus[3 * i: 3 * i + 3]
+        first = sample.captions[0]
+        assert paraphrase == f"{first} {sample.captions[1]}" and caption_correct(sample.captions[1], sample)
+        for text, (question, answer) in zip(questions, sample.qa):
+            assert text.startswith(first + " Question: ") and text.endswith(f"Answer: {answer}")
+
+
 def test_data_is_torch_free_and_preview_cli(tmp_path):
     code = textwrap.dedent(f"""
         import sys

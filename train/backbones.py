@@ -9,7 +9,9 @@ folder) this step is skipped; for the synthetic set we make our own, quickly:
     and the kind of shape that covers it (BLIP-2's Q-Former reads the patch tokens, so they must
     carry the scene locally);
   * OPT learns the language of the captions and question/answer strings (next-token loss),
-    because a frozen random LLM cannot be prompted.
+    because a frozen random LLM cannot be prompted, and to continue a text from what it read earlier
+    (a caption then a paraphrase, or a question about it and the answer: `context_corpus`), the ability
+    that lets a frozen LLM read BLIP-2's soft prompt.
 
     vision = pretrain_vision(model.vision_model, image_size=64, steps=400)   # in place
     pretrain_llm(model.language_model, tokenizer, steps=600)                    # in place
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.data import COLOURS, POSITIONS, SHAPES, SIZES, ShapesCaps, label_map, text_corpus
+from train.data import COLOURS, POSITIONS, SHAPES, SIZES, ShapesCaps, context_corpus, label_map, text_corpus
 from train.trainer import TrainConfig, fit
 
 ATTRIBUTES = sorted(
@@ -113,7 +115,7 @@ def pretrain_vision(vision_model, preprocess, image_size: int, cfg: TrainConfig,
 def pretrain_llm(language_model, tokenizer, cfg: TrainConfig, n_texts: int = 20000, seed: int = 0, say=print,
                  state_file=None):
     """Train the OPT decoder in place as a language model of the captions and Q/A strings."""
-    texts = sorted(set(text_corpus(n_train=n_texts, seed=seed)))
+    texts = sorted(set(text_corpus(n_train=n_texts, seed=seed)) | set(context_corpus(n_train=n_texts, seed=seed)))
     eos = tokenizer.eos_token_id
     rows = [tokenizer(t).input_ids + [eos] for t in texts]
     language_model.train()

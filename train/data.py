@@ -360,6 +360,22 @@ def text_corpus(n_train: int = 10000, seed: int = 0) -> Iterator[str]:
             yield f"{qa_prompt(question)} {answer}"
 
 
+def context_corpus(n_train: int = 10000, seed: int = 0) -> Iterator[str]:
+    """Texts that can only be continued by reading what came before: a caption followed by another caption of
+    the same scene, or by a question about it and its answer ('a red circle on the left Question: what colour
+    is the circle? Answer: red'). A language model trained on these learns to look back and re-express what
+    the context says, which is how BLIP-2's frozen LLM reads the soft prompt (a real pretrained LLM brings this
+    ability; a small one trained on captions alone has no reason to learn it)."""
+    ds = ShapesCaps("train", n=n_train, seed=seed)
+    for i in range(n_train):
+        s = ds.sample(i, render_image=False)
+        first, *others = s.captions
+        for other in others[:1]:
+            yield f"{first} {other}"
+        for question, answer in s.qa[:2]:
+            yield f"{first} {qa_prompt(question)} {answer}"
+
+
 # ----------------------------------------------------------------------------- metrics
 
 _WORD = re.compile(r"[a-z]+")
