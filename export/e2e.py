@@ -112,24 +112,32 @@ def _agreement_kind(required: dict) -> str:
     return "teacher-forced" if required["teacher_forced"] else "greedy"
 
 
-def teacher_forced_agreement(decoder, logits: np.ndarray, ref: list[list[int]], pad: int,
-                             banned: tuple[int, ...] = ()) -> float:
-    """Fraction of reference tokens that are the runtime's top choice when every step is fed the reference's
-    previous tokens (a `runtime.decoder` after its prefill; `logits` are the prefill's). `banned` ids are never
-    chosen (EOS when the reference was generated with min_new_tokens)."""
+def teacher_forced_tokens(decoder, logits: np.ndarray, ref: list[list[int]], pad: int,
+                          banned: tuple[int, ...] = ()) -> list[list[int]]:
+    """The runtime's top choice at every reference position when every step is fed the reference's previous
+    tokens (a `runtime.decoder` after its prefill; `logits` are the prefill's). `banned` ids are never chosen
+    (EOS when the reference was generated with min_new_tokens)."""
     width = max((len(r) for r in ref), default=0)
-    same = total = 0
+    picks = [[] for _ in ref]
     for t in range(width):
         if banned:
             logits = logits.copy()
             logits[:, list(banned)] = -np.inf
         top = logits.argmax(-1)
-        live = [b for b, row in enumerate(ref) if t < len(row)]
-        total += len(live)
-        same += sum(int(top[b] == ref[b][t]) for b in live)
+        for b, row in enumerate(ref):
+            if t < len(row):
+                picks[b].append(int(top[b]))
         if t + 1 < width:
             logits = decoder.step(np.array([row[t] if t < len(row) else pad for row in ref], dtype=np.int64))
-    return same / total if total else 1.0
+    return picks
+
+
+def teacher_forced_agreement(decoder, logits: np.ndarray, ref: list[list[int]], pad: int,
+                             banned: tuple[int, ...] = ()) -> float:
+    """Fraction of reference tokens that are the runtime's top choice given the reference's previous tokens."""
+    picks = teacher_forced_tokens(decoder, logits, ref, pad, banned)
+    total = sum(len(r) for r in ref)
+    return sum(p == r for got, want in zip(picks, ref) for p, r in zip(got, want)) / total if total else 1.0
 
 
 def qformer_texts(ck, texts: list[str], first_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
