@@ -37,7 +37,7 @@ from transformers import Blip2ForConditionalGeneration  # noqa: E402
 
 from export.build import TARGETS, build  # noqa: E402
 from export.checkpoint import load_checkpoint  # noqa: E402
-from export.e2e import hf_pixel_values, probe_images, teacher_forced_tokens, token_agreement  # noqa: E402
+from export.e2e import hf_pixel_values, llm_teacher_forced, probe_images, token_agreement  # noqa: E402
 from runtime import Blip2Pipeline  # noqa: E402
 from train.demo import make_random_checkpoint  # noqa: E402
 
@@ -85,12 +85,6 @@ def hf_caption(model, ck, images, new_tokens: int, margins: bool = False):
 TIE = 1e-3  # PyTorch's best two logits closer than this: a tie, which summation order may break either way
 
 
-def teacher_forced(pipe, images, expected, eos: int) -> list[list[int]]:
-    """The pipeline's top choice at each step when fed PyTorch's previous tokens."""
-    logits, _ = pipe._prefill_llm(pipe.image_prompts(images), [pipe._prompt_ids(None)] * len(images))
-    return teacher_forced_tokens(pipe.decoder, logits, expected, pipe.pad_token_id, banned=(eos,))
-
-
 def first_differences(rows, expected) -> list[tuple[int, int]]:
     """(row, step) of the first token that differs in each row that differs."""
     return [(b, next(t for t, (g, w) in enumerate(zip(got, want)) if g != w))
@@ -123,7 +117,7 @@ def bench_batch(pipes: dict, models, ck, batch: int, new_tokens: int, rounds: in
         tokens = fn()
         agreement[name] = token_agreement(tokens, expected)
         if name in pipes:
-            picks = teacher_forced(pipes[name], images, expected, eos)
+            picks = llm_teacher_forced(pipes[name], images, [None] * batch, expected, banned=(eos,))
             forced[name] = token_agreement(picks, expected)
             if name == "onnx":
                 wrong = differences_beyond_ties(picks, expected, margins)

@@ -217,7 +217,9 @@ def build(model_dir, target: str = "onnx", out_root="engines", name: str | None 
     if target not in TARGETS:
         raise BuildError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     precision, reduced = TARGETS[target].precision, TARGETS[target].precision != "fp32"
-    trt = _tensorrt_or_fail(target) if TARGETS[target].tensorrt else None
+    trt = TARGETS[target].tensorrt
+    if trt:
+        _require_tensorrt(target)
     model_dir = Path(model_dir)
     name = name or model_dir.resolve().name
     final = Path(out_root) / name / target
@@ -235,10 +237,9 @@ def build(model_dir, target: str = "onnx", out_root="engines", name: str | None 
         _write_folder(ck, fp32_dir, _manifest(ck, name, "onnx", "fp32", graphs, limits, model_dir))
         extra, backend, data = {}, "onnxruntime", None
         if reduced:
-            extra, feeds, data = _reduce(ck, specs, fp32_dir, tmp, precision, calibration or Calibration(), say,
-                                         trt is not None)
-            if trt is not None:
-                extra["tensorrt"] = _engines(trt, specs, tmp, graphs, say)
+            extra, feeds, data = _reduce(ck, specs, fp32_dir, tmp, precision, calibration or Calibration(), say, trt)
+            if trt:
+                extra["tensorrt"] = _engines(specs, tmp, graphs, say)
                 backend = "tensorrt"
             say(f"parity of the {target} graphs against PyTorch ({precision} tolerances):")
             make = (lambda g: make_runner(tmp / graphs[g]["file"], backend, **_runner_kwargs(backend, extra)))
@@ -299,7 +300,8 @@ def _check_and_record(ck, folder: Path, fp32_dir: Path, manifest: dict, results:
 
 def _reduce(ck, specs, fp32_dir: Path, out: Path, precision: str, calibration: Calibration, say,
             for_tensorrt: bool):
-    """Record real feeds with the fp32 pipeline, convert every graph, return (results, manifest extra, feeds)."""
+    """Record real feeds with the fp32 pipeline and convert every graph; returns (the manifest's extra sections,
+    the gate's recorded feeds per graph, the calibration ImageSet)."""
     from export.calibration import calibration_images, record_feeds
     from export.e2e import E2E_TEXTS
 
@@ -321,17 +323,17 @@ def _reduce(ck, specs, fp32_dir: Path, out: Path, precision: str, calibration: C
     return extra, gate, data
 
 
-def _tensorrt_or_fail(target: str):
+def _require_tensorrt(target: str) -> None:
     """TensorRT and a GPU are needed for trt-* targets: check before any work is done."""
     from export.trt_build import TensorRTUnavailable, require_tensorrt
 
     try:
-        return require_tensorrt()
+        require_tensorrt()
     except TensorRTUnavailable as e:
         raise BuildError(f"--target {target} needs TensorRT and an NVIDIA GPU: {e}") from None
 
 
-def _engines(trt, specs, folder: Path, graphs: dict, say) -> dict:
+def _engines(specs, folder: Path, graphs: dict, say) -> dict:
     """Build one TensorRT engine per graph of `folder` (profiles from its spec) in place of its ONNX file;
     returns the manifest's tensorrt section."""
     from export.trt_build import build_engine, hardware_info

@@ -89,8 +89,7 @@ def llm_end_to_end(ck, pipe, limits, required: dict, images: list | None = None)
     for case, prompts in cases.items():
         ref = hf_generate_ids(ck, images, prompts, max_new_tokens=new)
         if required["teacher_forced"]:
-            logits, _ = pipe._prefill_llm(pipe.image_prompts(images), [pipe._prompt_ids(p) for p in prompts])
-            agreement = teacher_forced_agreement(pipe.decoder, logits, ref, pipe.pad_token_id)
+            agreement = token_agreement(llm_teacher_forced(pipe, images, prompts, ref), ref)
         else:
             agreement = token_agreement(pipe.generate_ids(images, prompt=prompts, max_new_tokens=new), ref)
         report[case] = {"token_agreement": agreement, "rows": len(images), "max_new_tokens": new,
@@ -132,12 +131,16 @@ def teacher_forced_tokens(decoder, logits: np.ndarray, ref: list[list[int]], pad
     return picks
 
 
+def llm_teacher_forced(pipe, images, prompts, ref: list[list[int]], banned: tuple[int, ...] = ()) -> list[list[int]]:
+    """`teacher_forced_tokens` of the pipeline's LLM after its prefill of `images` and `prompts`."""
+    logits, _ = pipe._prefill_llm(pipe.image_prompts(images), [pipe._prompt_ids(p) for p in prompts])
+    return teacher_forced_tokens(pipe.decoder, logits, ref, pipe.pad_token_id, banned)
+
+
 def teacher_forced_agreement(decoder, logits: np.ndarray, ref: list[list[int]], pad: int,
                              banned: tuple[int, ...] = ()) -> float:
     """Fraction of reference tokens that are the runtime's top choice given the reference's previous tokens."""
-    picks = teacher_forced_tokens(decoder, logits, ref, pad, banned)
-    total = sum(len(r) for r in ref)
-    return sum(p == r for got, want in zip(picks, ref) for p, r in zip(got, want)) / total if total else 1.0
+    return token_agreement(teacher_forced_tokens(decoder, logits, ref, pad, banned), ref)
 
 
 def qformer_texts(ck, texts: list[str], first_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
