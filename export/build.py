@@ -1,10 +1,10 @@
 """Build an engine folder from a BLIP-2 checkpoint: export every graph, check it against PyTorch, write it atomically.
 
-    python -m export.build --model checkpoints/demo --target onnx            # -> engines/demo/onnx/
+    python -m export.build --model models/demo --target onnx            # -> engines/demo/onnx/
     python -m export.build --model DIR --target onnx --out /data/engines --name blip2-opt
-    python -m export.build --model checkpoints/demo --target onnx-fp16       # fp16 weights and compute
-    python -m export.build --model checkpoints/demo --target onnx-int8 --calib-images my_images/
-    python -m export.build --model checkpoints/demo --target trt-fp16        # on the GPU that will run it
+    python -m export.build --model models/demo --target onnx-fp16       # fp16 weights and compute
+    python -m export.build --model models/demo --target onnx-int8 --calib-images my_images/
+    python -m export.build --model models/demo --target trt-fp16        # on the GPU that will run it
 
 Targets: onnx (fp32), onnx-fp16, onnx-int8 (ONNX Runtime, any machine); trt-fp16, trt-int8 (TensorRT
 engines built from the fp16 / int8 ONNX, on the GPU that will run them). Reduced-precision graphs are

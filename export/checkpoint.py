@@ -1,7 +1,7 @@
 """Load a Hugging Face BLIP-2 checkpoint folder (ours or a real one saved with `save_pretrained`).
 
     from export.checkpoint import load_checkpoint
-    ck = load_checkpoint("checkpoints/demo")
+    ck = load_checkpoint("models/demo")
     ck.model            # train.model.Blip2Edge: every Q-Former mode, the LLM when there is one
     ck.hf               # the Hugging Face model sharing its weights (reference for generate / retrieval)
     ck.tokenizer, ck.qformer_tokenizer, ck.image_processor, ck.prompt_prefix_ids

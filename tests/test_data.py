@@ -302,15 +302,19 @@ def test_text_corpus_covers_the_vocabulary():
 def test_context_corpus_continues_from_what_came_before():
     from train.data import caption_correct, context_corpus
 
-    ds = ShapesCaps("train", n=20, seed=0)
+    samples = [ShapesCaps("train", n=20, seed=0).sample(j, render_image=False) for j in range(20)]
     corpus = list(context_corpus(20, seed=0))
-    assert corpus == list(context_corpus(20, seed=0)) and len(corpus) == 20 * 3
-    for i, sample in enumerate(ds.sample(j, render_image=False) for j in range(20)):
-        paraphrase, *questions = corpus[3 * i: 3 * i + 3]
-        first = sample.captions[0]
-        assert paraphrase == f"{first} {sample.captions[1]}" and caption_correct(sample.captions[1], sample)
-        for text, (question, answer) in zip(questions, sample.qa):
-            assert text.startswith(first + " Question: ") and text.endswith(f"Answer: {answer}")
+    assert corpus == list(context_corpus(20, seed=0))
+    assert len(corpus) == sum(len(s.captions) + 1 + len(s.qa) for s in samples)
+    at = 0
+    for sample in samples:
+        n_caps = len(sample.captions)
+        pairs, at = corpus[at: at + n_caps + 1 + len(sample.qa)], at + n_caps + 1 + len(sample.qa)
+        for (context, paraphrase), caption in zip(pairs, sample.captions):
+            assert context == caption and paraphrase != caption and caption_correct(paraphrase, sample)
+        assert pairs[n_caps] == (sample.captions[0], sample.captions[0])  # one verbatim copy
+        for (context, text), (question, answer) in zip(pairs[n_caps + 1:], sample.qa):  # every question is asked
+            assert context in sample.captions and text == f"Question: {question} Answer: {answer}"
 
 
 def test_data_is_torch_free_and_preview_cli(tmp_path):

@@ -8,13 +8,13 @@ folder) this step is skipped; for the synthetic set we make our own, quickly:
     tokens (class token + mean of the patches), and every patch token is classified by the colour
     and the kind of shape that covers it (BLIP-2's Q-Former reads the patch tokens, so they must
     carry the scene locally);
-  * OPT learns the language of the captions and question/answer strings (next-token loss),
-    because a frozen random LLM cannot be prompted, and to continue a text from what it read earlier
-    (a caption then a paraphrase, or a question about it and the answer: `context_corpus`), the ability
-    that lets a frozen LLM read BLIP-2's soft prompt.
+  * OPT learns the language of the captions (next-token loss), because a frozen random LLM cannot be
+    prompted, and to continue a text from what it read earlier (`llm_rows`: a caption, BOS, then another
+    caption of the scene, the same one, or a question about it and the answer; random token sequences
+    repeated), the ability that lets a frozen LLM read BLIP-2's soft prompt.
 
-    vision = pretrain_vision(model.vision_model, image_size=64, steps=400)   # in place
-    pretrain_llm(model.language_model, tokenizer, steps=600)                    # in place
+    pretrain_vision(model.vision_model, preprocess, 64, TrainConfig(steps=2000))   # in place
+    pretrain_llm(model.language_model, tokenizer, TrainConfig(steps=4000))         # in place
 """
 import itertools
 
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.data import COLOURS, POSITIONS, SHAPES, SIZES, ShapesCaps, context_corpus, label_map, text_corpus
+from train.data import COLOURS, POSITIONS, SHAPES, SIZES, ShapesCaps, context_corpus, label_map
 from train.trainer import TrainConfig, fit
 
 ATTRIBUTES = sorted(
@@ -112,12 +112,42 @@ def pretrain_vision(vision_model, preprocess, image_size: int, cfg: TrainConfig,
     return vision_model.eval()
 
 
+def llm_rows(tokenizer, n_texts: int, seed: int = 0) -> list[list[int]]:
+    """Token rows OPT pre-trains on: every caption alone (BOS, caption, EOS), every context pair laid out
+    as stage 2 lays out the soft prompt and its text (context, BOS, continuation, EOS), and one random token
+    sequence per sample followed by itself (`copy_rows`)."""
+    pairs = sorted(set(context_corpus(n_train=n_texts, seed=seed)))
+    captions = sorted({context for context, _ in pairs})
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+
+    def encode(texts):
+        return tokenizer(texts, add_special_tokens=False).input_ids
+
+    rows = [[bos] + ids + [eos] for ids in encode(captions)]
+    contexts, continuations = encode([c for c, _ in pairs]), encode([t for _, t in pairs])
+    rows += [c + [bos] + t + [eos] for c, t in zip(contexts, continuations)]
+    return rows + copy_rows(tokenizer, n_texts, seed)
+
+
+def copy_rows(tokenizer, n: int, seed: int = 0, lengths: tuple[int, int] = (5, 13)) -> list[list[int]]:
+    """`n` rows 'x BOS x EOS' with x a random sequence of ordinary tokens: the classic curriculum for the
+    attention heads that find where they are in a context and read on from there (induction heads), which
+    a caption's 'colour then shape' order alone teaches slowly."""
+    rng = np.random.default_rng([seed, 7])
+    special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+    ordinary = np.array([i for i in range(len(tokenizer)) if i not in special])
+    rows = []
+    for _ in range(n):
+        x = [int(t) for t in rng.choice(ordinary, int(rng.integers(*lengths)))]
+        rows.append(x + [tokenizer.bos_token_id] + x + [tokenizer.eos_token_id])
+    return rows
+
+
 def pretrain_llm(language_model, tokenizer, cfg: TrainConfig, n_texts: int = 20000, seed: int = 0, say=print,
                  state_file=None):
-    """Train the OPT decoder in place as a language model of the captions and Q/A strings."""
-    texts = sorted(set(text_corpus(n_train=n_texts, seed=seed)) | set(context_corpus(n_train=n_texts, seed=seed)))
-    eos = tokenizer.eos_token_id
-    rows = [tokenizer(t).input_ids + [eos] for t in texts]
+    """Train the OPT decoder in place as a language model of the captions, and of answers and paraphrases
+    that read a caption before them (`llm_rows`)."""
+    rows = llm_rows(tokenizer, n_texts, seed)
     language_model.train()
 
     def objective(step, generator):

@@ -360,20 +360,27 @@ def text_corpus(n_train: int = 10000, seed: int = 0) -> Iterator[str]:
             yield f"{qa_prompt(question)} {answer}"
 
 
-def context_corpus(n_train: int = 10000, seed: int = 0) -> Iterator[str]:
-    """Texts that can only be continued by reading what came before: a caption followed by another caption of
-    the same scene, or by a question about it and its answer ('a red circle on the left Question: what colour
-    is the circle? Answer: red'). A language model trained on these learns to look back and re-express what
-    the context says, which is how BLIP-2's frozen LLM reads the soft prompt (a real pretrained LLM brings this
-    ability; a small one trained on captions alone has no reason to learn it)."""
+def context_corpus(n_train: int = 10000, seed: int = 0) -> Iterator[tuple[str, str]]:
+    """(context, continuation) pairs that can only be continued by reading the context: a caption of a scene
+    then another caption of it, or a question about it and its answer ('a red circle on the left',
+    'Question: what colour is the circle? Answer: red').
+
+    A language model trained on these learns to look back and re-express what the context says, which is
+    how BLIP-2's frozen LLM reads the soft prompt (a real pretrained LLM brings this ability; a small one
+    trained on captions alone has no reason to learn it). `train.backbones.pretrain_llm` lays them out as
+    stage 2 lays out the soft prompt and the text: context, BOS, continuation. Every caption of a sample is
+    followed by the next one and once by itself (a verbatim copy: the plainest lesson in reading back in
+    order), and every question is asked, so each attribute word (colour, shape, size, position) has to be
+    read back from the context somewhere."""
     ds = ShapesCaps("train", n=n_train, seed=seed)
     for i in range(n_train):
         s = ds.sample(i, render_image=False)
-        first, *others = s.captions
-        for other in others[:1]:
-            yield f"{first} {other}"
-        for question, answer in s.qa[:2]:
-            yield f"{first} {qa_prompt(question)} {answer}"
+        captions = s.captions
+        for k, caption in enumerate(captions):
+            yield caption, captions[(k + 1) % len(captions)]
+        yield captions[0], captions[0]
+        for k, (question, answer) in enumerate(s.qa):
+            yield captions[k % len(captions)], f"{qa_prompt(question)} {answer}"
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -1,0 +1,48 @@
+"""The shipped demo model (`models/demo`): what the README's quick start runs.
+
+It is a checkpoint made by `python -m train demo` (seed 0), so these tests hold it to what its
+folder claims: its size, that Hugging Face loads it, that its recorded evaluation (`eval.json`) is
+what PyTorch measures on it today, and that the exported ONNX pipeline captions and answers the held-out
+images exactly as PyTorch does.
+"""
+import json
+from pathlib import Path
+
+import pytest
+
+DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
+MAX_BYTES = 10 * 2**20  # the issue's limit for a shipped demo model
+N = 200  # eval.json's sample count (the recipe's eval_n)
+
+
+def test_demo_folder_is_small_and_loads_with_transformers():
+    from transformers import AutoTokenizer, Blip2ForConditionalGeneration
+
+    size = sum(f.stat().st_size for f in DEMO.rglob("*") if f.is_file())
+    assert size < MAX_BYTES, f"models/demo is {size / 2**20:.1f} MiB; the shipped demo must stay under 10 MiB"
+    model = Blip2ForConditionalGeneration.from_pretrained(DEMO)
+    assert model.config.image_token_index == AutoTokenizer.from_pretrained(DEMO).convert_tokens_to_ids("<image>")
+    recipe = json.loads((DEMO / "recipe.json").read_text())
+    assert recipe["seed"] == 0 and recipe["preset"] == "demo"
+
+
+def test_recorded_evaluation_is_what_pytorch_measures():
+    from train.evaluate import TorchBackend, evaluate
+
+    recorded = json.loads((DEMO / "eval.json").read_text())
+    now = evaluate(TorchBackend(DEMO), n=recorded["n"], seed=recorded["seed"])
+    for name, metric in recorded["metrics"].items():
+        assert now["metrics"][name]["value"] == pytest.approx(metric["value"], abs=1e-9), name
+
+
+def test_exported_pipeline_matches_pytorch_on_held_out_images(tmp_path):
+    from export.build import build
+    from train.evaluate import PipelineBackend, TorchBackend, evaluate
+
+    engines = build(DEMO, "onnx", tmp_path / "engines", say=lambda *_: None)
+    torch_run = evaluate(TorchBackend(DEMO), n=N, seed=0)
+    onnx_run = evaluate(PipelineBackend(engines), n=N, seed=0)
+    for name in ("caption_accuracy", "vqa_accuracy", "itc_r1_i2t", "itc_r1_t2i", "itm_accuracy"):
+        assert onnx_run["metrics"][name]["value"] == pytest.approx(torch_run["metrics"][name]["value"], abs=1e-9), name
+    same = [a["caption_pred"] == b["caption_pred"] for a, b in zip(torch_run["per_sample"], onnx_run["per_sample"])]
+    assert sum(same) >= N - 2, f"only {sum(same)}/{N} captions are identical"  # exact logit ties may flip
