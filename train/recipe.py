@@ -1,6 +1,6 @@
 """The demo recipe: a working BLIP-2 from nothing, on ShapesCaps, on a laptop CPU.
 
-    python -m train demo --out checkpoints/demo          # about 25 minutes on 2 cores
+    python -m train demo --out checkpoints/demo          # 24 minutes on 2 cores (reproduces models/demo bit for bit)
     python -m train demo --out checkpoints/demo          # again: resumes / skips what is done
 
 Phases, each resumable (its state file lives in --run, default runs/<name>):
