@@ -14,7 +14,7 @@ folder) this step is skipped; for the synthetic set we make our own, quickly:
     repeated), the ability that lets a frozen LLM read BLIP-2's soft prompt.
 
     pretrain_vision(model.vision_model, preprocess, 64, TrainConfig(steps=2000))   # in place
-    pretrain_llm(model.language_model, tokenizer, TrainConfig(steps=4000))         # in place
+    pretrain_llm(model.language_model, tokenizer, TrainConfig(steps=8000))         # in place
 """
 import itertools
 
