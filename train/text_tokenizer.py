@@ -7,6 +7,7 @@ It follows OPT's conventions so that real checkpoints and ours share one path:
     python -c "from train.text_tokenizer import build_tokenizer; print(build_tokenizer(512))"
 """
 import itertools
+from collections import Counter
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
@@ -56,15 +57,32 @@ def build_tokenizer(vocab_size: int, corpus: list[str] | None = None) -> PreTrai
 QFORMER_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]  # ids 0..5
 
 
+def wordpiece_vocab(corpus: list[str], vocab_size: int) -> dict[str, int]:
+    """A WordPiece vocabulary that is a pure function of the corpus: the specials, every character alone and
+    as a '##' continuation (so any word can be spelled), then whole words, most frequent first (ties in
+    alphabetical order), up to `vocab_size`. The tokenizers library's WordPieceTrainer breaks ties between
+    equally frequent merges differently in every process, so the same corpus gave different vocabularies
+    and the demo recipe could not reproduce its own model."""
+    normalizer, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    counts = Counter(w for text in corpus for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for w in counts for c in w})
+    vocab = QFORMER_SPECIALS + chars + ["##" + c for c in chars]
+    if vocab_size < len(vocab):
+        raise ValueError(f"Q-Former vocab_size {vocab_size} is too small for this corpus: its {len(chars)} characters "
+                         f"and their '##' forms need {len(vocab)} ids with the specials; raise qformer_vocab_size")
+    words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if len(w) > 1]
+    vocab += words[: vocab_size - len(vocab)]
+    return {token: i for i, token in enumerate(vocab)}
+
+
 def build_qformer_tokenizer(vocab_size: int, corpus: list[str] | None = None) -> PreTrainedTokenizerFast:
-    """Train a lower-cased WordPiece tokenizer for the Q-Former's text side, BERT-style like BLIP-2's own
-    (bert-base-uncased plus [DEC]): `[CLS] text [SEP]` for ITC/ITM; ITG swaps [CLS] for [DEC]."""
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    """A lower-cased WordPiece tokenizer for the Q-Former's text side, BERT-style like BLIP-2's own
+    (bert-base-uncased plus [DEC]): `[CLS] text [SEP]` for ITC/ITM; ITG swaps [CLS] for [DEC].
+    Its vocabulary is `wordpiece_vocab(corpus, vocab_size)`."""
+    tok = Tokenizer(models.WordPiece(wordpiece_vocab(corpus or default_corpus(), vocab_size), unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=QFORMER_SPECIALS, show_progress=False)
-    tok.train_from_iterator(corpus or default_corpus(), trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     return PreTrainedTokenizerFast(
