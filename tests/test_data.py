@@ -24,6 +24,7 @@ from train.data import (
     caption_correct,
     load_coco_captions,
     main,
+    mirrored,
     normalise_answer,
     text_corpus,
     vqa_correct,
@@ -194,6 +195,23 @@ def _flip_relation(caption):
     table = {"left": "right", "right": "left", "above": "below", "below": "above",
              "top": "bottom", "bottom": "top", "center": "left"}
     return re.sub(r"[a-z]+", lambda m: table.get(m.group(0), m.group(0)), caption)
+
+
+def test_mirrored_captions_are_foils(texts):
+    """Stage 1's foils: the layout mirrored, so false for the image, and everything else unchanged."""
+    kinds = Counter()
+    for s in texts[:300]:
+        for c in s.captions:
+            foil = mirrored(c)
+            if all(sh.position == "center" for sh in s.shapes):
+                assert foil is None, c
+                continue
+            assert foil is not None and not caption_correct(foil, s), (c, foil)
+            assert mirrored(foil) == c and len(foil.split()) == len(c.split())
+            kinds[len(s.shapes)] += 1
+    assert kinds[1] > 50 and kinds[2] > 50
+    assert mirrored("a red circle to the left of a blue square") == "a red circle to the right of a blue square"
+    assert mirrored("at the top, a red circle") == "at the bottom, a red circle"
 
 
 def _swap_colours(caption, a, b):

@@ -231,6 +231,18 @@ def _two_shape_caption(template: str, shapes: list[Shape], rng: np.random.Genera
     )
 
 
+MIRROR = {"left": "right", "right": "left", "top": "bottom", "bottom": "top", "above": "below", "below": "above"}
+_SIDE_WORD = re.compile(r"\b(" + "|".join(MIRROR) + r")\b")
+
+
+def mirrored(caption: str) -> str | None:
+    """The caption with its layout mirrored, or None when it names no side ('in the center'):
+    'a red circle to the left of a blue square' -> '... to the right of ...'. A foil: it differs from a
+    true caption only in where things are, so telling them apart needs the layout bound to each shape."""
+    flipped = _SIDE_WORD.sub(lambda m: MIRROR[m.group(1)], caption)
+    return flipped if flipped != caption else None
+
+
 def make_captions(shapes: list[Shape], rng: np.random.Generator, k: int = CAPTIONS_PER_SAMPLE) -> list[str]:
     """`k` captions from distinct templates, each naming every shape's colour, shape and position."""
     templates = ONE_SHAPE_TEMPLATES if len(shapes) == 1 else TWO_SHAPE_TEMPLATES

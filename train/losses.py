@@ -8,12 +8,19 @@ Stage 1 (`stage1_losses`): ITC + ITM + ITG, summed, as in BLIP-2 (LAVIS blip2_qf
   ITG  the Q-Former's text decoder: [DEC] replaces [CLS], next-token loss through the causal mask.
 Stage 2 (`lm_loss`): the LLM's next-token loss on the answer/caption tokens after the soft prompt.
 
+Foils (optional): for some rows, a minimally changed false caption (ShapesCaps mirrors the layout:
+"to the left of" -> "to the right of"). Random in-batch negatives almost never differ from the positive
+only in where things are, so without foils nothing asks the queries to bind a position to a shape
+(measured: ITM could not tell a caption from its mirror, 0.51). Each foil is an extra ITM negative for
+its own image, and `foil_itc_loss` contrasts it with the true caption at the ITC temperature.
+
 `same` ([B, B*W] bool, optional) marks pairs whose texts describe the image equally well (synthetic
 data repeats scenes; COCO gives several captions per image): they count as positives for ITC and
 are never drawn as ITM negatives.
 
     from train.losses import stage1_losses
     losses = stage1_losses(model, image_embeds, ids, mask, same=None)   # {"itc":, "itm":, "itg":, "loss":}
+    losses = stage1_losses(model, image_embeds, ids, mask, foils=(has_foil, foil_ids, foil_mask))  # + "itc_foil"
 """
 import torch
 import torch.distributed as dist
@@ -81,6 +88,20 @@ def itc_loss(i2t, t2i, same=None, label_smoothing: float = LABEL_SMOOTHING):
             + F.cross_entropy(t2i, target, label_smoothing=label_smoothing)) / 2
 
 
+def foil_itc_loss(image_feats, text_feat, foil_feat, has_foil, temp):
+    """Each image with a foil: 2-way cross-entropy between its caption (class 0) and its foil, on the ITC
+    similarity (max over queries) / temp. image_feats [B,Nq,D], text_feat [B,D], foil_feat [F,D], has_foil [B]."""
+    feats = image_feats[has_foil]  # [F, Nq, D]
+    pos = torch.einsum("fqd,fd->fq", feats, text_feat[has_foil]).amax(-1)
+    neg = torch.einsum("fqd,fd->fq", feats, foil_feat).amax(-1)
+    logits = torch.stack([pos, neg], 1) / temp  # [F, 2]
+    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+
+
+def _pad(ids: torch.Tensor, width: int) -> torch.Tensor:
+    return F.pad(ids, (0, width - ids.shape[1]))
+
+
 def hard_negatives(sim: torch.Tensor, same=None, generator=None) -> torch.Tensor:
     """One negative per row, drawn with probability softmax(sim) over the local candidates [B, B];
     the positive (diagonal) and anything in `same` get probability 0. A row with no candidate left
@@ -100,19 +121,28 @@ def hard_negatives(sim: torch.Tensor, same=None, generator=None) -> torch.Tensor
         return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 
 
-def itm_loss(model, image_embeds, ids, mask, i2t, t2i, same=None, generator=None):
-    """Positives + a hard negative image per text + a hard negative text per image -> 2-class CE."""
+def itm_loss(model, image_embeds, ids, mask, i2t, t2i, same=None, generator=None, foils=None):
+    """Positives + a hard negative image per text + a hard negative text per image (+ each image with its
+    foil, when `foils` = (has_foil [B], foil_ids [F,T'], foil_mask [F,T']) is given) -> 2-class CE."""
     rank, _ = world()
     batch = ids.shape[0]
     local = slice(rank * batch, (rank + 1) * batch)
     local_same = same[:, local] if same is not None else None
     neg_image = hard_negatives(t2i[:, local], local_same, generator)  # for each text, an image
     neg_text = hard_negatives(i2t[:, local], local_same, generator)  # for each image, a text
-    embeds = torch.cat([image_embeds, image_embeds[neg_image], image_embeds])  # [3B, Np, Dv]
-    text_ids = torch.cat([ids, ids, ids[neg_text]])
-    text_mask = torch.cat([mask, mask, mask[neg_text]])
-    logits, _ = model.itm_forward(embeds, text_ids, text_mask)  # [3B, 2]
-    labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(logits.device)
+    embeds = [image_embeds, image_embeds[neg_image], image_embeds]  # 3 x [B, Np, Dv]
+    text_ids, text_mask = [ids, ids, ids[neg_text]], [mask, mask, mask[neg_text]]
+    if foils is not None:
+        has_foil, foil_ids, foil_mask = foils
+        embeds.append(image_embeds[has_foil])
+        text_ids.append(foil_ids)
+        text_mask.append(foil_mask)
+    width = max(t.shape[1] for t in text_ids)
+    text_ids = torch.cat([_pad(t, width) for t in text_ids])
+    text_mask = torch.cat([_pad(m, width) for m in text_mask])
+    logits, _ = model.itm_forward(torch.cat(embeds), text_ids, text_mask)  # [3B (+F), 2]
+    labels = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
+    labels[:batch] = 1
     return F.cross_entropy(logits, labels)
 
 
@@ -125,9 +155,10 @@ def itg_loss(model, image_embeds, ids, mask, label_smoothing: float = LABEL_SMOO
     return F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, label_smoothing=label_smoothing)
 
 
-def stage1_losses(model, image_embeds, ids, mask, same=None, generator=None) -> dict:
+def stage1_losses(model, image_embeds, ids, mask, same=None, generator=None, foils=None) -> dict:
     """image_embeds [B,Np,Dv] (frozen ViT), ids/mask [B,T] Q-Former tokens ([CLS] ... [SEP]).
-    same: [B, B*W] bool or None (see the module docstring)."""
+    same: [B, B*W] bool or None; foils: (has_foil [B] bool, foil_ids [F,T'], foil_mask [F,T']) or None
+    (see the module docstring)."""
     query_output, _ = model.query_forward(image_embeds)
     image_feats = model.image_feats(query_output)  # [B, Nq, D]
     text_feat = model.text_feat(ids, mask)  # [B, D]
@@ -136,10 +167,14 @@ def stage1_losses(model, image_embeds, ids, mask, same=None, generator=None) -> 
     i2t, t2i = itc_logits(image_feats, text_feat, gather(image_feats), gather(text_feat), model.temp)
     losses = {
         "itc": itc_loss(i2t, t2i, same),
-        "itm": itm_loss(model, image_embeds, ids, mask, i2t.detach(), t2i.detach(), same, generator),
+        "itm": itm_loss(model, image_embeds, ids, mask, i2t.detach(), t2i.detach(), same, generator, foils),
         "itg": itg_loss(model, image_embeds, ids, mask),
     }
-    losses["loss"] = losses["itc"] + losses["itm"] + losses["itg"]
+    if foils is not None:
+        has_foil, foil_ids, foil_mask = foils
+        losses["itc_foil"] = foil_itc_loss(image_feats, text_feat, model.text_feat(foil_ids, foil_mask), has_foil,
+                                           model.temp)
+    losses["loss"] = sum(losses.values())
     return losses
 
 

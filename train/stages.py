@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from train.data import ShapesCaps, qa_prompt
+from train.data import ShapesCaps, caption_correct, mirrored, qa_prompt
 from train.losses import lm_loss, stage1_losses, world
 from train.trainer import TrainConfig, fit
 
@@ -31,6 +31,7 @@ class CaptionSet:
     captions: list[list[str]]
     qa: list[list[tuple[str, str]]]
     keys: list  # images with equal keys are described equally well by each other's texts
+    foils: list[list[str | None]] | None = None  # per caption, a minimally changed false one (or None)
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -53,7 +54,13 @@ def shapescaps_set(vision_model, preprocess, n: int, image_size: int, seed: int 
     samples = list(data)
     embeds = encode_images(vision_model, preprocess, [s.image for s in samples])
     return CaptionSet(embeds, [s.captions for s in samples], [s.qa for s in samples],
-                      [scene_key(s.shapes) for s in samples])
+                      [scene_key(s.shapes) for s in samples], [[_foil(c, s) for c in s.captions] for s in samples])
+
+
+def _foil(caption: str, sample) -> str | None:
+    """The caption with its layout mirrored, when that makes it false for the sample."""
+    foil = mirrored(caption)
+    return foil if foil is not None and not caption_correct(foil, sample) else None
 
 
 def coco_set(vision_model, preprocess, annotations, image_dir, image_size: int) -> CaptionSet:
@@ -76,8 +83,11 @@ class Batches:
         rng = np.random.default_rng([self.seed, step, rank])
         return rng.choice(len(self.data), size=min(self.batch_size, len(self.data)), replace=False), rng
 
-    def captions(self, index: np.ndarray, rng) -> list[str]:
-        return [self.data.captions[i][rng.integers(len(self.data.captions[i]))] for i in index]
+    def captions(self, index: np.ndarray, rng) -> tuple[list[str], list[str | None]]:
+        """One caption per image, and its foil (None where the set has none)."""
+        picks = [(i, rng.integers(len(self.data.captions[i]))) for i in index]
+        foils = self.data.foils
+        return [self.data.captions[i][j] for i, j in picks], [foils[i][j] if foils else None for i, j in picks]
 
     def same(self, step: int, index: np.ndarray) -> torch.Tensor:
         """[B, B*W] True where another row's scene equals this row's (every process's batch is known)."""
@@ -99,8 +109,14 @@ def qformer_batch(qtok, texts: list[str], max_tokens: int) -> tuple[torch.Tensor
 def stage1_batch(model, batches: Batches, qtok, step: int) -> dict:
     rank, _ = world()
     index, rng = batches.pick(step, rank)
-    ids, mask = qformer_batch(qtok, batches.captions(index, rng), model.edge.max_text_tokens)
-    return {"image_embeds": batches.data.embeds[index], "ids": ids, "mask": mask, "same": batches.same(step, index)}
+    texts, foils = batches.captions(index, rng)
+    ids, mask = qformer_batch(qtok, texts, model.edge.max_text_tokens)
+    batch = {"image_embeds": batches.data.embeds[index], "ids": ids, "mask": mask, "same": batches.same(step, index)}
+    has_foil = torch.tensor([f is not None for f in foils])
+    if has_foil.any():
+        foil_ids, foil_mask = qformer_batch(qtok, [f for f in foils if f is not None], model.edge.max_text_tokens)
+        batch["foils"] = (has_foil, foil_ids, foil_mask)
+    return batch
 
 
 def lm_rows(model, tok, examples: list[tuple[str | None, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -140,7 +156,7 @@ def run_stage1(model, data: CaptionSet, qtok, cfg: TrainConfig, state_file=None,
 
     def objective(step, generator):
         b = stage1_batch(model, batches, qtok, step)
-        return stage1_losses(model, b["image_embeds"], b["ids"], b["mask"], b["same"], generator)
+        return stage1_losses(model, b["image_embeds"], b["ids"], b["mask"], b["same"], generator, b.get("foils"))
 
     fit("stage1", model, params, objective, cfg, state_file, say=say)
 
@@ -169,7 +185,7 @@ def run_stage2(model, data: CaptionSet, tok, qtok, cfg: TrainConfig, state_file=
         losses["loss"] = losses["lm"]
         if keep_text_side and step % aux_every == 0:
             b = stage1_batch(model, batches, qtok, step)
-            aux = stage1_losses(model, b["image_embeds"], b["ids"], b["mask"], b["same"], generator)
+            aux = stage1_losses(model, b["image_embeds"], b["ids"], b["mask"], b["same"], generator, b.get("foils"))
             losses.update({k: v for k, v in aux.items() if k != "loss"})
             losses["loss"] = losses["lm"] + aux_weight * aux["loss"]
         return losses
