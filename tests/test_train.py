@@ -110,6 +110,43 @@ def test_itm_loss_uses_positives_and_both_kinds_of_negatives(model, monkeypatch)
 
 
 @torch.no_grad()
+def test_foils_are_extra_itm_negatives_of_their_own_image(model, monkeypatch):
+    image_embeds = model.encode_image(torch.randn(4, 3, 32, 32))
+    ids, mask = _text()
+    foil_ids, foil_mask = _text(batch=2, length=8, seed=1)  # wider than ids: the batch is padded
+    has_foil = torch.tensor([True, False, True, False])
+    seen = {}
+    real = model.itm_forward
+
+    def spy(embeds, text_ids, text_mask):
+        seen.update(embeds=embeds, ids=text_ids, mask=text_mask)
+        return real(embeds, text_ids, text_mask)
+
+    monkeypatch.setattr(model, "itm_forward", spy)
+    sim = torch.randn(4, 4)
+    L.itm_loss(model, image_embeds, ids, mask, sim, sim.T, None, torch.Generator().manual_seed(0),
+               foils=(has_foil, foil_ids, foil_mask))
+    assert seen["embeds"].shape[0] == 14 and seen["ids"].shape == (14, 8)
+    assert torch.equal(seen["embeds"][12], image_embeds[0]) and torch.equal(seen["embeds"][13], image_embeds[2])
+    assert torch.equal(seen["ids"][12:], foil_ids) and torch.equal(seen["ids"][:4, :6], ids)
+    assert not seen["mask"][:12, 6:].any()  # padding added to the shorter texts is masked out
+
+
+def test_foil_itc_loss_matches_the_formula():
+    g = torch.Generator().manual_seed(2)
+    img = F.normalize(torch.randn(3, 4, 8, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(3, 8, generator=g), dim=-1)
+    foil = F.normalize(torch.randn(2, 8, generator=g), dim=-1)
+    has = torch.tensor([True, False, True])
+    loss = L.foil_itc_loss(img, txt, foil, has, torch.tensor(0.1))
+    terms = []
+    for f, i in enumerate([0, 2]):  # -log softmax([s(i, caption i), s(i, foil)])[0], s = max over queries / temp
+        pos, neg = float((img[i] @ txt[i]).max()) / 0.1, float((img[i] @ foil[f]).max()) / 0.1
+        terms.append(-pos + math.log(math.exp(pos) + math.exp(neg)))
+    assert math.isclose(float(loss), sum(terms) / 2, rel_tol=1e-5)
+
+
+@torch.no_grad()
 def test_lm_loss_counts_only_target_tokens(model):
     from train.stages import lm_rows
     from train.text_tokenizer import build_tokenizer
