@@ -65,8 +65,10 @@ PRESETS = {
     # the demo model trained on ShapesCaps by `python -m train demo` (about 2M parameters, 64x64 images)
     "demo": Preset(
         image_size=64, patch_size=8, vision_width=128, vision_layers=4, vision_heads=4,
-        num_query_tokens=8, qformer_width=128, qformer_layers=2, qformer_heads=4, qformer_vocab_size=512,
+        num_query_tokens=16, qformer_width=128, qformer_layers=2, qformer_heads=4, qformer_vocab_size=512,
         vocab_size=512, llm_width=128, llm_layers=3, llm_heads=4, max_positions=96, itc_dim=64, dropout=0.0,
+        # 16 queries, not 8: with 8 the soft prompt carried which shape is where (the Q-Former's ITM told a
+        # pair's caption from its mirror 0.99 of the time) but OPT read it back for 2-shape captions 0.62 right
         # tied, the input embeddings of interchangeable words (circle/square/triangle, small/large) collapsed
         # onto one vector (cosine 0.98-0.99) through the LM head's symmetric gradients: OPT could not tell
         # them apart in its context and re-said lone-shape captions 0.33 right (`python -m train.reading`)

@@ -103,7 +103,7 @@ def _train_mode(module) -> None:
 
 
 def _fmt(losses: dict) -> str:
-    return " ".join(f"{k} {float(v):.4f}" for k, v in losses.items())
+    return " ".join(f"{k} {float(v.detach() if torch.is_tensor(v) else v):.4f}" for k, v in losses.items())
 
 
 def fit(name: str, module, params, objective, cfg: TrainConfig, state_file: Path | None = None, say=print,
