@@ -323,6 +323,7 @@ def test_demo_recipe_runs_end_to_end_quick(tmp_path):
         assert phase in proc.stdout
     report = json.loads((out / "eval.json").read_text())
     assert set(report["metrics"]) == {"caption_accuracy", "itc_r1_i2t", "itc_r1_t2i", "itm_accuracy", "vqa_accuracy"}
+    assert report["folder"] == str(out)  # the folder's final name, not the temporary one it was evaluated in
     assert (run / "stage1" / "blip2_edge.json").is_file() and (out / "qformer_tokenizer").is_dir()
     model = Blip2Edge.from_pretrained(out)
     assert model.edge.stage == 2 and hasattr(model, "itg_head") and hasattr(model, "language_model")
