@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from train.data import COLOURS, POSITIONS, SHAPES, SIZES, ShapesCaps, context_corpus, label_map
+from train.losses import padded_rows
 from train.trainer import TrainConfig, fit
 
 ATTRIBUTES = sorted(
@@ -182,14 +183,9 @@ def copy_rows(tokenizer, n: int, seed: int = 0, lengths: tuple[int, int] = (5, 1
 def llm_batch(rows: list[tuple[list[int], int]], pad_token_id: int) -> tuple[torch.Tensor, ...]:
     """Right-padded ids, attention mask [B, T] and next-token labels [B, T-1] (-100 where not scored:
     padding, and every position whose next token is still context)."""
-    width = max(len(r) for r, _ in rows)
-    ids = torch.full((len(rows), width), pad_token_id)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width - 1), -100)
-    for i, (r, context) in enumerate(rows):
-        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
-        labels[i, context - 1: len(r) - 1] = torch.tensor(r[context:])  # labels[t] is the token at t + 1
-    return ids, mask, labels
+    ids, mask, labels = padded_rows([r for r, _ in rows], [[-100] * context + r[context:] for r, context in rows],
+                                    pad_token_id)
+    return ids, mask, labels[:, 1:]  # labels[:, t] is the token at t + 1
 
 
 def pretrain_llm(language_model, tokenizer, cfg: TrainConfig, n_texts: int = 20000, seed: int = 0, say=print,

@@ -231,7 +231,7 @@ def _two_shape_caption(template: str, shapes: list[Shape], rng: np.random.Genera
     )
 
 
-MIRROR = {"left": "right", "right": "left", "top": "bottom", "bottom": "top", "above": "below", "below": "above"}
+MIRROR = {**OPPOSITE, "above": "below", "below": "above"}  # the position words and the vertical RELATIONS
 _SIDE_WORD = re.compile(r"\b(" + "|".join(MIRROR) + r")\b")
 
 

@@ -178,6 +178,18 @@ def stage1_losses(model, image_embeds, ids, mask, same=None, generator=None, foi
     return losses
 
 
+def padded_rows(rows: list[list[int]], labels: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, ...]:
+    """Token rows and their per-token labels (-100 where not scored) -> right-padded input_ids, attention_mask
+    and labels [B, T], labels -100 on the padding: the layout `lm_loss` and OPT's pre-training take."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    lab = torch.full((len(rows), width), -100)
+    for i, (r, l) in enumerate(zip(rows, labels)):
+        ids[i, : len(r)], mask[i, : len(r)], lab[i, : len(l)] = torch.tensor(r), 1, torch.tensor(l)
+    return ids, mask, lab
+
+
 def lm_loss(model, image_embeds, input_ids, attention_mask, labels):
     """Stage 2. input_ids [B,T]: Nq image placeholders, BOS, prompt, target, EOS (right-padded);
     labels [B,T]: the target ids where the loss counts, -100 elsewhere. The projected queries take the

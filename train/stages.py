@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from train.data import ShapesCaps, caption_correct, mirrored, qa_prompt
-from train.losses import lm_loss, stage1_losses, world
+from train.losses import lm_loss, padded_rows, stage1_losses, world
 from train.trainer import TrainConfig, fit
 
 
@@ -130,13 +130,7 @@ def lm_rows(model, tok, examples: list[tuple[str | None, str]]) -> tuple[torch.T
         tail = tok(target if prompt is None else " " + target, add_special_tokens=False).input_ids + [tok.eos_token_id]
         rows.append(head + tail)
         labels.append([-100] * len(head) + tail)
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tok.pad_token_id)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    lab = torch.full((len(rows), width), -100)
-    for i, (r, l) in enumerate(zip(rows, labels)):
-        ids[i, : len(r)], mask[i, : len(r)], lab[i, : len(l)] = torch.tensor(r), 1, torch.tensor(l)
-    return ids, mask, lab
+    return padded_rows(rows, labels, tok.pad_token_id)
 
 
 # ---------------------------------------------------------------- the stages
