@@ -36,16 +36,18 @@ import torch  # noqa: E402
 from transformers import Blip2ForConditionalGeneration  # noqa: E402
 
 from export.build import TARGETS, build  # noqa: E402
-from export.checkpoint import load_checkpoint  # noqa: E402
-from export.e2e import hf_pixel_values, llm_teacher_forced, probe_images, token_agreement  # noqa: E402
+from export.parity import probe_images, token_agreement  # noqa: E402
 from runtime import Blip2Pipeline  # noqa: E402
+from train.checkpoint import load_checkpoint  # noqa: E402
 from train.demo import make_random_checkpoint  # noqa: E402
+from train.logs import quiet_libraries  # noqa: E402
+from train.reference import HfReference  # noqa: E402
 
 MEMORY_PROBE = """
 import sys
 import runtime
 from export_free_images import images
-pipe = runtime.Blip2Pipeline.from_dir(sys.argv[1])
+pipe = runtime.Blip2Pipeline.from_dir(sys.argv[1], shared_pool=True)
 pipe.generate_ids(images, max_new_tokens={new}, min_new_tokens={new})
 assert "torch" not in sys.modules
 # VmHWM: this process's own peak RSS (ru_maxrss would carry over the parent's peak through fork + exec)
@@ -66,20 +68,18 @@ def prepare(preset: str, work: Path, targets: list[str], checkpoint: str | None 
     return ck, engines
 
 
-def hf_caption(model, ck, images, new_tokens: int, margins: bool = False):
-    """New token ids per image (and, with margins, the gap between the best and second-best logit of each step)."""
-    cfg = model.config
-    ids = torch.tensor([[cfg.image_token_index] * cfg.num_query_tokens + ck.prompt_prefix_ids] * len(images))
-    pixels = hf_pixel_values(ck, images)
-    out = model.generate(pixel_values=pixels, input_ids=ids, attention_mask=torch.ones_like(ids),
-                         max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                         eos_token_id=cfg.text_config.eos_token_id, pad_token_id=cfg.text_config.pad_token_id,
-                         output_scores=margins, return_dict_in_generate=True)
-    tokens = out.sequences[:, ids.shape[1]:].tolist()
+def hf_caption(reference: HfReference, images, new_tokens: int, margins: bool = False):
+    """New token ids per image from Hugging Face's generate(pixel_values=...) (and, with margins, the gap between
+    the best and second-best logit of each step, EOS left out as min_new_tokens leaves it out)."""
+    out = reference.generate(images, None, output_logits=margins, max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens)
     if not margins:
-        return tokens
-    top2 = torch.stack(out.scores).float().topk(2, dim=-1).values  # [steps, batch, 2]
-    return tokens, (top2[..., 0] - top2[..., 1]).flatten().tolist()
+        return out.tokens
+    eos = reference.ck.config.text_config.eos_token_id
+    logits = torch.stack(out.logits).float()  # [batch, steps, V]
+    logits[..., eos] = float("-inf")
+    top2 = logits.topk(2, dim=-1).values
+    return out.tokens, (top2[..., 0] - top2[..., 1]).transpose(0, 1).flatten().tolist()  # step-major
 
 
 TIE = 1e-3  # PyTorch's best two logits closer than this: a tie, which summation order may break either way
@@ -103,13 +103,22 @@ def timed(fn):
     return time.perf_counter() - t0, result
 
 
-def bench_batch(pipes: dict, models, ck, batch: int, new_tokens: int, rounds: int) -> dict:
+def teacher_forced_choices(pipe, images, expected: list[list[int]], eos: int) -> list[list[int]]:
+    """The pipeline's top choice at every position of `expected`, fed its previous tokens (EOS banned)."""
+    scores = pipe.score(images, expected)
+    for s in scores:
+        s[:, eos] = -np.inf
+    return [s.argmax(-1).tolist() for s in scores]
+
+
+def bench_batch(pipes: dict, models: dict, batch: int, new_tokens: int, rounds: int) -> dict:
+    ck = models["eager"].ck
     images = probe_images(ck.config.vision_config.image_size, count=batch, seed=batch)
     runs = {target: (lambda p=p: p.generate_ids(images, max_new_tokens=new_tokens, min_new_tokens=new_tokens))
             for target, p in pipes.items()}
-    runs.update({k: (lambda m=m: hf_caption(m, ck, images, new_tokens)) for k, m in models.items()})
+    runs.update({k: (lambda m=m: hf_caption(m, images, new_tokens)) for k, m in models.items()})
     with torch.inference_mode():
-        expected, margins = hf_caption(models["eager"], ck, images, new_tokens, margins=True)
+        expected, margins = hf_caption(models["eager"], images, new_tokens, margins=True)
     margins = np.array(margins).reshape(new_tokens, batch)  # [step, row]
     agreement, forced = {}, {}
     eos = ck.config.text_config.eos_token_id
@@ -117,7 +126,7 @@ def bench_batch(pipes: dict, models, ck, batch: int, new_tokens: int, rounds: in
         tokens = fn()
         agreement[name] = token_agreement(tokens, expected)
         if name in pipes:
-            picks = llm_teacher_forced(pipes[name], images, [None] * batch, expected, banned=(eos,))
+            picks = teacher_forced_choices(pipes[name], images, expected, eos)
             forced[name] = token_agreement(picks, expected)
             if name == "onnx":
                 wrong = differences_beyond_ties(picks, expected, margins)
@@ -169,21 +178,23 @@ def main(argv=None):
     ap.add_argument("--work", default=None, help="folder for the checkpoint and engines (default: a temp folder)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
+    quiet_libraries()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="blip2-edge-bench-"))
     # Flush denormals in PyTorch too (ONNX Runtime sessions do): randomly initialised weights produce
     # denormal activations that make PyTorch's CPU kernels ~20x slower, which would flatter the runtime.
     torch.set_flush_denormal(True)
     ck_dir, engines = prepare(args.preset, work, args.targets, args.checkpoint)
     ck = load_checkpoint(ck_dir)
-    models = {impl: Blip2ForConditionalGeneration.from_pretrained(ck_dir, attn_implementation=impl).eval()
+    models = {impl: HfReference(ck, Blip2ForConditionalGeneration.from_pretrained(ck_dir, attn_implementation=impl).eval())
               for impl in ("eager", "sdpa")}
-    pipes = {target: Blip2Pipeline.from_dir(engine) for target, engine in engines.items()}
-    n_params = sum(p.numel() for p in models["eager"].parameters())
+    # one shared ONNX Runtime thread pool, as the command line uses (this process runs nothing else on it)
+    pipes = {target: Blip2Pipeline.from_dir(engine, shared_pool=True) for target, engine in engines.items()}
+    n_params = sum(p.numel() for p in models["eager"].model.parameters())
     label = f"checkpoint {ck_dir}" if args.checkpoint else f"preset {args.preset} (random weights)"
     print(f"\n{label}: {n_params / 1e6:.1f}M parameters, torch threads {torch.get_num_threads()}")
     results = {"preset": None if args.checkpoint else args.preset, "checkpoint": args.checkpoint, "params_m": n_params / 1e6, "batches": [], "memory": {}}
     for batch in args.batches:
-        r = bench_batch(pipes, models, ck, batch, args.new_tokens, args.rounds)
+        r = bench_batch(pipes, models, batch, args.new_tokens, args.rounds)
         results["batches"].append(r)
         ms = r["per_caption_ms"]
         print(f"batch {batch:>2}: per caption  hf eager {ms['eager']:8.1f} ms | hf sdpa {ms['sdpa']:8.1f} ms | "

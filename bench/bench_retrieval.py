@@ -26,13 +26,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from export.build import build  # noqa: E402
-from export.checkpoint import load_checkpoint  # noqa: E402
-from export.e2e import qformer_texts  # noqa: E402
-from export.specs import Limits  # noqa: E402
 from runtime import Blip2Pipeline  # noqa: E402
 from runtime.retrieval import top_k  # noqa: E402
+from train.checkpoint import load_checkpoint  # noqa: E402
 from train.data import ShapesCaps  # noqa: E402
 from train.demo import make_random_checkpoint  # noqa: E402
+from train.logs import quiet_libraries  # noqa: E402
+from train.reference import HfReference  # noqa: E402
 
 
 def prepare(preset: str, work: Path, max_batch: int, checkpoint: Path | None = None) -> tuple[Path, Path]:
@@ -42,7 +42,7 @@ def prepare(preset: str, work: Path, max_batch: int, checkpoint: Path | None = N
         if checkpoint is None:
             make_random_checkpoint(ck, preset, seed=0, stage=1)
         print(f"building {engine} (export + parity gate) ...", flush=True)
-        build(ck, "onnx", work / "engines", name=f"bench-{ck.name}", limits=Limits(max_batch=max_batch),
+        build(ck, "onnx", work / "engines", name=f"bench-{ck.name}", max_batch=max_batch,
               say=lambda m: print("  " + m, flush=True))
     return ck, engine
 
@@ -51,7 +51,7 @@ class TorchRetrieval:
     """The same two-step retrieval in PyTorch (train.model.Blip2Edge), gallery encoded once."""
 
     def __init__(self, ck, chunk: int):
-        self.ck, self.model, self.chunk = ck, ck.model, chunk
+        self.model, self.chunk, self.tokens = ck.model, chunk, HfReference(ck).qformer_tokens
 
     @torch.no_grad()
     def encode_gallery(self, image_embeds: np.ndarray):
@@ -61,7 +61,7 @@ class TorchRetrieval:
 
     @torch.no_grad()
     def retrieve(self, text: str, k: int) -> list[int]:
-        ids, mask = qformer_texts(self.ck, [text])
+        ids, mask = self.tokens([text])
         text_feat = self.model.text_feat(ids, mask)  # [1, D]
         itc = (self.feats @ text_feat[0]).amax(1)  # [N]
         top = torch.topk(itc, k).indices
@@ -90,12 +90,13 @@ def main(argv=None):
     ap.add_argument("--max-batch", type=int, default=32, help="engine max batch = ITM chunk on both sides")
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work")
     args = ap.parse_args(argv)
+    quiet_libraries()
     torch.set_num_threads(2)
     torch.set_flush_denormal(True)  # as ONNX Runtime does; without it PyTorch is far slower on random weights
 
     ck_dir, engine = prepare(args.preset, args.work, args.max_batch, args.checkpoint)
     ck = load_checkpoint(ck_dir)
-    pipe = Blip2Pipeline.from_dir(engine)
+    pipe = Blip2Pipeline.from_dir(engine, shared_pool=True)  # (this process runs nothing else on ONNX Runtime)
     reference = TorchRetrieval(ck, args.max_batch)
     images = gallery_images(args.gallery, ck.config.vision_config.image_size)
     queries = [c for i in range(args.queries) for c in ShapesCaps("val", n=args.queries, seed=2)[i].captions[:1]]

@@ -2,8 +2,9 @@
 
 Random tensors are fine to check an fp32 export, but an INT8 graph is only right for inputs like the
 ones it was calibrated on, so calibration and the reduced-precision parity gate use what the runtime
-really feeds each graph: the fp32 engine folder is opened with `Blip2Pipeline`, every runner is wrapped
-in a `RecordingRunner`, and the pipeline captions, answers, embeds and matches a set of images.
+really feeds each graph: the fp32 engine folder is opened with `Blip2Pipeline` through a runner factory
+that wraps every runner in a `RecordingRunner`, and the pipeline captions, answers, embeds and matches a
+set of images through its public API.
 
     from export.calibration import calibration_images, record_feeds
     data = calibration_images(None, image_size=224, count=64, seed=0)        # ShapesCaps
@@ -115,31 +116,20 @@ def _exercise(pipe, images: list, texts: list[str] | None, max_new_tokens: int) 
 def record_feeds(folder, images: list, texts: list[str] | None = None, max_new_tokens: int = 16) -> dict:
     """{graph name: [feeds of each call]} from running the fp32 pipeline of `folder` on `images`."""
     from runtime import Blip2Pipeline
+    from runtime.runners import make_runner
 
-    pipe = Blip2Pipeline.from_dir(folder, backend="onnxruntime")
-    recorders = {name: RecordingRunner(r) for name, r in pipe.runners.items()}
-    pipe.runners = recorders
-    if hasattr(pipe, "decoder"):
-        pipe.decoder.runner = recorders["llm_decoder"]
-    if hasattr(pipe, "itg"):
-        pipe.itg.runner = recorders["qformer_itg"]
-    max_new_tokens = min(max_new_tokens, getattr(pipe, "max_new_tokens", max_new_tokens))
-    if "qformer_itg" in pipe.runners:
-        max_new_tokens = min(max_new_tokens, pipe.manifest["qformer"]["max_text_tokens"] - 1)
+    recorders = {}
+
+    def recording(path, graph):
+        recorders[graph] = RecordingRunner(make_runner(path, "onnxruntime"))
+        return recorders[graph]
+
+    pipe = Blip2Pipeline.from_dir(folder, backend="onnxruntime", runner_factory=recording)
+    limits = pipe.manifest.limits
+    max_new_tokens = min(max_new_tokens, limits.max_new_tokens or max_new_tokens)
+    if pipe.itg is not None:
+        max_new_tokens = min(max_new_tokens, limits.max_qformer_tokens - 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # texts cut to the engine's limit: the same cut the runtime applies
         _exercise(pipe, images, texts, max_new_tokens)
     return {name: r.feeds for name, r in recorders.items()}
-
-
-def check_cases(feeds: list[dict], count: int = 4) -> list[dict]:
-    """A few recorded calls with different input shapes for the parity gate, spread over what was recorded
-    (for decoders: prefills, early and late single-token steps)."""
-    by_shape = {}
-    for f in feeds:
-        by_shape.setdefault(tuple(v.shape for v in f.values()), f)
-    unique = list(by_shape.values())
-    if len(unique) <= count:
-        return unique
-    picks = np.linspace(0, len(unique) - 1, count).round().astype(int)
-    return [unique[i] for i in sorted(set(picks.tolist()))]

@@ -88,6 +88,75 @@ def _ensure_names(graph) -> None:
             node.name = f"{node.op_type}_{i}"
 
 
+def _half_outputs(graph, fp32_nodes: set[str], floats: set[str]) -> set[str]:
+    """The float tensors that are fp16 after conversion: outputs of every node not kept in fp32 (a Cast to
+    float32 becomes a Cast to float16)."""
+    half = set()
+    for node in graph.node:
+        if node.name in fp32_nodes:
+            continue
+        if node.op_type == "Cast":
+            to = next((a for a in node.attribute if a.name == "to"), None)
+            if to is not None and to.i == TensorProto.FLOAT:
+                to.i = TensorProto.FLOAT16
+                half.update(node.output)
+            continue
+        half.update(o for o in node.output if o in floats)
+    return half
+
+
+class _TypeFixer:
+    """Gives every node's float inputs the type the node computes in: a Cast node before it, or an fp16 copy of
+    a weight (clamped to the fp16 range). Casts are shared between the nodes that read the same tensor."""
+
+    def __init__(self, graph, half: set[str]):
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.half, self.casts, self.half_weights, self.new_nodes = half, {}, {}, []
+
+    def __call__(self, name: str, want_half: bool) -> str:
+        if (name in self.half) == want_half:
+            return name
+        if name in self.initializers and want_half:
+            if name not in self.half_weights:
+                arr = np.clip(numpy_helper.to_array(self.initializers[name]), -FP16_MAX, FP16_MAX).astype(np.float16)
+                self.half_weights[name] = numpy_helper.from_array(arr, f"{name}__fp16")
+            return f"{name}__fp16"
+        if (name, want_half) not in self.casts:
+            out = f"{name}__{'fp16' if want_half else 'fp32'}"
+            self.new_nodes.append(helper.make_node("Cast", [name], [out], name=f"Cast_{out}",
+                                                   to=TensorProto.FLOAT16 if want_half else TensorProto.FLOAT))
+            self.casts[name, want_half] = out
+        return self.casts[name, want_half]
+
+    def rewrite(self, graph, fp32_nodes: set[str], floats: set[str]) -> list:
+        """The graph's nodes with the casts they need inserted before them."""
+        body = []
+        for node in graph.node:
+            if node.op_type != "Cast":  # a Cast reads either type
+                want_half = node.name not in fp32_nodes
+                for idx, name in enumerate(node.input):
+                    if name and name in floats:
+                        node.input[idx] = self(name, want_half and (node.op_type, idx) not in FP32_INPUTS)
+            body += self.new_nodes + [node]
+            self.new_nodes = []
+        return body
+
+
+def _float_graph_outputs(graph, body: list, half: set[str]) -> list:
+    """Graph outputs keep float32: an fp16 producer writes `<name>__fp16out` and a Cast gives back `<name>`;
+    returns those Casts (to append after `body`)."""
+    outputs, renamed, tail = {o.name for o in graph.output}, {}, []
+    for node in body:
+        for i, o in enumerate(node.output):
+            if o in outputs and o in half:
+                renamed[o] = node.output[i] = f"{o}__fp16out"
+                tail.append(helper.make_node("Cast", [renamed[o]], [o], name=f"Cast_{o}_out", to=TensorProto.FLOAT))
+        for i, name in enumerate(node.input):
+            if name in renamed:  # an output that is also read inside the graph
+                node.input[i] = renamed[name]
+    return tail
+
+
 def to_fp16(src, dst, keep_fp32_nodes: tuple[str, ...] = ()) -> dict:
     """Write an fp16 copy of `src` to `dst` (fp32 inputs/outputs); returns what was kept in fp32."""
     model = onnx.load(str(src))
@@ -97,74 +166,13 @@ def to_fp16(src, dst, keep_fp32_nodes: tuple[str, ...] = ()) -> dict:
     scores = attention_score_nodes(graph, floats)
     fp32_nodes = {n.name for n in graph.node
                   if n.op_type in FP32_OPS or n.op_type in CONSTANT_OPS or n.name in scores} | set(keep_fp32_nodes)
-
-    # Every float tensor gets the type its producer computes in: fp16 for fp16 nodes, fp32 otherwise.
-    initializers = {t.name: t for t in graph.initializer}
-    half = set()  # float tensors that are fp16 after conversion
-    for node in graph.node:
-        if node.name in fp32_nodes:
-            continue
-        if node.op_type == "Cast":
-            if any(a.name == "to" and a.i == TensorProto.FLOAT for a in node.attribute):
-                for a in node.attribute:
-                    if a.name == "to":
-                        a.i = TensorProto.FLOAT16
-                half.update(node.output)
-            continue
-        half.update(o for o in node.output if o in floats)
-
-    casts, new_nodes, renamed_outputs = {}, [], {}
-    half_weights = {}
-
-    def as_type(name: str, want_half: bool) -> str:
-        """The name of `name` converted to the wanted float type (a cast or an fp16 weight copy)."""
-        is_half = name in half
-        if is_half == want_half:
-            return name
-        if name in initializers and want_half:
-            if name not in half_weights:
-                arr = numpy_helper.to_array(initializers[name])
-                arr = np.clip(arr, -FP16_MAX, FP16_MAX).astype(np.float16)
-                half_weights[name] = numpy_helper.from_array(arr, f"{name}__fp16")
-            return f"{name}__fp16"
-        key = (name, want_half)
-        if key not in casts:
-            out = f"{name}__{'fp16' if want_half else 'fp32'}"
-            new_nodes.append(helper.make_node("Cast", [name], [out], name=f"Cast_{out}",
-                                              to=TensorProto.FLOAT16 if want_half else TensorProto.FLOAT))
-            casts[key] = out
-        return casts[key]
-
-    body = []
-    for node in graph.node:
-        want_half = node.name not in fp32_nodes and node.op_type != "Cast"
-        for idx, name in enumerate(node.input):
-            if not name or name not in floats:
-                continue
-            if node.op_type == "Cast":
-                continue  # a Cast reads either type
-            fixed = (node.op_type, idx) in FP32_INPUTS
-            node.input[idx] = as_type(name, want_half and not fixed)
-        body.extend(new_nodes)
-        new_nodes.clear()
-        body.append(node)
-
-    # Graph outputs keep float32: an fp16 producer writes `<name>__fp16out`, a Cast gives back `<name>`.
-    outputs = {o.name for o in graph.output}
-    tail = []
-    for node in body:
-        for i, o in enumerate(node.output):
-            if o in outputs and o in half:
-                inner = f"{o}__fp16out"
-                node.output[i] = inner
-                renamed_outputs[o] = inner
-                tail.append(helper.make_node("Cast", [inner], [o], name=f"Cast_{o}_out", to=TensorProto.FLOAT))
-        for i, name in enumerate(node.input):
-            if name in renamed_outputs:  # an output that is also read inside the graph
-                node.input[i] = renamed_outputs[name]
+    half = _half_outputs(graph, fp32_nodes, floats)
+    fixer = _TypeFixer(graph, half)
+    body = fixer.rewrite(graph, fp32_nodes, floats)
+    body += _float_graph_outputs(graph, body, half)
     del graph.node[:]
-    graph.node.extend(body + tail)
-    graph.initializer.extend(half_weights.values())
+    graph.node.extend(body)
+    graph.initializer.extend(fixer.half_weights.values())
     used = {i for n in graph.node for i in n.input}
     keep = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
@@ -242,32 +250,6 @@ def _quiet_logging():
         logging.disable(logging.NOTSET)
 
 
-@contextlib.contextmanager
-def _calibrator_sessions_share_pool():
-    """ONNX Runtime refuses per-session thread pools once the process-wide pool exists (the runtime creates it,
-    see runtime.runners.OrtRunner); the quantizer's calibrator makes its own session, so while it runs every
-    new SessionOptions is told to use the shared pool."""
-    import onnxruntime
-
-    from runtime.runners import OrtRunner
-
-    if not OrtRunner._global_pool:
-        yield
-        return
-
-    class SharedPoolOptions(onnxruntime.SessionOptions):
-        def __init__(self):
-            super().__init__()
-            self.use_per_session_threads = False
-
-    original = onnxruntime.SessionOptions
-    onnxruntime.SessionOptions = SharedPoolOptions
-    try:
-        yield
-    finally:
-        onnxruntime.SessionOptions = original
-
-
 def shift_activations_to_uint8(model: onnx.ModelProto) -> int:
     """Rewrite symmetric int8 activation Q/DQ (zero point 0) as uint8 with zero point 128, in place; returns
     how many nodes changed. The quantized values are the same numbers shifted by 128 (saturation included:
@@ -302,8 +284,14 @@ def to_int8(src, dst, feeds: list[dict], exclude: tuple[str, ...] = (), uint8_ac
     MinMax: ONNX Runtime's histogram calibrators need feeds of one shape, and recorded feeds vary."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    from runtime.runners import shared_pool_active
+
     if not feeds:
         raise ValueError(f"no calibration feeds for {Path(src).name}: give calibration images (--calib-images DIR)")
+    if shared_pool_active():
+        raise RuntimeError("this process already shares one ONNX Runtime thread pool (a Blip2Pipeline opened with "
+                           "shared_pool=True), and ONNX Runtime's quantizer needs sessions of its own: run the "
+                           "int8 build in a process of its own (`python -m export.build ... --target onnx-int8`)")
     model = onnx.load(str(src))
     _ensure_names(model.graph)
     quantized, activations = weight_matmuls(model.graph)
@@ -313,7 +301,7 @@ def to_int8(src, dst, feeds: list[dict], exclude: tuple[str, ...] = (), uint8_ac
         named = Path(tmp) / "named.onnx"
         onnx.save(model, str(named))
         # (the quantizer logs a suggestion to pre-process the model at WARNING level: not for our graphs)
-        with _calibrator_sessions_share_pool(), _quiet_logging():
+        with _quiet_logging():
             quantize_static(
                 str(named), str(dst), _Reader(feeds), quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=["MatMul", "Gemm", "Conv"], per_channel=True,

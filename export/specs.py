@@ -24,6 +24,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from runtime.manifest import Graph, Limits, Tensor, kv_names
+from runtime.prompt import PromptLayout, pad_rows, position_ids
 from export.wrappers import (
     LlmDecoderWrapper, QFormerItgWrapper, QFormerItmWrapper, QFormerQueryWrapper, QFormerTextWrapper, VisionWrapper,
     query_outputs,
@@ -39,31 +41,50 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class AxisRange:
-    """min / opt / max of one dynamic axis; the TensorRT profile and the export checks use the same numbers."""
+    """min / opt / max of one dynamic axis; the TensorRT profile and the export checks use the same numbers.
+    `opt` (the size TensorRT tunes for) is kept within [min, max]."""
     min: int
     opt: int
     max: int
 
+    def __post_init__(self):
+        object.__setattr__(self, "opt", max(self.min, min(self.opt, self.max)))
 
-@dataclass
-class Limits:
-    """Build-time limits that bound the dynamic axes (also written to the manifest).
 
-    None means "as much as the decoder's position table allows, at most 64".
-    """
-    max_batch: int = 8
-    max_prompt_tokens: int | None = None  # text tokens after the image placeholders (BOS included) at prefill
-    max_new_tokens: int | None = None
-    max_qformer_tokens: int | None = None  # Q-Former texts ([CLS]/[DEC] and [SEP] included); None: the model's limit
+class LimitError(ValueError):
+    """A build limit out of the range the model allows; the message gives the range."""
 
-    def resolve(self, model) -> "Limits":
-        cfg = model.config
-        budget = cfg.text_config.max_position_embeddings - cfg.num_query_tokens - 1
-        new = self.max_new_tokens if self.max_new_tokens is not None else min(64, budget // 2)
-        prompt = self.max_prompt_tokens if self.max_prompt_tokens is not None else min(64, budget - new)
-        q_limit = min(model.edge.max_text_tokens, cfg.qformer_config.max_position_embeddings)
-        q_tokens = min(self.max_qformer_tokens or q_limit, q_limit)
-        return Limits(self.max_batch, prompt, new, q_tokens)
+
+def resolve_limits(model, max_batch: int = 8, max_prompt_tokens: int | None = None,
+                   max_new_tokens: int | None = None, max_qformer_tokens: int | None = None) -> Limits:
+    """The build's limits for `model`, checked before any export. None means "as much as the position table
+    allows, at most 64" (the Q-Former: its text limit). Stage 2 must fit the LLM's position table:
+    queries + prompt tokens (BOS included) + new tokens <= max_position_embeddings."""
+    if not isinstance(max_batch, int) or max_batch < 1:
+        raise LimitError(f"--max-batch must be an integer >= 1, got {max_batch!r}")
+    cfg = model.config
+    q_limit = min(model.edge.max_text_tokens, cfg.qformer_config.max_position_embeddings)
+    if max_qformer_tokens is not None and not 3 <= max_qformer_tokens <= q_limit:
+        raise LimitError(f"max_qformer_tokens must be in [3, {q_limit}] (the Q-Former's text limit), got "
+                         f"{max_qformer_tokens}")
+    q_tokens = max_qformer_tokens or q_limit
+    if not hasattr(model, "language_model"):
+        if max_prompt_tokens is not None or max_new_tokens is not None:
+            raise LimitError("--max-prompt-tokens and --max-new-tokens bound the LLM, and this checkpoint has none "
+                             "(stage 1); leave them out")
+        return Limits(max_batch, None, None, q_tokens)
+    room = cfg.text_config.max_position_embeddings - cfg.num_query_tokens
+    new = max_new_tokens if max_new_tokens is not None else min(64, room // 2)
+    if not isinstance(new, int) or not 1 <= new <= room - 1:
+        raise LimitError(f"--max-new-tokens must be in [1, {room - 1}]: the LLM's position table has "
+                         f"{cfg.text_config.max_position_embeddings} positions, {cfg.num_query_tokens} taken by the "
+                         f"image and at least 1 by the prompt; got {new}")
+    prompt = max_prompt_tokens if max_prompt_tokens is not None else min(64, room - new)
+    if not isinstance(prompt, int) or not 1 <= prompt <= room - new:
+        raise LimitError(f"--max-prompt-tokens must be in [1, {room - new}] with --max-new-tokens {new} (the LLM's "
+                         f"position table has {cfg.text_config.max_position_embeddings} positions, "
+                         f"{cfg.num_query_tokens} taken by the image); got {prompt}")
+    return Limits(max_batch, prompt, new, q_tokens)
 
 
 @dataclass
@@ -93,13 +114,12 @@ class GraphSpec:
             out.append(shapes)
         return out
 
-    def to_manifest(self) -> dict:
-        return {
-            "inputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in self.inputs],
-            "outputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in self.outputs],
-            "dynamic_axes": self.dynamic_axes(),
-            "profiles": [{k: [r.min, r.opt, r.max] for k, r in p.items()} for p in self.profiles],
-        }
+    def to_manifest(self, file: str) -> Graph:
+        """The manifest's entry for this graph, stored in `file`."""
+        return Graph(file=file,
+                     inputs=[Tensor(t.name, t.dtype, list(t.shape)) for t in self.inputs],
+                     outputs=[Tensor(t.name, t.dtype, list(t.shape)) for t in self.outputs],
+                     profiles=[{k: [r.min, r.opt, r.max] for k, r in p.items()} for p in self.profiles])
 
 
 def _axis_size(axis, ranges: dict[str, AxisRange], which: str) -> int:
@@ -274,9 +294,26 @@ def qformer_itg_spec(model, limits: Limits) -> GraphSpec:
 
 
 # ---------------------------------------------------------------- LLM decoder with KV cache
-def kv_names(num_layers: int, prefix: str) -> list[str]:
-    """past_key_0, past_value_0, past_key_1, ... (prefix 'past' or 'present')."""
-    return [f"{prefix}_{kind}_{i}" for i in range(num_layers) for kind in ("key", "value")]
+def _llm_feeds(layout: PromptLayout, vocab: int, sizes: dict, rng) -> dict:
+    """input_ids, attention_mask and position_ids as the runtime makes them (runtime.prompt): a prefill's rows
+    are laid out around `queries` placeholders, the first row shorter (left padding); a decode step feeds any
+    token, the placeholder id included (it is then embedded like any other id). The cache's first row is
+    left-padded too."""
+    b, text, past, q = sizes["batch"], sizes["text"], sizes["past"], sizes["queries"]
+    if q:
+        short = 2 if b > 1 and text - q - len(layout.prefix_ids) > 2 else 0
+        rows = [layout.row(rng.integers(4, layout.image_token_id, size=text - q - len(layout.prefix_ids)
+                                        - (short if i == 0 else 0)).tolist()) for i in range(b)]
+        ids, text_mask = pad_rows(rows, layout.pad_token_id, left=True)
+    else:
+        ids = rng.integers(4, vocab, size=(b, text), dtype=np.int64)
+        ids[-1, -1] = layout.image_token_id
+        text_mask = np.ones((b, text), dtype=np.int64)
+    past_mask = np.ones((b, past), dtype=np.int64)
+    if b > 1 and past > 2:
+        past_mask[0, :2] = 0
+    mask = np.concatenate([past_mask, text_mask], axis=1)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask, text)}
 
 
 @needs("language_model")
@@ -285,30 +322,13 @@ def llm_decoder_spec(model, limits: Limits) -> GraphSpec:
     t = cfg.text_config
     nq, layers, heads = cfg.num_query_tokens, t.num_hidden_layers, t.num_attention_heads
     head_dim = t.hidden_size // heads
-    image_id = cfg.image_token_index
-    max_total = nq + 1 + limits.max_prompt_tokens + limits.max_new_tokens
-    if max_total > t.max_position_embeddings:
-        raise ValueError(
-            f"queries ({nq}) + BOS + max_prompt_tokens ({limits.max_prompt_tokens}) + max_new_tokens "
-            f"({limits.max_new_tokens}) = {max_total} exceeds the decoder's max_position_embeddings "
-            f"({t.max_position_embeddings}); lower --max-prompt-tokens or --max-new-tokens"
-        )
+    max_total = nq + limits.max_prompt_tokens + limits.max_new_tokens
+    layout = PromptLayout(nq, cfg.image_token_index, t.bos_token_id, (t.bos_token_id,), t.pad_token_id)
 
     def make_inputs(sizes, rng):
-        b, text, past, q = sizes["batch"], sizes["text"], sizes["past"], sizes["queries"]
-        ids = rng.integers(4, min(t.vocab_size, image_id), size=(b, text), dtype=np.int64)
-        ids[:, :q] = image_id  # the soft prompt goes first, as the BLIP-2 processor lays it out
-        total = past + text
-        mask = np.ones((b, total), dtype=np.int64)
-        if b > 1 and total > 2:
-            mask[0, :2] = 0  # one left-padded row
-        position_ids = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)[:, past:]
-        feeds = {
-            "input_ids": ids,
-            "soft_prompt": rng.standard_normal((b, q, t.hidden_size), dtype=np.float32),
-            "attention_mask": mask,
-            "position_ids": position_ids.astype(np.int64),
-        }
+        b, past, q = sizes["batch"], sizes["past"], sizes["queries"]
+        feeds = _llm_feeds(layout, t.vocab_size, sizes, rng)
+        feeds["soft_prompt"] = rng.standard_normal((b, q, t.hidden_size), dtype=np.float32)
         for name in kv_names(layers, "past"):
             feeds[name] = rng.standard_normal((b, heads, past, head_dim), dtype=np.float32)
         return feeds
@@ -330,7 +350,7 @@ def llm_decoder_spec(model, limits: Limits) -> GraphSpec:
         make_inputs=make_inputs,
         profiles=[
             # context (prefill): soft prompt + prompt tokens, empty cache
-            {"batch": batch, "text": AxisRange(nq + 1, nq + 8, nq + 1 + limits.max_prompt_tokens),
+            {"batch": batch, "text": AxisRange(nq + 1, nq + 8, nq + limits.max_prompt_tokens),
              "past": AxisRange(0, 0, 0), "queries": AxisRange(nq, nq, nq)},
             # generation: one token per step against the cache
             {"batch": batch, "text": AxisRange(1, 1, 1), "past": AxisRange(1, nq + 16, max_total - 1),
@@ -351,7 +371,7 @@ SPEC_BUILDERS = [vision_spec, qformer_query_spec, qformer_text_spec, qformer_itm
 
 def graph_specs(model, limits: Limits | None = None) -> list[GraphSpec]:
     """The specs of every graph this model exports (those whose weights exist), in pipeline order."""
-    limits = (limits or Limits()).resolve(model)
+    limits = limits or resolve_limits(model)
     return [build(model, limits) for build in SPEC_BUILDERS if all(hasattr(model, n) for n in getattr(build, "needs", ()))]
 
 

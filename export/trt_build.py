@@ -5,7 +5,7 @@
     info = build_engine("tmp/llm_decoder.onnx", spec, "tmp/llm_decoder.engine",
                         timing_cache_path="engines/.timing.cache")
     # what the runtime checks (runtime.trt_runner.check_compatible) + per graph: profiles, onnx_sha256, build time
-    manifest["tensorrt"] = {**hardware_info(), "engines": {"llm_decoder": info}}
+    # the manifest's build.tensorrt record: {**hardware_info(), "engines": {"llm_decoder": info, ...}}
 
 Precision comes from the ONNX itself, never from builder flags: the network is strongly typed (required on
 TensorRT 10.x for this path; always the case on 11.x, where the flag is accepted and ignored), and FP16 / INT8 engines
@@ -85,6 +85,50 @@ def onnx_sha256(onnx_path) -> str:
     return h.hexdigest()
 
 
+def _parse(trt, builder, logger, onnx_path: Path):
+    """The network of `onnx_path` (parsed from the file, so external weights beside it are found)."""
+    network = builder.create_network(network_flags(trt))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)) or parser.num_errors:
+        errors = format_parser_errors(parser) or ["no error recorded (see the TensorRT log above)"]
+        raise TrtBuildError(
+            f"TensorRT {trt.__version__} could not parse {onnx_path.name} ({len(errors)} error(s)):\n  "
+            + "\n  ".join(errors)
+            + "\nThe graph uses an operator or a type this TensorRT version does not support; export with opset "
+              "17..25 (TensorRT 11 parses opsets 9-25) or check the node named above."
+        )
+    return network, parser
+
+
+def _add_profiles(builder, config, network, spec, onnx_path: Path) -> list:
+    """One optimization profile per `spec.trt_profiles()` entry; returns those profiles."""
+    network_inputs = {network.get_input(i).name for i in range(network.num_inputs)}
+    profiles = spec.trt_profiles()
+    for shapes in profiles:
+        unknown = sorted(set(shapes) - network_inputs)
+        if unknown:
+            raise TrtBuildError(f"{onnx_path.name} has no input(s) {unknown} declared by the '{spec.name}' spec "
+                                f"(inputs: {sorted(network_inputs)}); re-export the ONNX with this version")
+        profile = builder.create_optimization_profile()
+        for name, (low, opt, high) in shapes.items():
+            profile.set_shape(name, low, opt, high)
+        config.add_optimization_profile(profile)
+    return profiles
+
+
+def _use_timing_cache(config, path: Path):
+    """Load the timing cache at `path` into `config` (a cache from another TensorRT / GPU, or an unreadable one,
+    is replaced by an empty cache, not fatal)."""
+    data = path.read_bytes() if path.is_file() else b""
+    try:
+        cache = config.create_timing_cache(data)
+    except Exception:  # unreadable cache file: start a new one
+        cache = None
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):  # another TensorRT / GPU
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+
+
 def build_engine(onnx_path, spec, engine_path, timing_cache_path=None, workspace_bytes: int = DEFAULT_WORKSPACE,
                  tf32: bool = True) -> dict:
     """Parse `onnx_path`, build a plan with one optimization profile per `spec.trt_profiles()` entry, write it to
@@ -101,46 +145,14 @@ def build_engine(onnx_path, spec, engine_path, timing_cache_path=None, workspace
     started = time.time()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(network_flags(trt))
-    parser = trt.OnnxParser(network, logger)
-    parsed = parser.parse_from_file(str(onnx_path))  # from the file, so external weights next to it are found
-    if not parsed or parser.num_errors:
-        errors = format_parser_errors(parser) or ["no error recorded (see the TensorRT log above)"]
-        raise TrtBuildError(
-            f"TensorRT {trt.__version__} could not parse {onnx_path.name} ({len(errors)} error(s)):\n  "
-            + "\n  ".join(errors)
-            + "\nThe graph uses an operator or a type this TensorRT version does not support; export with opset "
-              "17..25 (TensorRT 11 parses opsets 9-25) or check the node named above."
-        )
-    network_inputs = {network.get_input(i).name for i in range(network.num_inputs)}
-
+    network, _parser = _parse(trt, builder, logger, onnx_path)  # (the parser must outlive the network's use)
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
     if not tf32:
         config.clear_flag(trt.BuilderFlag.TF32)
-    profiles = spec.trt_profiles()
-    for shapes in profiles:
-        unknown = sorted(set(shapes) - network_inputs)
-        if unknown:
-            raise TrtBuildError(f"{onnx_path.name} has no input(s) {unknown} declared by the '{spec.name}' spec "
-                                f"(inputs: {sorted(network_inputs)}); re-export the ONNX with this version")
-        profile = builder.create_optimization_profile()
-        for name, (low, opt, high) in shapes.items():
-            profile.set_shape(name, low, opt, high)
-        config.add_optimization_profile(profile)
-
-    cache = None
+    profiles = _add_profiles(builder, config, network, spec, onnx_path)
     if timing_cache_path is not None:
-        timing_cache_path = Path(timing_cache_path)
-        data = timing_cache_path.read_bytes() if timing_cache_path.is_file() else b""
-        try:
-            cache = config.create_timing_cache(data)
-        except Exception:  # unreadable cache file: start a new one
-            cache = None
-        if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):  # another TensorRT / GPU
-            cache = config.create_timing_cache(b"")
-            config.set_timing_cache(cache, ignore_mismatch=False)
-
+        _use_timing_cache(config, Path(timing_cache_path))
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise TrtBuildError(
@@ -151,17 +163,12 @@ def build_engine(onnx_path, spec, engine_path, timing_cache_path=None, workspace
     engine_path.parent.mkdir(parents=True, exist_ok=True)
     engine_path.write_bytes(memoryview(plan))
     if timing_cache_path is not None:
-        timing_cache_path.parent.mkdir(parents=True, exist_ok=True)
-        timing_cache_path.write_bytes(memoryview(config.get_timing_cache().serialize()))
+        Path(timing_cache_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(timing_cache_path).write_bytes(memoryview(config.get_timing_cache().serialize()))
     return {
-        "engine": engine_path.name,
-        "onnx": onnx_path.name,
-        "onnx_sha256": onnx_sha256(onnx_path),
+        "engine": engine_path.name, "onnx": onnx_path.name, "onnx_sha256": onnx_sha256(onnx_path),
         "profiles": [{name: [list(low), list(opt), list(high)] for name, (low, opt, high) in p.items()}
                      for p in profiles],
-        "tensorrt": trt.__version__,
-        "workspace_bytes": int(workspace_bytes),
-        "tf32": bool(tf32),
-        "build_seconds": round(time.time() - started, 2),
-        "engine_bytes": engine_path.stat().st_size,
+        "tensorrt": trt.__version__, "workspace_bytes": int(workspace_bytes), "tf32": bool(tf32),
+        "build_seconds": round(time.time() - started, 2), "engine_bytes": engine_path.stat().st_size,
     }

@@ -9,7 +9,8 @@
     python -m runtime retrieve --engines engines/stage1/onnx --image a.png --k 3 "a red circle" "a blue square"
 
 caption/ask print one line per image: `path<TAB>text`; match prints `path<TAB>probability`;
-retrieve prints the best k candidates, best first: `rank<TAB>itm probability<TAB>itc similarity<TAB>candidate`.
+retrieve prints a header line, then the best k candidates, best first:
+`rank<TAB>itm_probability<TAB>itc_similarity<TAB>candidate` (itm_probability is - with --no-rerank).
 """
 import argparse
 import sys
@@ -19,22 +20,32 @@ from runtime.errors import Blip2EdgeError
 
 
 def _folder_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--engines", required=True, help="engine folder written by `python -m export.build`")
-    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
+    p.add_argument("--engines", required=True, metavar="DIR",
+                   help="engine folder written by `python -m export.build`: engines/<name>/<target>, e.g. "
+                        "engines/demo/onnx")
+    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"],
+                   help="auto (default): TensorRT for a trt-* folder, else ONNX Runtime")
 
 
 def _generation_args(p: argparse.ArgumentParser) -> None:
     _folder_args(p)
-    p.add_argument("--max-new-tokens", type=int, default=30)
-    p.add_argument("--min-new-tokens", type=int, default=0)
-    p.add_argument("--num-beams", type=int, default=1)
-    p.add_argument("--sample", action="store_true", help="sample instead of greedy/beam search")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--decoder", choices=["llm", "qformer"], default=None,
+    g = p.add_argument_group("generation (as in Hugging Face generate)")
+    g.add_argument("--max-new-tokens", type=int, default=30, help="most tokens to generate per image (default 30)")
+    g.add_argument("--min-new-tokens", type=int, default=0, help="generate at least this many before the end "
+                   "token may end the text (default 0)")
+    g.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (default 1: greedy)")
+    g.add_argument("--sample", action="store_true", help="sample the next token instead of taking the most likely "
+                   "(greedy / beam search)")
+    g.add_argument("--temperature", type=float, default=1.0, help="with --sample: < 1 sharper, > 1 flatter "
+                   "(default 1)")
+    g.add_argument("--top-k", type=int, default=0, help="with --sample: draw from the k most likely tokens only "
+                   "(default 0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="with --sample: draw from the smallest set of tokens "
+                   "whose probability reaches p (default 1.0 = off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating tokens "
+                   "already in the text (default 1.0 = off)")
+    g.add_argument("--seed", type=int, default=None, help="with --sample: random seed, for repeatable samples")
+    g.add_argument("--decoder", choices=["llm", "qformer"], default=None,
                    help="text decoder: the LLM (default when the folder has one) or the Q-Former's ITG mode")
     p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
 
@@ -62,8 +73,9 @@ def _retrieve(pipe, args) -> list[str]:
                           "(search the texts given)")
     query = args.text if args.text is not None else Path(args.image)  # a str query is a text
     hits = pipe.retrieve(query, args.candidates, k=args.k, rerank=not args.no_rerank)
-    return [f"{r}\t{'-' if h.itm is None else f'{h.itm:.4f}'}\t{h.itc:.4f}\t{args.candidates[h.index]}"
-            for r, h in enumerate(hits, 1)]
+    header = "rank\titm_probability\titc_similarity\t" + ("image" if args.text is not None else "text")
+    return [header] + [f"{r}\t{'-' if h.itm is None else f'{h.itm:.4f}'}\t{h.itc:.4f}\t{args.candidates[h.index]}"
+                       for r, h in enumerate(hits, 1)]
 
 
 def main(argv=None) -> int:
@@ -93,11 +105,15 @@ def main(argv=None) -> int:
 
     run = {"caption": _generate, "ask": _generate, "match": _match, "retrieve": _retrieve}[args.command]
     try:
-        pipe = Blip2Pipeline.from_dir(args.engines, backend=args.backend)
+        # this process runs nothing else on ONNX Runtime: one shared thread pool is fastest (runtime.runners)
+        pipe = Blip2Pipeline.from_dir(args.engines, backend=args.backend, shared_pool=True)
         lines = run(pipe, args)
     except Blip2EdgeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     if args.command in ("caption", "ask"):
         lines = [f"{path}\t{text}" for path, text in zip(args.images, lines)]
     print("\n".join(lines))

@@ -7,11 +7,10 @@ reads correctly). Needs only numpy and Pillow.
 
     from runtime.image import ImageProcessorConfig, load_image, preprocess
 
-    # From a Hugging Face preprocessor_config.json (at export time) ...
+    # From a Hugging Face preprocessor_config.json (at export time; the manifest stores cfg.to_dict()) ...
     cfg = ImageProcessorConfig.from_hf_dict(json.load(open("preprocessor_config.json")))
-    manifest["image"] = cfg.to_dict()
-    # ... and back from the engine manifest (at run time).
-    cfg = ImageProcessorConfig.from_dict(manifest["image"])
+    # ... and back from the engine manifest (at run time: runtime.manifest.load_manifest(folder).image).
+    cfg = ImageProcessorConfig.from_dict(cfg.to_dict())
     pixel_values = cfg(["cat.jpg", pil_image, uint8_hwc_array])  # float32 [3, 3, H, W]
 
     # Or without a config:

@@ -49,6 +49,8 @@ __all__ = [
     "StepModel",
     "GenerationConfig",
     "generate",
+    "config_from_options",
+    "teacher_forced",
     "log_softmax",
     "apply_repetition_penalty",
     "apply_min_new_tokens",
@@ -157,6 +159,15 @@ class GenerationConfig:
         if not _is_int(self.pad_token_id) or self.pad_token_id < 0:
             raise bad("pad_token_id", "it must be a token id (integer >= 0)")
         return self
+
+
+def config_from_options(options: dict, eos_token_id: int, pad_token_id: int) -> GenerationConfig:
+    """A validated GenerationConfig from a caller's keyword options; unknown options are named."""
+    known = set(GenerationConfig.__dataclass_fields__) - {"eos_token_id", "pad_token_id"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise PromptError(f"unknown generation option(s) {unknown}; valid options are {sorted(known)}")
+    return GenerationConfig(eos_token_id=eos_token_id, pad_token_id=pad_token_id, **options).validate()
 
 
 # --------------------------------------------------------------------------- processors / warpers
@@ -474,3 +485,26 @@ def _beam_search(model: StepModel, logits: np.ndarray, present: np.ndarray | Non
             present[flat_rows, np.minimum(run_tok[:, :, t].reshape(-1), v)] = True
 
     return [fin_tok[i, 0, : fin_len[i, 0]].tolist() for i in range(b)]
+
+
+# --------------------------------------------------------------------------- teacher forcing
+
+
+def teacher_forced(model: StepModel, first_logits: np.ndarray, tokens: list[list[int]], pad_token_id: int) -> list[np.ndarray]:
+    """Feed every row its given ``tokens`` one step at a time, whatever the model would choose, and return per row
+    float32 [len(tokens[b]), V]: the logits that predicted each of those tokens (row 0 is ``first_logits[b]``).
+    Rows shorter than the longest are fed ``pad_token_id`` after their end (their later logits are dropped)."""
+    first = np.asarray(first_logits, dtype=np.float32)
+    if first.ndim != 2 or first.shape[0] != len(tokens):
+        raise ValueError(f"first_logits must be [B, V] with one row per token list ({len(tokens)}), got {list(first.shape)}.")
+    width = max((len(row) for row in tokens), default=0)
+    picked: list[list[np.ndarray]] = [[] for _ in tokens]
+    logits = first
+    for t in range(width):
+        for b, row in enumerate(tokens):
+            if t < len(row):
+                picked[b].append(np.asarray(logits[b], dtype=np.float32))
+        if t + 1 < width:
+            fed = np.array([row[t] if t < len(row) else pad_token_id for row in tokens], dtype=np.int64)
+            logits = model.step(fed)
+    return [np.stack(rows) if rows else np.zeros((0, first.shape[1]), np.float32) for rows in picked]

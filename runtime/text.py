@@ -1,8 +1,8 @@
 """Prompt tokenization with the `tokenizers` library only (no transformers).
 
-    from runtime.text import PromptTokenizer
-    tok = PromptTokenizer.from_manifest(manifest)
-    ids = tok.encode("Question: what colour is the square? Answer:")   # prefix (BOS) + prompt ids
+    from runtime.text import LlmTokenizer
+    tok = LlmTokenizer.from_manifest(manifest)
+    ids = tok.encode("Question: what colour is the square? Answer:")   # the text's ids (runtime.prompt adds BOS)
     tok.decode([12, 34, 2])                                              # special tokens dropped
 
     qtok = QFormerTokenizer.from_manifest(manifest)
@@ -15,6 +15,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from runtime.errors import EngineFolderError, PromptError
+from runtime.prompt import pad_rows
 
 
 def _read_tokenizer(path: Path) -> Tokenizer:
@@ -27,19 +28,20 @@ def _read_tokenizer(path: Path) -> Tokenizer:
         ) from None
 
 
-class PromptTokenizer:
-    def __init__(self, path: Path, prefix_ids: list[int]):
+class LlmTokenizer:
+    """The LLM's tokenizer (the checkpoint's tokenizer.json). Special tokens such as BOS are not added here:
+    the prompt layout (`runtime.prompt.PromptLayout`) puts them where Hugging Face does."""
+
+    def __init__(self, path: Path):
         self.tokenizer = _read_tokenizer(path)
-        self.prefix_ids = list(prefix_ids)
 
     @classmethod
-    def from_manifest(cls, manifest) -> "PromptTokenizer":
-        gen = manifest["generation"]
-        return cls(manifest.folder / manifest["tokenizers"]["llm"], gen["prompt_prefix_ids"])
+    def from_manifest(cls, manifest) -> "LlmTokenizer":
+        return cls(manifest.folder / manifest.llm.tokenizer)
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text` as the Hugging Face tokenizer gives them (prefix such as BOS included)."""
-        return self.prefix_ids + self.tokenizer.encode(text, add_special_tokens=False).ids
+        """Token ids of `text` alone, as the Hugging Face tokenizer gives them without special tokens."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True).strip()
@@ -48,18 +50,18 @@ class PromptTokenizer:
 class QFormerTokenizer:
     """The Q-Former's (BERT-style) tokenizer: `[CLS] text [SEP]` for ITC/ITM, `[DEC] prompt` for ITG.
 
-    Texts longer than the engine's limit (manifest qformer.max_text_tokens) are cut to the limit, keeping
+    Texts longer than the engine's limit (manifest limits.max_qformer_tokens) are cut to the limit, keeping
     the final [SEP], with a warning: BLIP-2 itself truncates its texts the same way.
     """
 
-    def __init__(self, path: Path, info: dict):
+    def __init__(self, path: Path, qformer, max_tokens: int):
         self.tokenizer = _read_tokenizer(path)
-        self.cls_id, self.sep_id, self.dec_id = info["cls_token_id"], info["sep_token_id"], info["dec_token_id"]
-        self.pad_id, self.max_tokens = info["pad_token_id"], info["max_text_tokens"]
+        self.cls_id, self.sep_id, self.dec_id = qformer.cls_token_id, qformer.sep_token_id, qformer.dec_token_id
+        self.pad_id, self.max_tokens = qformer.pad_token_id, max_tokens
 
     @classmethod
     def from_manifest(cls, manifest) -> "QFormerTokenizer":
-        return cls(manifest.folder / manifest["tokenizers"]["qformer"], manifest["qformer"])
+        return cls(manifest.folder / manifest.qformer.tokenizer, manifest.qformer, manifest.limits.max_qformer_tokens)
 
     def _words(self, text, what: str) -> list[int]:
         if not isinstance(text, str):
@@ -75,7 +77,7 @@ class QFormerTokenizer:
             words = self._words(text, f"text {i}")
             if len(words) + 2 > self.max_tokens:
                 warnings.warn(f"text {i} is {len(words) + 2} Q-Former tokens long; cut to the engine's limit of "
-                              f"{self.max_tokens} (manifest qformer.max_text_tokens)", stacklevel=3)
+                              f"{self.max_tokens} (manifest limits.max_qformer_tokens)", stacklevel=3)
                 words = words[: self.max_tokens - 2]
             rows.append([self.cls_id, *words, self.sep_id])
         return pad_rows(rows, self.pad_id, left=False)
@@ -87,20 +89,10 @@ class QFormerTokenizer:
             words = [] if p is None else self._words(p, f"prompt {i}")
             if len(words) + 1 >= self.max_tokens:
                 raise PromptError(f"prompt {i} is {len(words) + 1} Q-Former tokens long, the engine allows fewer "
-                                  f"than {self.max_tokens} (manifest qformer.max_text_tokens); shorten it")
+                                  f"than {self.max_tokens} (manifest limits.max_qformer_tokens); shorten it")
             rows.append([self.dec_id, *words])
         return pad_rows(rows, self.pad_id, left=True)
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True).strip()
 
-
-def pad_rows(rows: list[list[int]], pad_id: int, left: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Token rows of different lengths -> input_ids, attention_mask [N, longest] int64, padded left or right."""
-    width = max(len(r) for r in rows)
-    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(rows), width), dtype=np.int64)
-    for i, r in enumerate(rows):
-        span = slice(width - len(r), width) if left else slice(0, len(r))
-        ids[i, span], mask[i, span] = r, 1
-    return ids, mask

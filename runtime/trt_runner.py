@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import BackendError, EngineFolderError
-from runtime.runners import Runner
+from runtime.runner import Runner
 
 NO_TENSORRT = (
     "TensorRT's Python package is not usable here ({reason}). Install it where the engines will run: on x86-64 "
@@ -168,7 +168,7 @@ COMPARED = {"tensorrt": "TensorRT version", "compute_capability": "compute capab
 def check_compatible(build_info: dict, folder) -> None:
     """Refuse engines built with another TensorRT version or for another GPU (TensorRT plans are not portable).
 
-    build_info: the engine folder's manifest["tensorrt"], as written by `export.trt_build.hardware_info()`.
+    build_info: the engine folder's manifest.build.tensorrt, as written by `export.trt_build.hardware_info()`.
     """
     here = current_hardware()
     wrong = [k for k in COMPARED if str(build_info.get(k)) != str(here.get(k))]
@@ -339,7 +339,7 @@ def pick_profile(shapes: dict, profile_ranges: list, axis_names: dict | None = N
 class TrtRunner(Runner):
     """Runs one serialized TensorRT engine (`.engine` plan).
 
-    build_info: the engine folder's manifest["tensorrt"]; when given, checked against this machine before the plan
+    build_info: the engine folder's manifest.build.tensorrt; when given, checked against this machine before the plan
     is deserialized (`check_compatible`). dynamic_axes: the manifest's {tensor: {dim: axis}} of the graph, only
     used to name the build option in out-of-range errors.
     """

@@ -1,5 +1,4 @@
 """Shared fixtures: tiny checkpoints built from presets and engine folders exported from them (built once per session)."""
-import logging
 import sys
 from pathlib import Path
 
@@ -12,7 +11,7 @@ if str(ROOT) not in sys.path:
 # Configurations unlike the default: the exporter must not depend on the numbers we usually test with.
 VARIANTS = {
     "tiny": {},
-    "proj": {"word_embed_proj_dim": 16},  # OPT-350m style project_in/project_out
+    "nobos": {"tokenizer_adds_bos": False},  # the tokenizer adds no BOS: a caption still starts with the model's
     "postln": {"do_layer_norm_before": False},  # OPT-350m style post-layernorm, no final layer norm
     "untied": {"tie_word_embeddings": False, "num_query_tokens": 3},
     "geometry": {"image_size": 48, "patch_size": 12, "num_query_tokens": 6, "llm_layers": 3, "llm_heads": 2},
@@ -33,7 +32,6 @@ def make_engine(tmp_path_factory):
     from export.build import build
     from train.demo import make_random_checkpoint
 
-    logging.getLogger("export.checkpoint").setLevel(logging.ERROR)
     checkpoints, cache = {}, {}
 
     def make(variant: str = "tiny", target: str = "onnx"):
@@ -64,6 +62,6 @@ def pipeline(tiny_engine):
 
 @pytest.fixture(scope="session")
 def checkpoint(tiny_engine):
-    from export.checkpoint import load_checkpoint
+    from train.checkpoint import load_checkpoint
 
     return load_checkpoint(tiny_engine[0])

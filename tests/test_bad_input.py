@@ -81,10 +81,15 @@ def test_prompt_errors_leave_pipeline_usable(pipeline):
     before = pipeline.generate_ids(img, max_new_tokens=5)
     with pytest.raises(PromptError, match="prompt is empty.*prompt=None"):
         pipeline.generate(img, prompt="   ")
-    with pytest.raises(PromptError, match="tokens long.*max-prompt-tokens"):
+    with pytest.raises(PromptError, match="2501 tokens long.*allows 62.*No build can hold that.*128 positions"):
         pipeline.generate(img, prompt="word " * 500)
-    with pytest.raises(PromptError, match="max_new_tokens=.*exceeds.*--max-new-tokens"):
+    with pytest.raises(PromptError, match="image placeholder token"):
+        pipeline.generate(img, prompt="a photo of <image>")
+    with pytest.raises(PromptError, match="max_new_tokens=10000 exceeds .* limit of 62.*No build can hold that"):
         pipeline.generate(img, max_new_tokens=10_000)
+    with pytest.raises(PromptError, match="max_new_tokens=80 exceeds .* rebuild with .*--max-new-tokens 80 "
+                                          "--max-prompt-tokens 44"):
+        pipeline.generate(img, max_new_tokens=80)
     with pytest.raises(PromptError, match="2 images but 3 prompts"):
         pipeline.generate([img, img], prompt=["a", "b", "c"])
     with pytest.raises(PromptError, match="no images"):
@@ -112,6 +117,125 @@ def test_failed_build_leaves_nothing(tiny_engine, tmp_path, monkeypatch):
 
     monkeypatch.setitem(b.TOLERANCES, "fp32", Tolerance(atol=0.0, rtol=0.0, why="impossible, for the test"))
     with pytest.raises(ParityError):
-        b.build(tiny_engine[0], "onnx", tmp_path / "engines", say=lambda *_: None)
-    leftovers = list((tmp_path / "engines").rglob("*"))
-    assert [p for p in leftovers if p.is_file()] == [], leftovers
+        b.build(tiny_engine[0], "onnx", tmp_path / "out" / "engines", say=lambda *_: None)
+    assert list(tmp_path.iterdir()) == []  # not even the empty folders the build made
+
+
+def test_rebuild_hint_of_the_runtime_gives_a_working_build(pipeline, checkpoint, tmp_path):
+    """Asking for more tokens than the folder holds names a build command; that build works and serves them."""
+    import re
+
+    from export.build import build
+
+    img = np.zeros((16, 16, 3), dtype=np.uint8)
+    with pytest.raises(PromptError) as err:
+        pipeline.generate(img, max_new_tokens=100)
+    flags = dict(re.findall(r"--(max-new-tokens|max-prompt-tokens) (\d+)", str(err.value)))
+    engine = build(checkpoint.path, "onnx", tmp_path, say=lambda *_: None,
+                   max_new_tokens=int(flags["max-new-tokens"]), max_prompt_tokens=int(flags["max-prompt-tokens"]))
+    rows = Blip2Pipeline.from_dir(engine).generate_ids(img, max_new_tokens=100, min_new_tokens=100)
+    assert len(rows[0]) == 100
+
+
+def test_limits_are_checked_before_any_export(tiny_engine, tmp_path):
+    from export.build import build
+    from export.specs import LimitError
+
+    for limits, message in (({"max_new_tokens": 500}, r"--max-new-tokens must be in \[1, 123\]"),
+                            ({"max_new_tokens": 100, "max_prompt_tokens": 30},
+                             r"--max-prompt-tokens must be in \[1, 24\] with --max-new-tokens 100"),
+                            ({"max_batch": 0}, "--max-batch must be an integer >= 1")):
+        with pytest.raises(LimitError, match=message):
+            build(tiny_engine[0], "onnx", tmp_path / "engines", say=lambda *_: None, **limits)
+    assert not (tmp_path / "engines").exists()
+
+
+def test_ill_defined_projection_is_refused(tmp_path):
+    """language_projection outputs hidden_size values but OPT embeds word_embed_proj_dim wide: HF would stream
+    one image's projection into the next row, so the build refuses before writing anything."""
+    from export.build import build
+    from train.checkpoint import CheckpointError
+    from train.demo import make_random_checkpoint
+
+    ck = make_random_checkpoint(tmp_path / "ck", "tiny", seed=0, word_embed_proj_dim=16)
+    with pytest.raises(CheckpointError, match="hidden_size=32.*word_embed_proj_dim=16"):
+        build(ck, "onnx", tmp_path / "engines", say=lambda *_: None)
+    assert not (tmp_path / "engines").exists()
+
+
+def _build_cli(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "export.build", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, **kwargs)
+
+
+def test_build_cli_edges(tiny_engine, tmp_path):
+    (tmp_path / "file").write_text("x")
+    proc = _build_cli("--model", str(tiny_engine[0]), "--out", str(tmp_path / "file"))
+    assert proc.returncode == 1 and "is a file, not a folder" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _build_cli("--model", str(tiny_engine[0]), "--out", str(tmp_path / "e"), "--max-new-tokens", "999")
+    assert proc.returncode == 1 and "--max-new-tokens must be in [1, 123]" in proc.stderr
+    assert not (tmp_path / "e").exists()
+
+
+def test_ctrl_c_during_a_build_is_one_line_and_leaves_nothing(tiny_engine, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "engines"
+    proc = subprocess.Popen([sys.executable, "-m", "export.build", "--model", str(tiny_engine[0]), "--out", str(out)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # interrupt once the export is under way
+        if "exporting" in line:
+            break
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert stderr.strip() == "interrupted: no engine folder was written"
+    assert not out.exists()
+
+
+def test_engine_folders_are_readable_like_any_output(tiny_engine):
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    engine = tiny_engine[1]
+    assert stat.S_IMODE(engine.stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((engine / "manifest.json").stat().st_mode) == 0o666 & ~umask
+
+
+def test_runtime_points_at_the_right_folder(tiny_engine, tmp_path):
+    engine = tiny_engine[1]
+    with pytest.raises(EngineFolderError, match=f"holds engine folders.*pass one of {engine}"):
+        Blip2Pipeline.from_dir(engine.parent)
+    with pytest.raises(EngineFolderError, match="is a file; --engines takes an engine folder"):
+        Blip2Pipeline.from_dir(engine / "manifest.json")
+    with pytest.raises(EngineFolderError, match="is a checkpoint, not an engine folder.*export.build --model"):
+        Blip2Pipeline.from_dir(tiny_engine[0])
+    with pytest.raises(EngineFolderError, match=f"--target onnx --out {tmp_path / 'engines'} --name demo`"):
+        Blip2Pipeline.from_dir(tmp_path / "engines" / "demo" / "onnx")
+
+
+def test_manifest_errors_name_the_key(engine_copy):
+    m = json.loads((engine_copy / "manifest.json").read_text())
+    m["llm"]["eos_token_id"] = "two"
+    del m["limits"]["max_batch"]
+    (engine_copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(EngineFolderError, match="'manifest.limits.max_batch' is missing.*rebuild it with"):
+        Blip2Pipeline.from_dir(engine_copy)
+    m["limits"]["max_batch"] = 8
+    (engine_copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(EngineFolderError, match="'manifest.llm.eos_token_id' is 'two', expected int"):
+        Blip2Pipeline.from_dir(engine_copy)
+
+
+def test_demo_cli_reads_booleans_as_flags():
+    from train.__main__ import parser, recipe_from
+
+    assert recipe_from(parser().parse_args(["demo", "--no-fp16-weights"])).fp16_weights is False
+    assert recipe_from(parser().parse_args(["demo"])).fp16_weights is True
+    proc = subprocess.run([sys.executable, "-m", "train", "demo", "--fp16-weights", "False"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unrecognized arguments: False" in proc.stderr

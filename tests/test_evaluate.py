@@ -287,9 +287,10 @@ def test_cli_errors_name_the_fix(argv, message, stage2, tmp_path, capsys):
 
 
 def test_module_runs_by_itself(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "train.evaluate", "--model", str(tmp_path / "nope")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1 and "--model folder not found" in proc.stderr
+    for module in (["train.evaluate"], ["train", "eval"]):
+        proc = subprocess.run([sys.executable, "-m", *module, "--model", str(tmp_path / "nope")],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 1 and "--model folder not found" in proc.stderr, proc.stderr
     assert main(["--engines", str(tmp_path / "nope")]) == 1
 
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
-from export.e2e import probe_images
+from export.parity import probe_images
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def test_image_input_types_agree(pipeline, tmp_path, images):
 
 
 def test_max_and_min_new_tokens(pipeline, images):
-    eos = pipeline.eos_token_id
+    eos = pipeline.manifest.llm.eos_token_id
     for ids in pipeline.generate_ids(images, max_new_tokens=7, min_new_tokens=7):
         assert len(ids) == 7 and eos not in ids[:7]
     assert all(len(ids) <= 3 for ids in pipeline.generate_ids(images, max_new_tokens=3))

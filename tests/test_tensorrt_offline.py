@@ -292,7 +292,7 @@ def test_runner_reports_missing_or_foreign_plan(fake_gpu):
 # ---------------------------------------------------------------- profile selection on the real specs
 @pytest.fixture(scope="module")
 def decoder_spec(tmp_path_factory):
-    from export.checkpoint import load_checkpoint
+    from train.checkpoint import load_checkpoint
     from export.specs import graph_specs
     from train.demo import make_random_checkpoint
 
@@ -375,6 +375,10 @@ def test_device_tensor_round_trip_views_and_gather(monkeypatch):
 
 
 class ToyDecoder(CachedDecoder):
+    def __init__(self, runner):
+        super().__init__(runner, num_layers=1)
+        self.cache.past_names, self.cache.present_names = ["past_key_0"], ["present_key_0"]  # the toy has keys only
+
     def prefill(self, input_ids):
         self.cache.arrays = [np.zeros((input_ids.shape[0], 0), np.float32)]
         self.attention_mask = np.ones(input_ids.shape, np.int64)
@@ -486,8 +490,21 @@ class Recorder:
                 rec.calls.append(("set_shape", name, low, opt, high))
 
         class Config:
-            def __getattr__(self, name):  # every other config call is recorded (set_flag would show up here)
-                return lambda *a, **k: rec.calls.append((name, *a))
+            """IBuilderConfig's methods as TensorRT 10.3 / 11.x name them; any other name is an AttributeError, as
+            it would be on the real object. Each call is recorded (set_flag would show up here)."""
+
+            def set_memory_pool_limit(self, pool, size):
+                rec.calls.append(("set_memory_pool_limit", pool, size))
+
+            def set_flag(self, flag):
+                rec.calls.append(("set_flag", flag))
+
+            def clear_flag(self, flag):
+                rec.calls.append(("clear_flag", flag))
+
+            def add_optimization_profile(self, profile):
+                rec.calls.append(("add_optimization_profile", profile))
+                return 0
 
             def create_timing_cache(self, data):
                 rec.calls.append(("create_timing_cache", bytes(data)))

@@ -18,13 +18,20 @@ QUICK = {"train_images": 256, "corpus_texts": 2000, "vision_steps": 5, "llm_step
          "stage2_steps": 5, "eval_n": 16, "batch_size": 16}
 
 
+def recipe_from(args):
+    """The demo Recipe the command line asks for: its defaults, --quick's, then every option given."""
+    from train.recipe import Recipe
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(Recipe) if getattr(args, f.name, None) is not None}
+    return Recipe(**{**(QUICK if args.quick else {}), **overrides})
+
+
 def _demo(args) -> int:
-    from train.recipe import Recipe, run_demo
+    from train.recipe import run_demo
     from train.trainer import NonFiniteLoss, init_distributed
 
     init_distributed()
-    overrides = {f.name: getattr(args, f.name) for f in fields(Recipe) if getattr(args, f.name, None) is not None}
-    recipe = Recipe(**{**(QUICK if args.quick else {}), **overrides})
+    recipe = recipe_from(args)
     run = args.run or Path("runs") / (Path(args.out).name + ("-quick" if args.quick else ""))
     try:
         path = run_demo(Path(args.out), Path(run), recipe)
@@ -35,7 +42,7 @@ def _demo(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -46,14 +53,27 @@ def main(argv=None) -> int:
     from train.recipe import Recipe
 
     for f in fields(Recipe):
-        demo.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None,
-                          help=f"(default {f.default})")
+        flag = f"--{f.name.replace('_', '-')}"
+        if isinstance(f.default, bool):  # --fp16-weights / --no-fp16-weights (type=bool would read "False" as True)
+            demo.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                              help=f"(default {'on' if f.default else 'off'})")
+        else:
+            demo.add_argument(flag, type=type(f.default), default=None, help=f"(default {f.default})")
     from train import evaluate
 
     evaluate.add_arguments(sub.add_parser("eval", help="held-out ShapesCaps metrics of a checkpoint or engine folder"))
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    from train.logs import quiet_libraries
+
+    quiet_libraries()
     if args.command == "demo":
         return _demo(args)
+    from train import evaluate
+
     return evaluate.run(args)
 
 

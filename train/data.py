@@ -76,7 +76,7 @@ TWO_SHAPE_TEMPLATES = (
     "two shapes, {np1} {rel} {np2}",
 )
 CAPTIONS_PER_SAMPLE = 4
-QA_PROMPT = "Question: {question} Answer:"  # the prompt format of DESIGN.md's runtime example
+QA_PROMPT = "Question: {question} Answer:"  # the prompt format of the README's runtime example
 SPLITS = {"train": 0, "val": 1}
 
 # ----------------------------------------------------------------------------- geometry
@@ -256,7 +256,7 @@ def make_captions(shapes: list[Shape], rng: np.random.Generator, k: int = CAPTIO
 
 
 def _colour_word(rng: np.random.Generator) -> str:
-    """Both spellings, so prompts like DESIGN.md's 'what color is the circle?' are in-distribution."""
+    """Both spellings, so prompts like the README's 'what color is the circle?' are in-distribution."""
     return "colour" if rng.random() < 0.5 else "color"
 
 

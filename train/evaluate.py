@@ -43,6 +43,7 @@ import datetime
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -93,16 +94,20 @@ def _chunks(n: int, size: int):
 
 
 class TorchBackend:
-    """A checkpoint folder evaluated with PyTorch: HF `generate` (greedy) for text, `Blip2Edge` for ITC/ITM."""
+    """A checkpoint folder evaluated with PyTorch, through Hugging Face's public API as its users call it
+    (`train.reference.HfReference`: captions and answers from `generate`, greedy; ITC/ITM from
+    `Blip2ForImageTextRetrieval`)."""
 
     name = "torch"
 
     def __init__(self, checkpoint_dir):
-        from export.checkpoint import load_checkpoint
+        from train.checkpoint import load_checkpoint
+        from train.reference import HfReference
 
         self.folder = Path(checkpoint_dir)
         self.ck = load_checkpoint(self.folder)
         self.model = self.ck.model
+        self.reference = HfReference(self.ck)
         self.image_size = int(self.ck.config.vision_config.image_size)
         self.missing = {}
         if not self.ck.has_llm:
@@ -122,27 +127,17 @@ class TorchBackend:
         if capability not in self.capabilities:
             raise CapabilityError(f"{capability}: {self.missing[capability]}")
 
-    def _decode(self, rows) -> list[str]:
-        return [self.ck.tokenizer.decode(r, skip_special_tokens=True).strip() for r in rows]
-
     def _generate(self, images, prompts, max_new_tokens: int) -> list[str]:
-        from export.e2e import hf_generate_ids
-
-        return self._decode(hf_generate_ids(self.ck, list(images), prompts, max_new_tokens=max_new_tokens,
-                                            num_beams=1))
+        rows = self.reference.generate(list(images), prompts, max_new_tokens=max_new_tokens, num_beams=1).tokens
+        return [self.ck.tokenizer.decode(r, skip_special_tokens=True).strip() for r in rows]
 
     def caption(self, images, max_new_tokens: int = CAPTION_TOKENS) -> list[str]:
         self._need("caption")
-        return self._generate(images, [None] * len(images), max_new_tokens)
+        return self._generate(images, None, max_new_tokens)
 
     def answer(self, images, questions, max_new_tokens: int = ANSWER_TOKENS) -> list[str]:
         self._need("vqa")
         return self._generate(images, [qa_prompt(q) for q in questions], max_new_tokens)
-
-    def _image_embeds(self, images):
-        from export.e2e import hf_pixel_values
-
-        return self.model.encode_image(hf_pixel_values(self.ck, list(images)))
 
     def image_feats(self, images) -> np.ndarray:
         """[I, Nq, D] unit vectors."""
@@ -150,31 +145,21 @@ class TorchBackend:
 
         self._need("itc")
         with torch.no_grad():
-            query_output, _ = self.model.query_forward(self._image_embeds(images))
-            return self.model.image_feats(query_output).numpy()
+            embeds = self.model.encode_image(self.reference.pixel_values(images))
+            return self.model.image_feats(self.model.query_forward(embeds)[0]).numpy()
 
     def text_feats(self, texts) -> np.ndarray:
         """[T, D] unit vectors."""
         import torch
 
-        from export.e2e import qformer_texts
-
         self._need("itc")
         with torch.no_grad():
-            ids, mask = qformer_texts(self.ck, list(texts))
-            return self.model.text_feat(ids, mask).numpy()
+            return self.model.text_feat(*self.reference.qformer_tokens(texts)).numpy()
 
     def itm(self, images, texts) -> np.ndarray:
         """Match probability of each (image, text) pair: [N]."""
-        import torch
-
-        from export.e2e import qformer_texts
-
         self._need("itm")
-        with torch.no_grad():
-            ids, mask = qformer_texts(self.ck, list(texts))
-            logits, _ = self.model.itm_forward(self._image_embeds(images), ids, mask)
-            return logits.softmax(-1)[:, 1].numpy()
+        return self.reference.itm(list(images), list(texts)).numpy()
 
 
 class PipelineBackend:
@@ -187,7 +172,7 @@ class PipelineBackend:
 
         self.folder = Path(engine_dir)
         self.pipe = Blip2Pipeline.from_dir(self.folder, backend=runtime_backend, threads=threads)
-        self.image_size = int(self.pipe.manifest["model"]["image_size"])
+        self.image_size = int(self.pipe.manifest.model.image_size)
 
     @property
     def missing(self) -> dict:
@@ -209,8 +194,8 @@ class PipelineBackend:
 
     def describe(self) -> dict:
         m = self.pipe.manifest
-        return {"backend": self.name, "folder": str(self.folder.resolve()), "stage": m["model"].get("stage"),
-                "runtime": self.pipe.backend, "target": m["target"], "precision": m["precision"]}
+        return {"backend": self.name, "folder": str(self.folder.resolve()), "stage": m.model.stage,
+                "runtime": self.pipe.backend, "target": m.target, "precision": m.precision.name}
 
     def _need(self, capability: str) -> None:
         missing = self.missing
@@ -348,6 +333,89 @@ def _metric(name: str, value=None, reason: str | None = None, **extra) -> dict:
             "passed": bool(value >= target), **extra}
 
 
+@dataclass
+class Split:
+    """The evaluated samples and what every metric reads of them."""
+    samples: list
+    images: list
+    captions: list[str]  # captions[0] of each sample
+    seed: int
+    per_sample: list[dict]  # one row per sample, filled in by each metric
+
+    @property
+    def n(self) -> int:
+        return len(self.samples)
+
+
+def caption_metric(backend, split: Split, batch_size: int, tokens: int = CAPTION_TOKENS) -> dict:
+    t0 = time.perf_counter()
+    preds = _batched(lambda im: backend.caption(im, max_new_tokens=tokens), batch_size, split.images)
+    ok = [caption_correct(p, s) for p, s in zip(preds, split.samples)]
+    for row, p, c in zip(split.per_sample, preds, ok):
+        row.update(caption_pred=p, caption_correct=c)
+    return {"caption_accuracy": _metric("caption_accuracy", np.mean(ok), correct=int(sum(ok)), total=split.n,
+                                        seconds=time.perf_counter() - t0, max_new_tokens=tokens)}
+
+
+def itc_metrics(backend, split: Split, batch_size: int) -> dict:
+    t0 = time.perf_counter()
+    image_feats = _batched_array(backend.image_feats, batch_size, split.images)
+    text_feats = _batched_array(backend.text_feats, batch_size, split.captions)
+    describes = np.array([[caption_correct(c, sample) for c in split.captions] for sample in split.samples])
+    r = recall_at_1(similarity(image_feats, text_feats), describes=describes)
+    seconds = time.perf_counter() - t0
+    for row, i2t, t2i in zip(split.per_sample, r["i2t_top1"], r["t2i_top1"]):
+        row.update(i2t_top1=i2t, t2i_top1=t2i)
+    return {f"itc_r1_{way}": _metric(f"itc_r1_{way}", r[way], exact_value=r[f"{way}_exact"], correct=round(r[way] * split.n),
+                                     total=split.n, seconds=seconds, rule=EQUIVALENCE) for way in ("i2t", "t2i")}
+
+
+def itm_metric(backend, split: Split, batch_size: int) -> dict:
+    t0 = time.perf_counter()
+    n = split.n
+    more = ShapesCaps(SPLIT, n=n + 1000, image_size=backend.image_size, seed=split.seed)  # same samples, more of them
+    negatives = pick_negatives(split.samples, split.seed, (more.sample(j, render_image=False) for j in range(n, n + 1000)))
+    pair_texts = split.captions + [neg.captions[0] for neg in negatives]
+    labels = np.array([1] * n + [0] * n)
+    probs = _batched_array(backend.itm, batch_size, split.images + split.images, pair_texts).astype(np.float64)
+    hits = (probs > 0.5) == labels.astype(bool)
+    for i, row in enumerate(split.per_sample):
+        row.update(itm_negative_index=negatives[i].index, itm_negative=pair_texts[n + i],
+                   itm_pos_prob=float(probs[i]), itm_neg_prob=float(probs[n + i]))
+    return {"itm_accuracy": _metric("itm_accuracy", hits.mean(), correct=int(hits.sum()), total=2 * n,
+                                    positives_accuracy=float(hits[:n].mean()), negatives_accuracy=float(hits[n:].mean()),
+                                    seconds=time.perf_counter() - t0, rule=NEGATIVES)}
+
+
+def vqa_metric(backend, split: Split, batch_size: int, tokens: int = ANSWER_TOKENS) -> dict:
+    t0 = time.perf_counter()
+    qa = pick_questions(split.samples, split.seed)
+    preds = _batched(lambda im, q: backend.answer(im, q, max_new_tokens=tokens), batch_size, split.images,
+                     [q for q, _ in qa])
+    ok = [vqa_correct(p, a) for p, (_, a) in zip(preds, qa)]
+    for row, (q, a), p, c in zip(split.per_sample, qa, preds, ok):
+        row.update(question=q, answer=a, answer_pred=p, vqa_correct=c)
+    return {"vqa_accuracy": _metric("vqa_accuracy", np.mean(ok), correct=int(sum(ok)), total=split.n,
+                                    seconds=time.perf_counter() - t0, max_new_tokens=tokens, rule=QUESTIONS)}
+
+
+# capability -> (the metric function, the metrics it returns)
+METRIC_FUNCTIONS = {
+    "caption": (caption_metric, ("caption_accuracy",)),
+    "itc": (itc_metrics, ("itc_r1_i2t", "itc_r1_t2i")),
+    "itm": (itm_metric, ("itm_accuracy",)),
+    "vqa": (vqa_metric, ("vqa_accuracy",)),
+}
+
+
+def load_split(n: int, seed: int, image_size: int) -> Split:
+    ds = ShapesCaps(SPLIT, n=n, image_size=image_size, seed=seed)
+    samples = [ds[i] for i in range(n)]
+    per_sample = [{"index": s.index, "shapes": [list(k) for k in shapes_key(s)], "caption": s.captions[0]}
+                  for s in samples]
+    return Split(samples, [s.image for s in samples], [s.captions[0] for s in samples], seed, per_sample)
+
+
 def evaluate(backend, n: int = 200, seed: int = 0, batch_size: int = BATCH_SIZE,
              caption_tokens: int = CAPTION_TOKENS, answer_tokens: int = ANSWER_TOKENS) -> dict:
     """Every metric the backend can serve on the first `n` val samples; see the module docstring."""
@@ -355,91 +423,19 @@ def evaluate(backend, n: int = 200, seed: int = 0, batch_size: int = BATCH_SIZE,
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < low:
             raise EvaluationError(f"{what} must be an integer >= {low}, got {v!r}")
     started = time.perf_counter()
-    seconds = {}
-    t0 = time.perf_counter()
-    ds = ShapesCaps(SPLIT, n=n, image_size=backend.image_size, seed=seed)
-    samples = [ds[i] for i in range(n)]
-    images = [s.image for s in samples]
-    captions = [s.captions[0] for s in samples]
-    keys = [shapes_key(s) for s in samples]
-    seconds["data"] = time.perf_counter() - t0
-    caps = backend.capabilities
+    split = load_split(n, seed, backend.image_size)
+    seconds = {"data": time.perf_counter() - started}
     missing = getattr(backend, "missing", {})
-    per_sample = [{"index": s.index, "shapes": [list(k) for k in keys[i]], "caption": captions[i]}
-                  for i, s in enumerate(samples)]
+    options = {"caption": {"tokens": caption_tokens}, "vqa": {"tokens": answer_tokens}}
     metrics = {}
-
-    def skipped(capability):
-        return missing.get(capability) or f"the backend has no {capability}"
-
-    # caption accuracy
-    if "caption" in caps:
-        t0 = time.perf_counter()
-        preds = _batched(lambda im: backend.caption(im, max_new_tokens=caption_tokens), batch_size, images)
-        ok = [caption_correct(p, s) for p, s in zip(preds, samples)]
-        seconds["caption"] = time.perf_counter() - t0
-        for row, p, c in zip(per_sample, preds, ok):
-            row.update(caption_pred=p, caption_correct=c)
-        metrics["caption_accuracy"] = _metric("caption_accuracy", np.mean(ok), correct=int(sum(ok)), total=n,
-                                              seconds=seconds["caption"], max_new_tokens=caption_tokens)
-    else:
-        metrics["caption_accuracy"] = _metric("caption_accuracy", reason=skipped("caption"))
-
-    # ITC recall@1
-    if "itc" in caps:
-        t0 = time.perf_counter()
-        image_feats = _batched_array(backend.image_feats, batch_size, images)
-        text_feats = _batched_array(backend.text_feats, batch_size, captions)
-        describes = np.array([[caption_correct(c, sample) for c in captions] for sample in samples])
-        r = recall_at_1(similarity(image_feats, text_feats), describes=describes)
-        seconds["itc"] = time.perf_counter() - t0
-        for row, i2t, t2i in zip(per_sample, r["i2t_top1"], r["t2i_top1"]):
-            row.update(i2t_top1=i2t, t2i_top1=t2i)
-        for way in ("i2t", "t2i"):
-            metrics[f"itc_r1_{way}"] = _metric(
-                f"itc_r1_{way}", r[way], exact_value=r[f"{way}_exact"], correct=round(r[way] * n), total=n,
-                seconds=seconds["itc"], rule=EQUIVALENCE)
-    else:
-        for way in ("i2t", "t2i"):
-            metrics[f"itc_r1_{way}"] = _metric(f"itc_r1_{way}", reason=skipped("itc"))
-
-    # ITM accuracy
-    if "itm" in caps:
-        t0 = time.perf_counter()
-        more = ShapesCaps(SPLIT, n=n + 1000, image_size=backend.image_size, seed=seed)  # same samples, more of them
-        extra = (more.sample(j, render_image=False) for j in range(n, n + 1000))
-        negatives = pick_negatives(samples, seed, extra)
-        pair_images = images + images
-        pair_texts = captions + [neg.captions[0] for neg in negatives]
-        labels = np.array([1] * n + [0] * n)
-        probs = _batched_array(backend.itm, batch_size, pair_images, pair_texts).astype(np.float64)
-        hits = (probs > 0.5) == labels.astype(bool)
-        seconds["itm"] = time.perf_counter() - t0
-        for i, row in enumerate(per_sample):
-            row.update(itm_negative_index=negatives[i].index, itm_negative=pair_texts[n + i],
-                       itm_pos_prob=float(probs[i]), itm_neg_prob=float(probs[n + i]))
-        metrics["itm_accuracy"] = _metric(
-            "itm_accuracy", hits.mean(), correct=int(hits.sum()), total=2 * n, positives_accuracy=float(hits[:n].mean()),
-            negatives_accuracy=float(hits[n:].mean()), seconds=seconds["itm"], rule=NEGATIVES)
-    else:
-        metrics["itm_accuracy"] = _metric("itm_accuracy", reason=skipped("itm"))
-
-    # VQA exact match
-    if "vqa" in caps:
-        t0 = time.perf_counter()
-        qa = pick_questions(samples, seed)
-        questions = [q for q, _ in qa]
-        preds = _batched(lambda im, q: backend.answer(im, q, max_new_tokens=answer_tokens), batch_size,
-                         images, questions)
-        ok = [vqa_correct(p, a) for p, (_, a) in zip(preds, qa)]
-        seconds["vqa"] = time.perf_counter() - t0
-        for row, (q, a), p, c in zip(per_sample, qa, preds, ok):
-            row.update(question=q, answer=a, answer_pred=p, vqa_correct=c)
-        metrics["vqa_accuracy"] = _metric("vqa_accuracy", np.mean(ok), correct=int(sum(ok)), total=n,
-                                          seconds=seconds["vqa"], max_new_tokens=answer_tokens, rule=QUESTIONS)
-    else:
-        metrics["vqa_accuracy"] = _metric("vqa_accuracy", reason=skipped("vqa"))
-
+    for capability in ("caption", "itc", "itm", "vqa"):
+        function, names = METRIC_FUNCTIONS[capability]
+        if capability in backend.capabilities:
+            metrics.update(function(backend, split, batch_size, **options.get(capability, {})))
+            seconds[capability] = metrics[names[0]]["seconds"]
+        else:
+            reason = missing.get(capability) or f"the backend has no {capability}"
+            metrics.update({name: _metric(name, reason=reason) for name in names})
     seconds["total"] = time.perf_counter() - started
     describe = backend.describe() if hasattr(backend, "describe") else {"backend": getattr(backend, "name", "?")}
     return {
@@ -448,10 +444,10 @@ def evaluate(backend, n: int = 200, seed: int = 0, batch_size: int = BATCH_SIZE,
         "n": n, "seed": seed,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "equivalence": EQUIVALENCE, "itm_negatives": NEGATIVES, "vqa_questions": QUESTIONS,
-        "metrics": metrics,
+        "metrics": {name: metrics[name] for name in METRICS},
         "passed": all(m["passed"] for m in metrics.values() if m["status"] == "ok"),
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
-        "per_sample": per_sample,
+        "per_sample": split.per_sample,
     }
 
 
@@ -530,12 +526,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def _expected_errors() -> tuple:
     """Errors whose message already says what to fix. Looked up lazily: evaluating an engine folder must not
-    import torch (export.checkpoint is only loaded, and can only raise, when a --model folder is opened)."""
+    import torch (train.checkpoint is only loaded, and can only raise, when a --model folder is opened)."""
     from runtime.errors import Blip2EdgeError
 
     errors = [EvaluationError, Blip2EdgeError]
-    if "export.checkpoint" in sys.modules:
-        errors.append(sys.modules["export.checkpoint"].CheckpointError)
+    if "train.checkpoint" in sys.modules:
+        errors.append(sys.modules["train.checkpoint"].CheckpointError)
     return tuple(errors)
 
 

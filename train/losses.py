@@ -196,9 +196,6 @@ def lm_loss(model, image_embeds, input_ids, attention_mask, labels):
     placeholders' places, as Blip2ForConditionalGeneration does."""
     query_output, _ = model.query_forward(image_embeds)
     soft_prompt = model.soft_prompt(query_output)  # [B, Nq, Dl]
-    lm = model.language_model
-    embeds = lm.get_input_embeddings()(input_ids)  # [B, T, Dl]
-    is_image = (input_ids == model.config.image_token_index).unsqueeze(-1)
-    embeds = embeds.masked_scatter(is_image, soft_prompt.to(embeds.dtype))
-    logits = lm(inputs_embeds=embeds, attention_mask=attention_mask, return_dict=True).logits
+    embeds = model.llm_inputs_embeds(input_ids, soft_prompt)  # [B, T, Dl]
+    logits = model.language_model(inputs_embeds=embeds, attention_mask=attention_mask, return_dict=True).logits
     return F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100)

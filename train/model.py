@@ -184,6 +184,20 @@ class Blip2Edge(nn.Module):
     def soft_prompt(self, query_output):  # [B, Nq, Dq] -> [B, Nq, Dl] (stage 2)
         return self.language_projection(query_output)
 
+    def llm_inputs_embeds(self, input_ids, soft_prompt):
+        """The LLM's input embeddings [B, T, Dl]: row b's first Nq image placeholders hold its soft prompt
+        (soft_prompt [B, Nq, Dl]), every other id its embedding. Nq may be 0 (a decode step): a generated
+        token equal to the placeholder id is then embedded like any other, as in Hugging Face's generate.
+        With exactly Nq placeholders per row this is what Blip2ForConditionalGeneration's masked_scatter does."""
+        embeds = self.language_model.get_input_embeddings()(input_ids)
+        batch, queries, width = soft_prompt.shape
+        is_image = input_ids == self.config.image_token_index
+        nth = torch.cumsum(is_image.long(), 1) - 1  # which placeholder of its row each position is
+        fill = is_image & (nth < queries)
+        source = torch.cat([soft_prompt.to(embeds.dtype), embeds.new_zeros(batch, 1, width)], 1)  # never empty
+        index = torch.where(fill, nth, queries).unsqueeze(-1).expand(-1, -1, width)
+        return torch.where(fill.unsqueeze(-1), torch.gather(source, 1, index), embeds)
+
     # ------------------------------------------------------------ text side, the three modes
     def text_embeds(self, input_ids, position_ids=None):  # [B, T] -> [B, T, Dq] word + position
         return self.embeddings(input_ids=input_ids, position_ids=position_ids)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from train.checkpoint import prompt_layout, prompt_prefix
 from train.data import ShapesCaps, caption_correct, mirrored, qa_prompt
 from train.losses import lm_loss, padded_rows, stage1_losses, world
 from train.trainer import TrainConfig, fit
@@ -121,12 +122,12 @@ def stage1_batch(model, batches: Batches, qtok, step: int) -> dict:
 
 def lm_rows(model, tok, examples: list[tuple[str | None, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(prompt or None, target) pairs -> input_ids, attention_mask, labels [B, T], right-padded.
-    Layout: Nq image placeholders, the tokenizer's prefix (BOS) + prompt, target, EOS; loss on target + EOS."""
-    cfg = model.config
-    image = [cfg.image_token_index] * cfg.num_query_tokens
+    Each row is laid out as at inference (runtime.prompt: placeholders, then BOS for a caption or the
+    tokenizer's prefix and the prompt), then the target and EOS; the loss is on target + EOS."""
+    layout = prompt_layout(model.config, prompt_prefix(tok))
     rows, labels = [], []
     for prompt, target in examples:
-        head = image + tok(prompt or "").input_ids
+        head = layout.row(None if prompt is None else tok(prompt, add_special_tokens=False).input_ids)
         tail = tok(target if prompt is None else " " + target, add_special_tokens=False).input_ids + [tok.eos_token_id]
         rows.append(head + tail)
         labels.append([-100] * len(head) + tail)

@@ -35,8 +35,9 @@ def default_corpus() -> list[str]:
     return rows
 
 
-def build_tokenizer(vocab_size: int, corpus: list[str] | None = None) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer of at most `vocab_size` ids (the last id is `<image>`)."""
+def build_tokenizer(vocab_size: int, corpus: list[str] | None = None, add_bos: bool = True) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer of at most `vocab_size` ids (the last id is `<image>`). With
+    add_bos=False it puts nothing before a text (like many LLM tokenizers other than OPT's)."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -45,7 +46,9 @@ def build_tokenizer(vocab_size: int, corpus: list[str] | None = None) -> PreTrai
         show_progress=False,
     )
     tok.train_from_iterator(corpus or default_corpus(), trainer)
-    tok.post_processor = processors.TemplateProcessing(single="</s> $A", pair="</s> $A </s> $B", special_tokens=[("</s>", 2)])
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="</s> $A", pair="</s> $A </s> $B",
+                                                           special_tokens=[("</s>", 2)])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
         padding_side="left",

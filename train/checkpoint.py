@@ -1,10 +1,10 @@
 """Load a Hugging Face BLIP-2 checkpoint folder (ours or a real one saved with `save_pretrained`).
 
-    from export.checkpoint import load_checkpoint
+    from train.checkpoint import load_checkpoint
     ck = load_checkpoint("models/demo")
     ck.model            # train.model.Blip2Edge: every Q-Former mode, the LLM when there is one
     ck.hf               # the Hugging Face model sharing its weights (reference for generate / retrieval)
-    ck.tokenizer, ck.qformer_tokenizer, ck.image_processor, ck.prompt_prefix_ids
+    ck.tokenizer, ck.qformer_tokenizer, ck.image_processor, ck.prompt_layout
 
 Two kinds of folder load: stage 2 (`Blip2ForConditionalGeneration`: vision,
 Q-Former, projection, OPT) and stage 1 (`Blip2ForImageTextRetrieval`: vision,
@@ -17,13 +17,12 @@ trace SDPA's `is_causal` flag in the KV-cached decoder step).
 """
 import hashlib
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
+from runtime.prompt import PromptLayout
 
 
 class CheckpointError(Exception):
@@ -38,7 +37,7 @@ class Checkpoint:
     tokenizer: object | None  # the LLM's tokenizer (transformers fast tokenizer); None for stage 1
     qformer_tokenizer: object | None  # the Q-Former's tokenizer; None without the Q-Former text side
     image_processor: dict  # Hugging Face image processor settings
-    prompt_prefix_ids: list[int]
+    prompt_prefix_ids: list[int]  # what the LLM's tokenizer puts before a text (OPT: BOS)
 
     @property
     def has_llm(self) -> bool:
@@ -47,6 +46,18 @@ class Checkpoint:
     @property
     def config(self):
         return self.model.config
+
+    @property
+    def prompt_layout(self) -> PromptLayout:
+        """The LLM input layout (runtime.prompt), from this checkpoint's config and tokenizer."""
+        return prompt_layout(self.config, self.prompt_prefix_ids)
+
+
+def prompt_layout(config, prefix_ids) -> PromptLayout:
+    """The LLM input layout of a stage-2 Blip2Config whose tokenizer puts `prefix_ids` before a text."""
+    t = config.text_config
+    return PromptLayout(config.num_query_tokens, config.image_token_index, t.bos_token_id, tuple(prefix_ids),
+                        t.pad_token_id)
 
 
 def _image_processor_dict(path: Path) -> dict:
@@ -65,7 +76,7 @@ def _image_processor_dict(path: Path) -> dict:
     )
 
 
-def _prompt_prefix(tokenizer) -> list[int]:
+def prompt_prefix(tokenizer) -> list[int]:
     """Ids the Hugging Face tokenizer puts before every prompt (OPT: BOS), found by comparing with the raw tokenizer."""
     probe = "a photo of"
     full = tokenizer(probe).input_ids
@@ -85,10 +96,12 @@ def _load_tokenizer(path: Path, what: str):
                               f"tokenizer.save_pretrained({str(path)!r})") from None
 
 
-def _check_llm(path: Path, config) -> None:
-    if config.text_config.model_type != "opt":
+def check_llm(path: Path, config) -> None:
+    """Refuse, before any work, a stage-2 config that no BLIP-2 engine can reproduce."""
+    t = config.text_config
+    if t.model_type != "opt":
         raise CheckpointError(
-            f"{path} uses a {config.text_config.model_type!r} language model; blip2-edge exports OPT decoders "
+            f"{path} uses a {t.model_type!r} language model; blip2-edge exports OPT decoders "
             f"(BLIP-2 OPT checkpoints such as Salesforce/blip2-opt-2.7b)"
         )
     if config.image_token_index is None:
@@ -96,15 +109,19 @@ def _check_llm(path: Path, config) -> None:
             f"{path}/config.json has no image_token_index: transformers 5 places the query outputs at these "
             f"placeholder ids; set \"image_token_index\" to the id of the tokenizer's <image> token"
         )
-    if config.image_token_index >= config.text_config.vocab_size:
+    if not 0 <= config.image_token_index < t.vocab_size:
         raise CheckpointError(f"image_token_index {config.image_token_index} is outside the decoder's vocabulary "
-                              f"({config.text_config.vocab_size}); resize the embeddings or fix config.json")
-    if config.text_config.hidden_size != config.text_config.word_embed_proj_dim:
-        log.warning(
-            "language_projection outputs %d values per query but OPT's word embeddings are %d wide "
-            "(word_embed_proj_dim): Hugging Face's masked_scatter streams the flattened projection into the "
-            "narrower embeddings, mixing images across a batch; the export reproduces that exactly",
-            config.text_config.hidden_size, config.text_config.word_embed_proj_dim,
+                              f"({t.vocab_size}); resize the embeddings or fix config.json")
+    if t.bos_token_id is None or t.eos_token_id is None or t.pad_token_id is None:
+        raise CheckpointError(f"{path}/config.json: text_config must set bos_token_id, eos_token_id and pad_token_id "
+                              f"(a caption starts from BOS, ends at EOS, and batches are padded with PAD)")
+    if t.hidden_size != t.word_embed_proj_dim:
+        raise CheckpointError(
+            f"{path} cannot be deployed: its language_projection outputs hidden_size={t.hidden_size} values per "
+            f"query, but OPT's input embeddings are word_embed_proj_dim={t.word_embed_proj_dim} wide (OPT-350m "
+            f"style). Hugging Face's BLIP-2 then streams one image's projection into the next row of the batch, so "
+            f"a caption depends on the other images. Use an OPT whose word_embed_proj_dim equals hidden_size (every "
+            f"published BLIP-2 OPT checkpoint does), or retrain the projection to word_embed_proj_dim outputs."
         )
 
 
@@ -126,7 +143,7 @@ def load_checkpoint(path) -> Checkpoint:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {path}; pass --model a folder written by save_pretrained "
-                              f"(make the demo one with `python -m train.demo --out {path}`)")
+                              f"(such as models/demo, or one written by `python -m train`)")
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} has no config.json: it is not a Hugging Face save_pretrained folder")
     config = Blip2Config.from_pretrained(path)
@@ -134,7 +151,7 @@ def load_checkpoint(path) -> Checkpoint:
         raise CheckpointError(f"{path} holds a {config.model_type!r} model; blip2-edge exports BLIP-2 (model_type 'blip-2')")
     edge = EdgeConfig.load(path, config)
     if edge.stage == 2:
-        _check_llm(path, config)
+        check_llm(path, config)
     elif not edge.qformer_text:
         raise CheckpointError(f"{path} is a stage-1 checkpoint without the Q-Former's text side; nothing to export")
     image_processor = _image_processor_dict(path)
@@ -149,7 +166,7 @@ def load_checkpoint(path) -> Checkpoint:
     model = Blip2Edge.from_pretrained(path)
     if qformer_tokenizer is not None and not (path / "blip2_edge.json").is_file():
         _ids_from_tokenizer(model.edge, qformer_tokenizer)
-    prefix = _prompt_prefix(tokenizer) if tokenizer is not None else []
+    prefix = prompt_prefix(tokenizer) if tokenizer is not None else []
     return Checkpoint(path, model, model.hf_model(), tokenizer, qformer_tokenizer, image_processor, prefix)
 
 

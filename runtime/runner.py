@@ -1,0 +1,49 @@
+"""The runner interface: one graph, a dict of inputs in, a dict of outputs out (like polygraphy's BaseRunner).
+
+Backends subclass `Runner` and fill in three small hooks: `_load` (open the graph), `_names` (its input and
+output names) and `_infer` (run it). `run(feeds, keep=names)` lets a backend whose memory is not the host's
+(TensorRT) return the named outputs as device tensors that the next call takes back as inputs, so a KV cache
+never leaves the GPU; ONNX Runtime returns numpy for all.
+
+    from runtime.runners import make_runner
+    runner = make_runner("engines/demo/onnx/vision.onnx", backend="onnxruntime")
+    outputs = runner.run({"pixel_values": x})      # {"image_embeds": array}
+
+This module imports nothing but numpy: `runtime.runners` (ONNX Runtime, and the backend factory) and
+`runtime.trt_runner` (TensorRT) both build on it, and neither imports the other's module at load time.
+"""
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+
+class Runner:
+    """Base class: checks feeds against the graph's declared inputs, then calls `_infer`."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._load()
+        self.input_names, self.output_names = self._names()
+
+    def _load(self) -> None:
+        raise NotImplementedError
+
+    def _names(self) -> tuple[list[str], list[str]]:
+        raise NotImplementedError
+
+    def _infer(self, feeds: dict[str, np.ndarray], keep: frozenset = frozenset()) -> list[np.ndarray]:
+        """Outputs in `output_names` order; those named in `keep` may stay in the backend's memory."""
+        raise NotImplementedError
+
+    def run(self, feeds: dict[str, np.ndarray], keep=()) -> dict[str, np.ndarray]:
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise ValueError(f"{self.path.name}: missing inputs {missing} (expects {self.input_names})")
+        outputs = self._infer({n: feeds[n] for n in self.input_names}, frozenset(keep))
+        return dict(zip(self.output_names, outputs))
+
+
+# How a pipeline opens each graph: factory(path of the graph's file, graph name) -> Runner. The default opens
+# it on the folder's backend; the exporter passes its own to record feeds or to run other graph files.
+RunnerFactory = Callable[[Path, str], Runner]

@@ -1,0 +1,49 @@
+"""The parity gate does not share the runtime's assumptions: a runtime that builds the wrong caption layout,
+embeds a generated placeholder wrongly, or answers single images differently from a batch fails the build,
+and no engine folder is written. (Each mistake is put into the runtime here, and only there.)"""
+import numpy as np
+import pytest
+
+from export.build import BuildError, build
+from runtime.decoder import LlmDecoder
+from runtime.manifest import load_manifest
+from runtime.prompt import PromptLayout
+
+
+def _build_fails(checkpoint, tmp_path, case: str) -> None:
+    with pytest.raises(BuildError, match=case):
+        build(checkpoint, "onnx", tmp_path / "engines", say=lambda *_: None)
+    assert not (tmp_path / "engines").exists()
+
+
+def test_gate_catches_a_caption_layout_without_bos(make_engine, monkeypatch, tmp_path):
+    """The layout the runtime had: placeholders + tokenizer('') (empty for a tokenizer that adds no BOS)."""
+    ck_dir, _ = make_engine("nobos")
+    monkeypatch.setattr(PromptLayout, "row", lambda self, ids: [self.image_token_id] * self.num_queries
+                        + list(self.prefix_ids) + list(ids or []))
+    _build_fails(ck_dir, tmp_path, "'caption'")
+
+
+def test_gate_catches_a_wrongly_embedded_generated_placeholder(make_engine, monkeypatch, tmp_path):
+    """A decode step fed the placeholder id that embeds something else (the runtime put zeros there)."""
+    ck_dir, engine = make_engine("tiny")
+    image_id, step = load_manifest(engine).llm.image_token_id, LlmDecoder.step
+
+    def wrong_step(self, tokens):
+        return step(self, np.where(tokens == image_id, 1, tokens))  # the padding id's embedding instead
+
+    monkeypatch.setattr(LlmDecoder, "step", wrong_step)
+    _build_fails(ck_dir, tmp_path, "placeholder_step")
+
+
+def test_gate_runs_every_image_alone(make_engine, monkeypatch, tmp_path):
+    """A runtime right on batches but wrong on a single image (here: its first step's logits reversed)."""
+    ck_dir, _ = make_engine("tiny")
+    prefill = LlmDecoder.prefill
+
+    def single_images_wrong(self, input_ids, attention_mask, soft_prompt):
+        logits = prefill(self, input_ids, attention_mask, soft_prompt)
+        return -logits if input_ids.shape[0] == 1 else logits
+
+    monkeypatch.setattr(LlmDecoder, "prefill", single_images_wrong)
+    _build_fails(ck_dir, tmp_path, "'caption'")

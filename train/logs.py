@@ -1,0 +1,25 @@
+"""Keep the terminal for what the toolkit says: silence what its own use of PyTorch and transformers makes them
+print (weight-loading progress bars, deprecation warnings about calls the toolkit makes, the ONNX exporter's
+"torchvision is not installed" notes). Errors still show.
+
+    from train.logs import quiet_libraries
+    quiet_libraries()      # at the start of a command-line tool or benchmark
+"""
+import contextlib
+import logging
+import os
+import warnings
+
+
+def quiet_libraries() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    for noisy in ("torch.onnx", "torch._export", "torch.export", "transformers", "onnxscript"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    with contextlib.suppress(ImportError):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()

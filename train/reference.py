@@ -1,0 +1,150 @@
+"""Hugging Face's BLIP-2, called the way its users call it: the reference of the exporter's parity gate,
+of PyTorch evaluation (`python -m train eval --model`) and of the benchmarks.
+
+    from train.reference import HfReference
+    ref = HfReference(checkpoint)                       # a train.checkpoint.Checkpoint
+    ref.generate(images)                                # captions: generate(pixel_values=...), no input ids
+    ref.generate(images, ["Question: what is it? Answer:", ...], num_beams=3)   # through Blip2Processor
+    ref.generate(images, prompts, force={2: token_id})  # ... with the token at step 2 forced (a logits processor)
+    ref.itm(images, texts), ref.itc(images, texts)      # Blip2ForImageTextRetrieval
+    ref.pixel_values(images)                            # the checkpoint's image processor (PIL backend)
+
+Nothing here uses blip2-edge's own prompt layout or preprocessing, so the gate cannot share a mistake with
+the runtime it checks: captions come from `Blip2ForConditionalGeneration.generate(pixel_values=...)` given no
+input ids (it builds the placeholders and `text_config.bos_token_id` itself), prompts from the input ids
+`Blip2Processor(images=..., text=prompts, padding=True)` lays out (left padding, as Hugging Face asks for
+batched generation), Q-Former texts from the Q-Former's tokenizer, ITC/ITM from
+`Blip2ForImageTextRetrieval(..., use_image_text_matching_head=...)`.
+"""
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Generated:
+    tokens: list[list[int]]  # new token ids per row, up to and including EOS
+    logits: list[torch.Tensor] | None = None  # per row [steps, V]: the raw logits of each step (output_logits)
+
+
+class _Force:
+    """A logits processor that makes step t (0: the first new token) choose `force[t]`; generate calls it once
+    per step."""
+
+    def __init__(self, force: dict[int, int]):
+        self.force, self.step = force, 0
+
+    def __call__(self, input_ids, scores):
+        token = self.force.get(self.step)
+        self.step += 1
+        if token is not None:
+            scores = torch.full_like(scores, float("-inf"))
+            scores[:, token] = 0.0
+        return scores
+
+
+class HfReference:
+    """`model`: the Hugging Face model to call (default: the checkpoint's, eager attention), e.g. one loaded with
+    attn_implementation="sdpa" for a benchmark."""
+
+    def __init__(self, checkpoint, model=None):
+        from transformers import Blip2Processor
+        from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+        self.ck, cfg = checkpoint, checkpoint.config
+        self.model = model if model is not None else checkpoint.hf
+        # the PIL image processor (what transformers falls back to without torchvision, and what the runtime
+        # reproduces), from the checkpoint's own settings
+        self.image_processor = BlipImageProcessorPil.from_pretrained(checkpoint.path)
+        self.processor = None
+        if checkpoint.tokenizer is not None:
+            checkpoint.tokenizer.padding_side = "left"  # batched generation pads on the left
+            self.processor = Blip2Processor(image_processor=self.image_processor, tokenizer=checkpoint.tokenizer,
+                                            num_query_tokens=cfg.num_query_tokens)
+
+    def pixel_values(self, images) -> torch.Tensor:
+        return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+
+    @torch.no_grad()
+    def _generate(self, images, prompts, force, output_logits: bool, options: dict) -> Generated:
+        """One `generate` call for rows that are all captions (prompts None) or all prompted."""
+        if prompts is None:
+            inputs = {"pixel_values": self.pixel_values(images)}
+        else:
+            inputs = dict(self.processor(images=list(images), text=list(prompts), return_tensors="pt", padding=True))
+        if output_logits and options.get("num_beams", 1) > 1:
+            raise ValueError("output_logits follows greedy rows; beam search reorders them")
+        out = self.model.generate(**inputs, do_sample=False, return_dict_in_generate=True, output_logits=True,
+                                  **options, **({"logits_processor": [_Force(force)]} if force else {}))
+        steps = len(out.logits)  # the new tokens are the last `steps` of every sequence
+        tokens = [_until_eos(row[-steps:].tolist(), self.ck.config.text_config.eos_token_id) for row in out.sequences]
+        logits = [torch.stack([s[b] for s in out.logits])[: len(t)] for b, t in enumerate(tokens)]
+        return Generated(tokens, logits if output_logits else None)
+
+    def generate(self, images, prompts=None, force: dict[int, int] | None = None, output_logits: bool = False,
+                 **options) -> Generated:
+        """Greedy or beam search (`options` as for Hugging Face generate: max_new_tokens, num_beams, ...) for
+        each image, with its prompt (None: a caption). Rows with and without a prompt go through separate
+        calls, as a user would make them; the result keeps the order of `images`."""
+        images = list(images)
+        prompts = [None] * len(images) if prompts is None else list(prompts)
+        out = Generated([None] * len(images), [None] * len(images) if output_logits else None)
+        for captions in (True, False):
+            rows = [i for i, p in enumerate(prompts) if (p is None) == captions]
+            if not rows:
+                continue
+            part = self._generate([images[i] for i in rows], None if captions else [prompts[i] for i in rows],
+                                  force, output_logits, options)
+            for j, i in enumerate(rows):
+                out.tokens[i] = part.tokens[j]
+                if output_logits:
+                    out.logits[i] = part.logits[j]
+        return out
+
+    # ------------------------------------------------------------ the Q-Former's text side
+    def _retrieval_model(self):
+        return self.ck.hf if self.ck.model.edge.stage == 1 else self.ck.model.hf_model(stage=1)
+
+    def qformer_tokens(self, texts) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.ck.qformer_tokenizer(list(texts), padding=True, truncation=True,
+                                        max_length=self.ck.model.edge.max_text_tokens, return_tensors="pt")
+        return enc.input_ids, enc.attention_mask
+
+    @torch.no_grad()
+    def itc(self, images, texts) -> torch.Tensor:
+        """[I, T] ITC similarity: the largest cosine between a text's [CLS] feature and an image's queries."""
+        ids, mask = self.qformer_tokens(texts)
+        out = self._retrieval_model()(pixel_values=self.pixel_values(images), input_ids=ids, attention_mask=mask,
+                                      use_image_text_matching_head=False)
+        return out.logits_per_image
+
+    @torch.no_grad()
+    def itm(self, images, texts) -> torch.Tensor:
+        """[N] probability that image i matches text i."""
+        ids, mask = self.qformer_tokens(texts)
+        out = self._retrieval_model()(pixel_values=self.pixel_values(images), input_ids=ids, attention_mask=mask,
+                                      use_image_text_matching_head=True)
+        return out.logits_per_image.softmax(-1)[:, 1]
+
+
+@torch.no_grad()
+def itg_greedy(model, image_embeds: torch.Tensor, max_new_tokens: int) -> list[list[int]]:
+    """Greedy Q-Former (ITG) captions from `train.model.Blip2Edge`, the whole sequence through the causal mask
+    at every step (no KV cache): Hugging Face has no ITG, and this path is the one training takes."""
+    e = model.edge
+    out = []
+    for row in image_embeds.split(1):
+        ids = torch.tensor([[e.dec_token_id]])
+        new = []
+        for _ in range(max_new_tokens):
+            token = int(model.itg_logits(row, ids, torch.ones_like(ids))[:, -1].argmax(-1))
+            new.append(token)
+            if token == e.sep_token_id:
+                break
+            ids = torch.cat([ids, torch.tensor([[token]])], 1)
+        out.append(new)
+    return out
+
+
+def _until_eos(tokens: list[int], eos: int) -> list[int]:
+    return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
