@@ -11,9 +11,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from export.calibration import GENERIC_TEXTS, calibration_images, record_feeds
+from export.calibration import calibration_images, record_feeds
 from export.parity import GATE_TEXTS, TOLERANCES, check_graph, probe_images
-from export.precision import FP16_MAX, shift_activations_to_uint8, to_fp16, to_int8, weight_matmuls
+from export.precision import shift_activations_to_uint8, to_fp16, to_int8, weight_matmuls
 from export.specs import graph_specs, torch_inputs
 from hf_calls import hf_generate
 from runtime import Blip2Pipeline
@@ -185,7 +185,7 @@ def test_fp16_keeps_fully_masked_rows_finite(tmp_path):
     assert np.isfinite(got).all()
     assert np.abs(got - ref).max() <= 1e-2 * np.abs(ref).max()
     halves = [t for t in onnx.load(str(dst)).graph.initializer if t.data_type == TensorProto.FLOAT16]
-    assert [t.name for t in halves] == ["w__fp16"] and FP16_MAX == 65504.0
+    assert [t.name for t in halves] == ["w__fp16"]
 
 
 def test_int8_gate_fails_with_clipped_calibration(make_engine):
@@ -238,7 +238,6 @@ def test_activation_products_are_not_quantized():
 
 def test_calibration_from_a_folder_of_images(make_engine, tmp_path):
     from export.build import Calibration, build
-    from export.calibration import HELD_OUT, calibration_images
 
     ck_dir, _ = make_engine(VARIANT, "onnx")
     with pytest.raises(ImageInputError, match="holds 0 images"):
@@ -255,8 +254,11 @@ def test_calibration_from_a_folder_of_images(make_engine, tmp_path):
                    calibration=Calibration(images=str(tmp_path), count=4))
     calib = load_manifest(engine).precision.calibration  # the folder records where its ranges came from
     assert calib["source"] == str(tmp_path.resolve()) and calib["count"] == 4 and calib["seed"] is None
-    assert json.loads((engine / "parity.json").read_text())["accuracy"]["images"] == HELD_OUT
-    assert GENERIC_TEXTS  # texts for the Q-Former text graphs come from the model's own captions or these
+    # the int8 graphs were calibrated on these images, not the synthetic default: their ranges differ
+    default = make_engine(VARIANT, "onnx-int8")[1]
+    scales = [{t.name: numpy_helper.to_array(t) for t in onnx.load(str(e / "vision.onnx")).graph.initializer
+               if t.name.endswith("_scale")} for e in (engine, default)]
+    assert any(not np.allclose(scales[0][n], scales[1][n]) for n in scales[0] if n in scales[1])
 
 
 def test_default_calibration_holds_out_shapescaps_val_images():
@@ -273,7 +275,7 @@ def test_tensorrt_targets_fail_at_once_without_tensorrt(tiny_engine, tmp_path):
 
     pytest.importorskip("numpy")
     try:
-        import tensorrt  # noqa: F401
+        import tensorrt  # noqa: F401  (only whether it imports matters)
         pytest.skip("TensorRT is installed here; the GPU tests cover trt-* builds")
     except ImportError:
         pass
