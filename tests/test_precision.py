@@ -3,8 +3,6 @@
 The stage-2 model with the Q-Former's text side has every graph (vision, the four Q-Former modes, the
 LLM decoder), so one build per precision covers them all.
 """
-import json
-
 import numpy as np
 import onnx
 import pytest
