@@ -47,6 +47,7 @@ from runtime.manifest import (
 )
 from runtime.runners import make_runner
 from train.checkpoint import CheckpointError, checkpoint_hash, load_checkpoint
+from train.families import family
 from train.logs import quiet_libraries
 
 
@@ -92,12 +93,12 @@ def _versions() -> dict:
 def _llm_section(ck) -> LanguageModel | None:
     if not ck.has_llm:
         return None
-    cfg, t = ck.config, ck.config.text_config
+    cfg, t, llm = ck.config, ck.config.text_config, family(ck.config)
     return LanguageModel(
-        family=t.model_type, tokenizer="tokenizer.json", vocab_size=t.vocab_size, num_layers=t.num_hidden_layers,
-        num_heads=t.num_attention_heads, head_dim=t.hidden_size // t.num_attention_heads, hidden_size=t.hidden_size,
-        max_positions=t.max_position_embeddings, image_token_id=cfg.image_token_index, bos_token_id=t.bos_token_id,
-        eos_token_id=t.eos_token_id, pad_token_id=t.pad_token_id, prompt_prefix_ids=list(ck.prompt_prefix_ids))
+        family=llm.name, tokenizer="tokenizer.json", vocab_size=t.vocab_size, image_token_id=cfg.image_token_index,
+        bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id, pad_token_id=t.pad_token_id,
+        prompt_prefix_ids=list(ck.prompt_prefix_ids), prompt_suffix_ids=list(ck.prompt_suffix_ids),
+        **llm.shape(cfg))
 
 
 def _qformer_section(ck) -> QFormer | None:

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import torch
 
-from export.specs import GraphSpec, torch_inputs
+from export.graph_spec import GraphSpec, torch_inputs
 
 OPSET = 18
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB

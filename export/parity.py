@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from export.specs import GraphSpec, torch_inputs
+from export.graph_spec import GraphSpec, torch_inputs
 from train.reference import HfReference, itg_greedy
 
 

@@ -1,54 +1,26 @@
-"""One declarative spec per exported graph, in the spirit of optimum's `OnnxConfig`.
-
-A `GraphSpec` says everything the generic export loop, the parity gate, the
-manifest and the TensorRT builder need to know about a graph: the wrapper
-module, input and output tensors with symbolic axes, how to make dummy inputs
-at any axis sizes, and the TensorRT optimization profiles, all derived from
-the same `AxisRange` numbers.
+"""The exported graphs of a model (one declarative `GraphSpec` each, export/graph_spec.py) and the build's
+limits that bound their dynamic axes.
 
     >>> from export.specs import graph_specs
-    >>> [s.name for s in graph_specs(model)]          # model: train.model.Blip2Edge
+    >>> [s.name for s in graph_specs(model)]          # model: train.model.Blip2Edge with OPT
     ['vision', 'qformer_query', 'qformer_text', 'qformer_itm', 'qformer_itg', 'llm_decoder']
 
-A graph is exported when the weights it needs exist (`@needs`): a
-stage-1 checkpoint has no `llm_decoder`, a plain HF stage-2 one no Q-Former
-text graphs.
+A graph is exported when the weights it needs exist (`@needs`): a stage-1 checkpoint has no LLM graphs, a
+plain HF stage-2 one no Q-Former text graphs. The LLM's graphs depend on its family (export/llm_specs.py):
+`llm_decoder` for OPT, `llm_encoder` + `llm_decoder` for T5.
 
-Axis names used across graphs: `batch`, `text` (tokens fed in this call),
-`past` (tokens already in the KV cache), `queries` (soft-prompt rows) and the
-derived `past+text`.
+Axis names used across graphs: `batch`, `text` (tokens fed in this call), `past` (tokens already in the KV
+cache), `queries` (soft-prompt rows), `source` (an encoder's input tokens) and the derived `past+text`.
 """
-from dataclasses import dataclass, field
-from typing import Callable
-
 import numpy as np
-import torch
 
-from runtime.manifest import Graph, Limits, Tensor, kv_names
-from runtime.prompt import PromptLayout, pad_rows, position_ids
+from export.graph_spec import AxisRange, GraphSpec, TensorSpec, needs
+from export.llm_specs import llm_specs
 from export.wrappers import (
-    LlmDecoderWrapper, QFormerItgWrapper, QFormerItmWrapper, QFormerQueryWrapper, QFormerTextWrapper, VisionWrapper,
-    query_outputs,
+    QFormerItgWrapper, QFormerItmWrapper, QFormerQueryWrapper, QFormerTextWrapper, VisionWrapper, query_outputs,
 )
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: str  # numpy dtype name: "float32", "int64"
-    shape: tuple  # ints for fixed axes, str for named dynamic axes
-
-
-@dataclass(frozen=True)
-class AxisRange:
-    """min / opt / max of one dynamic axis; the TensorRT profile and the export checks use the same numbers.
-    `opt` (the size TensorRT tunes for) is kept within [min, max]."""
-    min: int
-    opt: int
-    max: int
-
-    def __post_init__(self):
-        object.__setattr__(self, "opt", max(self.min, min(self.opt, self.max)))
+from runtime.manifest import Limits, kv_names
+from train.families import family
 
 
 class LimitError(ValueError):
@@ -58,8 +30,8 @@ class LimitError(ValueError):
 def resolve_limits(model, max_batch: int = 8, max_prompt_tokens: int | None = None,
                    max_new_tokens: int | None = None, max_qformer_tokens: int | None = None) -> Limits:
     """The build's limits for `model`, checked before any export. None means "as much as the position table
-    allows, at most 64" (the Q-Former: its text limit). Stage 2 must fit the LLM's position table:
-    queries + prompt tokens (BOS included) + new tokens <= max_position_embeddings."""
+    allows, at most 64" (the Q-Former: its text limit). A decoder-only LLM must fit its position table:
+    queries + prompt tokens (BOS included) + new tokens <= max_position_embeddings; T5 has none."""
     if not isinstance(max_batch, int) or max_batch < 1:
         raise LimitError(f"--max-batch must be an integer >= 1, got {max_batch!r}")
     cfg = model.config
@@ -73,7 +45,14 @@ def resolve_limits(model, max_batch: int = 8, max_prompt_tokens: int | None = No
             raise LimitError("--max-prompt-tokens and --max-new-tokens bound the LLM, and this checkpoint has none "
                              "(stage 1); leave them out")
         return Limits(max_batch, None, None, q_tokens)
-    room = cfg.text_config.max_position_embeddings - cfg.num_query_tokens
+    room = family(cfg).position_room(cfg)
+    if room is None:  # relative positions (T5): no table to outgrow
+        new = 64 if max_new_tokens is None else max_new_tokens
+        prompt = 64 if max_prompt_tokens is None else max_prompt_tokens
+        for flag, value in (("--max-new-tokens", new), ("--max-prompt-tokens", prompt)):
+            if not isinstance(value, int) or value < 1:
+                raise LimitError(f"{flag} must be an integer >= 1, got {value!r}")
+        return Limits(max_batch, prompt, new, q_tokens)
     new = max_new_tokens if max_new_tokens is not None else min(64, room // 2)
     if not isinstance(new, int) or not 1 <= new <= room - 1:
         raise LimitError(f"--max-new-tokens must be in [1, {room - 1}]: the LLM's position table has "
@@ -85,55 +64,6 @@ def resolve_limits(model, max_batch: int = 8, max_prompt_tokens: int | None = No
                          f"position table has {cfg.text_config.max_position_embeddings} positions, "
                          f"{cfg.num_query_tokens} taken by the image); got {prompt}")
     return Limits(max_batch, prompt, new, q_tokens)
-
-
-@dataclass
-class GraphSpec:
-    name: str
-    build: Callable  # model -> torch.nn.Module
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-    make_inputs: Callable  # (sizes: dict[str, int], rng: np.random.Generator) -> dict[str, np.ndarray]
-    profiles: list[dict[str, AxisRange]]  # one dict per TensorRT optimization profile
-    export_sizes: dict[str, int]  # axis sizes of the dummy inputs used for tracing
-    check_sizes: list[dict[str, int]] = field(default_factory=list)  # other sizes for the parity gate
-
-    def dynamic_axes(self) -> dict[str, dict[int, str]]:
-        """{tensor: {axis index: axis name}} for inputs and outputs."""
-        return {t.name: {i: a for i, a in enumerate(t.shape) if isinstance(a, str)} for t in self.inputs + self.outputs}
-
-    def trt_profiles(self) -> list[dict[str, tuple[tuple, tuple, tuple]]]:
-        """Per profile, {input name: (min shape, opt shape, max shape)} for every input with a dynamic axis."""
-        out = []
-        for ranges in self.profiles:
-            shapes = {}
-            for t in self.inputs:
-                if not any(isinstance(a, str) for a in t.shape):
-                    continue
-                shapes[t.name] = tuple(tuple(_axis_size(a, ranges, k) for a in t.shape) for k in ("min", "opt", "max"))
-            out.append(shapes)
-        return out
-
-    def to_manifest(self, file: str) -> Graph:
-        """The manifest's entry for this graph, stored in `file`."""
-        return Graph(file=file,
-                     inputs=[Tensor(t.name, t.dtype, list(t.shape)) for t in self.inputs],
-                     outputs=[Tensor(t.name, t.dtype, list(t.shape)) for t in self.outputs],
-                     profiles=[{k: [r.min, r.opt, r.max] for k, r in p.items()} for p in self.profiles])
-
-
-def _axis_size(axis, ranges: dict[str, AxisRange], which: str) -> int:
-    if isinstance(axis, int):
-        return axis
-    return sum(getattr(ranges[a], which) for a in axis.split("+"))
-
-
-def needs(*attributes: str):
-    """Declare the model attributes (weights) a graph needs; without them the graph is not exported."""
-    def mark(builder):
-        builder.needs = attributes
-        return builder
-    return mark
 
 
 # ---------------------------------------------------------------- vision
@@ -293,88 +223,15 @@ def qformer_itg_spec(model, limits: Limits) -> GraphSpec:
     )
 
 
-# ---------------------------------------------------------------- LLM decoder with KV cache
-def _llm_feeds(layout: PromptLayout, vocab: int, sizes: dict, rng) -> dict:
-    """input_ids, attention_mask and position_ids as the runtime makes them (runtime.prompt): a prefill's rows
-    are laid out around `queries` placeholders, the first row shorter (left padding); a decode step feeds any
-    token, the placeholder id included (it is then embedded like any other id). The cache's first row is
-    left-padded too."""
-    b, text, past, q = sizes["batch"], sizes["text"], sizes["past"], sizes["queries"]
-    if q:
-        short = 2 if b > 1 and text - q - len(layout.prefix_ids) > 2 else 0
-        rows = [layout.row(rng.integers(4, layout.image_token_id, size=text - q - len(layout.prefix_ids)
-                                        - (short if i == 0 else 0)).tolist()) for i in range(b)]
-        ids, text_mask = pad_rows(rows, layout.pad_token_id, left=True)
-    else:
-        ids = rng.integers(4, vocab, size=(b, text), dtype=np.int64)
-        ids[-1, -1] = layout.image_token_id
-        text_mask = np.ones((b, text), dtype=np.int64)
-    past_mask = np.ones((b, past), dtype=np.int64)
-    if b > 1 and past > 2:
-        past_mask[0, :2] = 0
-    mask = np.concatenate([past_mask, text_mask], axis=1)
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask, text)}
-
-
-@needs("language_model")
-def llm_decoder_spec(model, limits: Limits) -> GraphSpec:
-    cfg = model.config
-    t = cfg.text_config
-    nq, layers, heads = cfg.num_query_tokens, t.num_hidden_layers, t.num_attention_heads
-    head_dim = t.hidden_size // heads
-    max_total = nq + limits.max_prompt_tokens + limits.max_new_tokens
-    layout = PromptLayout(nq, cfg.image_token_index, t.bos_token_id, (t.bos_token_id,), t.pad_token_id)
-
-    def make_inputs(sizes, rng):
-        b, past, q = sizes["batch"], sizes["past"], sizes["queries"]
-        feeds = _llm_feeds(layout, t.vocab_size, sizes, rng)
-        feeds["soft_prompt"] = rng.standard_normal((b, q, t.hidden_size), dtype=np.float32)
-        for name in kv_names(layers, "past"):
-            feeds[name] = rng.standard_normal((b, heads, past, head_dim), dtype=np.float32)
-        return feeds
-
-    kv_in = [TensorSpec(n, "float32", ("batch", heads, "past", head_dim)) for n in kv_names(layers, "past")]
-    kv_out = [TensorSpec(n, "float32", ("batch", heads, "past+text", head_dim)) for n in kv_names(layers, "present")]
-    batch = AxisRange(1, 1, limits.max_batch)
-    return GraphSpec(
-        name="llm_decoder",
-        build=LlmDecoderWrapper,
-        inputs=[
-            TensorSpec("input_ids", "int64", ("batch", "text")),
-            TensorSpec("soft_prompt", "float32", ("batch", "queries", t.hidden_size)),
-            TensorSpec("attention_mask", "int64", ("batch", "past+text")),
-            TensorSpec("position_ids", "int64", ("batch", "text")),
-            *kv_in,
-        ],
-        outputs=[TensorSpec("logits", "float32", ("batch", t.vocab_size)), *kv_out],
-        make_inputs=make_inputs,
-        profiles=[
-            # context (prefill): soft prompt + prompt tokens, empty cache
-            {"batch": batch, "text": AxisRange(nq + 1, nq + 8, nq + limits.max_prompt_tokens),
-             "past": AxisRange(0, 0, 0), "queries": AxisRange(nq, nq, nq)},
-            # generation: one token per step against the cache
-            {"batch": batch, "text": AxisRange(1, 1, 1), "past": AxisRange(1, nq + 16, max_total - 1),
-             "queries": AxisRange(0, 0, 0)},
-        ],
-        export_sizes={"batch": 2, "text": nq + 3, "past": 3, "queries": nq},
-        check_sizes=[
-            {"batch": 3, "text": nq + 5, "past": 0, "queries": nq},  # prefill
-            {"batch": 1, "text": 1, "past": nq + 6, "queries": 0},  # decode step
-            {"batch": 4, "text": 1, "past": 9, "queries": 0},
-        ],
-    )
-
-
-SPEC_BUILDERS = [vision_spec, qformer_query_spec, qformer_text_spec, qformer_itm_spec, qformer_itg_spec,
-                 llm_decoder_spec]
+SPEC_BUILDERS = [vision_spec, qformer_query_spec, qformer_text_spec, qformer_itm_spec, qformer_itg_spec, llm_specs]
 
 
 def graph_specs(model, limits: Limits | None = None) -> list[GraphSpec]:
     """The specs of every graph this model exports (those whose weights exist), in pipeline order."""
     limits = limits or resolve_limits(model)
-    return [build(model, limits) for build in SPEC_BUILDERS if all(hasattr(model, n) for n in getattr(build, "needs", ()))]
-
-
-def torch_inputs(spec: GraphSpec, feeds: dict[str, np.ndarray]) -> tuple:
-    """The wrapper's positional arguments, in spec order, as torch tensors."""
-    return tuple(torch.from_numpy(feeds[t.name]) for t in spec.inputs)
+    specs = []
+    for build in SPEC_BUILDERS:
+        if all(hasattr(model, n) for n in getattr(build, "needs", ())):
+            made = build(model, limits)
+            specs += made if isinstance(made, list) else [made]
+    return specs

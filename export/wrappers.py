@@ -7,6 +7,7 @@ Hugging Face's own modules, so any BLIP-2 checkpoint exports the same way.
 from torch import nn
 from transformers import DynamicCache
 
+from train.families import EncoderDecoder
 from train.masks import causal_lm_mask
 
 
@@ -126,3 +127,37 @@ class LlmDecoderWrapper(nn.Module):
         for layer in out.cache.layers:
             presents += [layer.keys, layer.values]
         return (out.logits[:, -1, :], *presents)
+
+
+class Seq2SeqEncoderWrapper(nn.Module):
+    """The encoder-decoder LLM's encoder (T5): input_ids [B,S] (placeholders where the soft prompt goes),
+    soft_prompt [B,Nq,D], attention_mask [B,S] -> cross_key_i / cross_value_i [B,H,S,d] of every decoder layer,
+    computed once per image (train.families.EncoderDecoder)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, soft_prompt, attention_mask):
+        lm = self.model.language_model
+        states = EncoderDecoder.encode(lm, self.model.llm_inputs_embeds(input_ids, soft_prompt), attention_mask)
+        return tuple(t for pair in EncoderDecoder.cross_kv(lm, states) for t in pair)
+
+
+class Seq2SeqDecoderWrapper(nn.Module):
+    """One graph for every step of the encoder-decoder LLM's decoder (T5): input_ids [B,T], encoder_attention_mask
+    [B,S], cross_key_i / cross_value_i [B,H,S,d], past_key_i / past_value_i [B,H,P,d] -> logits [B,V] of the last
+    position, present_key_i / present_value_i [B,H,P+T,d]; the relative position bias counts the cached tokens."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.num_layers = model.config.text_config.num_decoder_layers
+
+    def forward(self, input_ids, encoder_attention_mask, *caches):
+        n = self.num_layers
+        cross = [(caches[2 * i], caches[2 * i + 1]) for i in range(n)]
+        past = [(caches[2 * (n + i)], caches[2 * (n + i) + 1]) for i in range(n)]
+        logits, presents = EncoderDecoder.decoder_step(self.model.language_model, input_ids, encoder_attention_mask,
+                                                       cross, past)
+        return (logits[:, -1, :], *[t for pair in presents for t in pair])

@@ -1,14 +1,13 @@
 """Stepping the exported decoder graphs: prefill, one-token steps, KV cache, beam reordering.
 
-Two graphs generate text with a KV cache: the LLM (`llm_decoder`) and the
-Q-Former in its multimodal causal mode (`qformer_itg`). Both take input_ids,
-an attention mask over cache + new tokens, position ids and the cache, and
-return last-position logits and the grown cache, so one `CachedDecoder` drives
-both; the subclasses only say how the cache starts. They implement the
-`StepModel` protocol of `runtime.search`, so the search strategies never see
-graphs, caches or masks:
+Three decoders generate text with a KV cache: a decoder-only LLM (`llm_decoder`), an encoder-decoder one
+(`llm_encoder` once, then `llm_decoder` every step) and the Q-Former in its multimodal causal mode
+(`qformer_itg`). The first and the last take input_ids, an attention mask over cache + new tokens, position
+ids and the cache, so one `CachedDecoder` drives both and the subclasses only say how the cache starts;
+`Seq2SeqDecoder` also carries the encoder's cross-attention keys/values. All implement the `StepModel`
+protocol of `runtime.search`, so the search strategies never see graphs, caches or masks:
 
-    dec = LlmDecoder(runner, manifest.llm)
+    dec = DECODERS[manifest.llm.family](runners, manifest.llm)     # LlmDecoder (OPT) or Seq2SeqDecoder (T5)
     logits = dec.prefill(input_ids, attention_mask, soft_prompt)   # [B, V], cache holds B rows
     logits = dec.step(next_tokens)                                  # [B, V], cache grew by one
     dec.reorder(np.array([0, 0, 1, 1]))                             # beam expansion / selection
@@ -85,9 +84,16 @@ class LlmDecoder(CachedDecoder):
     placeholders of each row; later steps feed an empty soft prompt, so a generated token equal to the
     placeholder id is embedded like any other token (as Hugging Face's generate does)."""
 
-    def __init__(self, runner, llm):
-        super().__init__(runner, llm.num_layers)
+    padding = "left"  # prompts of a batch: left-padded, the new tokens follow every row's last one
+
+    def __init__(self, runners: dict, llm):
+        super().__init__(runners["llm_decoder"], llm.num_layers)
         self.heads, self.head_dim, self.prompt_width = llm.num_heads, llm.head_dim, llm.hidden_size
+
+    @staticmethod
+    def context(input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """What Hugging Face's repetition penalty sees: the decoder's whole input (left padding excluded)."""
+        return input_ids, attention_mask
 
     def _step_feeds(self, n: int) -> dict:
         return {"soft_prompt": np.zeros((n, 0, self.prompt_width), dtype=np.float32)}
@@ -115,3 +121,49 @@ class QFormerDecoder(CachedDecoder):
         queries = np.ones((input_ids.shape[0], self.prefix), dtype=np.int64)
         self.attention_mask = np.concatenate([queries, attention_mask.astype(np.int64)], axis=1)
         return self._run(input_ids.astype(np.int64), {})
+
+
+class Seq2SeqDecoder:
+    """The encoder-decoder LLM (T5): the prefill runs the encoder graph on the soft prompt and the prompt once,
+    which gives every decoder layer's cross-attention keys/values; every decoder step (the first one fed
+    decoder_start_token_id) takes them back with the encoder's mask and the self-attention cache. Beam search
+    reorders the self-attention cache and the cross keys/values alike."""
+
+    padding = "right"  # encoder rows: no padding between the image and the prompt (T5's positions are relative)
+
+    def __init__(self, runners: dict, llm):
+        self.encoder, self.runner = runners["llm_encoder"], runners["llm_decoder"]
+        self.cache = KVCache(llm.num_layers)
+        self.cross_names = kv_names(llm.num_layers, "cross")
+        self.heads, self.head_dim, self.start = llm.num_heads, llm.head_dim, llm.decoder_start_token_id
+        self.cross, self.encoder_mask = [], np.zeros((0, 0), dtype=np.int64)
+
+    def context(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """What Hugging Face's repetition penalty sees: the decoder's input (decoder_start), not the encoder's."""
+        start = np.full((input_ids.shape[0], 1), self.start, dtype=np.int64)
+        return start, np.ones_like(start)
+
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray, soft_prompt: np.ndarray) -> np.ndarray:
+        """Encoder rows [B, S] (right-padded) and soft_prompt [B, Nq, D] -> the first step's logits [B, V]."""
+        outputs = self.encoder.run({"input_ids": input_ids.astype(np.int64), "soft_prompt": soft_prompt,
+                                    "attention_mask": attention_mask.astype(np.int64)}, keep=self.cross_names)
+        self.cross = [outputs[n] for n in self.cross_names]
+        self.encoder_mask = attention_mask.astype(np.int64)
+        self.cache.reset(input_ids.shape[0], self.heads, self.head_dim, soft_prompt.dtype)
+        return self.step(np.full(input_ids.shape[0], self.start, dtype=np.int64))
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        outputs = self.runner.run({
+            "input_ids": tokens.reshape(-1, 1).astype(np.int64), "encoder_attention_mask": self.encoder_mask,
+            **dict(zip(self.cross_names, self.cross)), **self.cache.feeds(),
+        }, keep=self.cache.present_names)
+        self.cache.update(outputs)
+        return outputs["logits"]
+
+    def reorder(self, index: np.ndarray) -> None:
+        self.cache.reorder(index)
+        self.cross = [c[index] for c in self.cross]
+        self.encoder_mask = self.encoder_mask[index]
+
+
+DECODERS = {"opt": LlmDecoder, "t5": Seq2SeqDecoder}  # the manifest's llm.family -> how its graphs are stepped

@@ -11,9 +11,9 @@ with the image (bi-directional graph), so the soft prompt depends on it (BLIP-2'
 import numpy as np
 
 from runtime import search
-from runtime.decoder import LlmDecoder
+from runtime.decoder import DECODERS
 from runtime.errors import PromptError
-from runtime.prompt import PromptLayout, pad_rows
+from runtime.prompt import PromptLayout
 from runtime.text import LlmTokenizer
 from runtime.vision import chunks
 
@@ -23,19 +23,22 @@ class LlmGenerator:
         llm, self.limits = manifest.llm, manifest.limits
         self.llm, self.encoder, self.questions = llm, encoder, questions
         self.num_queries = manifest.model.num_query_tokens
+        self.decoder = DECODERS[llm.family](runners, llm)
         self.layout = PromptLayout(self.num_queries, llm.image_token_id, llm.bos_token_id,
-                                   tuple(llm.prompt_prefix_ids), llm.pad_token_id)
+                                   tuple(llm.prompt_prefix_ids), llm.pad_token_id, tuple(llm.prompt_suffix_ids),
+                                   self.decoder.padding)
         self.tokenizer = LlmTokenizer.from_manifest(manifest)
-        self.decoder = LlmDecoder(runners["llm_decoder"], llm)
         self.itm = runners.get("qformer_itm")
 
     # ------------------------------------------------------------ checks, before any graph runs
     def _rebuild(self, new_tokens: int | None = None, prompt_tokens: int | None = None) -> str:
         """How to get a folder that holds `new_tokens` new tokens or `prompt_tokens` prompt tokens (the other limit
         kept where the position table allows): a build command, or why no build can."""
-        room = self.llm.max_positions - self.num_queries
-        new = new_tokens or min(self.limits.max_new_tokens, room - prompt_tokens)
-        prompt = prompt_tokens or min(self.limits.max_prompt_tokens, room - new)
+        room = None if self.llm.max_positions is None else self.llm.max_positions - self.num_queries
+        new = new_tokens or (self.limits.max_new_tokens if room is None else
+                             min(self.limits.max_new_tokens, room - prompt_tokens))
+        prompt = prompt_tokens or (self.limits.max_prompt_tokens if room is None else
+                                   min(self.limits.max_prompt_tokens, room - new))
         if new < 1 or prompt < 1:
             return (f". No build can hold that: the LLM's position table has {self.llm.max_positions} positions, "
                     f"{self.num_queries} of them for the image, so prompt and new tokens together fit in {room}")
@@ -81,10 +84,12 @@ class LlmGenerator:
             return self.encoder.queries(embeds, ["llm_prompt"])["llm_prompt"]
         return self.questions.itm_outputs(embeds, questions)["llm_prompt"]
 
-    def _prefill(self, soft_prompt: np.ndarray, rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-        """Left-pad the rows and run the prefill: (first-step logits [B, V], input_ids [B, T])."""
-        input_ids, attention_mask = pad_rows(rows, self.layout.pad_token_id, left=True)
-        return self.decoder.prefill(input_ids, attention_mask, soft_prompt), input_ids
+    def _prefill(self, soft_prompt: np.ndarray, rows: list[list[int]]) -> tuple[np.ndarray, tuple]:
+        """Pad the rows (on the family's side) and run the prefill: (first-step logits [B, V], the ids and mask the
+        repetition penalty sees)."""
+        input_ids, attention_mask = self.layout.batch(rows)
+        logits = self.decoder.prefill(input_ids, attention_mask, soft_prompt)
+        return logits, self.decoder.context(input_ids, attention_mask)
 
     def _chunks(self, images: list, prompts: list, questions, per_image: int):
         """(soft prompt, rows, part) for max_batch // per_image images at a time; prompts are checked first."""
@@ -99,8 +104,8 @@ class LlmGenerator:
         cfg = self.config(generation)
         out = []
         for soft_prompt, rows, _ in self._chunks(images, prompts, questions, cfg.num_beams):
-            logits, input_ids = self._prefill(soft_prompt, rows)
-            out += search.generate(self.decoder, logits, input_ids, cfg)
+            logits, (context, mask) = self._prefill(soft_prompt, rows)
+            out += search.generate(self.decoder, logits, context, cfg, prompt_mask=mask)
         return out
 
     def score(self, images: list, prompts: list, tokens: list[list[int]], questions=None) -> list[np.ndarray]:

@@ -71,22 +71,34 @@ class Model:
     patch_size: int
 
 
+FAMILIES = ("opt", "t5")
+
+
 @dataclass(frozen=True)
 class LanguageModel:
     """The LLM's shape, token ids and prompt layout (`runtime.prompt.PromptLayout`)."""
-    family: str  # "opt": decoder-only, the soft prompt goes first in the decoder input
+    family: str  # "opt": decoder-only, the soft prompt starts the decoder's input; "t5": encoder-decoder, it
+    # starts the encoder's input and the decoder generates from decoder_start_token_id
     tokenizer: str  # tokenizer.json in the folder
     vocab_size: int
-    num_layers: int
+    num_layers: int  # the decoder's layers (its KV cache)
     num_heads: int
     head_dim: int
     hidden_size: int  # width of a soft-prompt row (the language projection's output)
-    max_positions: int  # the position table: placeholders + prompt + generated tokens must fit
     image_token_id: int  # placeholder id the soft prompt replaces
-    bos_token_id: int  # a caption without a prompt starts with it (Hugging Face generate)
+    bos_token_id: int  # a caption without a prompt is the placeholders and BOS (Hugging Face generate)
     eos_token_id: int
     pad_token_id: int
     prompt_prefix_ids: list[int]  # what the tokenizer puts before a prompt's text (OPT: BOS)
+    prompt_suffix_ids: list[int] = field(default_factory=list)  # ... and after it (T5: </s>)
+    max_positions: int | None = None  # OPT's position table: placeholders + prompt + new tokens must fit
+    decoder_start_token_id: int | None = None  # T5: the decoder's first input
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise _Invalid("manifest.llm.family", f"is {self.family!r}; this runtime knows {', '.join(FAMILIES)}")
+        if self.family == "t5" and self.decoder_start_token_id is None:
+            raise _Invalid("manifest.llm.decoder_start_token_id", "is missing (a T5 decoder starts from it)")
 
 
 @dataclass(frozen=True)

@@ -8,16 +8,18 @@ inputs and the benchmarks all build their token rows, padding and position ids h
     ids, mask = pad_rows([row_a, row_b], layout.pad_token_id, left=True)   # generation pads on the left
     positions = position_ids(mask, new=ids.shape[1])                       # [B, T]
 
-The layout is the one Hugging Face uses for a decoder-only LLM (OPT), where the projected queries replace
-the `image_token_id` placeholders of the decoder input:
-  * a caption (no prompt) starts from the placeholders and `text_config.bos_token_id`, what
+The layout is the one Hugging Face uses, where the projected queries replace the `image_token_id`
+placeholders of the LLM's input: the decoder's for a decoder-only LLM (OPT), the encoder's for an
+encoder-decoder one (T5, whose decoder then starts from `decoder_start_token_id`):
+  * a caption (no prompt) is the placeholders and `text_config.bos_token_id`, what
     `Blip2ForConditionalGeneration.generate(pixel_values=...)` builds when it is given no input ids;
-  * a prompt is the placeholders followed by the tokenizer's ids of the prompt, prefix included (OPT's
-    tokenizer puts BOS first), what `Blip2Processor` builds;
-  * rows of different lengths are padded on the left for generation (on the right for training), and a
-    token's position counts the real tokens before it, as OPT derives positions from the attention mask.
-`Blip2Processor` puts the placeholders before the padding; padding first instead gives the same positions
-and the same attention, so the same logits.
+  * a prompt is the placeholders followed by the tokenizer's ids of the prompt with what the tokenizer adds
+    around them (OPT's puts BOS first, T5's appends </s>), what `Blip2Processor` builds;
+  * rows of different lengths are padded on the `padding` side: OPT's on the left for generation (on the right
+    for training), and a token's position counts the real tokens before it, as OPT derives positions from the
+    attention mask (`Blip2Processor` puts the placeholders before the padding; padding first gives the same
+    positions and attention, so the same logits); T5's encoder rows on the right, as its tokenizer pads, so no
+    padding sits between the image and the text to shift T5's relative positions.
 """
 from dataclasses import dataclass
 from typing import Sequence
@@ -32,14 +34,20 @@ class PromptLayout:
     bos_token_id: int
     prefix_ids: tuple[int, ...]  # what the tokenizer puts before a text (OPT: BOS)
     pad_token_id: int
+    suffix_ids: tuple[int, ...] = ()  # what the tokenizer puts after a text (T5: </s>)
+    padding: str = "left"  # the side rows are padded on for generation
 
     def row(self, text_ids: Sequence[int] | None) -> list[int]:
-        """One row of decoder input ids: placeholders, then [BOS] for a caption (`text_ids` None) or the
-        tokenizer's prefix and the prompt's ids."""
+        """One row of input ids: placeholders, then [BOS] for a caption (`text_ids` None) or the prompt's ids
+        with the tokenizer's prefix and suffix around them."""
         placeholders = [self.image_token_id] * self.num_queries
         if text_ids is None:
             return placeholders + [self.bos_token_id]
-        return placeholders + list(self.prefix_ids) + [int(i) for i in text_ids]
+        return placeholders + list(self.prefix_ids) + [int(i) for i in text_ids] + list(self.suffix_ids)
+
+    def batch(self, rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Rows padded on this layout's side: input_ids, attention_mask [N, longest] int64."""
+        return pad_rows(rows, self.pad_token_id, left=self.padding == "left")
 
     def text_length(self, text_ids: Sequence[int] | None) -> int:
         """Tokens of the row after the placeholders (what --max-prompt-tokens bounds)."""

@@ -21,8 +21,9 @@ def qformer_texts(ck, texts):
 
 def processor(ck) -> Blip2Processor:
     p = Blip2Processor.from_pretrained(ck.path)
-    p.tokenizer.padding_side = "left"  # what Hugging Face asks for batched generation
-    return p
+    if ck.config.use_decoder_only_language_model:
+        p.tokenizer.padding_side = "left"  # what Hugging Face asks for batched generation with OPT
+    return p  # (T5: its tokenizer's own right padding)
 
 
 def until_eos(rows: list[list[int]], eos: int) -> list[list[int]]:
@@ -40,6 +41,8 @@ def hf_generate(ck, images, prompts, **options) -> list[list[int]]:
         inputs = processor(ck)(images=list(images), text=list(prompts), padding=True, return_tensors="pt")
         out = ck.hf.generate(**inputs, **options)
         start = inputs["input_ids"].shape[1]
+    if not ck.config.use_decoder_only_language_model:
+        start = 1  # an encoder-decoder returns the decoder's tokens, after decoder_start_token_id
     return until_eos([row[start:].tolist() for row in out], ck.config.text_config.eos_token_id)
 
 

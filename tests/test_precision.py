@@ -12,7 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 from export.calibration import calibration_images, record_feeds
 from export.parity import GATE_TEXTS, TOLERANCES, check_graph, probe_images
 from export.precision import shift_activations_to_uint8, to_fp16, to_int8, weight_matmuls
-from export.specs import graph_specs, torch_inputs
+from export.graph_spec import torch_inputs
+from export.specs import graph_specs
 from hf_calls import hf_generate
 from runtime import Blip2Pipeline
 from runtime.errors import ImageInputError

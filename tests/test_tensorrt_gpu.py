@@ -81,7 +81,7 @@ def test_build_info_of_this_machine_is_accepted(built):
 def test_kv_cache_stays_on_device(built):
     import torch
 
-    from export.specs import torch_inputs
+    from export.graph_spec import torch_inputs
 
     ck, engines = built("tiny")
     spec, engine = engines["llm_decoder"]

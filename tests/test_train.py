@@ -148,18 +148,19 @@ def test_foil_itc_loss_matches_the_formula():
 
 @torch.no_grad()
 def test_lm_loss_counts_only_target_tokens(model):
-    from train.stages import lm_rows
+    from train.stages import lm_batch
     from train.text_tokenizer import build_tokenizer
 
     tok = build_tokenizer(270)
-    ids, mask, labels = lm_rows(model, tok, [("Question: what? Answer:", "red"), (None, "a red circle")])
+    batch = lm_batch(model, tok, [("Question: what? Answer:", "red"), (None, "a red circle")])
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     nq = model.config.num_query_tokens
     assert (ids[:, :nq] == model.config.image_token_index).all() and (labels[:, :nq] == -100).all()
     target0 = tok(" red", add_special_tokens=False).input_ids + [tok.eos_token_id]
     assert labels[0][labels[0] != -100].tolist() == target0
     assert labels[1][labels[1] != -100].tolist() == tok("a red circle", add_special_tokens=False).input_ids + [2]
     image_embeds = model.encode_image(torch.randn(2, 3, 32, 32))
-    loss = L.lm_loss(model, image_embeds, ids, mask, labels)
+    loss = L.lm_loss(model, image_embeds, batch)
     # direct: embeddings with the soft prompt in place, next-token NLL over labelled positions
     prompt = model.soft_prompt(model.query_forward(image_embeds)[0])
     emb = model.language_model.get_input_embeddings()(ids)

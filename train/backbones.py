@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from train.data import COLOURS, POSITIONS, SHAPES, SIZES, ShapesCaps, context_corpus, label_map
-from train.losses import padded_rows
+from train.families import padded_rows
 from train.trainer import TrainConfig, fit
 
 ATTRIBUTES = sorted(

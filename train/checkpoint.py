@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from runtime.prompt import PromptLayout
+from train.families import family
 
 
 class CheckpointError(Exception):
@@ -38,6 +39,7 @@ class Checkpoint:
     qformer_tokenizer: object | None  # the Q-Former's tokenizer; None without the Q-Former text side
     image_processor: dict  # Hugging Face image processor settings
     prompt_prefix_ids: list[int]  # what the LLM's tokenizer puts before a text (OPT: BOS)
+    prompt_suffix_ids: list[int]  # ... and after it (T5: </s>)
 
     @property
     def has_llm(self) -> bool:
@@ -50,14 +52,15 @@ class Checkpoint:
     @property
     def prompt_layout(self) -> PromptLayout:
         """The LLM input layout (runtime.prompt), from this checkpoint's config and tokenizer."""
-        return prompt_layout(self.config, self.prompt_prefix_ids)
+        return prompt_layout(self.config, self.prompt_prefix_ids, self.prompt_suffix_ids)
 
 
-def prompt_layout(config, prefix_ids) -> PromptLayout:
-    """The LLM input layout of a stage-2 Blip2Config whose tokenizer puts `prefix_ids` before a text."""
+def prompt_layout(config, prefix_ids, suffix_ids=()) -> PromptLayout:
+    """The LLM input layout of a stage-2 Blip2Config whose tokenizer puts `prefix_ids` before a text and
+    `suffix_ids` after it."""
     t = config.text_config
     return PromptLayout(config.num_query_tokens, config.image_token_index, t.bos_token_id, tuple(prefix_ids),
-                        t.pad_token_id)
+                        t.pad_token_id, tuple(suffix_ids), family(config).padding)
 
 
 def _image_processor_dict(path: Path) -> dict:
@@ -76,14 +79,17 @@ def _image_processor_dict(path: Path) -> dict:
     )
 
 
-def prompt_prefix(tokenizer) -> list[int]:
-    """Ids the Hugging Face tokenizer puts before every prompt (OPT: BOS), found by comparing with the raw tokenizer."""
+def prompt_affixes(tokenizer) -> tuple[list[int], list[int]]:
+    """(ids the Hugging Face tokenizer puts before a text, ids it puts after it): OPT's ([BOS], []), T5's
+    ([], [</s>]), found by comparing its output with and without special tokens."""
     probe = "a photo of"
     full = tokenizer(probe).input_ids
     raw = tokenizer(probe, add_special_tokens=False).input_ids
-    if full[len(full) - len(raw):] != raw:
-        raise CheckpointError(f"the tokenizer adds special tokens after the prompt ({full} vs {raw}); not supported")
-    return list(full[: len(full) - len(raw)])
+    for start in range(len(full) - len(raw) + 1):
+        if full[start:start + len(raw)] == raw:
+            return list(full[:start]), list(full[start + len(raw):])
+    raise CheckpointError(f"the tokenizer changes a text's own ids when it adds its special tokens ({full} vs {raw}); "
+                          f"blip2-edge needs a tokenizer that only adds ids before or after a text")
 
 
 def _load_tokenizer(path: Path, what: str):
@@ -98,31 +104,37 @@ def _load_tokenizer(path: Path, what: str):
 
 def check_llm(path: Path, config) -> None:
     """Refuse, before any work, a stage-2 config that no BLIP-2 engine can reproduce."""
-    t = config.text_config
-    if t.model_type != "opt":
-        raise CheckpointError(
-            f"{path} uses a {t.model_type!r} language model; blip2-edge exports OPT decoders "
-            f"(BLIP-2 OPT checkpoints such as Salesforce/blip2-opt-2.7b)"
-        )
+    try:
+        llm = family(config)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     if config.image_token_index is None:
         raise CheckpointError(
             f"{path}/config.json has no image_token_index: transformers 5 places the query outputs at these "
             f"placeholder ids; set \"image_token_index\" to the id of the tokenizer's <image> token"
         )
-    if not 0 <= config.image_token_index < t.vocab_size:
-        raise CheckpointError(f"image_token_index {config.image_token_index} is outside the decoder's vocabulary "
-                              f"({t.vocab_size}); resize the embeddings or fix config.json")
-    if t.bos_token_id is None or t.eos_token_id is None or t.pad_token_id is None:
-        raise CheckpointError(f"{path}/config.json: text_config must set bos_token_id, eos_token_id and pad_token_id "
-                              f"(a caption starts from BOS, ends at EOS, and batches are padded with PAD)")
-    if t.hidden_size != t.word_embed_proj_dim:
-        raise CheckpointError(
-            f"{path} cannot be deployed: its language_projection outputs hidden_size={t.hidden_size} values per "
-            f"query, but OPT's input embeddings are word_embed_proj_dim={t.word_embed_proj_dim} wide (OPT-350m "
-            f"style). Hugging Face's BLIP-2 then streams one image's projection into the next row of the batch, so "
-            f"a caption depends on the other images. Use an OPT whose word_embed_proj_dim equals hidden_size (every "
-            f"published BLIP-2 OPT checkpoint does), or retrain the projection to word_embed_proj_dim outputs."
-        )
+    if not 0 <= config.image_token_index < config.text_config.vocab_size:
+        raise CheckpointError(f"image_token_index {config.image_token_index} is outside the LLM's vocabulary "
+                              f"({config.text_config.vocab_size}); resize the embeddings or fix config.json")
+    problem = llm.problem(config)
+    if problem:
+        raise CheckpointError(f"{path} cannot be deployed: {problem}")
+
+
+def check_tokenizer(path: Path, config, tokenizer) -> None:
+    """The LLM's tokenizer must fit its vocabulary and know the image placeholder where config.json puts it."""
+    vocab = config.text_config.vocab_size
+    if len(tokenizer) > vocab:
+        raise CheckpointError(f"{path}: the tokenizer has {len(tokenizer)} tokens but the LLM's vocabulary "
+                              f"(text_config.vocab_size) has {vocab}: they do not belong together; save the "
+                              f"checkpoint's own tokenizer beside it")
+    added = set(tokenizer.get_added_vocab().values()) | set(tokenizer.all_special_ids)
+    if config.image_token_index not in added:
+        image = tokenizer.convert_ids_to_tokens(config.image_token_index)
+        raise CheckpointError(f"{path}: image_token_index {config.image_token_index} is {image!r} in the tokenizer, an "
+                              f"ordinary token, not an added placeholder such as <image>: the tokenizer does not "
+                              f"match config.json; save the checkpoint's own tokenizer beside it, or set "
+                              f"image_token_index to the id of its <image> token")
 
 
 def _ids_from_tokenizer(edge, tokenizer) -> None:
@@ -156,6 +168,8 @@ def load_checkpoint(path) -> Checkpoint:
         raise CheckpointError(f"{path} is a stage-1 checkpoint without the Q-Former's text side; nothing to export")
     image_processor = _image_processor_dict(path)
     tokenizer = _load_tokenizer(path, "LLM") if edge.stage == 2 else None
+    if tokenizer is not None:
+        check_tokenizer(path, config, tokenizer)
     qformer_tokenizer = None
     if edge.qformer_text:
         qdir = path if edge.stage == 1 else path / "qformer_tokenizer"
@@ -166,8 +180,8 @@ def load_checkpoint(path) -> Checkpoint:
     model = Blip2Edge.from_pretrained(path)
     if qformer_tokenizer is not None and not (path / "blip2_edge.json").is_file():
         _ids_from_tokenizer(model.edge, qformer_tokenizer)
-    prefix = prompt_prefix(tokenizer) if tokenizer is not None else []
-    return Checkpoint(path, model, model.hf_model(), tokenizer, qformer_tokenizer, image_processor, prefix)
+    prefix, suffix = prompt_affixes(tokenizer) if tokenizer is not None else ([], [])
+    return Checkpoint(path, model, model.hf_model(), tokenizer, qformer_tokenizer, image_processor, prefix, suffix)
 
 
 def checkpoint_hash(path: Path) -> str:

@@ -23,7 +23,7 @@ from transformers.models.blip.image_processing_pil_blip import BlipImageProcesso
 
 from train.model import Blip2Edge, EdgeConfig
 from train.presets import PRESETS, blip2_config
-from train.text_tokenizer import IMAGE_TOKEN, build_qformer_tokenizer, build_tokenizer
+from train.text_tokenizer import IMAGE_TOKEN, build_qformer_tokenizer, llm_tokenizer
 
 
 def make_random_checkpoint(out: str | Path, preset: str = "tiny", seed: int = 0, stage: int = 2,
@@ -31,13 +31,15 @@ def make_random_checkpoint(out: str | Path, preset: str = "tiny", seed: int = 0,
     """Build tokenizers + model from `preset` (keyword overrides allowed) and save them to `out`.
 
     stage 1: Q-Former with its text side, ITC/ITM heads and our ITG head (no LLM).
-    stage 2: Q-Former + OPT; with qformer_text=True it also keeps the Q-Former's text side and heads.
+    stage 2: Q-Former + the preset's LLM (OPT or T5); with qformer_text=True it also keeps the Q-Former's text
+    side and heads.
     tokenizer_adds_bos=False: the LLM's tokenizer puts no BOS before a prompt (the model still has one).
     """
     out = Path(out)
     qformer_text = stage == 1 if qformer_text is None else qformer_text
     vocab = overrides.pop("vocab_size", PRESETS[preset].vocab_size)
-    tokenizer = build_tokenizer(min(vocab, 512), add_bos=tokenizer_adds_bos)
+    llm = overrides.get("llm", PRESETS[preset].llm)
+    tokenizer = llm_tokenizer(llm, min(vocab, 512), **({} if tokenizer_adds_bos else {"add_bos": False}))
     image_token = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     qtok = build_qformer_tokenizer(min(PRESETS[preset].qformer_vocab_size, 512)) if qformer_text else None
     if qtok is not None:

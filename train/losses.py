@@ -6,7 +6,7 @@ Stage 1 (`stage1_losses`): ITC + ITM + ITG, summed, as in BLIP-2 (LAVIS blip2_qf
   ITM  positives plus hard negatives drawn from the ITC similarities (a negative text for every
        image and a negative image for every text), two-class head averaged over the queries.
   ITG  the Q-Former's text decoder: [DEC] replaces [CLS], next-token loss through the causal mask.
-Stage 2 (`lm_loss`): the LLM's next-token loss on the answer/caption tokens after the soft prompt.
+Stage 2 (`lm_loss`): the LLM's loss on the answer/caption tokens after the soft prompt (`train.families`).
 
 Foils (optional): for some rows, a minimally changed false caption (ShapesCaps mirrors the layout:
 "to the left of" -> "to the right of"). Random in-batch negatives almost never differ from the positive
@@ -25,6 +25,8 @@ are never drawn as ITM negatives.
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from train.families import family
 
 LABEL_SMOOTHING = 0.1  # BLIP-2 smooths the ITC and ITG targets
 
@@ -178,24 +180,9 @@ def stage1_losses(model, image_embeds, ids, mask, same=None, generator=None, foi
     return losses
 
 
-def padded_rows(rows: list[list[int]], labels: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, ...]:
-    """Token rows and their per-token labels (-100 where not scored) -> right-padded input_ids, attention_mask
-    and labels [B, T], labels -100 on the padding: the layout `lm_loss` and OPT's pre-training take."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_token_id)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    lab = torch.full((len(rows), width), -100)
-    for i, (r, l) in enumerate(zip(rows, labels)):
-        ids[i, : len(r)], mask[i, : len(r)], lab[i, : len(l)] = torch.tensor(r), 1, torch.tensor(l)
-    return ids, mask, lab
-
-
-def lm_loss(model, image_embeds, input_ids, attention_mask, labels):
-    """Stage 2. input_ids [B,T]: Nq image placeholders, BOS, prompt, target, EOS (right-padded);
-    labels [B,T]: the target ids where the loss counts, -100 elsewhere. The projected queries take the
-    placeholders' places, as Blip2ForConditionalGeneration does."""
+def lm_loss(model, image_embeds, batch: dict):
+    """Stage 2: the soft prompt of each image through the frozen LLM, the loss on the target tokens only (the
+    family's: OPT's language-modelling loss after the prompt, T5's prefix-LM loss on the suffix; `batch` from
+    `train.families.family(config).stage2_batch`)."""
     query_output, _ = model.query_forward(image_embeds)
-    soft_prompt = model.soft_prompt(query_output)  # [B, Nq, Dl]
-    embeds = model.llm_inputs_embeds(input_ids, soft_prompt)  # [B, T, Dl]
-    logits = model.language_model(inputs_embeds=embeds, attention_mask=attention_mask, return_dict=True).logits
-    return F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100)
+    return family(model.config).stage2_loss(model, model.soft_prompt(query_output), batch)

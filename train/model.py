@@ -32,6 +32,7 @@ from torch import nn
 from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
 from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
+from train.families import family
 from train.masks import causal_lm_mask, qformer_mask
 
 EDGE_CONFIG = "blip2_edge.json"
@@ -146,6 +147,8 @@ class Blip2Edge(nn.Module):
         self.query_tokens = hf.query_tokens  # [1, Nq, Dq]
         if fresh:  # HF starts the queries at zero: identical queries get identical gradients and never part
             nn.init.normal_(self.query_tokens, std=config.qformer_config.initializer_range)
+            if edge.stage == 2:
+                family(config).untie_fresh(self.language_model)
         q = config.qformer_config
         if edge.qformer_text and not hasattr(self, "embeddings"):  # stage 2 keeps stage 1's text side
             self.embeddings = Blip2TextEmbeddings(q)
@@ -268,7 +271,7 @@ class Blip2Edge(nn.Module):
         hf = HF_CLASS[stage](config)
         hf.load_state_dict({k: v for k, v in self.state_dict().items() if k in hf.state_dict()}, assign=True)
         if stage == 2:
-            hf.language_model.tie_weights()
+            family(config).retie(hf.language_model)
         return hf.eval()
 
     def save_pretrained(self, path, stage: int | None = None) -> None:

@@ -13,13 +13,20 @@ tests can cover configurations unlike the defaults: OPT with
 `word_embed_proj_dim != hidden_size` (project_in/out, as OPT-350m),
 post-layernorm OPT (`do_layer_norm_before=False`), an untied LM head, other
 image and patch sizes and numbers of queries.
+
+The LLM is OPT (`llm="opt"`, decoder-only) or T5 (`llm="t5"`, encoder-decoder): Flan-T5's layout by
+default (gated-GELU FFN, untied LM head, as Salesforce/blip2-flan-t5-xl/-xxl), or the original T5's with
+`t5_ffn="relu", tie_word_embeddings=True` (ReLU FFN, tied embeddings, LM head input scaled by d_model**-0.5).
 """
 from dataclasses import dataclass, replace
 
-from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, OPTConfig
+from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, OPTConfig, T5Config
 
 # Special token ids follow OPT's tokenizer: <s>=0, <pad>=1, </s>=2 (BOS and EOS), <unk>=3.
 BOS_ID, PAD_ID, EOS_ID = 2, 1, 2
+# ... and T5's: <pad>=0 (also the decoder's start), </s>=1 (EOS; BLIP-2's T5 configs set bos_token_id=1 too, so a
+# caption's encoder input ends with it), <unk>=2.
+T5_PAD_ID, T5_EOS_ID = 0, 1
 
 
 @dataclass(frozen=True)
@@ -38,7 +45,8 @@ class Preset:
     qformer_heads: int = 4
     qformer_vocab_size: int = 128
     cross_attention_frequency: int = 1
-    # OPT decoder
+    # the LLM: "opt" (decoder-only) or "t5" (encoder-decoder); the widths below serve both
+    llm: str = "opt"
     vocab_size: int = 128
     llm_width: int = 32
     word_embed_proj_dim: int | None = None  # None: same as llm_width
@@ -48,6 +56,8 @@ class Preset:
     do_layer_norm_before: bool = True
     tie_word_embeddings: bool = True
     image_token_index: int | None = None  # None: the last id of the vocabulary
+    t5_ffn: str = "gated-gelu"  # T5's feed_forward_proj: "gated-gelu" (Flan-T5) or "relu" (original T5)
+    d_kv: int | None = None  # T5's per-head width; None: llm_width // llm_heads
     itc_dim: int = 256  # width of the normalised ITC features (image_text_hidden_size)
     dropout: float = 0.1  # Q-Former and OPT dropout
 
@@ -55,6 +65,8 @@ class Preset:
 PRESETS = {
     # a few hundred thousand parameters: unit and parity tests
     "tiny": Preset(),
+    # the same with an encoder-decoder LLM: Flan-T5's layout, a head width other than width / heads
+    "tiny-t5": Preset(llm="t5", d_kv=6, tie_word_embeddings=False),
     # about 30M parameters: the benchmark's "small" model (ViT 224/16 4x256, Q-Former 4 layers 32 queries, OPT 6x512)
     "small": Preset(
         image_size=224, patch_size=16, vision_width=256, vision_layers=4, vision_heads=4,
@@ -95,15 +107,31 @@ def blip2_config(preset: str | Preset = "tiny", **overrides) -> Blip2Config:
         cross_attention_frequency=p.cross_attention_frequency, max_position_embeddings=p.max_positions,
         hidden_dropout_prob=p.dropout, attention_probs_dropout_prob=p.dropout,
     )
-    text = OPTConfig(
+    text = (t5_config if p.llm == "t5" else opt_config)(p)
+    image_token = p.image_token_index if p.image_token_index is not None else p.vocab_size - 1
+    return Blip2Config(
+        vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
+        num_query_tokens=p.num_query_tokens, image_token_index=image_token, image_text_hidden_size=p.itc_dim,
+    )
+
+
+def opt_config(p: Preset) -> OPTConfig:
+    return OPTConfig(
         vocab_size=p.vocab_size, hidden_size=p.llm_width, word_embed_proj_dim=p.word_embed_proj_dim or p.llm_width,
         num_hidden_layers=p.llm_layers, ffn_dim=4 * p.llm_width, num_attention_heads=p.llm_heads,
         max_position_embeddings=p.max_positions, do_layer_norm_before=p.do_layer_norm_before,
         tie_word_embeddings=p.tie_word_embeddings, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
         dropout=p.dropout, attention_dropout=p.dropout,
     )
-    image_token = p.image_token_index if p.image_token_index is not None else p.vocab_size - 1
-    return Blip2Config(
-        vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
-        num_query_tokens=p.num_query_tokens, image_token_index=image_token, image_text_hidden_size=p.itc_dim,
+
+
+def t5_config(p: Preset) -> T5Config:
+    """T5 as BLIP-2's conversion writes it: BOS = EOS = </s> (a caption's encoder input ends with it), exact GELU
+    in the gated FFN; untied (and unscaled) LM head unless tie_word_embeddings."""
+    return T5Config(
+        vocab_size=p.vocab_size, d_model=p.llm_width, d_kv=p.d_kv or p.llm_width // p.llm_heads, d_ff=4 * p.llm_width,
+        num_layers=p.llm_layers, num_heads=p.llm_heads, feed_forward_proj=p.t5_ffn,
+        dense_act_fn="gelu" if p.t5_ffn.endswith("gelu") else p.t5_ffn.split("-")[-1],
+        tie_word_embeddings=p.tie_word_embeddings, dropout_rate=p.dropout, pad_token_id=T5_PAD_ID,
+        eos_token_id=T5_EOS_ID, bos_token_id=T5_EOS_ID, decoder_start_token_id=T5_PAD_ID,
     )

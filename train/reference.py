@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from train.families import family
+
 
 @dataclass
 class Generated:
@@ -58,7 +60,9 @@ class HfReference:
         self.image_processor = BlipImageProcessorPil.from_pretrained(checkpoint.path)
         self.processor = None
         if checkpoint.tokenizer is not None:
-            checkpoint.tokenizer.padding_side = "left"  # batched generation pads on the left
+            # batched generation: a decoder-only LLM's prompts are padded on the left, as Hugging Face asks; an
+            # encoder's keep the T5 tokenizer's right padding
+            checkpoint.tokenizer.padding_side = family(cfg).padding
             self.processor = Blip2Processor(image_processor=self.image_processor, tokenizer=checkpoint.tokenizer,
                                             num_query_tokens=cfg.num_query_tokens)
 

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from train.checkpoint import prompt_layout, prompt_prefix
+from train.checkpoint import prompt_affixes, prompt_layout
+from train.families import family
 from train.data import ShapesCaps, caption_correct, mirrored, qa_prompt
-from train.losses import lm_loss, padded_rows, stage1_losses, world
+from train.losses import lm_loss, stage1_losses, world
 from train.trainer import TrainConfig, fit
 
 
@@ -120,18 +121,10 @@ def stage1_batch(model, batches: Batches, qtok, step: int) -> dict:
     return batch
 
 
-def lm_rows(model, tok, examples: list[tuple[str | None, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(prompt or None, target) pairs -> input_ids, attention_mask, labels [B, T], right-padded.
-    Each row is laid out as at inference (runtime.prompt: placeholders, then BOS for a caption or the
-    tokenizer's prefix and the prompt), then the target and EOS; the loss is on target + EOS."""
-    layout = prompt_layout(model.config, prompt_prefix(tok))
-    rows, labels = [], []
-    for prompt, target in examples:
-        head = layout.row(None if prompt is None else tok(prompt, add_special_tokens=False).input_ids)
-        tail = tok(target if prompt is None else " " + target, add_special_tokens=False).input_ids + [tok.eos_token_id]
-        rows.append(head + tail)
-        labels.append([-100] * len(head) + tail)
-    return padded_rows(rows, labels, tok.pad_token_id)
+def lm_batch(model, tok, examples: list[tuple[str | None, str]]) -> dict:
+    """(prompt or None, target) pairs -> the tensors of stage 2's loss, laid out as at inference (runtime.prompt)
+    by the LLM family (train.families): the loss is on the target (and EOS) only."""
+    return family(model.config).stage2_batch(prompt_layout(model.config, *prompt_affixes(tok)), tok, examples)
 
 
 # ---------------------------------------------------------------- the stages
@@ -158,8 +151,11 @@ def run_stage1(model, data: CaptionSet, qtok, cfg: TrainConfig, state_file=None,
 
 def run_stage2(model, data: CaptionSet, tok, qtok, cfg: TrainConfig, state_file=None, qa_fraction: float = 0.5,
                caption_prompt: str | None = None, aux_weight: float = 1.0, aux_every: int = 1, say=print) -> None:
-    """LM loss through the frozen OPT on captions and answers; Q-Former + projection trained."""
+    """The frozen LLM's loss (train.families: OPT's language-modelling loss, T5's prefix-LM loss) on captions and
+    answers; Q-Former + projection trained. Captions follow `caption_prompt`, or with None, what the family
+    trains captioning on (OPT: the soft prompt and BOS; T5: that, or a prefix of the caption in the encoder)."""
     batches = Batches(data, cfg.batch_size, cfg.seed + 1)
+    llm = family(model.config)
     params = _trainable(model, ("vision_model.", "language_model."))
     keep_text_side = hasattr(model, "itm_head") and qtok is not None and aux_weight > 0
 
@@ -173,10 +169,10 @@ def run_stage2(model, data: CaptionSet, tok, qtok, cfg: TrainConfig, state_file=
                 question, answer = qa[rng.integers(len(qa))]
                 examples.append((qa_prompt(question), answer))
             else:
-                captions = data.captions[i]
-                examples.append((caption_prompt, captions[rng.integers(len(captions))]))
-        ids, mask, labels = lm_rows(model, tok, examples)
-        losses = {"lm": lm_loss(model, data.embeds[index], ids, mask, labels)}
+                caption = data.captions[i][rng.integers(len(data.captions[i]))]
+                examples.append(llm.caption_example(caption, rng) if caption_prompt is None
+                                else (caption_prompt, caption))
+        losses = {"lm": lm_loss(model, data.embeds[index], lm_batch(model, tok, examples))}
         losses["loss"] = losses["lm"]
         if keep_text_side and step % aux_every == 0:
             b = stage1_batch(model, batches, qtok, step)

@@ -1,8 +1,9 @@
-"""A small OPT-style byte-level BPE tokenizer, trained here because none can be downloaded.
+"""Small tokenizers trained here because none can be downloaded: OPT-style and T5-style byte-level BPE for the
+LLM, a BERT-style WordPiece for the Q-Former.
 
-It follows OPT's conventions so that real checkpoints and ours share one path:
-<s>=0, <pad>=1, </s>=2 (BOS and EOS, prepended to every prompt), <unk>=3, and an
-`<image>` placeholder token whose id is the model's `image_token_index`.
+They follow their models' conventions so that real checkpoints and ours share one path. OPT: <s>=0, <pad>=1,
+</s>=2 (BOS and EOS, prepended to every prompt), <unk>=3; T5: <pad>=0, </s>=1 (appended to every text),
+<unk>=2; both end with an `<image>` placeholder token whose id is the model's `image_token_index`.
 
     python -c "from train.text_tokenizer import build_tokenizer; print(build_tokenizer(512))"
 """
@@ -35,17 +36,23 @@ def default_corpus() -> list[str]:
     return rows
 
 
-def build_tokenizer(vocab_size: int, corpus: list[str] | None = None, add_bos: bool = True) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer of at most `vocab_size` ids (the last id is `<image>`). With
-    add_bos=False it puts nothing before a text (like many LLM tokenizers other than OPT's)."""
+def _bpe(vocab_size: int, corpus: list[str] | None, specials: list[str]) -> Tokenizer:
+    """A byte-level BPE of `vocab_size - 1` ids (the specials first), trained on `corpus`."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - 1, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size - 1, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(corpus or default_corpus(), trainer)
+    return tok
+
+
+def build_tokenizer(vocab_size: int, corpus: list[str] | None = None, add_bos: bool = True) -> PreTrainedTokenizerFast:
+    """Train an OPT-style byte-level BPE tokenizer of at most `vocab_size` ids (the last id is `<image>`). With
+    add_bos=False it puts nothing before a text (like many LLM tokenizers other than OPT's)."""
+    tok = _bpe(vocab_size, corpus, SPECIALS)
     if add_bos:
         tok.post_processor = processors.TemplateProcessing(single="</s> $A", pair="</s> $A </s> $B",
                                                            special_tokens=[("</s>", 2)])
@@ -55,6 +62,26 @@ def build_tokenizer(vocab_size: int, corpus: list[str] | None = None, add_bos: b
     )
     fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     return fast
+
+
+T5_SPECIALS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2 as in T5's SentencePiece vocabulary
+
+
+def build_t5_tokenizer(vocab_size: int, corpus: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """Train a T5-style tokenizer (byte-level BPE here, SentencePiece in T5) of at most `vocab_size` ids: <pad>=0,
+    </s>=1 appended to every text, <unk>=2, right padding (an encoder's input), `<image>` last."""
+    tok = _bpe(vocab_size, corpus, T5_SPECIALS)
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                                   padding_side="right")
+    fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    return fast
+
+
+def llm_tokenizer(llm: str, vocab_size: int, corpus: list[str] | None = None, **options) -> PreTrainedTokenizerFast:
+    """The tokenizer of an LLM family ("opt" or "t5", as train.presets.Preset.llm)."""
+    return {"opt": build_tokenizer, "t5": build_t5_tokenizer}[llm](vocab_size, corpus, **options)
 
 
 QFORMER_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]  # ids 0..5
