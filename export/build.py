@@ -158,7 +158,7 @@ def _convert(specs, src: Path, dst: Path, precision: str, calib_feeds: dict | No
     for spec in specs:
         file = f"{spec.name}.onnx"
         if precision == "fp16":
-            details[spec.name] = to_fp16(src / file, dst / file)
+            details[spec.name] = to_fp16(src / file, dst / file, **spec.fp16)
         else:
             details[spec.name] = to_int8(src / file, dst / file, calib_feeds[spec.name],
                                          uint8_activations=not for_tensorrt)
@@ -319,7 +319,8 @@ def build(model_dir, target: str = "onnx", out_root="engines", name: str | None 
             manifest = _manifest(ck, final.parent.name, target, graphs, limits, details, hardware)
             _write_folder(ck, tmp, manifest)
             say(f"parity of the {target} graphs against PyTorch ({precision} tolerances):")
-            results = check_graphs(specs, ck.model, _open_runners(manifest, tmp), TOLERANCES[precision], say, feeds)
+            results = check_graphs(specs, ck.model, _open_runners(manifest, tmp), TOLERANCES[precision], say, feeds,
+                                   large_input=precision == "fp16")
             raise_on_failure(results)
             _check_and_record(ck, tmp, manifest, results, say, data, fp32_dir)
             shutil.rmtree(fp32_dir)

@@ -90,6 +90,12 @@ def decoder_only_spec(model, limits: Limits) -> GraphSpec:
 
 
 # ---------------------------------------------------------------- encoder-decoder (T5)
+# T5's activations outgrow fp16 (Hugging Face keeps its FFN output projection `wo` in fp32 for this reason):
+# only the matrix products run in fp16, everything between them (the residual stream, the RMS norms) in fp32,
+# and `wo` entirely in fp32; the fp16 gate probes the encoder with a soft prompt 1e5 times larger than usual.
+T5_FP16 = {"only_ops": ("MatMul",), "fp32_scopes": ("DenseReluDense.wo",)}
+
+
 def _t5(model):
     cfg = model.config
     t = cfg.text_config
@@ -126,6 +132,7 @@ def seq2seq_encoder_spec(model, limits: Limits) -> GraphSpec:
                    "source": AxisRange(nq + 1, nq + 8, nq + limits.max_prompt_tokens)}],
         export_sizes={"batch": 2, "source": nq + 5},
         check_sizes=[{"batch": 1, "source": nq + 2}, {"batch": 3, "source": nq + 7}],
+        fp16=T5_FP16, large_input=("soft_prompt", 1e5),
     )
 
 
@@ -168,6 +175,7 @@ def seq2seq_decoder_spec(model, limits: Limits) -> GraphSpec:
         check_sizes=[{"batch": 3, "text": 1, "past": 0, "source": nq + 4},  # the first step: decoder_start
                      {"batch": 1, "text": 1, "past": 6, "source": nq + 2},
                      {"batch": 2, "text": 3, "past": 2, "source": nq + 6}],
+        fp16=T5_FP16,
     )
 
 

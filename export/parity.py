@@ -184,13 +184,18 @@ def select_cases(feeds: list[dict], count: int = 4) -> list[dict]:
 
 
 def check_graph(spec: GraphSpec, wrapper: torch.nn.Module, runner, tol: Tolerance, seed: int = 1,
-                feeds: list[dict] | None = None) -> list[Comparison]:
+                feeds: list[dict] | None = None, large_input: bool = False) -> list[Comparison]:
     """Run `runner` and the PyTorch `wrapper` and compare every output: on random inputs at the spec's check
-    sizes (not the export sizes), or on `feeds` (recorded calls of the real pipeline) when given."""
+    sizes (not the export sizes), or on `feeds` (recorded calls of the real pipeline) when given. With
+    `large_input`, also on the first case with the spec's `large_input` scaled up (an fp16 overflow probe: the
+    output must stay finite and within the tolerance)."""
     results = []
     rng = np.random.default_rng(seed)
     cases = ([(recorded_case(spec, f), f) for f in feeds] if feeds is not None else
              [(case_name(sizes), spec.make_inputs(sizes, rng)) for sizes in spec.check_sizes])
+    if large_input and spec.large_input and cases:
+        name, factor = spec.large_input
+        cases.append((f"{name} x{factor:g}", {**cases[0][1], name: cases[0][1][name] * np.float32(factor)}))
     for case, inputs in cases:
         with torch.no_grad():
             ref = wrapper(*torch_inputs(spec, inputs))
@@ -201,15 +206,18 @@ def check_graph(spec: GraphSpec, wrapper: torch.nn.Module, runner, tol: Toleranc
     return results
 
 
-def check_graphs(specs, model, open_runner, tol: Tolerance, say=print, feeds: dict | None = None) -> list:
+def check_graphs(specs, model, open_runner, tol: Tolerance, say=print, feeds: dict | None = None,
+                 large_input: bool = False) -> list:
     """Every graph against its PyTorch module; `open_runner(graph name)` opens the exported graph. Random
-    inputs, or a few of the `feeds` recorded per graph (a graph the pipeline never called is skipped)."""
+    inputs, or a few of the `feeds` recorded per graph (a graph the pipeline never called is skipped);
+    `large_input`: the fp16 overflow probe of check_graph."""
     results = []
     for spec in specs:
         cases = select_cases(feeds[spec.name]) if feeds is not None else None
         if cases == []:
             continue
-        checks = check_graph(spec, spec.build(model).eval(), open_runner(spec.name), tol, feeds=cases)
+        checks = check_graph(spec, spec.build(model).eval(), open_runner(spec.name), tol, feeds=cases,
+                             large_input=large_input)
         results += checks
         worst = max(checks, key=lambda c: c.max_rel)
         status = "ok" if all(c.passed for c in checks) else "FAILED"

@@ -157,15 +157,30 @@ def _float_graph_outputs(graph, body: list, half: set[str]) -> list:
     return tail
 
 
-def to_fp16(src, dst, keep_fp32_nodes: tuple[str, ...] = ()) -> dict:
-    """Write an fp16 copy of `src` to `dst` (fp32 inputs/outputs); returns what was kept in fp32."""
+def _in_scope(node, scopes: tuple[str, ...]) -> bool:
+    """Whether the node was exported from a module whose path contains one of `scopes` (the dynamo exporter
+    records the module path of every node in its metadata)."""
+    meta = {p.key: p.value for p in node.metadata_props}
+    where = meta.get("pkg.torch.onnx.name_scopes", "") + meta.get("namespace", "")
+    return any(scope in where for scope in scopes)
+
+
+def to_fp16(src, dst, keep_fp32_nodes: tuple[str, ...] = (), only_ops: tuple[str, ...] | None = None,
+            fp32_scopes: tuple[str, ...] = ()) -> dict:
+    """Write an fp16 copy of `src` to `dst` (fp32 inputs/outputs); returns what was kept in fp32.
+
+    only_ops: compute only these op types in fp16 (e.g. MatMul: fp16 weights and products, with everything
+    between them, the residual stream included, in fp32); fp32_scopes: keep the nodes of these modules in fp32
+    (T5's `DenseReluDense.wo`, whose output overflows fp16, as Hugging Face keeps it)."""
     model = onnx.load(str(src))
     graph = model.graph
     _ensure_names(graph)
     floats = _float_tensors(model)
     scores = attention_score_nodes(graph, floats)
     fp32_nodes = {n.name for n in graph.node
-                  if n.op_type in FP32_OPS or n.op_type in CONSTANT_OPS or n.name in scores} | set(keep_fp32_nodes)
+                  if n.op_type in FP32_OPS or n.op_type in CONSTANT_OPS or n.name in scores
+                  or (only_ops is not None and n.op_type not in only_ops and n.op_type != "Cast")
+                  or _in_scope(n, fp32_scopes)} | set(keep_fp32_nodes)
     half = _half_outputs(graph, fp32_nodes, floats)
     fixer = _TypeFixer(graph, half)
     body = fixer.rewrite(graph, fp32_nodes, floats)
@@ -183,9 +198,14 @@ def to_fp16(src, dst, keep_fp32_nodes: tuple[str, ...] = ()) -> dict:
     for n in graph.node:
         if n.name in fp32_nodes and n.op_type not in CONSTANT_OPS:
             kept["attention scores" if n.name in scores and n.op_type not in FP32_OPS else n.op_type] += 1
-    return {"kept_fp32": dict(sorted(kept.items())), "io_dtype": "float32",
-            "rule": "LayerNormalization, Softmax, reductions and each attention's score path (Q·Kᵀ, scale, "
-                    "additive mask) in float32; everything else float16; weights clamped to ±65504"}
+    rule = ("LayerNormalization, Softmax, reductions and each attention's score path (Q·Kᵀ, scale, additive mask) "
+            "in float32; everything else float16; weights clamped to ±65504")
+    if only_ops is not None:
+        rule = (f"only {', '.join(only_ops)} in float16 (weights clamped to ±65504), everything else in float32, "
+                f"the residual stream included")
+    if fp32_scopes:
+        rule += f"; modules {', '.join(fp32_scopes)} in float32"
+    return {"kept_fp32": dict(sorted(kept.items())), "io_dtype": "float32", "rule": rule}
 
 
 def _save(model: onnx.ModelProto, dst) -> None:

@@ -129,8 +129,10 @@ class Blip2Pipeline:
     def caption(self, images, max_new_tokens: int = 30, num_beams: int = 1, decoder: str | None = None,
                 **generation) -> list[str]:
         """One caption per image, without a text prompt. decoder: "llm" (default when the folder has one) or
-        "qformer" (the Q-Former's ITG text decoder). The LLM starts from the image's soft prompt and the LLM's
-        BOS token, as Hugging Face's `Blip2ForConditionalGeneration.generate(pixel_values=...)` does."""
+        "qformer" (the Q-Former's ITG text decoder). The LLM's input is what Hugging Face's
+        `Blip2ForConditionalGeneration.generate(pixel_values=...)` builds: the image's soft prompt followed by
+        `text_config.bos_token_id`, in the decoder's input for OPT, in the encoder's for T5 (whose decoder then
+        starts from `decoder_start_token_id`; BLIP-2's T5 checkpoints set BOS to </s>)."""
         return self.generate(images, prompt=None, max_new_tokens=max_new_tokens, num_beams=num_beams,
                              decoder=decoder, **generation)
 

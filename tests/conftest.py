@@ -15,6 +15,10 @@ VARIANTS = {
     "postln": {"do_layer_norm_before": False},  # OPT-350m style post-layernorm, no final layer norm
     "untied": {"tie_word_embeddings": False, "num_query_tokens": 3},
     "geometry": {"image_size": 48, "patch_size": 12, "num_query_tokens": 6, "llm_layers": 3, "llm_heads": 2},
+    # encoder-decoder LLMs: Flan-T5's layout (gated-GELU FFN, untied head, d_kv != width / heads), and the original
+    # T5's (ReLU FFN, tied embeddings, LM head input scaled by d_model ** -0.5)
+    "t5": {"preset": "tiny-t5"},
+    "t5-orig": {"preset": "tiny-t5", "t5_ffn": "relu", "tie_word_embeddings": True, "num_query_tokens": 3},
 }
 # Checkpoints with the Q-Former's text side: stage 1 (ITC/ITM/ITG, no LLM) and stage 2 keeping it.
 QFORMER_VARIANTS = {
@@ -22,6 +26,7 @@ QFORMER_VARIANTS = {
     "stage1-geometry": {"stage": 1, "num_query_tokens": 5, "qformer_layers": 3, "cross_attention_frequency": 2,
                         "image_size": 48, "patch_size": 12},
     "stage2text": {"qformer_text": True},
+    "t5text": {"preset": "tiny-t5", "qformer_text": True},  # T5 with every graph (the reduced-precision tests)
 }
 
 
@@ -37,8 +42,9 @@ def make_engine(tmp_path_factory):
     def make(variant: str = "tiny", target: str = "onnx"):
         if variant not in checkpoints:
             root = tmp_path_factory.mktemp(f"engine-{variant}")
-            options = {**VARIANTS, **QFORMER_VARIANTS}[variant]
-            checkpoints[variant] = (root, make_random_checkpoint(root / "checkpoints" / variant, "tiny", seed=0,
+            options = dict({**VARIANTS, **QFORMER_VARIANTS}[variant])
+            preset = options.pop("preset", "tiny")
+            checkpoints[variant] = (root, make_random_checkpoint(root / "checkpoints" / variant, preset, seed=0,
                                                                  **options))
         if (variant, target) not in cache:
             root, ck = checkpoints[variant]

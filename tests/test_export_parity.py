@@ -2,7 +2,8 @@
 runtime token-exact against `Blip2ForConditionalGeneration.generate` called as its users call it.
 
 Runs on several tiny configurations unlike each other (see conftest.VARIANTS): a tokenizer that adds no BOS,
-post-layernorm OPT, an untied LM head, other image/patch sizes and query counts. The Hugging Face calls are
+post-layernorm OPT, an untied LM head, other image/patch sizes and query counts, and both T5 layouts (Flan-T5's
+and the original T5's). The Hugging Face calls are
 written out in tests/hf_calls.py, not taken from the toolkit (a shared helper would hide a shared mistake).
 """
 import numpy as np
@@ -52,7 +53,7 @@ def test_caption_starts_from_bos_when_the_tokenizer_adds_none(make_engine):
         assert pipe.generate_ids(image, max_new_tokens=10) == hf_generate(ck, [image], None, max_new_tokens=10)
 
 
-@pytest.mark.parametrize("variant", ["tiny", "untied"])
+@pytest.mark.parametrize("variant", ["tiny", "untied", "t5"])
 def test_generated_placeholder_is_embedded_like_any_token(make_engine, variant):
     """A decode step fed a generated token equal to image_token_index embeds it with OPT's table, as HF generate
     does (the runtime used to put zeros there): HF is forced to generate the placeholder at step 1, the runtime
@@ -67,7 +68,7 @@ def test_generated_placeholder_is_embedded_like_any_token(make_engine, variant):
         out = ck.hf.generate(**inputs, max_new_tokens=8, min_new_tokens=8, output_logits=True,
                              return_dict_in_generate=True,
                              logits_processor=[ForceAt(1, ck.config.image_token_index)])
-    tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
+    tokens = out.sequences[:, -len(out.logits):]  # the new tokens (an encoder-decoder returns only the decoder's)
     assert (tokens[:, 1] == ck.config.image_token_index).all()
     scores = pipe.score(images, tokens.tolist(), prompt=["a photo of", "Question: what is it? Answer:"])
     for row, got in enumerate(scores):
@@ -76,7 +77,10 @@ def test_generated_placeholder_is_embedded_like_any_token(make_engine, variant):
         np.testing.assert_allclose(got[:2], want[:2], atol=1e-4, rtol=1e-3)
 
 
-def test_repetition_and_min_length_match_hf(checkpoint, pipeline):
+@pytest.mark.parametrize("variant", ["tiny", "t5"])
+def test_repetition_and_min_length_match_hf(make_engine, variant):
+    ck_dir, engine = make_engine(variant)
+    checkpoint, pipeline = load_checkpoint(ck_dir), Blip2Pipeline.from_dir(engine)
     images = probe_images(checkpoint.config.vision_config.image_size, count=2, seed=3)
     options = dict(max_new_tokens=10, min_new_tokens=6, repetition_penalty=1.5)
     assert pipeline.generate_ids(images, **options) == hf_generate(checkpoint, images, None, **options)

@@ -37,8 +37,8 @@ def built(tmp_path_factory):
     def build(variant: str):
         if variant not in cache:
             root = tmp_path_factory.mktemp(f"trt-{variant}")
-            options = {**VARIANTS, **QFORMER_VARIANTS}[variant]
-            ck = load_checkpoint(make_random_checkpoint(root / "ck", "tiny", seed=0, **options))
+            options = dict({**VARIANTS, **QFORMER_VARIANTS}[variant])
+            ck = load_checkpoint(make_random_checkpoint(root / "ck", options.pop("preset", "tiny"), seed=0, **options))
             engines = {}
             for spec in graph_specs(ck.model):
                 onnx = export_graph(spec, ck.model, root)
@@ -55,7 +55,7 @@ def built(tmp_path_factory):
     return build
 
 
-@pytest.mark.parametrize("variant", ["tiny", "stage1"])
+@pytest.mark.parametrize("variant", ["tiny", "stage1", "t5"])
 def test_every_graph_matches_pytorch(built, variant):
     from export.parity import TOLERANCES, check_graph, raise_on_failure
 
@@ -133,8 +133,9 @@ def test_kv_cache_stays_on_device(built):
             close(out[n].numpy(), r)
 
 
+@pytest.mark.parametrize("variant", ["stage2text", "t5text"])
 @pytest.mark.parametrize("target", ["trt-fp16", "trt-int8"])
-def test_trt_targets_build_and_follow_hugging_face(make_engine, target):
+def test_trt_targets_build_and_follow_hugging_face(make_engine, target, variant):
     """The whole target: fp16 / Q/DQ ONNX -> engines -> gate -> Blip2Pipeline on backend 'tensorrt' (chosen
     automatically), checked here against Hugging Face itself: ITM probabilities and teacher-forced captions
     within the precision's end-to-end bounds."""
@@ -147,7 +148,7 @@ def test_trt_targets_build_and_follow_hugging_face(make_engine, target):
     from runtime.trt_runner import current_hardware
     from train.checkpoint import load_checkpoint
 
-    ck_dir, engine = make_engine("stage2text", target)
+    ck_dir, engine = make_engine(variant, target)
     ck = load_checkpoint(ck_dir)
     assert load_manifest(engine).build.tensorrt["compute_capability"] == current_hardware()["compute_capability"]
     pipe = Blip2Pipeline.from_dir(engine)

@@ -1,6 +1,7 @@
 """The trainer's command line.
 
     python -m train demo --out checkpoints/demo        # ShapesCaps from scratch: backbones, stage 1, stage 2, eval
+    python -m train demo --preset demo-t5 --out checkpoints/demo-t5   # ... with a Flan-T5-style LLM
     python -m train demo --out checkpoints/demo --quick   # a few steps of everything (smoke test, not accurate)
     python -m train eval --model checkpoints/demo       # held-out ShapesCaps metrics of a checkpoint
     python -m train eval --engines engines/demo/onnx    # ... of an exported engine folder
@@ -19,11 +20,12 @@ QUICK = {"train_images": 256, "corpus_texts": 2000, "vision_steps": 5, "llm_step
 
 
 def recipe_from(args):
-    """The demo Recipe the command line asks for: its defaults, --quick's, then every option given."""
-    from train.recipe import Recipe
+    """The demo Recipe the command line asks for: the preset's recipe, --quick's steps, then every option given."""
+    from train.recipe import Recipe, recipe_for
 
     overrides = {f.name: getattr(args, f.name) for f in fields(Recipe) if getattr(args, f.name, None) is not None}
-    return Recipe(**{**(QUICK if args.quick else {}), **overrides})
+    preset = overrides.pop("preset", "demo")
+    return recipe_for(preset, **{**(QUICK if args.quick else {}), **overrides})
 
 
 def _demo(args) -> int:

@@ -165,19 +165,21 @@ def llm_rows(tokenizer, n_texts: int, seed: int = 0) -> list[tuple[list[int], in
     return rows + copy_rows(tokenizer, n_texts, seed)
 
 
+def random_sequences(tokenizer, n: int, seed: int = 0, lengths: tuple[int, int] = (5, 13)) -> list[list[int]]:
+    """`n` random sequences of ordinary tokens (no special or added token), of lengths in `lengths`."""
+    rng = np.random.default_rng([seed, 7])
+    special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+    ordinary = np.array([i for i in range(len(tokenizer)) if i not in special])
+    return [[int(t) for t in rng.choice(ordinary, int(rng.integers(*lengths)))] for _ in range(n)]
+
+
 def copy_rows(tokenizer, n: int, seed: int = 0, lengths: tuple[int, int] = (5, 13)) -> list[tuple[list[int], int]]:
     """`n` rows 'x BOS x EOS' with x a random sequence of ordinary tokens, with their context length
     (x and BOS): the classic curriculum for the attention heads that find where they are in a context
     and read on from there (induction heads), which a caption's 'colour then shape' order alone teaches
     slowly."""
-    rng = np.random.default_rng([seed, 7])
-    special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
-    ordinary = np.array([i for i in range(len(tokenizer)) if i not in special])
-    rows = []
-    for _ in range(n):
-        x = [int(t) for t in rng.choice(ordinary, int(rng.integers(*lengths)))]
-        rows.append((x + [tokenizer.bos_token_id] + x + [tokenizer.eos_token_id], len(x) + 1))
-    return rows
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    return [(x + [bos] + x + [eos], len(x) + 1) for x in random_sequences(tokenizer, n, seed, lengths)]
 
 
 def llm_batch(rows: list[tuple[list[int], int]], pad_token_id: int) -> tuple[torch.Tensor, ...]:
@@ -188,19 +190,65 @@ def llm_batch(rows: list[tuple[list[int], int]], pad_token_id: int) -> tuple[tor
     return ids, mask, labels[:, 1:]  # labels[:, t] is the token at t + 1
 
 
+def seq2seq_rows(tokenizer, n_texts: int, seed: int = 0) -> list[tuple[list[int], list[int]]]:
+    """(encoder ids, decoder target ids) T5 pre-trains on, laid out as stage 2 lays out the soft prompt and its
+    text (the context taking the soft prompt's place in the encoder, the decoder generating what follows):
+
+      * every caption generated from an encoder that holds only </s> (captioning from the soft prompt alone);
+      * every context pair: a caption in the encoder, and the next caption of the scene or the same one
+        generated; for a question, the question follows the caption in the encoder and the answer is
+        generated (stage 2's VQA layout);
+      * one random token sequence per sample, copied from the encoder (`random_sequences`).
+    """
+    eos = tokenizer.eos_token_id
+    pairs = sorted(set(context_corpus(n_train=n_texts, seed=seed)))
+    captions = sorted({context for context, _ in pairs})
+    sources, targets = [], []
+    for context, continuation in pairs:
+        if continuation.startswith("Question:"):
+            question, answer = continuation.rsplit("Answer:", 1)
+            sources.append(f"{context} {question}Answer:")
+            targets.append(answer.strip())
+        else:
+            sources.append(context)
+            targets.append(continuation)
+
+    def encode(texts):
+        return [ids + [eos] for ids in tokenizer(texts, add_special_tokens=False).input_ids]
+
+    rows = [([eos], ids) for ids in encode(captions)] + list(zip(encode(sources), encode(targets)))
+    return rows + [(x + [eos], x + [eos]) for x in random_sequences(tokenizer, n_texts, seed)]
+
+
+def causal_lm_loss(language_model, rows: list, pad_token_id: int) -> torch.Tensor:
+    ids, mask, labels = llm_batch(rows, pad_token_id)
+    logits = language_model(input_ids=ids, attention_mask=mask, return_dict=True).logits
+    return F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100)
+
+
+def seq2seq_loss(language_model, rows: list, pad_token_id: int) -> torch.Tensor:
+    ids, mask, _ = padded_rows([s for s, _ in rows], [s for s, _ in rows], pad_token_id)
+    _, _, labels = padded_rows([t for _, t in rows], [t for _, t in rows], pad_token_id)
+    return language_model(input_ids=ids, attention_mask=mask, labels=labels, return_dict=True).loss
+
+
+# per LLM family (text_config.model_type): the rows it pre-trains on and their loss
+PRETRAINING = {"opt": (llm_rows, causal_lm_loss), "t5": (seq2seq_rows, seq2seq_loss)}
+
+
 def pretrain_llm(language_model, tokenizer, cfg: TrainConfig, n_texts: int = 20000, seed: int = 0, say=print,
                  state_file=None):
-    """Train the OPT decoder in place as a language model of the captions, and of answers and paraphrases
-    that read a caption before them (`llm_rows`)."""
-    rows = llm_rows(tokenizer, n_texts, seed)
+    """Train the LLM in place as a language model of the captions, and of answers and paraphrases that read a
+    caption before them: OPT on `llm_rows` (next-token loss on the continuation), T5 on `seq2seq_rows` (the
+    caption in the encoder, the continuation generated)."""
+    make_rows, loss = PRETRAINING[language_model.config.model_type]
+    rows = make_rows(tokenizer, n_texts, seed)
     language_model.train()
 
     def objective(step, generator):
         rng = np.random.default_rng([seed, step])
-        ids, mask, labels = llm_batch([rows[int(i)] for i in rng.integers(0, len(rows), cfg.batch_size)],
-                                      tokenizer.pad_token_id)
-        logits = language_model(input_ids=ids, attention_mask=mask, return_dict=True).logits
-        return {"loss": F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100)}
+        batch = [rows[int(i)] for i in rng.integers(0, len(rows), cfg.batch_size)]
+        return {"loss": loss(language_model, batch, tokenizer.pad_token_id)}
 
     fit("llm", language_model, [p for p in language_model.parameters() if p.requires_grad], objective, cfg,
         state_file, say=say)

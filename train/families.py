@@ -119,10 +119,12 @@ class EncoderDecoder:
 
     def untie_fresh(self, lm) -> None:
         """transformers 5 builds every T5 with its LM head tied to the embeddings; Flan-T5's (not scaled:
-        scale_decoder_outputs False) has weights of its own, so a fresh one gets them."""
+        scale_decoder_outputs False) has weights of its own, so a fresh one gets them, at d_model ** -0.5: logits
+        of unit scale at the start, as the original T5's output scaling gives its tied head (at HF's std 1 a
+        fresh model starts near a loss of 30)."""
         if not lm.config.scale_decoder_outputs:
             weight = torch.empty_like(lm.lm_head.weight)
-            torch.nn.init.normal_(weight, std=lm.config.initializer_factor)
+            torch.nn.init.normal_(weight, std=lm.config.d_model ** -0.5)
             lm.lm_head.weight = torch.nn.Parameter(weight)
 
     def retie(self, lm) -> None:

@@ -74,6 +74,13 @@ PRESETS = {
         cross_attention_frequency=2,
         vocab_size=4096, llm_width=512, llm_layers=6, llm_heads=8, max_positions=512,
     ),
+    # the same with a Flan-T5-style LLM of the same width: 6 encoder and 6 decoder layers
+    "small-t5": Preset(
+        image_size=224, patch_size=16, vision_width=256, vision_layers=4, vision_heads=4,
+        num_query_tokens=32, qformer_width=256, qformer_layers=4, qformer_heads=4, qformer_vocab_size=1024,
+        cross_attention_frequency=2, llm="t5", tie_word_embeddings=False,
+        vocab_size=4096, llm_width=512, llm_layers=6, llm_heads=8, max_positions=512,
+    ),
     # the demo model trained on ShapesCaps by `python -m train demo` (about 2M parameters, 64x64 images)
     "demo": Preset(
         image_size=64, patch_size=8, vision_width=128, vision_layers=4, vision_heads=4,
@@ -84,6 +91,14 @@ PRESETS = {
         # tied, the input embeddings of interchangeable words (circle/square/triangle, small/large) collapsed
         # onto one vector (cosine 0.98-0.99) through the LM head's symmetric gradients: OPT could not tell
         # them apart in its context and re-said lone-shape captions 0.33 right (`python -m train.reading`)
+        tie_word_embeddings=False,
+    ),
+    # the demo with a Flan-T5-style LLM (gated-GELU FFN, untied LM head, relative positions): same vision tower,
+    # Q-Former and widths, 3 encoder and 3 decoder layers (`python -m train demo --preset demo-t5`)
+    "demo-t5": Preset(
+        image_size=64, patch_size=8, vision_width=128, vision_layers=4, vision_heads=4,
+        num_query_tokens=16, qformer_width=128, qformer_layers=2, qformer_heads=4, qformer_vocab_size=512,
+        llm="t5", vocab_size=512, llm_width=128, llm_layers=3, llm_heads=4, max_positions=96, itc_dim=64, dropout=0.0,
         tie_word_embeddings=False,
     ),
 }

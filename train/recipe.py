@@ -2,15 +2,17 @@
 
     python -m train demo --out checkpoints/demo          # 51 minutes on 2 cores (reproduces models/demo bit for bit)
     python -m train demo --out checkpoints/demo          # again: resumes / skips what is done
+    python -m train demo --preset demo-t5 --out checkpoints/demo-t5   # the same with a Flan-T5-style LLM
 
 Phases, each resumable (its state file lives in --run, default runs/<name>):
   1. tokenizers: byte-level BPE for OPT and WordPiece (with [DEC]) for the Q-Former, built from the
      ShapesCaps texts;
-  2. backbones: the ViT on attribute classification, OPT as a language model of the texts
-     (what BLIP-2 downloads; skipped for phases already done);
+  2. backbones: the ViT on attribute classification, the LLM (OPT or T5) as a language model of the texts
+     that reads a context back (what BLIP-2 downloads; skipped for phases already done);
   3. the training images go through the frozen ViT once;
   4. stage 1: ITC + ITM + ITG on the Q-Former  -> <run>/stage1 (a stage-1 checkpoint folder);
-  5. stage 2: LM loss through the frozen OPT (+ the stage-1 losses, so one folder does everything)
+  5. stage 2: LM loss through the frozen LLM (OPT: language modelling; T5: prefix LM), + the stage-1 losses
+     so one folder does everything
      -> --out, written atomically with its held-out evaluation (eval.json) inside.
 """
 import json
@@ -46,12 +48,29 @@ class Recipe:
                            log_every=max(1, min(100, steps // 5)), **kw)
 
 
+# What differs from the Recipe's defaults for a preset's recipe (`python -m train demo --preset demo-t5`).
+PRESET_RECIPES = {
+    "demo": {},
+    # T5 reads its context through cross-attention, which forms far sooner than OPT's induction heads
+    "demo-t5": {"llm_steps": 6000},
+}
+
+
+def recipe_for(preset: str = "demo", **overrides) -> Recipe:
+    """The recipe of a demo preset, with `overrides` (the command line's options) on top."""
+    if preset not in PRESET_RECIPES:
+        raise ValueError(f"no demo recipe for preset {preset!r}; choose one of {', '.join(PRESET_RECIPES)}")
+    return Recipe(**{"preset": preset, **PRESET_RECIPES[preset], **overrides})
+
+
 def build_tokenizers(recipe: Recipe):
     from train.data import text_corpus
-    from train.text_tokenizer import build_qformer_tokenizer, build_tokenizer
+    from train.presets import PRESETS
+    from train.text_tokenizer import build_qformer_tokenizer, llm_tokenizer
 
     corpus = list(text_corpus(n_train=recipe.corpus_texts, seed=recipe.seed))
-    return build_tokenizer(recipe.llm_vocab, corpus), build_qformer_tokenizer(recipe.qformer_vocab, corpus)
+    return (llm_tokenizer(PRESETS[recipe.preset].llm, recipe.llm_vocab, corpus),
+            build_qformer_tokenizer(recipe.qformer_vocab, corpus))
 
 
 def build_model(recipe: Recipe, tok, qtok):
@@ -88,7 +107,7 @@ def run_demo(out: Path, run: Path, recipe: Recipe, say=print) -> Path:
     tok, qtok = build_tokenizers(recipe)
     model = build_model(recipe, tok, qtok)
     preprocess = preprocessor(model)
-    say(f"[2/5] backbones: ViT on attribute classification, OPT on the texts "
+    say(f"[2/5] backbones: ViT on attribute classification, {model.config.text_config.model_type.upper()} on the texts "
         f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters in all)")
     vision_cfg = recipe.config(recipe.vision_steps)
     vision_cfg.batch_size = recipe.vision_batch_size
@@ -105,7 +124,7 @@ def run_demo(out: Path, run: Path, recipe: Recipe, say=print) -> Path:
     run_stage1(model, data, qtok, recipe.config(recipe.stage1_steps), run / "stage1.state", say=say)
     write_checkpoint(model, run / "stage1", None, qtok, stage=1)
     say(f"      wrote the stage-1 checkpoint {run / 'stage1'}")
-    say("[5/5] stage 2: LM loss through the frozen OPT (+ stage-1 losses)")
+    say(f"[5/5] stage 2: the frozen {model.config.text_config.model_type.upper()}'s loss (+ stage-1 losses)")
     run_stage2(model, data, tok, qtok, recipe.config(recipe.stage2_steps), run / "stage2.state",
                aux_every=recipe.aux_every, say=say)
     if recipe.fp16_weights:
