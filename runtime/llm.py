@@ -13,6 +13,7 @@ import numpy as np
 from runtime import search
 from runtime.decoder import DECODERS
 from runtime.errors import PromptError
+from runtime.manifest import rebuild_hint
 from runtime.prompt import PromptLayout
 from runtime.text import LlmTokenizer
 from runtime.vision import chunks
@@ -28,7 +29,7 @@ class LlmGenerator:
                                    tuple(llm.prompt_prefix_ids), llm.pad_token_id, tuple(llm.prompt_suffix_ids),
                                    self.decoder.padding)
         self.tokenizer = LlmTokenizer.from_manifest(manifest)
-        self.itm = runners.get("qformer_itm")
+        self.build_command = rebuild_hint(manifest.folder, manifest.target)
 
     # ------------------------------------------------------------ checks, before any graph runs
     def _rebuild(self, new_tokens: int | None = None, prompt_tokens: int | None = None) -> str:
@@ -42,11 +43,11 @@ class LlmGenerator:
         if new < 1 or prompt < 1:
             return (f". No build can hold that: the LLM's position table has {self.llm.max_positions} positions, "
                     f"{self.num_queries} of them for the image, so prompt and new tokens together fit in {room}")
-        return (f", or rebuild with `python -m export.build --model CHECKPOINT --target TARGET --max-new-tokens {new} "
-                f"--max-prompt-tokens {prompt}`")
+        return f", or rebuild with `{self.build_command} --max-new-tokens {new} --max-prompt-tokens {prompt}`"
 
     def rows(self, prompts: list) -> list[list[int]]:
-        """Decoder input ids of every prompt (None: caption), each checked against the folder's limits."""
+        """The LLM's input ids for every prompt (None: caption; the decoder's for OPT, the encoder's for T5), each
+        checked against the folder's limits."""
         rows = []
         for i, prompt in enumerate(prompts):
             what = "the prompt" if len(prompts) == 1 else f"prompt {i}"

@@ -175,3 +175,38 @@ def test_t5_prompt_longer_than_the_encoder_limit(make_engine):
     image = np.zeros((8, 8, 3), np.uint8)
     with pytest.raises(PromptError, match="tokens long, the engine folder allows 64.*--max-prompt-tokens"):
         pipe.generate(image, prompt="word " * 40)
+
+
+@pytest.mark.parametrize("options", [{}, {"t5_ffn": "relu", "tie_word_embeddings": True}], ids=["flan", "original"])
+def test_a_plain_hugging_face_t5_checkpoint_exports_and_generates_what_hf_generates(tmp_path, options):
+    """A folder written by transformers alone (Blip2ForConditionalGeneration with a T5 text config and a
+    Blip2Processor, both save_pretrained) exports with the build command, and the runtime generates
+    Hugging Face's tokens, captions and prompts alike."""
+    import subprocess
+    import sys
+
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    from conftest import ROOT
+    from train.text_tokenizer import build_t5_tokenizer
+
+    tok = build_t5_tokenizer(300)
+    cfg = blip2_config("tiny-t5", vocab_size=len(tok), image_token_index=tok.convert_tokens_to_ids("<image>"),
+                       **options)
+    torch.manual_seed(3)
+    hf = Blip2ForConditionalGeneration(cfg).eval()
+    folder = tmp_path / "blip2-t5"
+    hf.save_pretrained(folder)
+    Blip2Processor(image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tok,
+                   num_query_tokens=cfg.num_query_tokens).save_pretrained(folder)
+    proc = subprocess.run([sys.executable, "-m", "export.build", "--model", str(folder), "--out",
+                           str(tmp_path / "engines")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    ck = load_checkpoint(folder)
+    pipe = Blip2Pipeline.from_dir(tmp_path / "engines" / "blip2-t5" / "onnx")
+    images = probe_images(32, count=2, seed=8)
+    assert pipe.generate_ids(images, max_new_tokens=8) == hf_generate(ck, images, None, max_new_tokens=8)
+    prompts = ["Question: what is it? Answer:", "a photo of"]
+    assert pipe.generate_ids(images, prompt=prompts, max_new_tokens=8) == hf_generate(ck, images, prompts,
+                                                                                       max_new_tokens=8)
