@@ -587,3 +587,28 @@ def test_build_engine_reports_parser_errors_and_failed_builds(decoder_spec, monk
     monkeypatch.setattr(trt_build, "require_tensorrt", Recorder(names[:-1]).module)
     with pytest.raises(TrtBuildError, match="has no input"):
         build_engine(onnx, decoder_spec, tmp_path / "x.engine")
+
+
+def test_t5_profiles_take_every_call_the_runtime_makes(make_engine):
+    """T5's encoder and decoder engines get one profile each: every call the fp32 pipeline makes (prompts of
+    different lengths in one batch, the first decoder step from decoder_start, later steps) fits it, and a
+    source longer than --max-prompt-tokens allows is refused naming that option."""
+    from export.calibration import record_feeds
+    from export.parity import probe_images
+    from export.specs import graph_specs
+    from train.checkpoint import load_checkpoint
+
+    ck_dir, engine = make_engine("t5")
+    specs = {s.name: s for s in graph_specs(load_checkpoint(ck_dir).model)}
+    feeds = record_feeds(engine, probe_images(32, count=3))
+    for name in ("llm_encoder", "llm_decoder"):
+        spec, calls = specs[name], feeds[name]
+        assert len(spec.profiles) == 1 and calls
+        for call in calls:
+            assert pick_profile({k: v.shape for k, v in call.items()}, spec.trt_profiles()) == 0
+    encoder = specs["llm_encoder"]
+    longest = encoder.profiles[0]["source"].max
+    too_long = encoder.make_inputs({"batch": 1, "source": longest + 1}, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="max-prompt-tokens"):
+        pick_profile({k: v.shape for k, v in too_long.items()}, encoder.trt_profiles(), encoder.dynamic_axes(),
+                     graph="llm_encoder")
