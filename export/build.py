@@ -46,7 +46,7 @@ from runtime.manifest import (
     FORMAT, FORMAT_VERSION, Build, LanguageModel, Manifest, Model, Precision, QFormer,
 )
 from runtime.runners import make_runner
-from train.checkpoint import CheckpointError, checkpoint_hash, load_checkpoint
+from train.checkpoint import CheckpointError, checkpoint_hash, load_checkpoint, resolve_source
 from train.families import family
 from train.logs import quiet_libraries
 
@@ -295,10 +295,12 @@ def build(model_dir, target: str = "onnx", out_root="engines", name: str | None 
           max_new_tokens: int | None = None) -> Path:
     """Export, check and write `out_root/<name>/<target>/`; returns the folder. Raises BuildError, CheckpointError,
     LimitError (a ValueError) or ParityError, and then leaves nothing under `out_root`."""
-    out_root, model_dir = Path(out_root), Path(model_dir)
+    out_root, source = Path(out_root), model_dir
     _check_request(target, out_root)
+    model_dir = resolve_source(source)  # a hub id ('Salesforce/blip2-opt-2.7b'): its snapshot in the local cache
     precision, tensorrt = TARGETS[target].precision, TARGETS[target].tensorrt
-    final = out_root / (name or model_dir.resolve().name) / target
+    default_name = model_dir.resolve().name if model_dir == Path(source) else str(source).split("/")[-1]
+    final = out_root / (name or default_name) / target
     started = time.time()
     say(f"loading checkpoint {model_dir}")
     ck = load_checkpoint(model_dir)
@@ -338,9 +340,11 @@ def _open_runners(manifest: Manifest, folder: Path):
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m export.build", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, metavar="DIR",
+    ap.add_argument("--model", required=True, metavar="DIR_OR_HUB_ID",
                     help="checkpoint folder (a Hugging Face save_pretrained BLIP-2: Blip2ForConditionalGeneration "
-                         "with OPT, or Blip2ForImageTextRetrieval), e.g. models/demo")
+                         "with OPT or T5, or Blip2ForImageTextRetrieval), e.g. models/demo; or a hub id such as "
+                         "Salesforce/blip2-opt-2.7b, read from the Hugging Face cache (HF_HUB_OFFLINE=1: the cache "
+                         "only)")
     ap.add_argument("--target", default="onnx", choices=list(TARGETS), help="what to build (default: onnx, fp32)")
     ap.add_argument("--out", default="engines", metavar="DIR",
                     help="root folder; the build goes to OUT/NAME/TARGET (default: engines)")

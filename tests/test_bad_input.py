@@ -239,3 +239,32 @@ def test_demo_cli_reads_booleans_as_flags():
     proc = subprocess.run([sys.executable, "-m", "train", "demo", "--fp16-weights", "False"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unrecognized arguments: False" in proc.stderr
+
+
+def _hub_cache(root, repo_id: str, folder) -> None:
+    """`folder` laid out as the Hugging Face hub cache stores a downloaded snapshot of `repo_id`."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(folder, repo / "snapshots" / commit)
+
+
+def test_model_given_as_a_hub_id_comes_from_the_local_cache(tiny_engine, tmp_path):
+    import os
+
+    _hub_cache(tmp_path / "hub", "someone/tiny-blip2", tiny_engine[0])
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "engines"
+    proc = subprocess.run([sys.executable, "-m", "export.build", "--model", "someone/tiny-blip2", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    built = Blip2Pipeline.from_dir(out / "tiny-blip2" / "onnx")  # named after the repository, not the snapshot
+    reference = Blip2Pipeline.from_dir(tiny_engine[1])
+    images = [Image.new("RGB", (40, 30), (200, 30, 30))]
+    assert built.caption(images, max_new_tokens=5) == reference.caption(images, max_new_tokens=5)
+
+    proc = _build_cli("--model", "someone/not-downloaded", "--out", str(out), env=env)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "hf download someone/not-downloaded" in proc.stderr and "HF_HUB_OFFLINE" in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["tiny-blip2"]

@@ -17,6 +17,7 @@ trace SDPA's `is_causal` flag in the KV-cached decoder step).
 """
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,12 +148,42 @@ def _ids_from_tokenizer(edge, tokenizer) -> None:
         setattr(edge, field, token)
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_source(source) -> Path:
+    """A checkpoint folder as given, or a Hugging Face hub id ('Salesforce/blip2-opt-2.7b') resolved through the
+    hub's local cache (HF_HOME / HF_HUB_CACHE). With HF_HUB_OFFLINE=1 only the cache is read; otherwise a
+    missing snapshot is downloaded. Raises CheckpointError saying what to fetch when neither works."""
+    path = Path(source)
+    if path.exists() or not HUB_ID.match(str(source)):
+        return path
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(source), local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    fetch = (f"fetch it on a machine with internet (`hf download {source}`) and copy the cache folder "
+             f"({constants.HF_HUB_CACHE}) here, or pass --model a folder written by save_pretrained")
+    if constants.HF_HUB_OFFLINE:
+        raise CheckpointError(f"{source} is neither a folder nor in the Hugging Face cache ({constants.HF_HUB_CACHE}), "
+                              f"and HF_HUB_OFFLINE is set: {fetch}") from None
+    try:
+        return Path(snapshot_download(str(source)))
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise CheckpointError(f"{source} is neither a folder nor in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
+                              f"and could not be downloaded ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                              f"{fetch}") from None
+
+
 def load_checkpoint(path) -> Checkpoint:
     from transformers import Blip2Config
 
     from train.model import Blip2Edge, EdgeConfig
 
-    path = Path(path)
+    path = resolve_source(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {path}; pass --model a folder written by save_pretrained "
                               f"(such as models/demo, or one written by `python -m train`)")
