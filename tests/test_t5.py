@@ -79,17 +79,21 @@ def test_prefix_lm_loss_is_on_the_suffix_only():
 
 def test_t5_pretraining_reads_the_context_in_the_encoder():
     from train.backbones import seq2seq_rows
+    from train.data import context_corpus
     from train.text_tokenizer import build_t5_tokenizer
 
     tok = build_t5_tokenizer(300)
-    rows = seq2seq_rows(tok, n_texts=3, seed=0)
+    rows = seq2seq_rows(tok, n_texts=3, seed=0, copies=2)
     decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
     assert all(src[-1] == tok.eos_token_id and tgt[-1] == tok.eos_token_id for src, tgt in rows)
-    captions = [(s, t) for s, t in rows if s == [tok.eos_token_id]]  # captions from nothing but </s>
-    questions = [(decode(s), decode(t)) for s, t in rows if "Question:" in decode(s)]
-    assert captions and questions and all(s.endswith("Answer:") and " " not in t for s, t in questions)
-    copies = [(s, t) for s, t in rows[-3:]]
-    assert all(s == t for s, t in copies)
+    assert not [t for s, t in rows if s == [tok.eos_token_id]]  # no caption from an empty encoder
+    texts = [(decode(s), decode(t)) for s, t in rows]
+    captions = {c for c, _ in context_corpus(n_train=3, seed=0)}
+    assert captions <= {s for s, t in texts if s == t}  # every caption is copied from the encoder
+    questions = [(s, t) for s, t in texts if "Question:" in s]
+    assert questions and all(s.endswith("Answer:") and " " not in t for s, t in questions)
+    copies = rows[-6:]  # two random sequences per sample, copied
+    assert all(s == t for s, t in copies) and not {decode(s) for s, _ in copies} & captions
 
 
 @pytest.fixture(scope="module")

@@ -51,8 +51,7 @@ class Recipe:
 # What differs from the Recipe's defaults for a preset's recipe (`python -m train demo --preset demo-t5`).
 PRESET_RECIPES = {
     "demo": {},
-    # T5 reads its context through cross-attention, which forms far sooner than OPT's induction heads
-    "demo-t5": {"llm_steps": 6000},
+    "demo-t5": {},
 }
 
 
