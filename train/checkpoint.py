@@ -165,17 +165,16 @@ def resolve_source(source) -> Path:
         return Path(snapshot_download(str(source), local_files_only=True))
     except LocalEntryNotFoundError:
         pass
+    missing = f"{source} is neither a folder nor in the Hugging Face cache ({constants.HF_HUB_CACHE})"
     fetch = (f"fetch it on a machine with internet (`hf download {source}`) and copy the cache folder "
              f"({constants.HF_HUB_CACHE}) here, or pass --model a folder written by save_pretrained")
     if constants.HF_HUB_OFFLINE:
-        raise CheckpointError(f"{source} is neither a folder nor in the Hugging Face cache ({constants.HF_HUB_CACHE}), "
-                              f"and HF_HUB_OFFLINE is set: {fetch}") from None
+        raise CheckpointError(f"{missing}, and HF_HUB_OFFLINE is set: {fetch}") from None
     try:
         return Path(snapshot_download(str(source)))
     except (HfHubHTTPError, OSError, ValueError) as e:
-        raise CheckpointError(f"{source} is neither a folder nor in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
-                              f"and could not be downloaded ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                              f"{fetch}") from None
+        raise CheckpointError(f"{missing} and could not be downloaded ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]}); {fetch}") from None
 
 
 def load_checkpoint(path) -> Checkpoint:
