@@ -11,7 +11,7 @@ import onnx
 import pytest
 import torch
 
-from conftest import VARIANTS
+from conftest import VARIANTS, variants
 from hf_calls import ForceAt, hf_generate, hf_rows, processor
 from export.parity import TOLERANCES, ParityError, check_graph, probe_images, raise_on_failure
 from export.specs import graph_specs
@@ -22,7 +22,7 @@ from train.checkpoint import load_checkpoint
 PROMPTS = [None, "a photo of", "Question: what color is it? Answer:"]
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", variants(VARIANTS))
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_pipeline_token_exact_with_hf_generate(make_engine, variant, num_beams):
     ck_dir, engine = make_engine(variant)
@@ -88,7 +88,7 @@ def test_repetition_and_min_length_match_hf(make_engine, variant):
                                                                                 **options)
 
 
-@pytest.mark.parametrize("variant", ["tiny", "postln", "geometry"])
+@pytest.mark.parametrize("variant", variants(["tiny", "postln", "geometry"]))
 @torch.no_grad()
 def test_each_graph_computes_what_hugging_face_modules_compute(make_engine, variant):
     """vision, qformer_query and llm_decoder (a prefill, then decode steps on its cache) against the

@@ -307,3 +307,35 @@ def test_teacher_forcing_feeds_the_given_tokens_and_returns_their_logits():
     assert dec.fed == [[0, 0], [1, 1], [2, 5]]  # the given tokens, the shorter row padded after its end
     assert [r.shape for r in rows] == [(4, vocab), (3, vocab)]
     assert [r.argmax(-1).tolist() for r in rows] == [[0, 1, 2, 3], [0, 1, 2]]  # row 2's last choice is not 5
+
+
+def test_int8_products_do_not_saturate_on_any_cpu(tmp_path):
+    """ONNX Runtime's x86 uint8 x int8 kernels add pairs of products in int16 on CPUs without VNNI (AVX2, older
+    AVX-512): 255 * 127 * 2 overflows and saturates. A fused int8 MatMul whose activations and weights sit near
+    the ends of their ranges must still give the exact product of its dequantized operands (on such a CPU it
+    did not, before the runner asked ONNX Runtime for exact products; elsewhere this holds anyway)."""
+    rng = np.random.default_rng(0)
+    k, n = 64, 16
+    x = rng.choice([-1.0, 1.0], size=(4, k)).astype(np.float32) * 1.27  # stored as 1 or 255 (scale 0.01, zero point 128)
+    x[:, ::2] = 1.27  # pairs of large same-signed products
+    w8 = (rng.choice([-1, 1], size=(k, n)) * 127).astype(np.int8)
+    w8[::2] = w8[1::2]
+    scale_x, scale_w = np.float32(0.01), np.full(n, 0.02, np.float32)
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"], axis=1),
+             helper.make_node("MatMul", ["xd", "wd"], ["y0"]),
+             helper.make_node("QuantizeLinear", ["y0", "sy", "zy"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "sy", "zy"], ["y"])]
+    inits = [numpy_helper.from_array(np.array(scale_x), "sx"), numpy_helper.from_array(np.array(128, np.uint8), "zx"),
+             numpy_helper.from_array(w8, "w"), numpy_helper.from_array(scale_w, "sw"),
+             numpy_helper.from_array(np.zeros(n, np.int8), "zw"),
+             numpy_helper.from_array(np.array(np.float32(0.2)), "sy"), numpy_helper.from_array(np.array(128, np.uint8), "zy")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save(model, tmp_path / "mm.onnx")
+    xq = np.clip(np.round(x / scale_x), -128, 127)  # what the graph's activations hold, as signed values
+    expected = np.clip(np.round((xq * scale_x) @ (w8 * scale_w) / 0.2), -128, 127) * 0.2
+    got = make_runner(tmp_path / "mm.onnx").run({"x": x})["y"]
+    np.testing.assert_allclose(got, expected, atol=0.2 + 1e-5)  # one output step

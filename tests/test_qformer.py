@@ -126,7 +126,7 @@ def stage1(make_engine):
     return load_checkpoint(ck_dir), engine, Blip2Pipeline.from_dir(engine)
 
 
-@pytest.mark.parametrize("variant", ["stage1", "stage1-geometry", "stage2text"])
+@pytest.mark.parametrize("variant", ["stage1", pytest.param("stage1-geometry", marks=pytest.mark.slow), "stage2text"])
 @torch.no_grad()
 def test_every_mode_computes_what_hugging_face_computes(make_engine, variant):
     """Each exported mode through the runtime against Hugging Face's Blip2ForImageTextRetrieval (ITC: unimodal

@@ -133,7 +133,7 @@ def test_kv_cache_stays_on_device(built):
             close(out[n].numpy(), r)
 
 
-@pytest.mark.parametrize("variant", ["stage2text", "t5text"])
+@pytest.mark.parametrize("variant", ["stage2text", "t5"])
 @pytest.mark.parametrize("target", ["trt-fp16", "trt-int8"])
 def test_trt_targets_build_and_follow_hugging_face(make_engine, target, variant):
     """The whole target: fp16 / Q/DQ ONNX -> engines -> gate -> Blip2Pipeline on backend 'tensorrt' (chosen
