@@ -4,12 +4,15 @@
     python -m export.build --model DIR --target onnx --out /data/engines --name blip2-opt
     python -m export.build --model models/demo --target onnx-fp16       # fp16 weights and compute
     python -m export.build --model models/demo --target onnx-int8 --calib-images my_images/
+    python -m export.build --model models/demo --target onnx-int4        # int4 weights for the LLM
     python -m export.build --model models/demo --target trt-fp16        # on the GPU that will run it
 
-Targets: onnx (fp32), onnx-fp16, onnx-int8 (ONNX Runtime, any machine); trt-fp16, trt-int8 (TensorRT
-engines built from the fp16 / int8 ONNX, on the GPU that will run them). Reduced-precision graphs are
-checked against PyTorch on inputs recorded from the fp32 pipeline, with the tolerances of
-export/parity.py, and the folder's parity.json carries an accuracy report against fp32.
+Targets: onnx (fp32), onnx-fp16, onnx-int8, onnx-int4 (ONNX Runtime, any machine); trt-fp16, trt-int8,
+trt-int4 (TensorRT engines built from the fp16 / int8 / int4 ONNX, on the GPU that will run them).
+Reduced-precision graphs are checked against PyTorch on inputs recorded from the fp32 pipeline, with the
+tolerances of export/parity.py, and the folder's parity.json carries an accuracy report against fp32. A
+reduced build starts from the fp32 folder beside it (OUT/NAME/onnx) when that folder was exported from the
+same checkpoint with the same limits and library versions, instead of exporting again.
 
 Everything that can be checked is checked before any export starts (target, --out, the checkpoint, the
 limits against the model's position table). The folder is assembled under a temporary name beside its
@@ -43,7 +46,7 @@ from export.specs import graph_specs, resolve_limits
 from runtime.errors import Blip2EdgeError
 from runtime.image import ImageProcessorConfig
 from runtime.manifest import (
-    FORMAT, FORMAT_VERSION, Build, LanguageModel, Manifest, Model, Precision, QFormer,
+    FORMAT, FORMAT_VERSION, Build, LanguageModel, Manifest, Model, Precision, QFormer, load_manifest,
 )
 from runtime.runners import make_runner
 from train.checkpoint import CheckpointError, checkpoint_hash, load_checkpoint, resolve_source
@@ -53,7 +56,7 @@ from train.logs import quiet_libraries
 
 @dataclass(frozen=True)
 class Target:
-    precision: str  # fp32 | fp16 | int8: how the ONNX graphs are computed
+    precision: str  # fp32 | fp16 | int8 | int4: how the ONNX graphs are computed
     tensorrt: bool  # compile the graphs to TensorRT engines (needs TensorRT and an NVIDIA GPU)
 
 
@@ -61,8 +64,10 @@ TARGETS = {
     "onnx": Target("fp32", False),
     "onnx-fp16": Target("fp16", False),
     "onnx-int8": Target("int8", False),
+    "onnx-int4": Target("int4", False),
     "trt-fp16": Target("fp16", True),
     "trt-int8": Target("int8", True),
+    "trt-int4": Target("int4", True),
 }
 
 
@@ -136,11 +141,43 @@ def _write_folder(ck, folder: Path, manifest: Manifest) -> None:
 
 
 # ---------------------------------------------------------------- the steps
-def _export_fp32(ck, specs, folder: Path, say) -> tuple[dict, list]:
-    """Every graph to fp32 ONNX in `folder`, checked on random inputs at shapes other than the export shapes;
-    returns the manifest's graph entries and the parity results."""
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link where the file system allows it (no copy of multi-GB weights), else a copy. Builds never
+    write into a graph file they read, so a linked file stays as its fp32 folder has it."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _reusable_fp32(folder: Path, source_sha256: str, limits, specs) -> Manifest | None:
+    """The fp32 engine folder beside a reduced build, if it was exported from the same checkpoint, with the same
+    limits and graphs, by the same library versions: then its graphs are what the build would export again
+    (they are checked against PyTorch again all the same)."""
+    if not (folder / "manifest.json").is_file():
+        return None
+    try:
+        m = load_manifest(folder)
+    except Blip2EdgeError:
+        return None
+    same = (m.target == "onnx" and m.format_version == FORMAT_VERSION and m.build.source_sha256 == source_sha256
+            and m.limits == limits and m.build.versions == _versions() and set(m.graphs) == {s.name for s in specs})
+    return m if same else None
+
+
+def _export_fp32(ck, specs, folder: Path, say, reuse: Manifest | None = None) -> tuple[dict, list]:
+    """Every graph to fp32 ONNX in `folder` (or, with `reuse`, the graphs of that fp32 folder linked in), checked
+    on random inputs at shapes other than the export shapes; returns the manifest's graph entries and the
+    parity results."""
     graphs = {}
-    for i, spec in enumerate(specs, 1):
+    if reuse is not None:
+        say(f"reusing the fp32 graphs of {reuse.folder} (same checkpoint, limits and versions)")
+        for spec in specs:
+            graphs[spec.name] = reuse.graphs[spec.name]
+            for file in (graphs[spec.name].file, f"{graphs[spec.name].file}.data"):
+                if (reuse.folder / file).exists():
+                    _link_or_copy(reuse.folder / file, folder / file)
+    for i, spec in enumerate(specs if reuse is None else [], 1):
         say(f"[{i}/{len(specs)}] {spec.name}: exporting ...")
         graphs[spec.name] = spec.to_manifest(export_graph(spec, ck.model, folder).name)
     say("parity of the fp32 ONNX graphs against PyTorch:")
@@ -151,17 +188,25 @@ def _export_fp32(ck, specs, folder: Path, say) -> tuple[dict, list]:
 
 def _convert(specs, src: Path, dst: Path, precision: str, calib_feeds: dict | None, say, for_tensorrt: bool) -> dict:
     """fp32 ONNX graphs in `src` -> reduced-precision graphs in `dst`; returns per-graph precision details.
-    INT8 graphs for ONNX Runtime store activations as uint8 (the same values; see export.precision)."""
-    from export.precision import to_fp16, to_int8
+    INT8 graphs for ONNX Runtime store activations as uint8 (the same values; see export.precision); INT4 is
+    weight-only, for the graphs whose spec asks for it (the LLM's), the others are copied in fp32."""
+    from export.precision import to_fp16, to_int4, to_int8
 
     details = {}
     for spec in specs:
         file = f"{spec.name}.onnx"
         if precision == "fp16":
             details[spec.name] = to_fp16(src / file, dst / file, **spec.fp16)
-        else:
+        elif precision == "int8":
             details[spec.name] = to_int8(src / file, dst / file, calib_feeds[spec.name],
                                          uint8_activations=not for_tensorrt)
+        elif spec.int4:
+            details[spec.name] = to_int4(src / file, dst / file, for_tensorrt=for_tensorrt)
+        else:
+            for f in (file, f"{file}.data"):
+                if (src / f).exists():
+                    _link_or_copy(src / f, dst / f)
+            details[spec.name] = {"kept_fp32": "the whole graph (int4 is for the LLM's weights)"}
         say(f"  {spec.name}: {precision} ({details[spec.name]['kept_fp32']} kept in float32)")
     return details
 
@@ -309,7 +354,9 @@ def build(model_dir, target: str = "onnx", out_root="engines", name: str | None 
     with _staging(final) as tmp:
         fp32_dir = tmp / "fp32" if precision != "fp32" else tmp  # a reduced build starts from the checked fp32 graphs
         fp32_dir.mkdir(exist_ok=True)
-        graphs, results = _export_fp32(ck, specs, fp32_dir, say)
+        reuse = None if precision == "fp32" else _reusable_fp32(final.parent / "onnx", checkpoint_hash(ck.path),
+                                                                limits, specs)
+        graphs, results = _export_fp32(ck, specs, fp32_dir, say, reuse)
         fp32 = _manifest(ck, final.parent.name, "onnx", graphs, limits, Precision("fp32"))
         _write_folder(ck, fp32_dir, fp32)
         if precision == "fp32":
@@ -321,7 +368,7 @@ def build(model_dir, target: str = "onnx", out_root="engines", name: str | None 
             manifest = _manifest(ck, final.parent.name, target, graphs, limits, details, hardware)
             _write_folder(ck, tmp, manifest)
             say(f"parity of the {target} graphs against PyTorch ({precision} tolerances):")
-            results = check_graphs(specs, ck.model, _open_runners(manifest, tmp), TOLERANCES[precision], say, feeds,
+            results = check_graphs(specs, ck.model, _open_runners(manifest, tmp), precision, say, feeds,
                                    large_input=precision == "fp16")
             raise_on_failure(results)
             _check_and_record(ck, tmp, manifest, results, say, data, fp32_dir)

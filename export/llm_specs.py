@@ -84,6 +84,7 @@ def decoder_only_spec(model, limits: Limits) -> GraphSpec:
             {"batch": 1, "text": 1, "past": nq + 6, "queries": 0},  # decode step
             {"batch": 4, "text": 1, "past": 9, "queries": 0},
         ],
+        int4=True,
     )
 
 
@@ -132,7 +133,7 @@ def seq2seq_encoder_spec(model, limits: Limits) -> GraphSpec:
                    "source": AxisRange(nq + 1, nq + 8, nq + limits.max_prompt_tokens)}],
         export_sizes={"batch": 2, "source": nq + 5},
         check_sizes=[{"batch": 1, "source": nq + 2}, {"batch": 3, "source": nq + 7}],
-        fp16=T5_FP16, large_input=("soft_prompt", 1e5),
+        fp16=T5_FP16, large_input=("soft_prompt", 1e5), int4=True,
     )
 
 
@@ -175,7 +176,7 @@ def seq2seq_decoder_spec(model, limits: Limits) -> GraphSpec:
         check_sizes=[{"batch": 3, "text": 1, "past": 0, "source": nq + 4},  # the first step: decoder_start
                      {"batch": 1, "text": 1, "past": 6, "source": nq + 2},
                      {"batch": 2, "text": 3, "past": 2, "source": nq + 6}],
-        fp16=T5_FP16,
+        fp16=T5_FP16, int4=True,
     )
 
 

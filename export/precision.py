@@ -344,3 +344,85 @@ def to_int8(src, dst, feeds: list[dict], exclude: tuple[str, ...] = (), uint8_ac
             "scheme": "QDQ, symmetric int8 activations (per tensor), symmetric int8 weights (per channel)" + (
                 "; activations stored as uint8 with zero point 128 (the same values) for ONNX Runtime"
                 if uint8_activations else "")}
+
+
+# ---------------------------------------------------------------- INT4 (weight-only, block-wise)
+INT4_BLOCK_SIZE = 32  # weights per scale along the input dimension: 32 keeps a trained demo model's metrics
+INT4_ACCURACY_LEVEL = 4  # MatMulNBits compute: 4 = int8 activations (MLAS's fastest CPU path), 0/1 = float32
+
+
+def _gemms_as_matmuls(graph) -> int:
+    """Rewrite Gemm(x, W, b) with a constant W (the exporter's form of a Linear over 2-D input, OPT's FFN) as
+    MatMul(x, W as [K, N]) + b, in place, so that the weight-only quantizer, which handles MatMul, sees it;
+    returns how many were rewritten. The numbers are the same (alpha = beta = 1, no transposed input)."""
+    inits = {t.name: t for t in graph.initializer}
+    body, rewritten = [], 0
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        plain = attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
+        if node.op_type != "Gemm" or not plain or node.input[1] not in inits:
+            body.append(node)
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        weight = weight.T if attrs.get("transB", 0) else weight
+        name = f"{node.input[1]}__kn"
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight), name))
+        has_bias = len(node.input) > 2 and node.input[2]
+        product = f"{node.output[0]}__matmul" if has_bias else node.output[0]
+        body.append(helper.make_node("MatMul", [node.input[0], name], [product], name=f"{node.name}__matmul"))
+        if has_bias:
+            body.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}__bias"))
+        rewritten += 1
+    del graph.node[:]
+    graph.node.extend(body)
+    used = {i for n in graph.node for i in n.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return rewritten
+
+
+def to_int4(src, dst, block_size: int = INT4_BLOCK_SIZE, symmetric: bool = True,
+            accuracy_level: int = INT4_ACCURACY_LEVEL, for_tensorrt: bool = False) -> dict:
+    """Write a copy of `src` whose weight MatMuls store their weights as block-wise int4 (one scale, and with
+    `symmetric=False` one zero point, per `block_size` weights along the input dimension), everything else
+    unchanged, to `dst`. ONNX Runtime's own weight-only quantizer does the packing: for ONNX Runtime the
+    result is its `MatMulNBits` operator (int4 weights, float activations; `accuracy_level` picks the CPU
+    kernel's compute type); `for_tensorrt` gives the standard form TensorRT 10 builds from instead (int4
+    initializers read by a block-quantized `DequantizeLinear`, then the MatMul)."""
+    from onnxruntime.quantization import QuantFormat
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    root.handlers[:], root.level = handlers, level  # (its import turns the process's root logger to INFO)
+    model = onnx.load(str(src))
+    _ensure_names(model.graph)
+    _gemms_as_matmuls(model.graph)
+    with_weight, _ = weight_matmuls(model.graph)
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node}
+    # MatMulNBits needs a 2-D weight [K, N] whose K is a multiple of 2 (packing); Gemm/Conv are left as they are
+    targets = [name for name in with_weight if nodes[name].op_type == "MatMul" and nodes[name].input[1] in inits
+               and len(inits[nodes[name].input[1]].dims) == 2]
+    quantizer = MatMulNBitsQuantizer(
+        model, bits=4, block_size=block_size, is_symmetric=symmetric, accuracy_level=accuracy_level,
+        nodes_to_include=targets, op_types_to_quantize=("MatMul",),
+        quant_format=QuantFormat.QDQ if for_tensorrt else QuantFormat.QOperator)
+    with _quiet_logging():
+        quantizer.process()
+    out = quantizer.model.model
+    quantized = sum(n.op_type == "MatMulNBits" for n in out.graph.node) if not for_tensorrt else sum(
+        n.op_type == "DequantizeLinear" and n.attribute and any(a.name == "block_size" for a in n.attribute)
+        for n in out.graph.node)
+    _save(out, dst)
+    return {"quantized_nodes": quantized,
+            "kept_fp32": {"weight MatMuls not quantized": len(targets) - quantized,
+                          "other weight products (Gemm, Conv)": len(with_weight) - len(targets)},
+            "scheme": (f"weight-only int4, blocks of {block_size} along the input dimension, "
+                       f"{'symmetric' if symmetric else 'asymmetric (zero points)'}; activations float32"
+                       + ("; TensorRT form: block-quantized DequantizeLinear + MatMul" if for_tensorrt else
+                          f"; ONNX Runtime MatMulNBits, accuracy_level {accuracy_level}")),
+            "block_size": block_size, "symmetric": symmetric,
+            "accuracy_level": None if for_tensorrt else accuracy_level}

@@ -119,7 +119,7 @@ class QFormer:
 
 @dataclass(frozen=True)
 class Precision:
-    name: str  # fp32 | fp16 | int8
+    name: str  # fp32 | fp16 | int8 | int4 (weight-only, the LLM's graphs)
     details: dict[str, dict[str, Any]] = field(default_factory=dict)  # per graph: what was kept in fp32, ...
     calibration: dict[str, Any] | None = None  # int8: images, count, seed, held-out images
 
@@ -138,7 +138,7 @@ class Manifest:
     format: str
     format_version: int
     name: str
-    target: str  # onnx | onnx-fp16 | onnx-int8 | trt-fp16 | trt-int8
+    target: str  # onnx | onnx-fp16 | onnx-int8 | onnx-int4 | trt-fp16 | trt-int8 | trt-int4
     precision: Precision
     model: Model
     limits: Limits
