@@ -199,7 +199,7 @@ def _convert(specs, src: Path, dst: Path, precision: str, calib_feeds: dict | No
             details[spec.name] = to_fp16(src / file, dst / file, **spec.fp16)
         elif precision == "int8":
             details[spec.name] = to_int8(src / file, dst / file, calib_feeds[spec.name],
-                                         uint8_activations=not for_tensorrt)
+                                         uint8_activations=not for_tensorrt, **spec.int8)
         elif spec.int4:
             details[spec.name] = to_int4(src / file, dst / file, for_tensorrt=for_tensorrt)
         else:

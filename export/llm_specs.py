@@ -95,6 +95,11 @@ def decoder_only_spec(model, limits: Limits) -> GraphSpec:
 # only the matrix products run in fp16, everything between them (the residual stream, the RMS norms) in fp32,
 # and `wo` entirely in fp32; the fp16 gate probes the encoder with a soft prompt 1e5 times larger than usual.
 T5_FP16 = {"only_ops": ("MatMul",), "fp32_scopes": ("DenseReluDense.wo",)}
+# For int8 the same product stays in float: its input, the gated-GELU product, has outliers that one int8 scale
+# per tensor cannot hold next to the bulk of its values. Measured with `wo` in int8 -> in float: the small-t5
+# preset's encoder 0.107 of the range off (over the int8 bound of 0.1) -> 0.078; tiny T5's teacher-forced caption
+# agreement with Hugging Face on held-out ShapesCaps images 0.72 -> 0.88 (tests/test_t5.py).
+T5_INT8 = {"fp32_scopes": ("DenseReluDense.wo",)}
 
 
 def _t5(model):
@@ -133,7 +138,7 @@ def seq2seq_encoder_spec(model, limits: Limits) -> GraphSpec:
                    "source": AxisRange(nq + 1, nq + 8, nq + limits.max_prompt_tokens)}],
         export_sizes={"batch": 2, "source": nq + 5},
         check_sizes=[{"batch": 1, "source": nq + 2}, {"batch": 3, "source": nq + 7}],
-        fp16=T5_FP16, large_input=("soft_prompt", 1e5), int4=True,
+        fp16=T5_FP16, int8=T5_INT8, large_input=("soft_prompt", 1e5), int4=True,
     )
 
 
@@ -176,7 +181,7 @@ def seq2seq_decoder_spec(model, limits: Limits) -> GraphSpec:
         check_sizes=[{"batch": 3, "text": 1, "past": 0, "source": nq + 4},  # the first step: decoder_start
                      {"batch": 1, "text": 1, "past": 6, "source": nq + 2},
                      {"batch": 2, "text": 3, "past": 2, "source": nq + 6}],
-        fp16=T5_FP16, int4=True,
+        fp16=T5_FP16, int8=T5_INT8, int4=True,
     )
 
 

@@ -297,11 +297,13 @@ def shift_activations_to_uint8(model: onnx.ModelProto) -> int:
     return changed
 
 
-def to_int8(src, dst, feeds: list[dict], exclude: tuple[str, ...] = (), uint8_activations: bool = False) -> dict:
+def to_int8(src, dst, feeds: list[dict], exclude: tuple[str, ...] = (), uint8_activations: bool = False,
+            fp32_scopes: tuple[str, ...] = ()) -> dict:
     """Write a QDQ int8 copy of `src` to `dst`, calibrated on `feeds` (dicts of graph inputs). The result is
     the form TensorRT builds from (symmetric int8 everywhere); with `uint8_activations` the activations are
     then shifted to uint8 for ONNX Runtime (`shift_activations_to_uint8`: the same values). Ranges are
-    MinMax: ONNX Runtime's histogram calibrators need feeds of one shape, and recorded feeds vary."""
+    MinMax: ONNX Runtime's histogram calibrators need feeds of one shape, and recorded feeds vary. `exclude`
+    names nodes, `fp32_scopes` modules (as to_fp16), whose products stay in float."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     from runtime.runners import shared_pool_active
@@ -316,7 +318,8 @@ def to_int8(src, dst, feeds: list[dict], exclude: tuple[str, ...] = (), uint8_ac
     _ensure_names(model.graph)
     quantized, activations = weight_matmuls(model.graph)
     projections = attention_output_projections(model.graph, quantized, activations)
-    excluded = sorted(set(activations) | set(projections) | set(exclude))
+    scoped = [n.name for n in model.graph.node if fp32_scopes and _in_scope(n, fp32_scopes)]
+    excluded = sorted(set(activations) | set(projections) | set(exclude) | set(scoped))
     with tempfile.TemporaryDirectory() as tmp:
         named = Path(tmp) / "named.onnx"
         onnx.save(model, str(named))
@@ -340,7 +343,8 @@ def to_int8(src, dst, feeds: list[dict], exclude: tuple[str, ...] = (), uint8_ac
     return {"quantized_nodes": len([n for n in quantized if n not in excluded]),
             "kept_fp32": {"activation x activation products (attention)": len(activations),
                           "attention output projections": len(projections),
-                          "excluded by name": sorted(set(exclude))},
+                          "excluded by name": sorted(set(exclude)),
+                          **({f"in {', '.join(fp32_scopes)}": len(set(scoped) & set(quantized))} if fp32_scopes else {})},
             "scheme": "QDQ, symmetric int8 activations (per tensor), symmetric int8 weights (per channel)" + (
                 "; activations stored as uint8 with zero point 128 (the same values) for ONNX Runtime"
                 if uint8_activations else "")}
