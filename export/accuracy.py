@@ -1,7 +1,7 @@
 """What a reduced-precision folder costs against the fp32 one: the accuracy report in parity.json.
 
-    from export.accuracy import accuracy_report
-    report = accuracy_report("engines/.../fp32", "engines/.../onnx-int8", held_out_images)
+    from export.accuracy import accuracy_report, pipeline_outputs
+    report = accuracy_report(pipeline_outputs(fp32_pipe, images), pipeline_outputs(int8_pipe, images), len(images))
 
 On held-out images: greedy (free-running) token agreement and identical outputs of LLM and Q-Former captions,
 the largest change in ITC similarities and ITM probabilities. The gate (export.parity) decides whether the
@@ -12,35 +12,40 @@ import numpy as np
 from export.parity import GATE_TEXTS, token_agreement
 
 
-def _captions(ref_pipe, pipe, images, decoder: str, new: int) -> dict:
-    ref = ref_pipe.generate_ids(images, decoder=decoder, max_new_tokens=new)
-    got = pipe.generate_ids(images, decoder=decoder, max_new_tokens=new)
-    return {"token_agreement": token_agreement(got, ref),
-            "identical_captions": sum(g == r for g, r in zip(got, ref)) / len(ref), "max_new_tokens": new}
-
-
-def accuracy_report(ref_pipe, pipe, images: list, source: str | None = None) -> dict:
-    """`pipe` (the reduced folder's pipeline) against `ref_pipe` (the fp32 folder's) on `images`."""
-    count = len(images)
-    report, parts = {"images": count, "source": source}, []
+def pipeline_outputs(pipe, images: list) -> dict:
+    """What a folder's pipeline makes of `images`: greedy LLM and Q-Former captions, ITC similarities to the gate's
+    texts, ITM probabilities (whichever the folder has). Plain data: the fp32 folder's are computed and its
+    pipeline closed before the reduced folder's opens."""
+    limits, out = pipe.manifest.limits, {"max_new_tokens": {}}
     if pipe.llm is not None:
-        report["llm_caption"] = _captions(ref_pipe, pipe, images, "llm", min(20, pipe.manifest.limits.max_new_tokens))
+        out["max_new_tokens"]["llm_caption"] = min(20, limits.max_new_tokens)
     if pipe.itg is not None:
-        report["qformer_caption"] = _captions(ref_pipe, pipe, images, "qformer",
-                                              min(16, pipe.manifest.limits.max_qformer_tokens - 1))
+        out["max_new_tokens"]["qformer_caption"] = min(16, limits.max_qformer_tokens - 1)
+    for key, new in out["max_new_tokens"].items():
+        out[key] = pipe.generate_ids(images, decoder=key.split("_")[0], max_new_tokens=new)
+    if "qformer_text" in pipe.runners:
+        out["itc"] = pipe.similarity(pipe.embed_images(images), pipe.embed_texts(GATE_TEXTS))
+    if "qformer_itm" in pipe.runners:
+        out["itm"] = pipe.itm(images, [GATE_TEXTS[i % len(GATE_TEXTS)] for i in range(len(images))])
+    return out
+
+
+def accuracy_report(ref: dict, got: dict, count: int, source: str | None = None) -> dict:
+    """The reduced folder's `pipeline_outputs` (`got`) against the fp32 folder's (`ref`) on `count` images."""
+    report, parts = {"images": count, "source": source}, []
     for key in ("llm_caption", "qformer_caption"):
-        if key in report:
+        if key in ref:
+            report[key] = {"token_agreement": token_agreement(got[key], ref[key]),
+                           "identical_captions": sum(g == r for g, r in zip(got[key], ref[key])) / len(ref[key]),
+                           "max_new_tokens": ref["max_new_tokens"][key]}
             parts.append(f"{key.split('_')[0]} captions: greedy token agreement {report[key]['token_agreement']:.3f}, "
                          f"identical {report[key]['identical_captions']:.2f}")
-    if "qformer_text" in pipe.runners:
-        sims = [p.similarity(p.embed_images(images), p.embed_texts(GATE_TEXTS)) for p in (ref_pipe, pipe)]
-        report["itc"] = {"max_abs": float(np.abs(sims[0] - sims[1]).max()),
-                         "same_top1_text": float((sims[0].argmax(1) == sims[1].argmax(1)).mean())}
+    if "itc" in ref:
+        report["itc"] = {"max_abs": float(np.abs(ref["itc"] - got["itc"]).max()),
+                         "same_top1_text": float((ref["itc"].argmax(1) == got["itc"].argmax(1)).mean())}
         parts.append(f"ITC similarity max abs diff {report['itc']['max_abs']:.2g}")
-    if "qformer_itm" in pipe.runners:
-        texts = [GATE_TEXTS[i % len(GATE_TEXTS)] for i in range(count)]
-        probs = [p.itm(images, texts) for p in (ref_pipe, pipe)]
-        report["itm"] = {"max_abs": float(np.abs(probs[0] - probs[1]).max())}
+    if "itm" in ref:
+        report["itm"] = {"max_abs": float(np.abs(ref["itm"] - got["itm"]).max())}
         parts.append(f"ITM probability max abs diff {report['itm']['max_abs']:.2g}")
     report["summary"] = "; ".join(parts) + f" ({count} held-out images)"
     return report

@@ -41,7 +41,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from export.onnx_export import export_graph
-from export.parity import TOLERANCES, ParityError, as_records, check_graphs, end_to_end, raise_on_failure, summarize
+from export.parity import (
+    TOLERANCES, ParityError, as_records, compare_end_to_end, compare_graphs, end_to_end_reference, graph_references,
+    raise_on_failure, summarize,
+)
 from export.specs import graph_specs, resolve_limits
 from runtime.errors import Blip2EdgeError
 from runtime.image import ImageProcessorConfig
@@ -109,11 +112,11 @@ def _llm_section(ck) -> LanguageModel | None:
 def _qformer_section(ck) -> QFormer | None:
     if ck.qformer_tokenizer is None:
         return None
-    q, e = ck.config.qformer_config, ck.model.edge
+    q, e = ck.config.qformer_config, ck.edge
     return QFormer(
         tokenizer="qformer_tokenizer.json", vocab_size=q.vocab_size, num_layers=q.num_hidden_layers,
         num_heads=q.num_attention_heads, head_dim=q.hidden_size // q.num_attention_heads,
-        itc_dim=ck.config.image_text_hidden_size, itc_temperature=float(ck.model.temp.detach()),
+        itc_dim=ck.config.image_text_hidden_size, itc_temperature=ck.itc_temperature,
         cls_token_id=e.cls_token_id, sep_token_id=e.sep_token_id, dec_token_id=e.dec_token_id,
         pad_token_id=e.pad_token_id)
 
@@ -122,7 +125,7 @@ def _manifest(ck, name: str, target: str, graphs: dict, limits, precision: Preci
     v = ck.config.vision_config
     return Manifest(
         format=FORMAT, format_version=FORMAT_VERSION, name=name, target=target, precision=precision,
-        model=Model(stage=ck.model.edge.stage, num_query_tokens=ck.config.num_query_tokens,
+        model=Model(stage=ck.edge.stage, num_query_tokens=ck.config.num_query_tokens,
                     image_size=v.image_size, patch_size=v.patch_size),
         limits=limits, image=ImageProcessorConfig.from_hf_dict(ck.image_processor), graphs=graphs,
         build=Build(created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -141,15 +144,6 @@ def _write_folder(ck, folder: Path, manifest: Manifest) -> None:
 
 
 # ---------------------------------------------------------------- the steps
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """A hard link where the file system allows it (no copy of multi-GB weights), else a copy. Builds never
-    write into a graph file they read, so a linked file stays as its fp32 folder has it."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def _reusable_fp32(folder: Path, source_sha256: str, limits, specs) -> Manifest | None:
     """The fp32 engine folder beside a reduced build, if it was exported from the same checkpoint, with the same
     limits and graphs, by the same library versions: then its graphs are what the build would export again
@@ -165,25 +159,34 @@ def _reusable_fp32(folder: Path, source_sha256: str, limits, specs) -> Manifest 
     return m if same else None
 
 
-def _export_fp32(ck, specs, folder: Path, say, reuse: Manifest | None = None) -> tuple[dict, list]:
-    """Every graph to fp32 ONNX in `folder` (or, with `reuse`, the graphs of that fp32 folder linked in), checked
-    on random inputs at shapes other than the export shapes; returns the manifest's graph entries and the
-    parity results."""
+def _export_fp32(ck, specs, folder: Path, say, reuse: Manifest | None = None) -> dict:
+    """Every graph to fp32 ONNX in `folder` (or, with `reuse`, the graphs of that fp32 folder linked in); returns
+    the manifest's graph entries."""
     graphs = {}
     if reuse is not None:
         say(f"reusing the fp32 graphs of {reuse.folder} (same checkpoint, limits and versions)")
         for spec in specs:
             graphs[spec.name] = reuse.graphs[spec.name]
             for file in (graphs[spec.name].file, f"{graphs[spec.name].file}.data"):
-                if (reuse.folder / file).exists():
-                    _link_or_copy(reuse.folder / file, folder / file)
+                if (reuse.folder / file).exists():  # (copied: onnx refuses external data with several hard links)
+                    shutil.copy2(reuse.folder / file, folder / file)
     for i, spec in enumerate(specs if reuse is None else [], 1):
         say(f"[{i}/{len(specs)}] {spec.name}: exporting ...")
         graphs[spec.name] = spec.to_manifest(export_graph(spec, ck.model, folder).name)
-    say("parity of the fp32 ONNX graphs against PyTorch:")
-    results = check_graphs(specs, ck.model, lambda g: make_runner(folder / graphs[g].file), TOLERANCES["fp32"], say)
-    raise_on_failure(results)
-    return graphs, results
+    return graphs
+
+
+def _references(ck, specs, limits, say, feeds: dict | None = None, large_input: bool = False,
+                images: list | None = None, end_to_end: bool = True):
+    """PyTorch's outputs for every graph's check cases and Hugging Face's for the end-to-end gate, computed with
+    the weights loaded; the PyTorch weights are released afterwards, so that the checks against ONNX Runtime
+    never hold both copies (peak memory about the float32 weights once)."""
+    ck.reload_weights()
+    say("reference outputs with PyTorch and Hugging Face ...")
+    graphs = graph_references(specs, ck.model, feeds, large_input)
+    e2e = end_to_end_reference(ck, limits, [s.name for s in specs], images) if end_to_end else None
+    ck.release_weights()
+    return graphs, e2e
 
 
 def _convert(specs, src: Path, dst: Path, precision: str, calib_feeds: dict | None, say, for_tensorrt: bool) -> dict:
@@ -205,7 +208,7 @@ def _convert(specs, src: Path, dst: Path, precision: str, calib_feeds: dict | No
         else:
             for f in (file, f"{file}.data"):
                 if (src / f).exists():
-                    _link_or_copy(src / f, dst / f)
+                    shutil.copy2(src / f, dst / f)
             details[spec.name] = {"kept_fp32": "the whole graph (int4 is for the LLM's weights)"}
         say(f"  {spec.name}: {precision} ({details[spec.name]['kept_fp32']} kept in float32)")
     return details
@@ -215,7 +218,7 @@ def _reduce(ck, specs, fp32_dir: Path, out: Path, precision: str, calibration: C
     """Record real feeds with the fp32 pipeline and convert every graph; returns (Precision, the gate's recorded
     feeds per graph, the calibration ImageSet)."""
     from export.calibration import calibration_images, record_feeds
-    from export.parity import GATE_TEXTS
+    from export.parity import GATE_TEXTS, select_cases
 
     data = calibration_images(calibration.images, ck.config.vision_config.image_size, calibration.count,
                               calibration.seed, calibration.report_images)
@@ -229,6 +232,7 @@ def _reduce(ck, specs, fp32_dir: Path, out: Path, precision: str, calibration: C
     gate = record_feeds(fp32_dir, data.held_out[:3], texts[:3])
     for g, f in record_feeds(fp32_dir, data.held_out[3:], texts[3:4]).items():
         gate[g] += f
+    gate = {g: select_cases(f) for g, f in gate.items()}  # only the calls the gate checks are kept (KV caches)
     say(f"converting to {precision}:")
     details = _convert(specs, fp32_dir, out, precision, calib, say, for_tensorrt)
     return Precision(precision, details, record), gate, data
@@ -252,26 +256,29 @@ def _engines(specs, folder: Path, graphs: dict, say) -> dict:
     return {**hardware_info(), "engines": built}
 
 
-def _check_and_record(ck, folder: Path, manifest: Manifest, results: list, say, data=None,
+def _check_and_record(ck, folder: Path, manifest: Manifest, results: list, want: dict, say, data=None,
                       fp32_dir: Path | None = None) -> Manifest:
-    """End-to-end check of the finished folder; writes parity.json and the manifest's parity summary (and, for a
-    reduced precision, the accuracy report against the fp32 folder). Raises BuildError on a failure."""
+    """End-to-end check of the finished folder against `want` (parity.end_to_end_reference); writes parity.json
+    and the manifest's parity summary (and, for a reduced precision, the accuracy report against the fp32
+    folder). Raises BuildError on a failure."""
     from runtime import Blip2Pipeline
 
+    from export.accuracy import accuracy_report, pipeline_outputs
+
     backend = "tensorrt" if manifest.is_tensorrt else "onnxruntime"
+    if data is not None:  # the fp32 folder's outputs first, its pipeline closed before the reduced one opens
+        fp32_outputs = pipeline_outputs(Blip2Pipeline.from_dir(fp32_dir, backend="onnxruntime"), data.report)
     say("end-to-end: runtime pipeline vs Hugging Face ...")
     pipe = Blip2Pipeline.from_dir(folder, backend=backend)
-    e2e = end_to_end(ck, pipe, manifest.limits, manifest.precision.name, data.held_out if data else None)
+    e2e = compare_end_to_end(want, pipe, manifest.precision.name)
     summaries = {c: r["summary"] for c, r in e2e.items() if isinstance(r, dict) and "summary" in r}
     for case, summary in summaries.items():
         say(f"end-to-end {case}: {summary}")
     parity = {"tolerance": {"precision": manifest.precision.name, **asdict(TOLERANCES[manifest.precision.name])},
               "graphs": summarize(results), "checks": as_records(results), "end_to_end": e2e}
     if data is not None:
-        from export.accuracy import accuracy_report
-
-        fp32 = Blip2Pipeline.from_dir(fp32_dir, backend="onnxruntime")
-        parity["accuracy"] = accuracy_report(fp32, pipe, data.report, data.source["report"])
+        parity["accuracy"] = accuracy_report(fp32_outputs, pipeline_outputs(pipe, data.report), len(data.report),
+                                             data.source["report"])
         say(f"accuracy against fp32: {parity['accuracy']['summary']}")
     (folder / "parity.json").write_text(json.dumps(parity, indent=2))
     if not e2e["passed"]:
@@ -356,22 +363,28 @@ def build(model_dir, target: str = "onnx", out_root="engines", name: str | None 
         fp32_dir.mkdir(exist_ok=True)
         reuse = None if precision == "fp32" else _reusable_fp32(final.parent / "onnx", checkpoint_hash(ck.path),
                                                                 limits, specs)
-        graphs, results = _export_fp32(ck, specs, fp32_dir, say, reuse)
+        graphs = _export_fp32(ck, specs, fp32_dir, say, reuse)
         fp32 = _manifest(ck, final.parent.name, "onnx", graphs, limits, Precision("fp32"))
+        references, want = _references(ck, specs, limits, say, end_to_end=precision == "fp32")
+        say("parity of the fp32 ONNX graphs against PyTorch:")
+        results = compare_graphs(references, lambda g: make_runner(fp32_dir / graphs[g].file), TOLERANCES["fp32"],
+                                 say)
+        raise_on_failure(results)
         _write_folder(ck, fp32_dir, fp32)
         if precision == "fp32":
-            _check_and_record(ck, tmp, fp32, results, say)
+            _check_and_record(ck, tmp, fp32, results, want, say)
         else:
             details, feeds, data = _reduce(ck, specs, fp32_dir, tmp, precision, calibration or Calibration(), say,
                                            tensorrt)
             hardware = _engines(specs, tmp, graphs, say) if tensorrt else None
             manifest = _manifest(ck, final.parent.name, target, graphs, limits, details, hardware)
             _write_folder(ck, tmp, manifest)
+            references, want = _references(ck, specs, limits, say, feeds, large_input=precision == "fp16",
+                                           images=data.held_out)
             say(f"parity of the {target} graphs against PyTorch ({precision} tolerances):")
-            results = check_graphs(specs, ck.model, _open_runners(manifest, tmp), precision, say, feeds,
-                                   large_input=precision == "fp16")
+            results = compare_graphs(references, _open_runners(manifest, tmp), precision, say)
             raise_on_failure(results)
-            _check_and_record(ck, tmp, manifest, results, say, data, fp32_dir)
+            _check_and_record(ck, tmp, manifest, results, want, say, data, fp32_dir)
             shutil.rmtree(fp32_dir)
     say(f"wrote {final} in {time.time() - started:.0f}s")
     return final

@@ -7,6 +7,7 @@ Uses the dynamo exporter (`torch.onnx.export(..., dynamo=True)`, opset 18) with
 `torch.export` dynamic dimensions built from the spec's named axes. Graphs whose
 weights exceed 2 GB are saved with external data (`<name>.onnx.data`).
 """
+import gc
 import re
 import warnings
 from pathlib import Path
@@ -59,9 +60,26 @@ def export_graph(spec: GraphSpec, model: torch.nn.Module, out_dir: Path) -> Path
             dynamic_shapes=_dynamic_shapes(spec, wrapper),
         )
     program.save(str(path), external_data=weight_bytes(program) > EXTERNAL_DATA_BYTES)
+    del program
+    _forget_rewriter_matches()
     _rename_dims(path, spec)
     onnx.checker.check_model(str(path))
     return path
+
+
+def _forget_rewriter_matches() -> None:
+    """onnxscript's rewrite rules (module-level objects the exporter optimizes with) keep, in their matchers, the
+    last graph they matched, and through its initializers the model's parameters: a released model's weights would
+    stay in memory. Reset that state (onnxscript 0.7; nothing to do where the matcher differs)."""
+    try:
+        from onnxscript.rewriter._matcher import SimplePatternMatcher
+    except ImportError:
+        return
+    for obj in gc.get_objects():
+        if isinstance(obj, SimplePatternMatcher):
+            for name in ("_graph", "_current_node", "_match", "_tracer"):
+                if name in obj.__dict__:
+                    obj.__dict__[name] = None
 
 
 def _rename_dims(path: Path, spec: GraphSpec) -> None:

@@ -198,27 +198,45 @@ def select_cases(feeds: list[dict], count: int = 4) -> list[dict]:
     return [unique[i] for i in sorted(set(picks.tolist()))]
 
 
-def check_graph(spec: GraphSpec, wrapper: torch.nn.Module, runner, tol: Tolerance, seed: int = 1,
-                feeds: list[dict] | None = None, large_input: bool = False) -> list[Comparison]:
-    """Run `runner` and the PyTorch `wrapper` and compare every output: on random inputs at the spec's check
-    sizes (not the export sizes), or on `feeds` (recorded calls of the real pipeline) when given. With
-    `large_input`, also on the first case with the spec's `large_input` scaled up (an fp16 overflow probe: the
-    output must stay finite and within the tolerance)."""
-    results = []
+def graph_cases(spec: GraphSpec, seed: int = 1, feeds: list[dict] | None = None,
+                large_input: bool = False) -> list[tuple[str, dict]]:
+    """(case name, inputs) to check a graph on: random inputs at the spec's check sizes (not the export sizes), or
+    `feeds` (recorded calls of the real pipeline) when given. With `large_input`, also the first case with the
+    spec's `large_input` scaled up (an fp16 overflow probe: the output must stay finite and within bounds)."""
     rng = np.random.default_rng(seed)
     cases = ([(recorded_case(spec, f), f) for f in feeds] if feeds is not None else
              [(case_name(sizes), spec.make_inputs(sizes, rng)) for sizes in spec.check_sizes])
     if large_input and spec.large_input and cases:
         name, factor = spec.large_input
         cases.append((f"{name} x{factor:g}", {**cases[0][1], name: cases[0][1][name] * np.float32(factor)}))
-    for case, inputs in cases:
-        with torch.no_grad():
-            ref = wrapper(*torch_inputs(spec, inputs))
-        ref = ref if isinstance(ref, tuple) else (ref,)
+    return cases
+
+
+@torch.no_grad()
+def reference_outputs(spec: GraphSpec, wrapper: torch.nn.Module, cases: list) -> list[tuple[np.ndarray, ...]]:
+    """What the PyTorch `wrapper` computes for every case, as numpy arrays (kept after the model is gone)."""
+    outputs = []
+    for _, inputs in cases:
+        ref = wrapper(*torch_inputs(spec, inputs))
+        outputs.append(tuple(r.numpy() for r in (ref if isinstance(ref, tuple) else (ref,))))
+    return outputs
+
+
+def compare_outputs(spec: GraphSpec, runner, cases: list, references: list, tol: Tolerance) -> list[Comparison]:
+    """Run `runner` on every case and compare each output with its reference."""
+    results = []
+    for (case, inputs), ref in zip(cases, references):
         got = runner.run(inputs)
         for out, r in zip(spec.outputs, ref):
-            results.append(compare(spec.name, case, out.name, got[out.name], r.numpy(), tol))
+            results.append(compare(spec.name, case, out.name, got[out.name], r, tol))
     return results
+
+
+def check_graph(spec: GraphSpec, wrapper: torch.nn.Module, runner, tol: Tolerance, seed: int = 1,
+                feeds: list[dict] | None = None, large_input: bool = False) -> list[Comparison]:
+    """Run `runner` and the PyTorch `wrapper` on `graph_cases` and compare every output."""
+    cases = graph_cases(spec, seed, feeds, large_input)
+    return compare_outputs(spec, runner, cases, reference_outputs(spec, wrapper, cases), tol)
 
 
 def graph_tolerance(precision: str, spec: GraphSpec) -> Tolerance:
@@ -227,26 +245,47 @@ def graph_tolerance(precision: str, spec: GraphSpec) -> Tolerance:
     return TOLERANCES["fp32" if precision == "int4" and not spec.int4 else precision]
 
 
-def check_graphs(specs, model, open_runner, tol: Tolerance | str, say=print, feeds: dict | None = None,
-                 large_input: bool = False) -> list:
-    """Every graph against its PyTorch module; `open_runner(graph name)` opens the exported graph. `tol`: the
-    bounds, or a precision whose bounds `graph_tolerance` picks per graph. Random inputs, or a few of the
-    `feeds` recorded per graph (a graph the pipeline never called is skipped); `large_input`: the fp16
-    overflow probe of check_graph."""
-    results = []
+@dataclass
+class GraphReference:
+    """A graph's check cases and what PyTorch computes for them: computed while the model is loaded, compared
+    with the exported graph after it is released (a build never holds PyTorch's and ONNX Runtime's weights at once)."""
+    spec: GraphSpec
+    cases: list
+    outputs: list
+
+
+def graph_references(specs, model, feeds: dict | None = None, large_input: bool = False) -> list[GraphReference]:
+    """Every graph's check cases (random inputs, or a few of the `feeds` recorded per graph; a graph the pipeline
+    never called is skipped) with PyTorch's outputs; `large_input`: the fp16 overflow probe of graph_cases."""
+    references = []
     for spec in specs:
-        cases = select_cases(feeds[spec.name]) if feeds is not None else None
-        if cases == []:
+        recorded = select_cases(feeds[spec.name]) if feeds is not None else None
+        if recorded == []:
             continue
-        bound = graph_tolerance(tol, spec) if isinstance(tol, str) else tol
-        checks = check_graph(spec, spec.build(model).eval(), open_runner(spec.name), bound, feeds=cases,
-                             large_input=large_input)
+        cases = graph_cases(spec, feeds=recorded, large_input=large_input)
+        references.append(GraphReference(spec, cases, reference_outputs(spec, spec.build(model).eval(), cases)))
+    return references
+
+
+def compare_graphs(references: list[GraphReference], open_runner, tol: Tolerance | str, say=print) -> list:
+    """Every graph of `references` against PyTorch's outputs; `open_runner(graph name)` opens the exported graph
+    (one at a time). `tol`: the bounds, or a precision whose bounds `graph_tolerance` picks per graph."""
+    results = []
+    for ref in references:
+        bound = graph_tolerance(tol, ref.spec) if isinstance(tol, str) else tol
+        checks = compare_outputs(ref.spec, open_runner(ref.spec.name), ref.cases, ref.outputs, bound)
         results += checks
         worst = max(checks, key=lambda c: c.max_rel)
         status = "ok" if all(c.passed for c in checks) else "FAILED"
-        say(f"  {spec.name}: parity {status} over {len(checks)} checks (max abs err {worst.max_abs:.2g}, "
+        say(f"  {ref.spec.name}: parity {status} over {len(checks)} checks (max abs err {worst.max_abs:.2g}, "
             f"{worst.max_rel:.2g} of the range, cosine >= {min(c.cosine for c in checks):.5f})")
     return results
+
+
+def check_graphs(specs, model, open_runner, tol: Tolerance | str, say=print, feeds: dict | None = None,
+                 large_input: bool = False) -> list:
+    """graph_references, then compare_graphs (with the model loaded throughout)."""
+    return compare_graphs(graph_references(specs, model, feeds, large_input), open_runner, tol, say)
 
 
 def raise_on_failure(results: list[Comparison]) -> None:
@@ -326,15 +365,21 @@ def _pipeline_tokens(pipe, images, prompts, ref: list[list[int]], required: EndT
     return [list(map(int, s.argmax(-1))) for s in pipe.score(images, ref, prompt=prompts, decoder=decoder)]
 
 
-def _generation_case(ref: HfReference, pipe, images, prompts, required: EndToEnd, new: int) -> dict:
-    """Batch of every image against Hugging Face, each image alone against Hugging Face alone, and the
-    runtime's batch against its own single-image rows."""
-    expected = ref.generate(images, prompts, max_new_tokens=new).tokens
-    batch = _pipeline_tokens(pipe, images, prompts, expected, required, "llm", new)
-    singles_ref = [ref.generate([im], [p], max_new_tokens=new).tokens[0] for im, p in zip(images, prompts)]
+def _generation_reference(ref: HfReference, images, prompts, new: int) -> dict:
+    """Hugging Face's tokens for the batch of every image and for each image alone."""
+    return {"images": images, "prompts": prompts, "new": new,
+            "batch": ref.generate(images, prompts, max_new_tokens=new).tokens,
+            "singles": [ref.generate([im], [p], max_new_tokens=new).tokens[0] for im, p in zip(images, prompts)]}
+
+
+def _generation_case(want: dict, pipe, required: EndToEnd) -> dict:
+    """The runtime's batch against Hugging Face's, each image alone against Hugging Face alone, and the runtime's
+    batch against its own single-image rows."""
+    images, prompts, new = want["images"], want["prompts"], want["new"]
+    batch = _pipeline_tokens(pipe, images, prompts, want["batch"], required, "llm", new)
     singles = [_pipeline_tokens(pipe, [im], [p], [e], required, "llm", new)[0]
-               for im, p, e in zip(images, prompts, singles_ref)]
-    agreement = min(token_agreement(batch, expected), token_agreement(singles, singles_ref))
+               for im, p, e in zip(images, prompts, want["singles"])]
+    agreement = min(token_agreement(batch, want["batch"]), token_agreement(singles, want["singles"]))
     batch_vs_single = token_agreement(batch, singles)
     out = _result("batch and single-image", agreement, required, rows=len(images), max_new_tokens=new,
                   batch_equals_single=batch_vs_single,
@@ -345,20 +390,25 @@ def _generation_case(ref: HfReference, pipe, images, prompts, required: EndToEnd
     return out
 
 
-def _placeholder_step_case(ref: HfReference, pipe, images, prompts, required: EndToEnd, new: int,
-                           tol: Tolerance) -> dict:
-    """Decode steps after a generated image-placeholder id: Hugging Face forced to generate it at step 1 (a
-    logits processor), the runtime fed the same tokens; their logits and top choices at every later step."""
-    image_id = pipe.llm.layout.image_token_id
-    expected = ref.generate(images, prompts, force={1: image_id}, output_logits=True, max_new_tokens=new,
-                            min_new_tokens=2)  # (no row ends before the placeholder)
-    scores = pipe.score(images, expected.tokens, prompt=prompts)
+def _placeholder_step_reference(ck, ref: HfReference, images, prompts, new: int) -> dict:
+    """Hugging Face forced to generate the image-placeholder id at step 1 (a logits processor): its tokens and
+    logits."""
+    expected = ref.generate(images, prompts, force={1: ck.config.image_token_index}, output_logits=True,
+                            max_new_tokens=new, min_new_tokens=2)  # (no row ends before the placeholder)
+    return {"images": images, "prompts": prompts, "tokens": expected.tokens,
+            "logits": [t.numpy() for t in expected.logits]}
+
+
+def _placeholder_step_case(want: dict, pipe, required: EndToEnd, tol: Tolerance) -> dict:
+    """Decode steps after a generated image-placeholder id: the runtime fed Hugging Face's tokens; their logits
+    and top choices at every later step."""
+    scores = pipe.score(want["images"], want["tokens"], prompt=want["prompts"])
     picks = [[int(t) for t in s.argmax(-1)][2:] for s in scores]
-    agreement = token_agreement(picks, [row[2:] for row in expected.tokens])
-    logits = [compare("llm", "image-id step", "logits", got[2:], want.numpy()[2:], tol)
-              for got, want in zip(scores, expected.logits)]
+    agreement = token_agreement(picks, [row[2:] for row in want["tokens"]])
+    logits = [compare("llm", "image-id step", "logits", got[2:], ref[2:], tol)
+              for got, ref in zip(scores, want["logits"])]
     worst = max(logits, key=lambda c: c.max_abs)
-    out = _result("after a generated placeholder", agreement, required, rows=len(images),
+    out = _result("after a generated placeholder", agreement, required, rows=len(want["images"]),
                   logits_max_abs=worst.max_abs, logits_passed=all(c.passed for c in logits),
                   reference="Blip2ForConditionalGeneration.generate with the placeholder id forced at step 1")
     if tol.atol is not None:  # fp32: the logits themselves must match
@@ -375,41 +425,51 @@ def gate_prompts(ck, limits, count: int) -> list[str]:
     return [fits[i % len(fits)] for i in range(count)]
 
 
-def llm_end_to_end(ck, pipe, limits, precision: str, images: list) -> dict:
-    """Captions, prompted answers and a step after a generated placeholder: runtime vs Hugging Face."""
-    ref, required, new = HfReference(ck), END_TO_END[precision], min(20, limits.max_new_tokens)
+def llm_reference(ck, limits, images: list) -> dict:
+    """What Hugging Face generates for captions, prompts of different lengths and a step after a generated
+    placeholder."""
+    ref, new = HfReference(ck), min(20, limits.max_new_tokens)
     prompts = gate_prompts(ck, limits, len(images))
-    return {
-        "caption": _generation_case(ref, pipe, images, [None] * len(images), required, new),
-        "prompted": _generation_case(ref, pipe, images, prompts, required, new),
-        "placeholder_step": _placeholder_step_case(ref, pipe, images, prompts, required, new, TOLERANCES[precision]),
-    }
+    return {"caption": _generation_reference(ref, images, [None] * len(images), new),
+            "prompted": _generation_reference(ref, images, prompts, new),
+            "placeholder_step": _placeholder_step_reference(ck, ref, images, prompts, new)}
 
 
 @torch.no_grad()
-def qformer_end_to_end(ck, pipe, limits, precision: str, images: list) -> dict:
-    """ITC similarities and rankings, ITM probabilities (vs Blip2ForImageTextRetrieval), ITG greedy captions
-    (vs the model's uncached causal pass)."""
-    ref, required, report = HfReference(ck), END_TO_END[precision], {}
-    if "image_feats" in pipe.runners["qformer_query"].output_names and "qformer_text" in pipe.runners:
-        want = ref.itc(images, GATE_TEXTS).numpy()
+def qformer_reference(ck, limits, images: list, graphs) -> dict:
+    """ITC similarities (Blip2ForImageTextRetrieval), ITM probabilities (the same), ITG greedy captions (the
+    model's uncached causal pass), for the Q-Former graphs among `graphs`."""
+    ref, want = HfReference(ck), {"images": images}
+    if "qformer_text" in graphs:
+        want["itc"] = ref.itc(images, GATE_TEXTS).numpy()
+    if "qformer_itm" in graphs:
+        want["itm_texts"] = [GATE_TEXTS[i % len(GATE_TEXTS)] for i in range(len(images))]
+        want["itm"] = ref.itm(images, want["itm_texts"]).numpy()
+    if "qformer_itg" in graphs:
+        want["itg_new"] = min(16, limits.max_qformer_tokens - 1)
+        want["itg"] = itg_greedy(ck.model, ck.model.encode_image(ref.pixel_values(images)), want["itg_new"])
+    return want
+
+
+def qformer_end_to_end(want: dict, pipe, required: EndToEnd) -> dict:
+    """The runtime's ITC similarities and rankings, ITM probabilities and ITG captions against `want`."""
+    images, report = want["images"], {}
+    if "itc" in want and "image_feats" in pipe.runners["qformer_query"].output_names:
         got = pipe.similarity(pipe.embed_images(images), pipe.embed_texts(GATE_TEXTS))
-        err = float(np.abs(got - want).max())
-        same = same_ranking(got, want, required.sim_atol) and same_ranking(got.T, want.T, required.sim_atol)
+        err = float(np.abs(got - want["itc"]).max())
+        same = (same_ranking(got, want["itc"], required.sim_atol)
+                and same_ranking(got.T, want["itc"].T, required.sim_atol))
         report["itc"] = {"max_abs": err, "same_ranking": same, "reference": "Blip2ForImageTextRetrieval (ITC)",
                          "passed": err <= required.sim_atol and (same or not required.same_ranking),
                          "summary": f"similarity max abs err {err:.2g}, rankings {'identical' if same else 'DIFFER'}"}
-    if "qformer_itm" in pipe.runners:
-        texts = [GATE_TEXTS[i % len(GATE_TEXTS)] for i in range(len(images))]
-        err = float(np.abs(pipe.itm(images, texts) - ref.itm(images, texts).numpy()).max())
+    if "itm" in want:
+        err = float(np.abs(pipe.itm(images, want["itm_texts"]) - want["itm"]).max())
         report["itm"] = {"max_abs": err, "reference": "Blip2ForImageTextRetrieval (ITM)",
                          "passed": err <= required.prob_atol, "summary": f"match probability max abs err {err:.2g}"}
-    if "qformer_itg" in pipe.runners:
-        new = min(16, limits.max_qformer_tokens - 1)
-        expected = itg_greedy(ck.model, ck.model.encode_image(ref.pixel_values(images)), new)
-        got = _pipeline_tokens(pipe, images, None, expected, required, "qformer", new)
-        report["itg_caption"] = _result("Q-Former caption", token_agreement(got, expected), required,
-                                        rows=len(images), max_new_tokens=new,
+    if "itg" in want:
+        got = _pipeline_tokens(pipe, images, None, want["itg"], required, "qformer", want["itg_new"])
+        report["itg_caption"] = _result("Q-Former caption", token_agreement(got, want["itg"]), required,
+                                        rows=len(images), max_new_tokens=want["itg_new"],
                                         reference="Blip2Edge.itg_logits, uncached greedy")
     return report
 
@@ -419,16 +479,36 @@ def as_images(images: list) -> list[Image.Image]:
     return [i if isinstance(i, Image.Image) else Image.open(i).convert("RGB") for i in images]
 
 
-def end_to_end(ck, pipe, limits, precision: str, images: list | None = None) -> dict:
-    """Every capability of the pipeline against its reference, on four `images` (default: probe images)."""
+def end_to_end_reference(ck, limits, graphs, images: list | None = None) -> dict:
+    """Everything the end-to-end gate compares with, computed with PyTorch / Hugging Face on four `images`
+    (default: probe images) for a checkpoint whose exported graphs are `graphs` (names); plain data, kept after
+    the model is released."""
     images = as_images(images[:4]) if images else None
-    report = {}
+    size = ck.config.vision_config.image_size
+    want = {}
     if ck.has_llm:
-        size = ck.config.vision_config.image_size
-        report.update(llm_end_to_end(ck, pipe, limits, precision, images or probe_images(size, count=4)))
+        want["llm"] = llm_reference(ck, limits, images or probe_images(size, count=4))
     if ck.qformer_tokenizer is not None:
-        size = ck.config.vision_config.image_size
-        report.update(qformer_end_to_end(ck, pipe, limits, precision, images or probe_images(size, 4, seed=5)))
-    report["required"] = asdict(END_TO_END[precision])
+        want["qformer"] = qformer_reference(ck, limits, images or probe_images(size, 4, seed=5), set(graphs))
+    return want
+
+
+def compare_end_to_end(want: dict, pipe, precision: str) -> dict:
+    """Every capability of the pipeline against `end_to_end_reference`, with the bounds of `precision`."""
+    required, report = END_TO_END[precision], {}
+    if "llm" in want:
+        llm = want["llm"]
+        report["caption"] = _generation_case(llm["caption"], pipe, required)
+        report["prompted"] = _generation_case(llm["prompted"], pipe, required)
+        report["placeholder_step"] = _placeholder_step_case(llm["placeholder_step"], pipe, required,
+                                                            TOLERANCES[precision])
+    if "qformer" in want:
+        report.update(qformer_end_to_end(want["qformer"], pipe, required))
+    report["required"] = asdict(required)
     report["passed"] = all(r["passed"] for r in report.values() if isinstance(r, dict) and "passed" in r)
     return report
+
+
+def end_to_end(ck, pipe, limits, precision: str, images: list | None = None) -> dict:
+    """Every capability of the pipeline against its reference (with the model loaded throughout)."""
+    return compare_end_to_end(end_to_end_reference(ck, limits, pipe.runners, images), pipe, precision)

@@ -28,7 +28,7 @@ pipeline on calibration images (`export.calibration`).
 import contextlib
 import logging
 import tempfile
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +46,20 @@ FP32_INPUTS = {("Resize", 2)}
 
 
 def _float_tensors(model: onnx.ModelProto) -> set[str]:
-    """Names of every float32 tensor in the graph (inputs, initializers, intermediates, outputs)."""
-    inferred = onnx.shape_inference.infer_shapes(model)
+    """Names of every float32 tensor in the graph (inputs, initializers, intermediates, outputs). Types are
+    inferred on a copy without the weights' data (a graph over 2 GB cannot be serialized for shape inference)."""
+    shell = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import, functions=model.functions)
+    g = model.graph
+    shell.graph.CopyFrom(onnx.GraphProto(name=g.name, node=g.node, input=g.input, output=g.output,
+                                         value_info=g.value_info))
+    for t in g.initializer:
+        if len(t.raw_data) > 1 << 16:  # a weight: its type and dims are all that inference reads of it
+            stub = shell.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
+            stub.data_location = TensorProto.EXTERNAL
+            stub.external_data.add(key="location", value="not-loaded")
+        else:
+            shell.graph.initializer.append(t)
+    inferred = onnx.shape_inference.infer_shapes(shell)
     g = inferred.graph
     infos = list(g.input) + list(g.output) + list(g.value_info)
     out = {v.name for v in infos if v.type.tensor_type.elem_type == TensorProto.FLOAT}
@@ -187,11 +199,9 @@ def to_fp16(src, dst, keep_fp32_nodes: tuple[str, ...] = (), only_ops: tuple[str
     body += _float_graph_outputs(graph, body, half)
     del graph.node[:]
     graph.node.extend(body)
-    graph.initializer.extend(fixer.half_weights.values())
-    used = {i for n in graph.node for i in n.input}
-    keep = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    _drop_unused_initializers(graph)  # (the float32 weights now held in float16: freed before the copies below)
+    for name in list(fixer.half_weights):  # one at a time, each source freed as it is copied in
+        graph.initializer.append(fixer.half_weights.pop(name))
     del graph.value_info[:]  # stale types; ONNX Runtime and TensorRT infer them again
     _save(model, dst)
     kept = defaultdict(int)
@@ -206,6 +216,15 @@ def to_fp16(src, dst, keep_fp32_nodes: tuple[str, ...] = (), only_ops: tuple[str
     if fp32_scopes:
         rule += f"; modules {', '.join(fp32_scopes)} in float32"
     return {"kept_fp32": dict(sorted(kept.items())), "io_dtype": "float32", "rule": rule}
+
+
+def _drop_unused_initializers(graph) -> None:
+    """Remove, in place, the initializers no node reads (deleting by index copies none of the others, as
+    rebuilding the list would: a graph's weights can be gigabytes)."""
+    used = {i for n in graph.node for i in n.input}
+    for i in reversed(range(len(graph.initializer))):
+        if graph.initializer[i].name not in used:
+            del graph.initializer[i]
 
 
 def _save(model: onnx.ModelProto, dst) -> None:
@@ -360,6 +379,7 @@ def _gemms_as_matmuls(graph) -> int:
     MatMul(x, W as [K, N]) + b, in place, so that the weight-only quantizer, which handles MatMul, sees it;
     returns how many were rewritten. The numbers are the same (alpha = beta = 1, no transposed input)."""
     inits = {t.name: t for t in graph.initializer}
+    uses = Counter(i for n in graph.node for i in n.input)
     body, rewritten = [], 0
     for node in graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -370,7 +390,12 @@ def _gemms_as_matmuls(graph) -> int:
         weight = numpy_helper.to_array(inits[node.input[1]])
         weight = weight.T if attrs.get("transB", 0) else weight
         name = f"{node.input[1]}__kn"
-        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight), name))
+        transposed = numpy_helper.from_array(np.ascontiguousarray(weight), name)
+        if uses[node.input[1]] == 1:  # in place: the original's bytes are freed, not kept beside the copy
+            inits[node.input[1]].CopyFrom(transposed)
+        else:
+            graph.initializer.append(transposed)
+        del weight, transposed
         has_bias = len(node.input) > 2 and node.input[2]
         product = f"{node.output[0]}__matmul" if has_bias else node.output[0]
         body.append(helper.make_node("MatMul", [node.input[0], name], [product], name=f"{node.name}__matmul"))
@@ -379,10 +404,7 @@ def _gemms_as_matmuls(graph) -> int:
         rewritten += 1
     del graph.node[:]
     graph.node.extend(body)
-    used = {i for n in graph.node for i in n.input}
-    keep = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    _drop_unused_initializers(graph)
     return rewritten
 
 

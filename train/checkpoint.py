@@ -42,13 +42,25 @@ class Checkpoint:
     prompt_prefix_ids: list[int]  # what the LLM's tokenizer puts before a text (OPT: BOS)
     prompt_suffix_ids: list[int]  # ... and after it (T5: </s>)
 
-    @property
-    def has_llm(self) -> bool:
-        return hasattr(self.model, "language_model")
+    def __post_init__(self):
+        # what the rest of a build reads while the weights are released
+        self.config, self.edge = self.model.config, self.model.edge
+        self.has_llm = hasattr(self.model, "language_model")
+        self.itc_temperature = float(self.model.temp.detach())
 
-    @property
-    def config(self):
-        return self.model.config
+    def release_weights(self) -> None:
+        """Drop the PyTorch model (and the Hugging Face one sharing its weights): a build holds PyTorch's copy of
+        the weights or ONNX Runtime's, never both. `reload_weights` brings them back."""
+        import gc
+
+        self.model = self.hf = None
+        gc.collect()
+        _return_freed_memory()
+
+    def reload_weights(self) -> None:
+        if self.model is None:
+            self.model = _load_model(self.path, self.qformer_tokenizer)
+            self.hf = self.model.hf_model()
 
     @property
     def prompt_layout(self) -> PromptLayout:
@@ -180,7 +192,7 @@ def resolve_source(source) -> Path:
 def load_checkpoint(path) -> Checkpoint:
     from transformers import Blip2Config
 
-    from train.model import Blip2Edge, EdgeConfig
+    from train.model import EdgeConfig
 
     path = resolve_source(path)
     if not path.is_dir():
@@ -207,11 +219,30 @@ def load_checkpoint(path) -> Checkpoint:
             raise CheckpointError(f"{path} has the Q-Former's text side but no Q-Former tokenizer in {qdir}; save it "
                                   f"with qformer_tokenizer.save_pretrained({str(qdir)!r})")
         qformer_tokenizer = _load_tokenizer(qdir, "Q-Former")
+    model = _load_model(path, qformer_tokenizer)
+    prefix, suffix = prompt_affixes(tokenizer) if tokenizer is not None else ([], [])
+    return Checkpoint(path, model, model.hf_model(), tokenizer, qformer_tokenizer, image_processor, prefix, suffix)
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap's freed pages back to the system (glibc keeps them otherwise, and they count as the
+    process's memory); a no-op elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _load_model(path: Path, qformer_tokenizer):
+    from train.model import Blip2Edge
+
     model = Blip2Edge.from_pretrained(path)
     if qformer_tokenizer is not None and not (path / "blip2_edge.json").is_file():
         _ids_from_tokenizer(model.edge, qformer_tokenizer)
-    prefix, suffix = prompt_affixes(tokenizer) if tokenizer is not None else ([], [])
-    return Checkpoint(path, model, model.hf_model(), tokenizer, qformer_tokenizer, image_processor, prefix, suffix)
+    return model
 
 
 def checkpoint_hash(path: Path) -> str:

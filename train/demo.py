@@ -5,6 +5,10 @@
     python -m train.demo --preset small --out checkpoints/small
     python -m train.demo --stage 1 --out checkpoints/stage1  # Q-Former with ITC/ITM/ITG heads, no LLM
     python -m train.demo --qformer-text --out checkpoints/demo   # stage 2 that also keeps ITC/ITM/ITG
+    python -m train.demo --preset blip2-opt-2.7b --dtype float16 --out checkpoints/blip2-opt-2.7b-random
+                                                   # Salesforce/blip2-opt-2.7b's architecture, 3.8B random weights
+    python -m train.demo --preset blip2-opt-2.7b --dtype float16 --vision-layers 2 --qformer-layers 2 --llm-layers 6 \
+        --out checkpoints/blip2-opt-2.7b-6l        # the same widths, fewer layers (677M parameters)
 
 The folder is a regular Hugging Face `save_pretrained` folder (config.json,
 model.safetensors, tokenizer files, preprocessor_config.json), loadable with
@@ -27,13 +31,17 @@ from train.text_tokenizer import IMAGE_TOKEN, build_qformer_tokenizer, llm_token
 
 
 def make_random_checkpoint(out: str | Path, preset: str = "tiny", seed: int = 0, stage: int = 2,
-                           qformer_text: bool | None = None, tokenizer_adds_bos: bool = True, **overrides) -> Path:
+                           qformer_text: bool | None = None, tokenizer_adds_bos: bool = True,
+                           dtype: torch.dtype = torch.float32, **overrides) -> Path:
     """Build tokenizers + model from `preset` (keyword overrides allowed) and save them to `out`.
 
     stage 1: Q-Former with its text side, ITC/ITM heads and our ITG head (no LLM).
     stage 2: Q-Former + the preset's LLM (OPT or T5); with qformer_text=True it also keeps the Q-Former's text
     side and heads.
     tokenizer_adds_bos=False: the LLM's tokenizer puts no BOS before a prompt (the model still has one).
+    dtype: the weights' type, in memory while they are drawn and in the folder (float16 halves both: the 3.8B
+    preset needs 7.6 GB instead of 15). The tokenizers are small stand-ins trained on ShapesCaps texts (at most
+    512 ids, `<image>` the last), whatever the model's vocabulary.
     """
     out = Path(out)
     qformer_text = stage == 1 if qformer_text is None else qformer_text
@@ -48,7 +56,12 @@ def make_random_checkpoint(out: str | Path, preset: str = "tiny", seed: int = 0,
     if stage == 1:
         config.image_token_index = None  # HF's retrieval model then takes plain [CLS] text [SEP] ids
     torch.manual_seed(seed)
-    model = Blip2Edge(config, EdgeConfig(stage=stage, qformer_text=qformer_text, itg_head=qformer_text)).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = Blip2Edge(config, EdgeConfig(stage=stage, qformer_text=qformer_text, itg_head=qformer_text)).eval()
+    finally:
+        torch.set_default_dtype(default)
     return write_checkpoint(model, out, tokenizer, qtok, stage)
 
 
@@ -90,9 +103,16 @@ def main(argv=None):
     ap.add_argument("--stage", type=int, default=2, choices=[1, 2])
     ap.add_argument("--qformer-text", action="store_true",
                     help="stage 2: keep the Q-Former's text side and ITC/ITM/ITG heads (ITM, retrieval, ITG captions)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                    help="the weights' type in memory and in the folder (float16: half the memory and disk)")
+    for part in ("vision", "qformer", "llm"):
+        ap.add_argument(f"--{part}-layers", type=int, help=f"{part} layers instead of the preset's")
     args = ap.parse_args(argv)
+    layers = {f"{part}_layers": n for part in ("vision", "qformer", "llm")
+              if (n := getattr(args, f"{part}_layers")) is not None}
     path = make_random_checkpoint(args.out, args.preset, args.seed, stage=args.stage,
-                                  qformer_text=True if args.stage == 1 else args.qformer_text)
+                                  qformer_text=True if args.stage == 1 else args.qformer_text,
+                                  dtype=getattr(torch, args.dtype), **layers)
     print(f"wrote {path}")
 
 

@@ -38,6 +38,7 @@ class Preset:
     vision_width: int = 32
     vision_layers: int = 2
     vision_heads: int = 4
+    vision_mlp: int | None = None  # None: 4 * vision_width (ViT-g's is 6144 for width 1408)
     # Q-Former
     num_query_tokens: int = 4
     qformer_width: int = 32
@@ -45,6 +46,7 @@ class Preset:
     qformer_heads: int = 4
     qformer_vocab_size: int = 128
     cross_attention_frequency: int = 1
+    qformer_max_positions: int | None = None  # None: max_positions
     # the LLM: "opt" (decoder-only) or "t5" (encoder-decoder); the widths below serve both
     llm: str = "opt"
     vocab_size: int = 128
@@ -67,6 +69,17 @@ PRESETS = {
     "tiny": Preset(),
     # the same with an encoder-decoder LLM: Flan-T5's layout, a head width other than width / heads
     "tiny-t5": Preset(llm="t5", d_kv=6, tie_word_embeddings=False),
+    # Salesforce/blip2-opt-2.7b's published architecture (3.8B parameters): ViT-g/14 at 224 px (39 layers, width
+    # 1408, MLP 6144, 16 heads), the Q-Former (12 layers of width 768, cross-attention every 2nd, 32 queries) and
+    # OPT-2.7B (32 layers, width 2560, 32 heads, FFN 10240, vocabulary 50272, 2048 positions; tied embeddings).
+    # With random weights (`python -m train.demo --preset blip2-opt-2.7b --dtype float16`) it shows that a build
+    # fits the size users deploy; `--vision-layers 2 --qformer-layers 2 --llm-layers 6` keeps the widths (677M).
+    "blip2-opt-2.7b": Preset(
+        image_size=224, patch_size=14, vision_width=1408, vision_layers=39, vision_heads=16, vision_mlp=6144,
+        num_query_tokens=32, qformer_width=768, qformer_layers=12, qformer_heads=12,
+        qformer_vocab_size=30522, cross_attention_frequency=2, qformer_max_positions=512, itc_dim=256,
+        vocab_size=50272, llm_width=2560, llm_layers=32, llm_heads=32, max_positions=2048, dropout=0.0,
+    ),
     # about 30M parameters: the benchmark's "small" model (ViT 224/16 4x256, Q-Former 4 layers 32 queries, OPT 6x512)
     "small": Preset(
         image_size=224, patch_size=16, vision_width=256, vision_layers=4, vision_heads=4,
@@ -112,14 +125,15 @@ def blip2_config(preset: str | Preset = "tiny", **overrides) -> Blip2Config:
         preset = PRESETS[preset]
     p = replace(preset, **overrides)
     vision = Blip2VisionConfig(
-        hidden_size=p.vision_width, intermediate_size=4 * p.vision_width, num_hidden_layers=p.vision_layers,
+        hidden_size=p.vision_width, intermediate_size=p.vision_mlp or 4 * p.vision_width, num_hidden_layers=p.vision_layers,
         num_attention_heads=p.vision_heads, image_size=p.image_size, patch_size=p.patch_size,
         initializer_range=p.vision_init_std,
     )
     qformer = Blip2QFormerConfig(
         hidden_size=p.qformer_width, intermediate_size=4 * p.qformer_width, num_hidden_layers=p.qformer_layers,
         num_attention_heads=p.qformer_heads, encoder_hidden_size=p.vision_width, vocab_size=p.qformer_vocab_size,
-        cross_attention_frequency=p.cross_attention_frequency, max_position_embeddings=p.max_positions,
+        cross_attention_frequency=p.cross_attention_frequency,
+        max_position_embeddings=p.qformer_max_positions or p.max_positions,
         hidden_dropout_prob=p.dropout, attention_probs_dropout_prob=p.dropout,
     )
     text = (t5_config if p.llm == "t5" else opt_config)(p)
