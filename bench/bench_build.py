@@ -11,9 +11,7 @@ that process and its children) and wall time are printed beside the checkpoint's
 memory-bounded build is a ratio of at most 1.5.
 """
 import argparse
-import json
 import os
-import struct
 import subprocess
 import sys
 import tempfile
@@ -21,22 +19,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-
-def parameter_count(folder: Path) -> int:
-    """Elements of every tensor in the folder's *.safetensors files, from their JSON headers only."""
-    total = 0
-    for file in sorted(folder.glob("*.safetensors")):
-        with open(file, "rb") as fh:
-            (size,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(size))
-        for name, entry in header.items():
-            if name != "__metadata__":
-                n = 1
-                for d in entry["shape"]:
-                    n *= d
-                total += n
-    return total
+from train.checkpoint import parameter_count  # noqa: E402
 
 
 def build_once(model: str, target: str, out: Path, extra: list[str]) -> tuple[float, float, int]:

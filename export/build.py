@@ -144,6 +144,14 @@ def _write_folder(ck, folder: Path, manifest: Manifest) -> None:
 
 
 # ---------------------------------------------------------------- the steps
+def _copy_graph(src: Path, dst: Path, file: str) -> None:
+    """Copy an ONNX graph and its external data, if any, from folder `src` to `dst` (copied, not hard-linked: onnx
+    refuses to load external data that has several hard links)."""
+    for name in (file, f"{file}.data"):
+        if (src / name).exists():
+            shutil.copy2(src / name, dst / name)
+
+
 def _reusable_fp32(folder: Path, source_sha256: str, limits, specs) -> Manifest | None:
     """The fp32 engine folder beside a reduced build, if it was exported from the same checkpoint, with the same
     limits and graphs, by the same library versions: then its graphs are what the build would export again
@@ -160,16 +168,14 @@ def _reusable_fp32(folder: Path, source_sha256: str, limits, specs) -> Manifest 
 
 
 def _export_fp32(ck, specs, folder: Path, say, reuse: Manifest | None = None) -> dict:
-    """Every graph to fp32 ONNX in `folder` (or, with `reuse`, the graphs of that fp32 folder linked in); returns
+    """Every graph to fp32 ONNX in `folder` (or, with `reuse`, the graphs of that fp32 folder copied in); returns
     the manifest's graph entries."""
     graphs = {}
     if reuse is not None:
         say(f"reusing the fp32 graphs of {reuse.folder} (same checkpoint, limits and versions)")
         for spec in specs:
             graphs[spec.name] = reuse.graphs[spec.name]
-            for file in (graphs[spec.name].file, f"{graphs[spec.name].file}.data"):
-                if (reuse.folder / file).exists():  # (copied: onnx refuses external data with several hard links)
-                    shutil.copy2(reuse.folder / file, folder / file)
+            _copy_graph(reuse.folder, folder, graphs[spec.name].file)
     for i, spec in enumerate(specs if reuse is None else [], 1):
         say(f"[{i}/{len(specs)}] {spec.name}: exporting ...")
         graphs[spec.name] = spec.to_manifest(export_graph(spec, ck.model, folder).name)
@@ -206,9 +212,7 @@ def _convert(specs, src: Path, dst: Path, precision: str, calib_feeds: dict | No
         elif spec.int4:
             details[spec.name] = to_int4(src / file, dst / file, for_tensorrt=for_tensorrt)
         else:
-            for f in (file, f"{file}.data"):
-                if (src / f).exists():
-                    shutil.copy2(src / f, dst / f)
+            _copy_graph(src, dst, file)
             details[spec.name] = {"kept_fp32": "the whole graph (int4 is for the LLM's weights)"}
         say(f"  {spec.name}: {precision} ({details[spec.name]['kept_fp32']} kept in float32)")
     return details

@@ -1,10 +1,14 @@
 """The parity gate: every graph and the whole runtime pipeline against PyTorch, with explicit tolerances per
 precision. `export.build` runs it and writes no engine folder when anything fails.
 
-    from export.parity import TOLERANCES, check_graphs, end_to_end, raise_on_failure
-    results = check_graphs(specs, model, open_runner, TOLERANCES["fp32"])     # per graph, random inputs
+    from export.parity import (TOLERANCES, compare_end_to_end, compare_graphs, end_to_end_reference,
+                               graph_references, raise_on_failure)
+    refs = graph_references(specs, model)                     # PyTorch's outputs, random inputs per graph
+    want = end_to_end_reference(checkpoint, limits, graph_names)   # Hugging Face's, called as users call it
+    # (the PyTorch model can be released here: what follows needs only ONNX Runtime)
+    results = compare_graphs(refs, open_runner, TOLERANCES["fp32"])
     raise_on_failure(results)                     # ParityError listing every failing output
-    report = end_to_end(checkpoint, pipeline, limits, "fp32")   # the runtime against Hugging Face
+    report = compare_end_to_end(want, pipeline, "fp32")       # the runtime against Hugging Face
 
 Per graph, every output is compared with the PyTorch module it was exported from, on inputs at shapes other
 than the export shapes (prefills with an empty cache, single-token steps, other batch sizes, padded rows), or
@@ -255,11 +259,12 @@ class GraphReference:
 
 
 def graph_references(specs, model, feeds: dict | None = None, large_input: bool = False) -> list[GraphReference]:
-    """Every graph's check cases (random inputs, or a few of the `feeds` recorded per graph; a graph the pipeline
-    never called is skipped) with PyTorch's outputs; `large_input`: the fp16 overflow probe of graph_cases."""
+    """Every graph's check cases (random inputs, or the `feeds` recorded per graph, already cut to a few with
+    `select_cases`; a graph the pipeline never called is skipped) with PyTorch's outputs; `large_input`: the fp16
+    overflow probe of graph_cases."""
     references = []
     for spec in specs:
-        recorded = select_cases(feeds[spec.name]) if feeds is not None else None
+        recorded = feeds[spec.name] if feeds is not None else None
         if recorded == []:
             continue
         cases = graph_cases(spec, feeds=recorded, large_input=large_input)
@@ -280,12 +285,6 @@ def compare_graphs(references: list[GraphReference], open_runner, tol: Tolerance
         say(f"  {ref.spec.name}: parity {status} over {len(checks)} checks (max abs err {worst.max_abs:.2g}, "
             f"{worst.max_rel:.2g} of the range, cosine >= {min(c.cosine for c in checks):.5f})")
     return results
-
-
-def check_graphs(specs, model, open_runner, tol: Tolerance | str, say=print, feeds: dict | None = None,
-                 large_input: bool = False) -> list:
-    """graph_references, then compare_graphs (with the model loaded throughout)."""
-    return compare_graphs(graph_references(specs, model, feeds, large_input), open_runner, tol, say)
 
 
 def raise_on_failure(results: list[Comparison]) -> None:
@@ -508,7 +507,3 @@ def compare_end_to_end(want: dict, pipe, precision: str) -> dict:
     report["passed"] = all(r["passed"] for r in report.values() if isinstance(r, dict) and "passed" in r)
     return report
 
-
-def end_to_end(ck, pipe, limits, precision: str, images: list | None = None) -> dict:
-    """Every capability of the pipeline against its reference (with the model loaded throughout)."""
-    return compare_end_to_end(end_to_end_reference(ck, limits, pipe.runners, images), pipe, precision)

@@ -5,9 +5,7 @@ The full-width, few-layer build (677M parameters, an LLM graph over 2 GB with ex
 `python -m pytest -m slow`.
 """
 import gc
-import json
 import os
-import struct
 import subprocess
 import sys
 import weakref
@@ -19,7 +17,7 @@ from transformers import Blip2ForConditionalGeneration
 
 from export.onnx_export import export_graph
 from export.specs import graph_specs
-from train.checkpoint import load_checkpoint
+from train.checkpoint import load_checkpoint, parameter_count, safetensors_headers
 from train.demo import make_random_checkpoint
 from train.model import HF_CLASS, Blip2Edge
 from train.presets import blip2_config
@@ -45,9 +43,7 @@ def test_streamed_loading_gives_what_hugging_face_loads(tmp_path, preset, option
     """A float16 folder written by `python -m train.demo --dtype float16`, loaded tensor by tensor, holds exactly
     the float32 weights (and generation settings) of Hugging Face's own from_pretrained."""
     folder = make_random_checkpoint(tmp_path / "ck", preset, seed=0, dtype=torch.float16, **options)
-    with open(folder / "model.safetensors", "rb") as fh:
-        header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
-    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"F16"}
+    assert {entry["dtype"] for entry in safetensors_headers(folder).values()} == {"F16"}
     ours = Blip2Edge.from_pretrained(folder).hf_model()
     theirs = HF_CLASS[2 if options.get("stage", 2) == 2 else 1].from_pretrained(folder, dtype=torch.float32)
     a, b = ours.state_dict(), theirs.state_dict()
@@ -70,20 +66,6 @@ def test_released_weights_are_freed_after_an_export(make_engine, tmp_path):
     assert ck.model is not None and ck.hf is not None
 
 
-def _fp32_bytes(folder: Path) -> int:
-    total = 0
-    for file in folder.glob("*.safetensors"):
-        with open(file, "rb") as fh:
-            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
-        for name, entry in header.items():
-            if name != "__metadata__":
-                n = 1
-                for d in entry["shape"]:
-                    n *= d
-                total += 4 * n
-    return total
-
-
 @pytest.mark.slow
 def test_full_width_build_stays_within_one_and_a_half_times_the_fp32_weights(tmp_path):
     """blip2-opt-2.7b's widths with 2 ViT, 2 Q-Former and 6 OPT layers (677M parameters; the LLM graph is 2.4 GB,
@@ -101,4 +83,4 @@ def test_full_width_build_stays_within_one_and_a_half_times_the_fp32_weights(tmp
     graph = tmp_path / "engines" / "opt27-6l" / "onnx" / "llm_decoder.onnx.data"
     assert graph.stat().st_size > 2 * 2**30  # external data exercised
     peak = usage.ru_maxrss * 1024
-    assert peak <= 1.5 * _fp32_bytes(folder), f"peak RSS {peak / 2**30:.2f} GiB"
+    assert peak <= 1.5 * 4 * parameter_count(folder), f"peak RSS {peak / 2**30:.2f} GiB"

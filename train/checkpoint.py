@@ -17,6 +17,7 @@ trace SDPA's `is_causal` flag in the KV-cached decoder step).
 """
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,6 +244,24 @@ def _load_model(path: Path, qformer_tokenizer):
     if qformer_tokenizer is not None and not (path / "blip2_edge.json").is_file():
         _ids_from_tokenizer(model.edge, qformer_tokenizer)
     return model
+
+
+def safetensors_headers(folder) -> dict[str, dict]:
+    """{tensor name: {"dtype", "shape", ...}} of every *.safetensors file in `folder`, read from the files' JSON
+    headers alone (no tensor is loaded)."""
+    import struct
+
+    headers = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with open(file, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            headers.update((k, v) for k, v in json.loads(fh.read(size)).items() if k != "__metadata__")
+    return headers
+
+
+def parameter_count(folder) -> int:
+    """Elements of every tensor stored in the folder's safetensors files."""
+    return sum(math.prod(entry["shape"]) for entry in safetensors_headers(folder).values())
 
 
 def checkpoint_hash(path: Path) -> str:
