@@ -33,6 +33,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import os
 import platform
 import shutil
@@ -52,7 +53,8 @@ from runtime.manifest import (
     FORMAT, FORMAT_VERSION, Build, LanguageModel, Manifest, Model, Precision, QFormer, load_manifest,
 )
 from runtime.runners import make_runner
-from train.checkpoint import CheckpointError, checkpoint_hash, load_checkpoint, resolve_source
+from train.checkpoint import (CheckpointError, checkpoint_hash, load_checkpoint, resolve_source, return_freed_memory,
+                              safetensors_headers)
 from train.families import family
 from train.logs import quiet_libraries
 
@@ -214,6 +216,7 @@ def _convert(specs, src: Path, dst: Path, precision: str, calib_feeds: dict | No
         else:
             _copy_graph(src, dst, file)
             details[spec.name] = {"kept_fp32": "the whole graph (int4 is for the LLM's weights)"}
+        return_freed_memory()
         say(f"  {spec.name}: {precision} ({details[spec.name]['kept_fp32']} kept in float32)")
     return details
 
@@ -272,6 +275,7 @@ def _check_and_record(ck, folder: Path, manifest: Manifest, results: list, want:
     backend = "tensorrt" if manifest.is_tensorrt else "onnxruntime"
     if data is not None:  # the fp32 folder's outputs first, its pipeline closed before the reduced one opens
         fp32_outputs = pipeline_outputs(Blip2Pipeline.from_dir(fp32_dir, backend="onnxruntime"), data.report)
+        return_freed_memory()
     say("end-to-end: runtime pipeline vs Hugging Face ...")
     pipe = Blip2Pipeline.from_dir(folder, backend=backend)
     e2e = compare_end_to_end(want, pipe, manifest.precision.name)
@@ -335,6 +339,47 @@ def _staging(final: Path):
         raise
 
 
+# Bytes per weight of a graph at each precision (int4: 4 bits and a float32 scale per block of 32; int8 a little
+# over 1 byte with its scales and the float32 parts); used to check the disk before a build.
+BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "int8": 1.1, "int4": 0.625}
+
+
+def _output_bytes(model_dir: Path, precision: str) -> float:
+    """Bytes a build writes at most, from the parameter counts in the checkpoint's safetensors headers: the float32
+    graphs (kept while a reduced build converts and checks), each Q-Former graph with its own copy of the Q-Former
+    (up to 4 with the Q-Former's text side), plus the reduced graphs (int4 applies to the LLM only), with 2% and
+    16 MB for the graphs' structure."""
+    from transformers import Blip2Config
+
+    from train.model import EdgeConfig
+
+    sizes = {name: math.prod(h["shape"]) for name, h in safetensors_headers(model_dir).items()}
+    vision = sum(n for name, n in sizes.items() if name.startswith("vision_model."))
+    llm = sum(n for name, n in sizes.items() if name.startswith(("language_model.", "language_projection.")))
+    copies = 4 if EdgeConfig.load(model_dir, Blip2Config.from_pretrained(model_dir)).qformer_text else 1
+    weights = vision + llm + copies * (sum(sizes.values()) - vision - llm)
+    need = 4.0 * weights
+    if precision != "fp32":
+        need += BYTES_PER_WEIGHT[precision] * llm + BYTES_PER_WEIGHT[precision if precision != "int4" else "fp32"] * (
+            weights - llm)
+    return 1.02 * need + 16e6  # (measured on the 677M blip2-opt-2.7b variant: the fp32 graphs are 0.994x 4 * weights)
+
+
+def _check_disk(model_dir: Path, target: str, out_root: Path) -> None:
+    """Refuse a build the output disk cannot hold, before anything is loaded or written."""
+    if not (model_dir / "config.json").is_file():
+        return  # (load_checkpoint says what is wrong with the folder)
+    precision = TARGETS[target].precision
+    need = _output_bytes(model_dir, precision)
+    where = next(p for p in (out_root, *out_root.parents, Path(".")) if p.exists())
+    free = shutil.disk_usage(where).free
+    if free < need:
+        raise BuildError(f"not enough disk for --target {target}: the build writes up to {need / 1e9:.2f} GB "
+                         f"(the float32 graphs{'' if precision == 'fp32' else f' and the {precision} ones'}) under "
+                         f"{out_root} and {where.resolve()} has {free / 1e9:.2f} GB free; free some space or pass "
+                         f"--out a folder on a disk with room")
+
+
 def _replace(tmp: Path, final: Path) -> None:
     """Move the finished folder into place; an older folder of the same name is removed only after that."""
     old = None
@@ -357,6 +402,7 @@ def build(model_dir, target: str = "onnx", out_root="engines", name: str | None 
     precision, tensorrt = TARGETS[target].precision, TARGETS[target].tensorrt
     default_name = model_dir.resolve().name if model_dir == Path(source) else str(source).split("/")[-1]
     final = out_root / (name or default_name) / target
+    _check_disk(model_dir, target, out_root)
     started = time.time()
     say(f"loading checkpoint {model_dir}")
     ck = load_checkpoint(model_dir)
@@ -373,6 +419,8 @@ def build(model_dir, target: str = "onnx", out_root="engines", name: str | None 
         say("parity of the fp32 ONNX graphs against PyTorch:")
         results = compare_graphs(references, lambda g: make_runner(fp32_dir / graphs[g].file), TOLERANCES["fp32"],
                                  say)
+        del references  # (PyTorch's outputs and their inputs, KV caches included: gigabytes at full size)
+        return_freed_memory()
         raise_on_failure(results)
         _write_folder(ck, fp32_dir, fp32)
         if precision == "fp32":
@@ -387,6 +435,8 @@ def build(model_dir, target: str = "onnx", out_root="engines", name: str | None 
                                            images=data.held_out)
             say(f"parity of the {target} graphs against PyTorch ({precision} tolerances):")
             results = compare_graphs(references, _open_runners(manifest, tmp), precision, say)
+            del references, feeds
+            return_freed_memory()
             raise_on_failure(results)
             _check_and_record(ck, tmp, manifest, results, want, say, data, fp32_dir)
             shutil.rmtree(fp32_dir)

@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 
 from export.graph_spec import GraphSpec, torch_inputs
+from train.checkpoint import return_freed_memory
 from train.reference import HfReference, itg_greedy
 
 
@@ -273,12 +274,14 @@ def graph_references(specs, model, feeds: dict | None = None, large_input: bool 
 
 
 def compare_graphs(references: list[GraphReference], open_runner, tol: Tolerance | str, say=print) -> list:
-    """Every graph of `references` against PyTorch's outputs; `open_runner(graph name)` opens the exported graph
-    (one at a time). `tol`: the bounds, or a precision whose bounds `graph_tolerance` picks per graph."""
+    """Every graph of `references` against PyTorch's outputs, emptying the list as it goes; `open_runner(graph
+    name)` opens the exported graph (one at a time). `tol`: the bounds, or a precision whose bounds `graph_tolerance` picks per graph."""
     results = []
-    for ref in references:
+    while references:  # (each graph's cases and outputs dropped once it is checked)
+        ref = references.pop(0)
         bound = graph_tolerance(tol, ref.spec) if isinstance(tol, str) else tol
         checks = compare_outputs(ref.spec, open_runner(ref.spec.name), ref.cases, ref.outputs, bound)
+        return_freed_memory()  # (the graph's session is closed: its memory goes before the next one opens)
         results += checks
         worst = max(checks, key=lambda c: c.max_rel)
         status = "ok" if all(c.passed for c in checks) else "FAILED"

@@ -18,6 +18,10 @@ by an explicit rule, recorded in the manifest:
 Graph inputs and outputs stay float32 (the runtime feeds and reads the same types at every precision);
 casts are inserted at every boundary between fp16 and fp32 nodes, and fp16 weights are clamped to ±65504.
 
+fp16 and int4 never hold a graph's weights in memory: the graph is loaded as stubs and each weight is read,
+converted and written on its own (`export.weights`), so a graph of any size converts in about one weight's
+memory. int8 goes through ONNX Runtime's `quantize_static`, which loads the whole graph.
+
 INT8 (`to_int8`): ONNX Runtime's `quantize_static` in QDQ format, symmetric int8 activations and
 per-channel symmetric int8 weights (the form TensorRT consumes), for the MatMul/Gemm/Conv nodes that have
 a weight; matrix products of two activations (attention scores and attention-weighted values), each
@@ -28,12 +32,14 @@ pipeline on calibration images (`export.calibration`).
 import contextlib
 import logging
 import tempfile
-from collections import Counter, defaultdict, deque
+from collections import defaultdict, deque
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from export.weights import Weights, load_graph
 
 FP16_MAX = 65504.0
 # Ops always computed in float32 in the fp16 graph: normalisations and reductions whose sums overflow or
@@ -46,21 +52,9 @@ FP32_INPUTS = {("Resize", 2)}
 
 
 def _float_tensors(model: onnx.ModelProto) -> set[str]:
-    """Names of every float32 tensor in the graph (inputs, initializers, intermediates, outputs). Types are
-    inferred on a copy without the weights' data (a graph over 2 GB cannot be serialized for shape inference)."""
-    shell = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import, functions=model.functions)
-    g = model.graph
-    shell.graph.CopyFrom(onnx.GraphProto(name=g.name, node=g.node, input=g.input, output=g.output,
-                                         value_info=g.value_info))
-    for t in g.initializer:
-        if len(t.raw_data) > 1 << 16:  # a weight: its type and dims are all that inference reads of it
-            stub = shell.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
-            stub.data_location = TensorProto.EXTERNAL
-            stub.external_data.add(key="location", value="not-loaded")
-        else:
-            shell.graph.initializer.append(t)
-    inferred = onnx.shape_inference.infer_shapes(shell)
-    g = inferred.graph
+    """Names of every float32 tensor in the graph (inputs, initializers, intermediates, outputs). The weights
+    are stubs (`export.weights.load_graph`): inference reads only their type and dims."""
+    g = onnx.shape_inference.infer_shapes(model).graph
     infos = list(g.input) + list(g.output) + list(g.value_info)
     out = {v.name for v in infos if v.type.tensor_type.elem_type == TensorProto.FLOAT}
     out |= {t.name for t in g.initializer if t.data_type == TensorProto.FLOAT}
@@ -117,21 +111,25 @@ def _half_outputs(graph, fp32_nodes: set[str], floats: set[str]) -> set[str]:
     return half
 
 
+def _half_weight(w: np.ndarray) -> np.ndarray:
+    return np.clip(w, -FP16_MAX, FP16_MAX).astype(np.float16)
+
+
 class _TypeFixer:
     """Gives every node's float inputs the type the node computes in: a Cast node before it, or an fp16 copy of
     a weight (clamped to the fp16 range). Casts are shared between the nodes that read the same tensor."""
 
-    def __init__(self, graph, half: set[str]):
-        self.initializers = {t.name: t for t in graph.initializer}
+    def __init__(self, graph, half: set[str], weights: Weights):
+        self.initializers = {t.name for t in graph.initializer}
         self.half, self.casts, self.half_weights, self.new_nodes = half, {}, {}, []
+        self.weights = weights
 
     def __call__(self, name: str, want_half: bool) -> str:
         if (name in self.half) == want_half:
             return name
         if name in self.initializers and want_half:
-            if name not in self.half_weights:
-                arr = np.clip(numpy_helper.to_array(self.initializers[name]), -FP16_MAX, FP16_MAX).astype(np.float16)
-                self.half_weights[name] = numpy_helper.from_array(arr, f"{name}__fp16")
+            if name not in self.half_weights:  # (computed when the graph is written, one weight at a time)
+                self.half_weights[name] = self.weights.derive(f"{name}__fp16", name, _half_weight, TensorProto.FLOAT16)
             return f"{name}__fp16"
         if (name, want_half) not in self.casts:
             out = f"{name}__{'fp16' if want_half else 'fp32'}"
@@ -184,7 +182,7 @@ def to_fp16(src, dst, keep_fp32_nodes: tuple[str, ...] = (), only_ops: tuple[str
     only_ops: compute only these op types in fp16 (e.g. MatMul: fp16 weights and products, with everything
     between them, the residual stream included, in fp32); fp32_scopes: keep the nodes of these modules in fp32
     (T5's `DenseReluDense.wo`, whose output overflows fp16, as Hugging Face keeps it)."""
-    model = onnx.load(str(src))
+    model, weights = load_graph(src)
     graph = model.graph
     _ensure_names(graph)
     floats = _float_tensors(model)
@@ -194,16 +192,15 @@ def to_fp16(src, dst, keep_fp32_nodes: tuple[str, ...] = (), only_ops: tuple[str
                   or (only_ops is not None and n.op_type not in only_ops and n.op_type != "Cast")
                   or _in_scope(n, fp32_scopes)} | set(keep_fp32_nodes)
     half = _half_outputs(graph, fp32_nodes, floats)
-    fixer = _TypeFixer(graph, half)
+    fixer = _TypeFixer(graph, half, weights)
     body = fixer.rewrite(graph, fp32_nodes, floats)
     body += _float_graph_outputs(graph, body, half)
     del graph.node[:]
     graph.node.extend(body)
-    _drop_unused_initializers(graph)  # (the float32 weights now held in float16: freed before the copies below)
-    for name in list(fixer.half_weights):  # one at a time, each source freed as it is copied in
-        graph.initializer.append(fixer.half_weights.pop(name))
+    _drop_unused_initializers(graph)  # (the float32 weights now read as float16)
+    graph.initializer.extend(fixer.half_weights.values())
     del graph.value_info[:]  # stale types; ONNX Runtime and TensorRT infer them again
-    _save(model, dst)
+    weights.save(model, dst)
     kept = defaultdict(int)
     for n in graph.node:
         if n.name in fp32_nodes and n.op_type not in CONSTANT_OPS:
@@ -374,12 +371,11 @@ INT4_BLOCK_SIZE = 32  # weights per scale along the input dimension: 32 keeps a 
 INT4_ACCURACY_LEVEL = 4  # MatMulNBits compute: 4 = int8 activations (MLAS's fastest CPU path), 0/1 = float32
 
 
-def _gemms_as_matmuls(graph) -> int:
+def _gemms_as_matmuls(graph, weights: Weights) -> int:
     """Rewrite Gemm(x, W, b) with a constant W (the exporter's form of a Linear over 2-D input, OPT's FFN) as
     MatMul(x, W as [K, N]) + b, in place, so that the weight-only quantizer, which handles MatMul, sees it;
     returns how many were rewritten. The numbers are the same (alpha = beta = 1, no transposed input)."""
     inits = {t.name: t for t in graph.initializer}
-    uses = Counter(i for n in graph.node for i in n.input)
     body, rewritten = [], 0
     for node in graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -387,18 +383,16 @@ def _gemms_as_matmuls(graph) -> int:
         if node.op_type != "Gemm" or not plain or node.input[1] not in inits:
             body.append(node)
             continue
-        weight = numpy_helper.to_array(inits[node.input[1]])
-        weight = weight.T if attrs.get("transB", 0) else weight
-        name = f"{node.input[1]}__kn"
-        transposed = numpy_helper.from_array(np.ascontiguousarray(weight), name)
-        if uses[node.input[1]] == 1:  # in place: the original's bytes are freed, not kept beside the copy
-            inits[node.input[1]].CopyFrom(transposed)
-        else:
-            graph.initializer.append(transposed)
-        del weight, transposed
+        weight = node.input[1]
+        if attrs.get("transB", 0):  # stored [N, K]: a transposed copy, made when it is quantized
+            n, k = inits[weight].dims
+            weight = f"{weight}__kn"
+            if weight not in inits:
+                inits[weight] = weights.derive(weight, node.input[1], np.transpose, dims=(k, n))
+                graph.initializer.append(inits[weight])
         has_bias = len(node.input) > 2 and node.input[2]
         product = f"{node.output[0]}__matmul" if has_bias else node.output[0]
-        body.append(helper.make_node("MatMul", [node.input[0], name], [product], name=f"{node.name}__matmul"))
+        body.append(helper.make_node("MatMul", [node.input[0], weight], [product], name=f"{node.name}__matmul"))
         if has_bias:
             body.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}__bias"))
         rewritten += 1
@@ -406,6 +400,19 @@ def _gemms_as_matmuls(graph) -> int:
     graph.node.extend(body)
     _drop_unused_initializers(graph)
     return rewritten
+
+
+def _int4_opsets(model: onnx.ModelProto, for_tensorrt: bool) -> None:
+    """What the quantized nodes need of the model, as ONNX Runtime's MatMulNBitsQuantizer.process sets it:
+    MatMulNBits is in the com.microsoft domain; int4 initializers need opset 21 and IR version 10."""
+    if not for_tensorrt:
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.add(domain="com.microsoft", version=1)
+        return
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx") and o.version < 21:
+            o.version = 21
+    model.ir_version = max(model.ir_version, 10)
 
 
 def to_int4(src, dst, block_size: int = INT4_BLOCK_SIZE, symmetric: bool = True,
@@ -420,29 +427,39 @@ def to_int4(src, dst, block_size: int = INT4_BLOCK_SIZE, symmetric: bool = True,
 
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                 DefaultWeightOnlyQuantizer)
 
     root.handlers[:], root.level = handlers, level  # (its import turns the process's root logger to INFO)
-    model = onnx.load(str(src))
-    _ensure_names(model.graph)
-    _gemms_as_matmuls(model.graph)
-    with_weight, _ = weight_matmuls(model.graph)
-    inits = {t.name: t for t in model.graph.initializer}
-    nodes = {n.name: n for n in model.graph.node}
+    model, weights = load_graph(src)
+    graph = model.graph
+    _ensure_names(graph)
+    _gemms_as_matmuls(graph, weights)
+    with_weight, _ = weight_matmuls(graph)
+    inits = {t.name: t for t in graph.initializer}
+    nodes = {n.name: n for n in graph.node}
     # MatMulNBits needs a 2-D weight [K, N] whose K is a multiple of 2 (packing); Gemm/Conv are left as they are
-    targets = [name for name in with_weight if nodes[name].op_type == "MatMul" and nodes[name].input[1] in inits
-               and len(inits[nodes[name].input[1]].dims) == 2]
-    quantizer = MatMulNBitsQuantizer(
-        model, bits=4, block_size=block_size, is_symmetric=symmetric, accuracy_level=accuracy_level,
-        nodes_to_include=targets, op_types_to_quantize=("MatMul",),
-        quant_format=QuantFormat.QDQ if for_tensorrt else QuantFormat.QOperator)
+    targets = {name for name in with_weight if nodes[name].op_type == "MatMul" and nodes[name].input[1] in inits
+               and len(inits[nodes[name].input[1]].dims) == 2}
+    quantizer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(
+        block_size=block_size, is_symmetric=symmetric, accuracy_level=accuracy_level, bits=4,
+        op_types_to_quantize=("MatMul",), quant_format=QuantFormat.QDQ if for_tensorrt else QuantFormat.QOperator))
+    body, quantized = [], 0
     with _quiet_logging():
-        quantizer.process()
-    out = quantizer.model.model
-    quantized = sum(n.op_type == "MatMulNBits" for n in out.graph.node) if not for_tensorrt else sum(
-        n.op_type == "DequantizeLinear" and n.attribute and any(a.name == "block_size" for a in n.attribute)
-        for n in out.graph.node)
-    _save(out, dst)
+        for node in graph.node:  # one weight at a time: read, quantized by ONNX Runtime, its output held
+            if node.name not in targets:
+                body.append(node)
+                continue
+            scratch = onnx.GraphProto(initializer=[numpy_helper.from_array(weights.array(node.input[1]), node.input[1])])
+            replaced = quantizer.quantize(node, [scratch])
+            quantized += replaced != [node]
+            body += replaced
+            graph.initializer.extend(weights.put(t) for t in scratch.initializer[1:])
+    del graph.node[:]
+    graph.node.extend(body)
+    _drop_unused_initializers(graph)
+    _int4_opsets(model, for_tensorrt)
+    weights.save(model, dst)
     return {"quantized_nodes": quantized,
             "kept_fp32": {"weight MatMuls not quantized": len(targets) - quantized,
                           "other weight products (Gemm, Conv)": len(with_weight) - len(targets)},

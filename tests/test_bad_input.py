@@ -268,3 +268,45 @@ def test_model_given_as_a_hub_id_comes_from_the_local_cache(tiny_engine, tmp_pat
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "hf download someone/not-downloaded" in proc.stderr and "HF_HUB_OFFLINE" in proc.stderr
     assert sorted(p.name for p in out.iterdir()) == ["tiny-blip2"]
+
+
+def _broken_copy(folder, tmp_path):
+    broken = tmp_path / "ckpt"
+    shutil.copytree(folder, broken)
+    return broken
+
+
+def test_incomplete_weight_files_are_refused_before_loading(tiny_engine, tmp_path):
+    """A shard the index names but the folder lacks, and a safetensors file cut short: the error names the file
+    and the fix, and no engine folder is started (Hugging Face would fill a missing shard with random weights)."""
+    from export.build import build
+    from train.checkpoint import CheckpointError
+
+    broken = _broken_copy(tiny_engine[0], tmp_path)
+    weights = broken / "model.safetensors"
+    index = {"metadata": {}, "weight_map": {"a": "model.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"1 of the 2 weight shards .* missing \(model-00002-of-00002"
+                                              r"\.safetensors\).* fetch the missing files"):
+        build(broken, "onnx", tmp_path / "engines", say=lambda *_: None)
+    (broken / "model.safetensors.index.json").unlink()
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) - 100])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is truncated: .* fetch or copy the file again"):
+        build(broken, "onnx", tmp_path / "engines", say=lambda *_: None)
+    weights.write_bytes(b"\x00" * 4)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is not a safetensors file"):
+        build(broken, "onnx", tmp_path / "engines", say=lambda *_: None)
+    assert not (tmp_path / "engines").exists()
+
+
+def test_too_little_disk_is_refused_before_anything_is_written(tiny_engine, tmp_path, monkeypatch):
+    import export.build as b
+
+    monkeypatch.setattr(b.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 0, 10**6))
+    with pytest.raises(b.BuildError, match=r"not enough disk for --target onnx-fp16: the build writes up to .* GB "
+                                           r"\(the float32 graphs and the fp16 ones\) .* pass --out a folder"):
+        b.build(tiny_engine[0], "onnx-fp16", tmp_path / "engines", say=lambda *_: None)
+    assert list(tmp_path.iterdir()) == []
+    # the estimate covers what the built graphs take (at full size: tests/test_full_size.py)
+    assert sum(f.stat().st_size for f in tiny_engine[1].glob("*.onnx*")) <= b._output_bytes(tiny_engine[0], "fp32")

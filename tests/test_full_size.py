@@ -67,20 +67,29 @@ def test_released_weights_are_freed_after_an_export(make_engine, tmp_path):
 
 
 @pytest.mark.slow
-def test_full_width_build_stays_within_one_and_a_half_times_the_fp32_weights(tmp_path):
+def test_full_width_builds_stay_within_one_and_a_half_times_the_fp32_weights(tmp_path):
     """blip2-opt-2.7b's widths with 2 ViT, 2 Q-Former and 6 OPT layers (677M parameters; the LLM graph is 2.4 GB,
-    stored with external data): `python -m export.build --target onnx` passes its gate with a peak resident set
-    of at most 1.5x the float32 weights (the process's own rusage)."""
+    stored with external data): `python -m export.build` for onnx, onnx-fp16 and onnx-int4 (the reduced builds
+    reuse the fp32 folder) passes its gate with a peak resident set of at most 1.5x the float32 weights (each
+    process's own rusage), and writes no more than the disk check asked to be free."""
+    from export.build import _output_bytes
+
     folder = tmp_path / "opt27-6l"
     subprocess.run([sys.executable, "-m", "train.demo", "--preset", "blip2-opt-2.7b", "--dtype", "float16",
                     "--vision-layers", "2", "--qformer-layers", "2", "--llm-layers", "6", "--out", str(folder)],
                    cwd=ROOT, check=True, capture_output=True)
-    proc = subprocess.Popen([sys.executable, "-m", "export.build", "--model", str(folder), "--out",
-                             str(tmp_path / "engines")], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    output = proc.stdout.read().decode()
-    _, status, usage = os.wait4(proc.pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, output[-3000:]
-    graph = tmp_path / "engines" / "opt27-6l" / "onnx" / "llm_decoder.onnx.data"
-    assert graph.stat().st_size > 2 * 2**30  # external data exercised
-    peak = usage.ru_maxrss * 1024
-    assert peak <= 1.5 * 4 * parameter_count(folder), f"peak RSS {peak / 2**30:.2f} GiB"
+    for target, precision in (("onnx", "fp32"), ("onnx-fp16", "fp16"), ("onnx-int4", "int4")):
+        proc = subprocess.Popen([sys.executable, "-m", "export.build", "--model", str(folder), "--target", target,
+                                 "--out", str(tmp_path / "engines")], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        output = proc.stdout.read().decode()
+        _, status, usage = os.wait4(proc.pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, output[-3000:]
+        built = tmp_path / "engines" / "opt27-6l" / target
+        assert (built / "llm_decoder.onnx.data").is_file()  # external data exercised (and kept by the conversions)
+        if target == "onnx":
+            assert (built / "llm_decoder.onnx.data").stat().st_size > 2 * 2**30
+        peak = usage.ru_maxrss * 1024
+        assert peak <= 1.5 * 4 * parameter_count(folder), f"{target}: peak RSS {peak / 2**30:.2f} GiB"
+        written = sum(f.stat().st_size for f in built.glob("*.onnx*"))
+        assert written <= _output_bytes(folder, precision), target

@@ -52,11 +52,8 @@ class Checkpoint:
     def release_weights(self) -> None:
         """Drop the PyTorch model (and the Hugging Face one sharing its weights): a build holds PyTorch's copy of
         the weights or ONNX Runtime's, never both. `reload_weights` brings them back."""
-        import gc
-
         self.model = self.hf = None
-        gc.collect()
-        _return_freed_memory()
+        return_freed_memory()
 
     def reload_weights(self) -> None:
         if self.model is None:
@@ -202,6 +199,7 @@ def load_checkpoint(path) -> Checkpoint:
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} has no config.json: it is not a Hugging Face save_pretrained folder")
     config = Blip2Config.from_pretrained(path)
+    check_weight_files(path)
     if config.model_type != "blip-2":
         raise CheckpointError(f"{path} holds a {config.model_type!r} model; blip2-edge exports BLIP-2 (model_type 'blip-2')")
     edge = EdgeConfig.load(path, config)
@@ -225,12 +223,14 @@ def load_checkpoint(path) -> Checkpoint:
     return Checkpoint(path, model, model.hf_model(), tokenizer, qformer_tokenizer, image_processor, prefix, suffix)
 
 
-def _return_freed_memory() -> None:
-    """Hand the heap's freed pages back to the system (glibc keeps them otherwise, and they count as the
-    process's memory); a no-op elsewhere."""
+def return_freed_memory() -> None:
+    """Collect garbage and hand the heap's freed pages back to the system (glibc keeps them otherwise, and they
+    count as the process's memory: a build's next step would stack its peak on them); trim is a no-op elsewhere."""
     import ctypes
     import ctypes.util
+    import gc
 
+    gc.collect()
     try:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
@@ -246,17 +246,55 @@ def _load_model(path: Path, qformer_tokenizer):
     return model
 
 
+def _safetensors_header(file: Path) -> tuple[int, dict]:
+    """(bytes the file must have, {tensor name: {"dtype", "shape", "data_offsets"}}) from a safetensors file's
+    JSON header alone; CheckpointError if there is no readable header."""
+    import struct
+
+    with open(file, "rb") as fh:
+        head = fh.read(8)
+        try:
+            (size,) = struct.unpack("<Q", head)
+            header = json.loads(fh.read(size)) if size < 1 << 30 else None
+        except (struct.error, ValueError, UnicodeDecodeError):
+            header = None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file} is not a safetensors file (its header cannot be read): the file is damaged or "
+                              f"cut short; fetch or copy it again")
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
+    return 8 + size + end, tensors
+
+
 def safetensors_headers(folder) -> dict[str, dict]:
     """{tensor name: {"dtype", "shape", ...}} of every *.safetensors file in `folder`, read from the files' JSON
     headers alone (no tensor is loaded)."""
-    import struct
-
     headers = {}
     for file in sorted(Path(folder).glob("*.safetensors")):
-        with open(file, "rb") as fh:
-            (size,) = struct.unpack("<Q", fh.read(8))
-            headers.update((k, v) for k, v in json.loads(fh.read(size)).items() if k != "__metadata__")
+        headers.update(_safetensors_header(file)[1])
     return headers
+
+
+def check_weight_files(path: Path) -> None:
+    """Refuse a folder whose weight files are incomplete, before any is loaded (Hugging Face would fill the
+    weights of a missing shard with random values and warn, and a cut file fails deep inside the load): every
+    shard that model.safetensors.index.json names is there, and every safetensors file is as long as its header
+    says."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise CheckpointError(
+                f"{path}: {len(missing)} of the {len(shards)} weight shards named by model.safetensors.index.json "
+                f"are missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): the download or copy "
+                f"is incomplete; fetch the missing files into {path} (for a hub model: `hf download <repo id>`)")
+    for file in sorted(path.glob("*.safetensors")):
+        want, _ = _safetensors_header(file)
+        have = file.stat().st_size
+        if have < want:
+            raise CheckpointError(f"{file} is truncated: {have:,} bytes where its header describes {want:,}; the "
+                                  f"download or copy was cut short: fetch or copy the file again")
 
 
 def parameter_count(folder) -> int:

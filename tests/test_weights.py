@@ -1,0 +1,67 @@
+"""Converting graphs one weight at a time (export/weights.py): a graph with external data converts to the same
+fp16 / int4 graph as the same graph in one file, and its weights are never all in memory at once."""
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from export.precision import to_fp16, to_int4
+from export.weights import load_graph
+
+
+def _graph(path, external: bool, k=64, n=96):
+    """x [B, K] -> MatMul(W1 [K, N]) -> Gemm(W2 [N, K] transposed, bias) -> y [B, K]: both weight forms."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((k, n)).astype(np.float32)
+    w2 = rng.standard_normal((k, n)).astype(np.float32)
+    bias = rng.standard_normal(k).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm"),
+             helper.make_node("Gemm", ["h", "w2", "bias"], ["y"], name="gemm", transB=1)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", k])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(bias, "bias")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.save(model, str(path), save_as_external_data=external, location=f"{path.name}.data", size_threshold=0)
+    return path
+
+
+def _run(path, x):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("convert", [to_fp16, to_int4], ids=["fp16", "int4"])
+def test_external_data_converts_to_the_same_graph_as_one_file(tmp_path, convert):
+    (tmp_path / "one").mkdir(), (tmp_path / "ext").mkdir(), (tmp_path / "out").mkdir()
+    one = _graph(tmp_path / "one" / "g.onnx", external=False)
+    ext = _graph(tmp_path / "ext" / "g.onnx", external=True)
+    assert (tmp_path / "ext" / "g.onnx.data").exists() and not (tmp_path / "one" / "g.onnx.data").exists()
+    convert(one, tmp_path / "out" / "one.onnx")
+    convert(ext, tmp_path / "out" / "ext.onnx")
+    # a source with external data gives external data; a one-file source one file
+    assert (tmp_path / "out" / "ext.onnx.data").exists() and not (tmp_path / "out" / "one.onnx.data").exists()
+    x = np.random.default_rng(1).standard_normal((3, 64)).astype(np.float32)
+    reference = _run(one, x)
+    a, b = _run(tmp_path / "out" / "one.onnx", x), _run(tmp_path / "out" / "ext.onnx", x)
+    np.testing.assert_array_equal(a, b)
+    # and it is still the graph it was converted from (fp16: 11 bits of mantissa; int4: 16 levels per block)
+    cosine = float((a * reference).sum() / np.linalg.norm(a) / np.linalg.norm(reference))
+    assert cosine > (0.9999 if convert is to_fp16 else 0.98), cosine
+    assert np.abs(a - reference).max() > 0  # (it did convert)
+
+
+def test_weights_are_read_when_needed_not_at_load(tmp_path):
+    ext = _graph(tmp_path / "g.onnx", external=True)
+    model, weights = load_graph(ext)
+    assert all(len(t.raw_data) == 0 for t in model.graph.initializer)  # stubs: nothing held
+    w1 = numpy_helper.to_array(onnx.load(str(ext)).graph.initializer[0])
+    np.testing.assert_array_equal(weights.array("w1"), w1)
+
+
+def test_a_truncated_data_file_names_the_file_and_the_fix(tmp_path):
+    ext = _graph(tmp_path / "g.onnx", external=True)
+    data = tmp_path / "g.onnx.data"
+    data.write_bytes(data.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"g\.onnx\.data ends before .* truncated; export the graph again"):
+        to_fp16(ext, tmp_path / "fp16.onnx")
