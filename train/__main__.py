@@ -6,6 +6,12 @@
     python -m train eval --model checkpoints/demo       # held-out ShapesCaps metrics of a checkpoint
     python -m train eval --engines engines/demo/onnx    # ... of an exported engine folder
 
+On your own data (COCO captions *.json + --images, JSONL rows, or WebDataset *.tar shards; train/tasks.py):
+    python -m train stage1   --data TRAIN --init SOURCE --out DIR            # or --vision DIR --qformer-init BERT_DIR
+    python -m train stage2   --data TRAIN --init STAGE1_DIR --llm LLM_SOURCE --out DIR
+    python -m train finetune --task caption|vqa|retrieval --data TRAIN --init CHECKPOINT --out DIR
+    python -m train eval     --model DIR --data VAL [--task caption|vqa|retrieval]   # BLEU-4/CIDEr, VQAv2, R@1/5/10
+
 Multi-process (data parallel, ITC negatives gathered across processes):
     torchrun --nproc_per_node 2 -m train demo --out checkpoints/demo
 Interrupted runs resume: run the same command again.
@@ -44,6 +50,13 @@ def _demo(args) -> int:
     return 0
 
 
+def tasks_doc() -> str:
+    """train/tasks.py's docstring (what each command trains), read without importing torch."""
+    import ast
+
+    return ast.get_docstring(ast.parse((Path(__file__).parent / "tasks.py").read_text())) or ""
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,19 +74,38 @@ def parser() -> argparse.ArgumentParser:
                               help=f"(default {'on' if f.default else 'off'})")
         else:
             demo.add_argument(flag, type=type(f.default), default=None, help=f"(default {f.default})")
-    from train import evaluate
+    from train import evaluate, options
 
-    evaluate.add_arguments(sub.add_parser("eval", help="held-out ShapesCaps metrics of a checkpoint or engine folder"))
+    evaluate.add_arguments(sub.add_parser("eval", help="held-out metrics of a checkpoint or engine folder: ShapesCaps, "
+                                          "or your --data (BLEU-4/CIDEr, VQAv2 accuracy, retrieval recall)"))
+    for command, what in (("stage1", "BLIP-2 stage 1 on your data: ITC + ITM + ITG on the Q-Former, ViT frozen"),
+                          ("stage2", "BLIP-2 stage 2 on your data: connect a frozen LLM (OPT or T5)"),
+                          ("finetune", "fine-tune a checkpoint on your data for captioning, VQA or retrieval")):
+        options.add_arguments(sub.add_parser(command, help=what, description=tasks_doc(),
+                                             formatter_class=argparse.RawDescriptionHelpFormatter), command)
     return ap
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("interrupted: the last saved training state is kept (every --save-every steps); run the same command "
+              "again to resume from it", file=sys.stderr)
+        return 130
+
+
+def _main(argv=None) -> int:
     args = parser().parse_args(argv)
     from train.logs import quiet_libraries
 
     quiet_libraries()
     if args.command == "demo":
         return _demo(args)
+    if args.command in ("stage1", "stage2", "finetune"):
+        from train import tasks
+
+        return tasks.main(args.command, args)
     from train import evaluate
 
     return evaluate.run(args)

@@ -103,7 +103,7 @@ def prompt_affixes(tokenizer) -> tuple[list[int], list[int]]:
                           f"blip2-edge needs a tokenizer that only adds ids before or after a text")
 
 
-def _load_tokenizer(path: Path, what: str):
+def load_tokenizer(path: Path, what: str):
     from transformers import AutoTokenizer
 
     try:
@@ -208,7 +208,7 @@ def load_checkpoint(path) -> Checkpoint:
     elif not edge.qformer_text:
         raise CheckpointError(f"{path} is a stage-1 checkpoint without the Q-Former's text side; nothing to export")
     image_processor = _image_processor_dict(path)
-    tokenizer = _load_tokenizer(path, "LLM") if edge.stage == 2 else None
+    tokenizer = load_tokenizer(path, "LLM") if edge.stage == 2 else None
     if tokenizer is not None:
         check_tokenizer(path, config, tokenizer)
     qformer_tokenizer = None
@@ -217,7 +217,7 @@ def load_checkpoint(path) -> Checkpoint:
         if not qdir.is_dir():
             raise CheckpointError(f"{path} has the Q-Former's text side but no Q-Former tokenizer in {qdir}; save it "
                                   f"with qformer_tokenizer.save_pretrained({str(qdir)!r})")
-        qformer_tokenizer = _load_tokenizer(qdir, "Q-Former")
+        qformer_tokenizer = load_tokenizer(qdir, "Q-Former")
     model = _load_model(path, qformer_tokenizer)
     prefix, suffix = prompt_affixes(tokenizer) if tokenizer is not None else ([], [])
     return Checkpoint(path, model, model.hf_model(), tokenizer, qformer_tokenizer, image_processor, prefix, suffix)

@@ -6,6 +6,7 @@ training stack. Preview a few samples, or check a COCO download before training 
     python -m train.data --preview previews/ --n 8                     # PNGs + captions.txt
     python -m train.data --preview previews/ --split val --image-size 64
     python -m train.data --coco annotations/captions_val2017.json val2017/
+    python -m train.data --write data/shapes --n 2000 --split train --image-size 64   # as a user's data on disk
 
     >>> from train.data import ShapesCaps, caption_correct, vqa_correct
     >>> ds = ShapesCaps("train", n=1000, image_size=224, seed=0)
@@ -616,6 +617,25 @@ def write_preview(out_dir: str | Path, n: int = 8, split: str = "train", seed: i
     return out
 
 
+def write_files(out_dir: str | Path, n: int, split: str = "train", seed: int = 0, image_size: int = 64) -> Path:
+    """ShapesCaps as a user's data on disk: images/<split>_NNNNN.png, captions_<split>.json (COCO captions) and
+    <split>.jsonl (caption rows, then one VQA row per question with its answer ten times, as VQAv2 has ten)."""
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    images, annotations, rows = [], [], []
+    for s in ShapesCaps(split, n=n, image_size=image_size, seed=seed):
+        name = f"{split}_{s.index:05d}.png"
+        s.image.save(out / "images" / name)
+        images.append({"id": s.index, "file_name": name})
+        for c in s.captions:
+            annotations.append({"id": len(annotations), "image_id": s.index, "caption": c})
+            rows.append({"image": f"images/{name}", "caption": c})
+        rows += [{"image": f"images/{name}", "question": q, "answers": [a] * 10} for q, a in s.qa]
+    (out / f"captions_{split}.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preview", metavar="DIR", help="write the first --n ShapesCaps samples as PNGs + captions.txt")
@@ -624,9 +644,14 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--coco", nargs=2, metavar=("ANNOTATIONS_JSON", "IMAGE_DIR"), help="check a COCO captions download")
+    ap.add_argument("--write", metavar="DIR", help="write --n samples of --split as files: images/, "
+                    "captions_<split>.json (COCO captions) and <split>.jsonl (captions and VQA rows)")
     args = ap.parse_args(argv)
-    if not (args.preview or args.coco):
-        ap.error("nothing to do: pass --preview DIR and/or --coco ANNOTATIONS_JSON IMAGE_DIR")
+    if not (args.preview or args.coco or args.write):
+        ap.error("nothing to do: pass --preview DIR, --write DIR and/or --coco ANNOTATIONS_JSON IMAGE_DIR")
+    if args.write:
+        out = write_files(args.write, args.n, args.split, args.seed, args.image_size)
+        print(f"wrote {args.n} {args.split} samples to {out}")
     if args.preview:
         out = write_preview(args.preview, args.n, args.split, args.seed, args.image_size)
         print(f"wrote {args.n} samples to {out}")

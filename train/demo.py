@@ -5,6 +5,7 @@
     python -m train.demo --preset small --out checkpoints/small
     python -m train.demo --stage 1 --out checkpoints/stage1  # Q-Former with ITC/ITM/ITG heads, no LLM
     python -m train.demo --qformer-text --out checkpoints/demo   # stage 2 that also keeps ITC/ITM/ITG
+    python -m train.demo --bert --out checkpoints/bert   # a small random BERT-style folder (stage1 --qformer-init)
     python -m train.demo --preset blip2-opt-2.7b --dtype float16 --out checkpoints/blip2-opt-2.7b-random
                                                    # Salesforce/blip2-opt-2.7b's architecture, 3.8B random weights
     python -m train.demo --preset blip2-opt-2.7b --dtype float16 --vision-layers 2 --qformer-layers 2 --llm-layers 6 \
@@ -95,6 +96,22 @@ def write_checkpoint(model, out: str | Path, tokenizer, qformer_tokenizer, stage
     return out
 
 
+def make_bert(out: str | Path, hidden: int = 128, layers: int = 2, heads: int = 4, intermediate: int = 512,
+              vocab: int = 512, seed: int = 0) -> Path:
+    """A BERT-style folder (BertForMaskedLM, random weights, WordPiece tokenizer from the ShapesCaps texts): a small
+    stand-in for bert-base-uncased as `python -m train stage1 --qformer-init`."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    tok = build_qformer_tokenizer(vocab)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=intermediate, max_position_embeddings=64, pad_token_id=tok.pad_token_id)
+    out = Path(out)
+    BertForMaskedLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="checkpoints/demo", help="folder to write (replaced if it exists)")
@@ -105,9 +122,14 @@ def main(argv=None):
                     help="stage 2: keep the Q-Former's text side and ITC/ITM/ITG heads (ITM, retrieval, ITG captions)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                     help="the weights' type in memory and in the folder (float16: half the memory and disk)")
+    ap.add_argument("--bert", action="store_true", help="write a small random BERT-style folder instead (a stand-in "
+                    "for bert-base-uncased as `python -m train stage1 --qformer-init`)")
     for part in ("vision", "qformer", "llm"):
         ap.add_argument(f"--{part}-layers", type=int, help=f"{part} layers instead of the preset's")
     args = ap.parse_args(argv)
+    if args.bert:
+        print(f"wrote {make_bert(args.out, seed=args.seed)}")
+        return
     layers = {f"{part}_layers": n for part in ("vision", "qformer", "llm")
               if (n := getattr(args, f"{part}_layers")) is not None}
     path = make_random_checkpoint(args.out, args.preset, args.seed, stage=args.stage,

@@ -131,12 +131,16 @@ class TorchBackend:
         rows = self.reference.generate(list(images), prompts, max_new_tokens=max_new_tokens, num_beams=1).tokens
         return [self.ck.tokenizer.decode(r, skip_special_tokens=True).strip() for r in rows]
 
-    def caption(self, images, max_new_tokens: int = CAPTION_TOKENS) -> list[str]:
+    def caption(self, images, max_new_tokens: int = CAPTION_TOKENS, prompt: str | None = None) -> list[str]:
         self._need("caption")
-        return self._generate(images, None, max_new_tokens)
+        return self._generate(images, None if prompt is None else [prompt] * len(images), max_new_tokens)
 
-    def answer(self, images, questions, max_new_tokens: int = ANSWER_TOKENS) -> list[str]:
+    def answer(self, images, questions, max_new_tokens: int = ANSWER_TOKENS, qformer_question: bool = False) -> list[str]:
         self._need("vqa")
+        if qformer_question:
+            raise EvaluationError("Hugging Face's Blip2ForConditionalGeneration.generate has no Q-Former text input: "
+                                  "evaluate a model fine-tuned with questions to the Q-Former on its engine folder "
+                                  "(python -m export.build --model DIR --target onnx, then --engines)")
         return self._generate(images, [qa_prompt(q) for q in questions], max_new_tokens)
 
     def image_feats(self, images) -> np.ndarray:
@@ -202,14 +206,18 @@ class PipelineBackend:
         if capability in missing:
             raise CapabilityError(f"{capability}: {missing[capability]}")
 
-    def caption(self, images, max_new_tokens: int = CAPTION_TOKENS) -> list[str]:
+    def caption(self, images, max_new_tokens: int = CAPTION_TOKENS, prompt: str | None = None) -> list[str]:
         self._need("caption")
+        if prompt is not None:
+            return self.pipe.generate(list(images), prompt=prompt, decoder="llm", max_new_tokens=max_new_tokens,
+                                      num_beams=1)
         return self.pipe.caption(list(images), max_new_tokens=max_new_tokens, num_beams=1, decoder="llm")
 
-    def answer(self, images, questions, max_new_tokens: int = ANSWER_TOKENS) -> list[str]:
+    def answer(self, images, questions, max_new_tokens: int = ANSWER_TOKENS, qformer_question: bool = False) -> list[str]:
         self._need("vqa")
         return self.pipe.generate(list(images), prompt=[qa_prompt(q) for q in questions], decoder="llm",
-                                  max_new_tokens=max_new_tokens, num_beams=1)
+                                  max_new_tokens=max_new_tokens, num_beams=1,
+                                  qformer_text=list(questions) if qformer_question else None)
 
     def image_feats(self, images) -> np.ndarray:
         self._need("itc")
@@ -512,12 +520,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", metavar="DIR", help="checkpoint folder, evaluated with PyTorch")
     parser.add_argument("--engines", metavar="DIR", help="engine folder (engines/<name>/<target>), evaluated with "
                         "the runtime pipeline")
-    parser.add_argument("--n", type=int, default=200, help="number of val samples (default 200)")
+    parser.add_argument("--n", type=int, help="number of val samples (default 200; with --data, every example)")
     parser.add_argument("--seed", type=int, default=0, help="ShapesCaps seed; also picks questions and ITM "
                         "negatives (default 0)")
     parser.add_argument("--out", metavar="results.json", help="write the results (every metric, per-sample "
                         "predictions) as JSON")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"images per call (default {BATCH_SIZE})")
+    parser.add_argument("--data", metavar="VAL", help="your held-out data instead of ShapesCaps (COCO captions "
+                        "*.json with --images, *.jsonl, or WebDataset *.tar): BLEU-4/CIDEr, VQAv2 accuracy, "
+                        "retrieval recall@1/5/10 (train/evaluate_data.py)")
+    parser.add_argument("--images", metavar="DIR", help="--data COCO captions: the image folder")
+    parser.add_argument("--task", action="append", choices=["caption", "vqa", "retrieval"],
+                        help="with --data: what to evaluate (repeatable; default every task the data and model allow)")
+    parser.add_argument("--prompt", help="with --data: the LLM prompt before captions (a model fine-tuned by "
+                        "`finetune --task caption` was trained after 'a photo of')")
+    parser.add_argument("--qformer-question", action="store_true", help="with --data --task vqa: the question "
+                        "also goes to the Q-Former (as `finetune --task vqa` trains)")
+    parser.add_argument("--k", type=int, default=16, help="with --data: retrieval candidates re-ranked by ITM "
+                        "(default 16)")
     parser.add_argument("--baseline", metavar="DIR", help="another engine folder (e.g. engines/NAME/onnx) or "
                         "checkpoint to evaluate alike and compare with, metric by metric (fp16 may lose 0.5 "
                         "points, int8 2 points)")
@@ -529,7 +549,9 @@ def _expected_errors() -> tuple:
     import torch (train.checkpoint is only loaded, and can only raise, when a --model folder is opened)."""
     from runtime.errors import Blip2EdgeError
 
-    errors = [EvaluationError, Blip2EdgeError]
+    from train.data import DataError
+
+    errors = [EvaluationError, Blip2EdgeError, DataError]
     if "train.checkpoint" in sys.modules:
         errors.append(sys.modules["train.checkpoint"].CheckpointError)
     return tuple(errors)
@@ -542,12 +564,15 @@ def run(args) -> int:
         if out is not None and Path(out).is_dir():
             raise EvaluationError(f"--out {out} is a folder; pass a file name such as {Path(out) / 'results.json'}")
         backend = open_backend(model=getattr(args, "model", None), engines=getattr(args, "engines", None))
-        results = evaluate(backend, n=args.n, seed=args.seed, batch_size=getattr(args, "batch_size", BATCH_SIZE))
+        if getattr(args, "data", None) is not None:
+            return _run_data(args, backend, out)
+        n = 200 if args.n is None else args.n
+        results = evaluate(backend, n=n, seed=args.seed, batch_size=getattr(args, "batch_size", BATCH_SIZE))
         baseline = getattr(args, "baseline", None)
         if baseline is not None:
             is_engine = (Path(baseline) / "manifest.json").is_file()
             base = evaluate(open_backend(model=None if is_engine else baseline, engines=baseline if is_engine else None),
-                            n=args.n, seed=args.seed, batch_size=getattr(args, "batch_size", BATCH_SIZE))
+                            n=n, seed=args.seed, batch_size=getattr(args, "batch_size", BATCH_SIZE))
             results["baseline"] = base
     except Exception as e:
         if not isinstance(e, _expected_errors()):
@@ -562,6 +587,28 @@ def run(args) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {path}")
+    return 0
+
+
+def _run_data(args, backend, out) -> int:
+    from train.datasets import open_dataset
+    from train.evaluate_data import default_tasks, evaluate_data, format_results
+
+    data = open_dataset(args.data, args.images)
+    tasks = args.task or default_tasks(backend, data)
+    if not tasks:
+        raise EvaluationError(f"nothing to evaluate: {data!r}, and the model can do {sorted(backend.capabilities)}")
+    try:
+        results = evaluate_data(backend, data, tasks, n=args.n,
+                                batch_size=args.batch_size, k=args.k, prompt=args.prompt,
+                                qformer_question=args.qformer_question)
+    except ValueError as e:
+        raise EvaluationError(str(e)) from None
+    print(format_results(results))
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {out}")
     return 0
 
 

@@ -19,9 +19,6 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
-from train.trainer import TrainConfig
 
 
 @dataclass
@@ -43,7 +40,9 @@ class Recipe:
     eval_n: int = 200
     fp16_weights: bool = True  # store the final checkpoint's weights in float16 (half the size; evaluated as stored)
 
-    def config(self, steps: int, **kw) -> TrainConfig:
+    def config(self, steps: int, **kw):
+        from train.trainer import TrainConfig
+
         return TrainConfig(steps=steps, batch_size=self.batch_size, lr=self.lr, seed=self.seed,
                            log_every=max(1, min(100, steps // 5)), **kw)
 
@@ -76,6 +75,8 @@ def build_model(recipe: Recipe, tok, qtok):
     from train.model import Blip2Edge, EdgeConfig
     from train.presets import blip2_config
     from train.text_tokenizer import IMAGE_TOKEN
+
+    import torch
 
     config = blip2_config(recipe.preset, vocab_size=len(tok), qformer_vocab_size=len(qtok),
                           image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN))

@@ -128,7 +128,7 @@ def lm_batch(model, tok, examples: list[tuple[str | None, str]]) -> dict:
 
 
 # ---------------------------------------------------------------- the stages
-def _trainable(model, frozen: tuple[str, ...]) -> list:
+def trainable(model, frozen: tuple[str, ...]) -> list:
     params = []
     for name, p in model.named_parameters():
         p.requires_grad = not name.startswith(frozen)
@@ -140,7 +140,7 @@ def _trainable(model, frozen: tuple[str, ...]) -> list:
 def run_stage1(model, data: CaptionSet, qtok, cfg: TrainConfig, state_file=None, say=print) -> None:
     """ITC + ITM + ITG on the Q-Former; the image encoder (and any LLM) stays frozen."""
     batches = Batches(data, cfg.batch_size, cfg.seed)
-    params = _trainable(model, ("vision_model.", "language_model.", "language_projection."))
+    params = trainable(model, ("vision_model.", "language_model.", "language_projection."))
 
     def objective(step, generator):
         b = stage1_batch(model, batches, qtok, step)
@@ -156,7 +156,7 @@ def run_stage2(model, data: CaptionSet, tok, qtok, cfg: TrainConfig, state_file=
     trains captioning on (OPT: the soft prompt and BOS; T5: that, or a prefix of the caption in the encoder)."""
     batches = Batches(data, cfg.batch_size, cfg.seed + 1)
     llm = family(model.config)
-    params = _trainable(model, ("vision_model.", "language_model."))
+    params = trainable(model, ("vision_model.", "language_model."))
     keep_text_side = hasattr(model, "itm_head") and qtok is not None and aux_weight > 0
 
     def objective(step, generator):

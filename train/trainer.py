@@ -37,6 +37,8 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 100
     save_every: int = 250
+    grad_accum: int = 1  # micro-batches per optimizer step (objective called with micro-step step * grad_accum + k)
+    autocast: str | None = None  # "bfloat16" / "float16": the objective runs under torch.autocast with this type
 
 
 class NonFiniteLoss(RuntimeError):
@@ -106,17 +108,77 @@ def _fmt(losses: dict) -> str:
     return " ".join(f"{k} {float(v.detach() if torch.is_tensor(v) else v):.4f}" for k, v in losses.items())
 
 
+def _autocast(cfg: TrainConfig, module):
+    import contextlib
+
+    if cfg.autocast is None:
+        return contextlib.nullcontext()
+    device = next(module.parameters()).device.type
+    return torch.autocast(device, dtype=getattr(torch, cfg.autocast))
+
+
+class StepLog:
+    """Every logged step as one JSON line in `path` (and TensorBoard event files beside it when the tensorboard
+    package is installed); rank 0 only."""
+
+    def __init__(self, path: Path | None):
+        self.path, self.tb = (Path(path) if path else None), None
+        if self.path is None or world()[0] != 0:
+            self.path = None
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.path.parent / "tensorboard"))
+        except ImportError:
+            pass
+
+    def write(self, name: str, step: int, values: dict) -> None:
+        if self.path is None:
+            return
+        import json
+
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"stage": name, "step": step, "time": round(time.time(), 3), **values}) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(f"{name}/{k}", v, step)
+            self.tb.flush()
+
+
+def _values(losses: dict) -> dict:
+    return {k: float(v.detach() if torch.is_tensor(v) else v) for k, v in losses.items()}
+
+
+def _accumulate(objective, module, step: int, cfg: TrainConfig) -> dict:
+    """Run the grad_accum micro-batches of `step`, backward each (loss / grad_accum); their mean losses."""
+    total = {}
+    for k in range(cfg.grad_accum):
+        micro = step * cfg.grad_accum + k
+        torch.manual_seed(cfg.seed * 1_000_003 + micro)  # dropout and sampling: a function of the micro-step
+        generator = torch.Generator().manual_seed(cfg.seed * 7_919 + micro)
+        with _autocast(cfg, module):
+            losses = objective(micro, generator)
+        if not _all_finite(losses):
+            return losses
+        (losses["loss"].float() / cfg.grad_accum).backward()
+        for name, v in losses.items():
+            total[name] = total.get(name, 0.0) + v.detach().float() / cfg.grad_accum
+    return total
+
+
 def fit(name: str, module, params, objective, cfg: TrainConfig, state_file: Path | None = None, say=print,
-        progress: bool = True) -> int:
+        progress: bool = True, log_file: Path | None = None) -> int:
     """Run `cfg.steps` optimisation steps of `objective` on `params`; returns the number of steps run now.
 
     state_file: where the resumable state goes every `cfg.save_every` steps and at the end; if it
     exists, training resumes from it. A NaN/inf loss raises NonFiniteLoss and leaves the last good
-    state in place.
+    state in place. log_file: a JSONL log of every logged step (StepLog).
     """
     from tqdm.auto import tqdm
 
-    rank, _ = world()
+    rank, size = world()
     params = [p for p in params if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     start = 0
@@ -124,30 +186,31 @@ def fit(name: str, module, params, objective, cfg: TrainConfig, state_file: Path
         start = load_state(Path(state_file), module, optimizer)
         say(f"{name}: resuming from {state_file} at step {start}/{cfg.steps}")
     _train_mode(module)
+    log = StepLog(log_file)
     bar = tqdm(range(start, cfg.steps), desc=name, disable=not progress or rank != 0, leave=False, mininterval=1.0)
     t0, last_saved = time.time(), start
+    images_per_step = cfg.batch_size * cfg.grad_accum * size
     for step in bar:
-        torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout and sampling: a function of the step
-        generator = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        losses = objective(step, generator)
+        optimizer.zero_grad(set_to_none=True)
+        losses = _accumulate(objective, module, step, cfg)
         if not _all_finite(losses):
             where = f"the last good state is {state_file} (step {last_saved})" if state_file else "nothing was saved"
             raise NonFiniteLoss(
                 f"{name}: the loss became non-finite at step {step} ({_fmt(losses)}); {where}. Lower the learning "
                 f"rate (--lr) or check the data, then run the same command again to resume from the last good state"
             )
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
         _average_gradients(params)
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
-        bar.set_postfix_str(_fmt(losses), refresh=False)
         done = step + 1
+        rate = images_per_step * (done - start) / max(time.time() - t0, 1e-9)
+        bar.set_postfix_str(f"{_fmt(losses)} lr {lr_at(step, cfg):.1e} {rate:.1f} img/s", refresh=False)
         if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
             say(f"{name} step {done}/{cfg.steps} lr {lr_at(step, cfg):.2e} {_fmt(losses)} "
-                f"({(time.time() - t0) / (done - start):.3f}s/step)")
+                f"({(time.time() - t0) / (done - start):.3f}s/step, {rate:.1f} images/s)")
+            log.write(name, done, {"lr": lr_at(step, cfg), **_values(losses), "images_per_s": rate})
         if state_file is not None and (done % cfg.save_every == 0 or done == cfg.steps):
             save_state(Path(state_file), module, optimizer, done)
             last_saved = done
