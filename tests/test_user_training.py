@@ -334,6 +334,23 @@ raise SystemExit(code)
     assert r["images"] == 4 and r["texts"] > 4 and 0 <= r["i2t_r1"] <= r["i2t_r5"] <= r["i2t_r10"] == 1.0
 
 
+def test_retrieval_reranks_with_the_same_itm_as_hugging_face_and_the_pipeline(make_engine, files):
+    from train.evaluate import PipelineBackend, TorchBackend
+
+    ck, engine = make_engine("stage2text")
+    data = open_dataset(files / "val" / "val.jsonl").only("caption")
+    images = [data.load(i) for i in range(3)]
+    texts = [data.examples[i].captions[0] for i in (1, 0, 2, 2)]
+    rows = [0, 1, 2, 0]
+    torch_backend, pipe = TorchBackend(ck), PipelineBackend(engine)
+    hf = torch_backend.itm([images[r] for r in rows], texts)  # Blip2ForImageTextRetrieval, as users call it
+    feats, embeds = torch_backend.gallery(images)
+    np.testing.assert_allclose(torch_backend.gallery_itm(embeds, rows, texts), hf, atol=1e-5)
+    pipe_feats, pipe_embeds = pipe.gallery(images)
+    np.testing.assert_allclose(pipe.gallery_itm(pipe_embeds, rows, texts), hf, atol=1e-4)
+    np.testing.assert_allclose(pipe_feats, feats, atol=1e-4)
+
+
 # ----------------------------------------------------------------------------- metrics
 
 def test_vqa_accuracy_is_vqav2s():

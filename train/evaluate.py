@@ -165,6 +165,28 @@ class TorchBackend:
         self._need("itm")
         return self.reference.itm(list(images), list(texts)).numpy()
 
+    def gallery(self, images, batch_size: int = BATCH_SIZE):
+        """(ITC features [I, Nq, D], the ViT outputs kept for ITM) of many images, each encoded once."""
+        import torch
+
+        self._need("itc")
+        with torch.no_grad():
+            embeds = torch.cat([self.model.encode_image(self.reference.pixel_values(images[part]))
+                                for part in _chunks(len(images), batch_size)])
+            feats = torch.cat([self.model.image_feats(self.model.query_forward(embeds[part])[0])
+                               for part in _chunks(len(images), batch_size)])
+        return feats.numpy(), embeds
+
+    def gallery_itm(self, embeds, rows, texts) -> np.ndarray:
+        """Match probability of (gallery image rows[i], texts[i]) pairs, from the kept ViT outputs."""
+        import torch
+
+        self._need("itm")
+        ids, mask = self.reference.qformer_tokens(list(texts))
+        with torch.no_grad():
+            logits = self.model.itm_forward(embeds[torch.as_tensor(rows)], ids, mask)[0]
+        return torch.softmax(logits.double(), -1)[:, 1].float().numpy()
+
 
 class PipelineBackend:
     """An engine folder evaluated with `runtime.Blip2Pipeline` (onnxruntime or TensorRT, no torch)."""
@@ -230,6 +252,15 @@ class PipelineBackend:
     def itm(self, images, texts) -> np.ndarray:
         self._need("itm")
         return self.pipe.itm(list(images), list(texts))
+
+    def gallery(self, images, batch_size: int = BATCH_SIZE):
+        self._need("itc")
+        g = self.pipe.encode_gallery(list(images))
+        return g.feats, g.embeds
+
+    def gallery_itm(self, embeds, rows, texts) -> np.ndarray:
+        self._need("itm")
+        return self.pipe.text.itm_probs(embeds[np.asarray(rows)], list(texts))
 
 
 def open_backend(model=None, engines=None):
