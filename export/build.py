@@ -53,8 +53,8 @@ from runtime.manifest import (
     FORMAT, FORMAT_VERSION, Build, LanguageModel, Manifest, Model, Precision, QFormer, load_manifest,
 )
 from runtime.runners import make_runner
-from train.checkpoint import (CheckpointError, checkpoint_hash, load_checkpoint, resolve_source, return_freed_memory,
-                              safetensors_headers)
+from train.checkpoint import (COLLECT_ABOVE_BYTES, CheckpointError, checkpoint_hash, collecting, load_checkpoint,
+                              parameter_count, resolve_source, return_freed_memory, safetensors_headers)
 from train.families import family
 from train.logs import quiet_libraries
 
@@ -404,6 +404,14 @@ def build(model_dir, target: str = "onnx", out_root="engines", name: str | None 
     final = out_root / (name or default_name) / target
     _check_disk(model_dir, target, out_root)
     started = time.time()
+    weight_bytes = parameter_count(model_dir) * 4  # 0 without safetensors files: then collect, to be safe
+    with collecting(weight_bytes == 0 or weight_bytes >= COLLECT_ABOVE_BYTES):
+        return _build(model_dir, target, final, precision, tensorrt, say, calibration, max_batch,
+                      max_prompt_tokens, max_new_tokens, started)
+
+
+def _build(model_dir, target, final, precision, tensorrt, say, calibration, max_batch, max_prompt_tokens,
+           max_new_tokens, started) -> Path:
     say(f"loading checkpoint {model_dir}")
     ck = load_checkpoint(model_dir)
     limits = resolve_limits(ck.model, max_batch, max_prompt_tokens, max_new_tokens)
