@@ -19,6 +19,7 @@ the list.
 `FeatureCache` keeps a frozen ViT's outputs in float16 in a memory-mapped file under the run folder, so
 epochs after the first skip decoding and the ViT (for many epochs over data that fits the disk).
 """
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -49,17 +50,14 @@ class StepOrder:
 
 
 class _Steps(torch.utils.data.Sampler):
-    """Batches of example ids from micro-step `start` on (DataLoader batch_sampler)."""
+    """Batches of example ids from micro-step `start` on, without end (DataLoader batch_sampler)."""
 
-    def __init__(self, order: StepOrder, rank: int, start: int, stop: int):
-        self.order, self.rank, self.start, self.stop = order, rank, start, stop
+    def __init__(self, order: StepOrder, rank: int, start: int):
+        self.order, self.rank, self.start = order, rank, start
 
     def __iter__(self):
-        for step in range(self.start, self.stop):
+        for step in itertools.count(self.start):
             yield [int(i) for i in self.order.indices(step, self.rank)]
-
-    def __len__(self) -> int:
-        return self.stop - self.start
 
 
 class _Pixels(torch.utils.data.Dataset):
@@ -122,8 +120,8 @@ class ImageStream:
         """The example ids of every process's batch at `step`, rank by rank."""
         return np.concatenate([self.order.indices(step, r) for r in range(self.order.world)])
 
-    def _start(self, step: int, stop: int) -> None:
-        sampler = _Steps(self.order, self.rank, step, stop)
+    def _start(self, step: int) -> None:
+        sampler = _Steps(self.order, self.rank, step)
         pixels = _Pixels(self.data, self.preprocess, self.cache.filled if self.cache is not None else None)
         # its own generator: a DataLoader otherwise draws its workers' seed from torch's global one, and a run
         # resumed at step s would then see other dropout masks than an uninterrupted run
@@ -132,11 +130,11 @@ class ImageStream:
                                      generator=torch.Generator().manual_seed(self.order.seed)))
         self._next = step
 
-    def batch(self, step: int, stop: int | None = None) -> dict:
+    def batch(self, step: int) -> dict:
         """Micro-step `step`'s batch: {"index": [B] example ids, "keys": their image names, "fresh": [B] bool, rows
         read from disk (the rest are in the feature cache), "pixels": [fresh rows, 3, H, W] float32}."""
         if self._iter is None or self._next != step:
-            self._start(step, stop if stop is not None else step + 10**9)
+            self._start(step)
         index, pixels, errors = next(self._iter)
         self._next = step + 1
         index = self._replace_bad(index, pixels, errors)

@@ -77,15 +77,20 @@ def _rng(seed: int, step: int) -> np.random.Generator:
     return np.random.default_rng([seed, step, world()[0], 17])
 
 
+def stage1_step_losses(model, stream, step: int, batch: dict, embeds, qtok, seed: int, generator) -> dict:
+    """ITC + ITM + ITG on a batch of captioned images whose ViT outputs are `embeds`."""
+    rng = _rng(seed, step)
+    texts = [_pick(stream.data.examples[i].captions, rng) for i in batch["index"]]
+    ids, mask = (t.to(_device(model)) for t in qformer_batch(qtok, texts, model.edge.max_text_tokens))
+    same = same_matrix(stream, step, batch["keys"]).to(_device(model))
+    return stage1_losses(model, embeds, ids, mask, same, generator)
+
+
 def stage1_objective(model, stream, qtok, seed: int, train_vit: bool):
     def objective(step, generator):
         batch = stream.batch(step)
         embeds = stream.image_embeds(model, batch, train_vit)
-        rng = _rng(seed, step)
-        texts = [_pick(stream.data.examples[i].captions, rng) for i in batch["index"]]
-        ids, mask = (t.to(_device(model)) for t in qformer_batch(qtok, texts, model.edge.max_text_tokens))
-        same = same_matrix(stream, step, batch["keys"]).to(_device(model))
-        return stage1_losses(model, embeds, ids, mask, same, generator)
+        return stage1_step_losses(model, stream, step, batch, embeds, qtok, seed, generator)
     return objective
 
 
@@ -110,7 +115,6 @@ def lm_example(example, prompt: str | None, llm, rng) -> tuple[str | None, str]:
 
 def lm_objective(model, stream, tok, qtok, opts: Options, questions_to_qformer: bool):
     llm = family(model.config)
-    aux = stage1_objective(model, stream, qtok, opts.seed + 1, opts.train_vit) if opts.aux_every else None
 
     def objective(step, generator):
         batch = stream.batch(step)
@@ -127,8 +131,8 @@ def lm_objective(model, stream, tok, qtok, opts: Options, questions_to_qformer: 
         inputs = {k: v.to(_device(model)) for k, v in lm_batch(model, tok, examples).items()}
         losses = {"lm": llm.stage2_loss(model, model.soft_prompt(query_output), inputs)}
         losses["loss"] = losses["lm"]
-        if aux is not None and step % opts.aux_every == 0:
-            extra = aux(step, generator)
+        if opts.aux_every and step % opts.aux_every == 0:  # the same images: read and encoded once
+            extra = stage1_step_losses(model, stream, step, batch, embeds, qtok, opts.seed + 1, generator)
             losses.update({k: v for k, v in extra.items() if k != "loss"})
             losses["loss"] = losses["lm"] + extra["loss"]
         return losses
@@ -211,6 +215,9 @@ def run_command(command: str, task: str | None, args, opts: Options, say=print) 
     say = say if rank == 0 else (lambda *_: None)
     data = open_dataset(args.data, args.images, opts.max_bad)
     check_data(data, command, task)
+    if opts.aux_every and "vqa" in data.kinds:
+        raise DataError(f"--aux-every adds the stage-1 losses, which need a caption for every image; {data.source} "
+                        f"also has VQA rows ({data.describe()}): train stage 2 on captions only, or drop --aux-every")
     if command != "stage2":
         data = data.only("vqa" if task == "vqa" else "caption")
     out, run = Path(args.out), Path(args.run or Path("runs") / Path(args.out).name)

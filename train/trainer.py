@@ -105,7 +105,7 @@ def _train_mode(module) -> None:
 
 
 def _fmt(losses: dict) -> str:
-    return " ".join(f"{k} {float(v.detach() if torch.is_tensor(v) else v):.4f}" for k, v in losses.items())
+    return " ".join(f"{k} {v:.4f}" for k, v in _values(losses).items())
 
 
 def _autocast(cfg: TrainConfig, module):
