@@ -69,7 +69,9 @@ class Tolerance:
 # 0.989 / 0.18 and encoder 0.936 / 0.46 (random T5 is the worst case: no structure for the blocks to share).
 # Hence cosine >= 0.9 and max error <= 0.6 of the range: a wrong weight, layout or mask gives cosines near 0
 # and errors of the order of the range. Whether int4 is good enough for a model is the accuracy report's and
-# the task metrics' call (models/demo: caption 0.97 against 0.98 in fp32, VQA 0.905 against 0.905).
+# the task metrics' call (models/demo: caption 0.965 against 0.98 in fp32, VQA 0.91 against 0.905). The LM
+# head is in 8-bit blocks (export/precision.py): with an int4 head the random 677M variant's teacher-forced
+# agreement fell to 0.48, under the end-to-end bound below, and the demo's greedy agreement with fp32 to 0.60.
 TOLERANCES = {
     "fp32": Tolerance(atol=1e-4, rtol=1e-3, why="same maths, different summation order"),
     "fp16": Tolerance(atol=None, rtol=None, max_rel=1e-2, min_cosine=0.9995,

@@ -369,6 +369,10 @@ def to_int8(src, dst, feeds: list[dict], exclude: tuple[str, ...] = (), uint8_ac
 # ---------------------------------------------------------------- INT4 (weight-only, block-wise)
 INT4_BLOCK_SIZE = 32  # weights per scale along the input dimension: 32 keeps a trained demo model's metrics
 INT4_ACCURACY_LEVEL = 4  # MatMulNBits compute: 4 = int8 activations (MLAS's fastest CPU path), 0/1 = float32
+# The LM head sets every logit from one product: int4 there (8.6% relative error per product on Gaussian
+# weights, bench/bench_int4_error.py) moves the whole distribution, 8-bit blocks (0.76%) keep it while still
+# reading a quarter of the float32 bytes per token (the head is 19% of OPT-2.7B's per-token weights in int4).
+INT4_LOGITS_BITS = 8
 
 
 def _gemms_as_matmuls(graph, weights: Weights) -> int:
@@ -402,6 +406,53 @@ def _gemms_as_matmuls(graph, weights: Weights) -> int:
     return rewritten
 
 
+def _transposed_weights_as_kn(graph, weights: Weights) -> int:
+    """Give MatMul(x, Transpose(W)) with a constant 2-D W (a head tied to the embedding table: the graph reads
+    the table through a Transpose) a transposed copy of W as its own initializer, in place, so that the
+    weight-only quantizer sees the head's weight (it quantizes only initializers) and ONNX Runtime does not
+    fold a second float copy of the table at load; returns how many were rewritten. The Gather of the
+    embedding keeps reading W."""
+    inits = {t.name: t for t in graph.initializer}
+    transposed = {n.output[0]: n for n in graph.node if n.op_type == "Transpose" and n.input[0] in inits
+                  and len(inits[n.input[0]].dims) == 2
+                  and [a.ints for a in n.attribute if a.name == "perm"] in ([], [[1, 0]])}
+    rewritten = 0
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in transposed:
+            continue
+        source = transposed[node.input[1]].input[0]
+        weight = f"{source}__kn"
+        if weight not in inits:
+            n, k = inits[source].dims
+            inits[weight] = weights.derive(weight, source, np.transpose, dims=(k, n))
+            graph.initializer.append(inits[weight])
+        node.input[1] = weight
+        rewritten += 1
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for i in reversed(range(len(graph.node))):
+        if graph.node[i].op_type == "Transpose" and graph.node[i].output[0] in transposed \
+                and graph.node[i].output[0] not in used:
+            del graph.node[i]
+    _drop_unused_initializers(graph)
+    return rewritten
+
+
+def _logits_product(graph) -> str | None:
+    """The weight MatMul that computes the graph's `logits` output (the LM head), found by walking back from
+    that output through the ops that only move values (the decode graph's Gather of the last position)."""
+    producer = {o: n for n in graph.node for o in n.output}
+    inits = {t.name for t in graph.initializer}
+    name = next((o.name for o in graph.output if o.name == "logits"), None)
+    while name in producer:
+        node = producer[name]
+        if node.op_type == "MatMul" and node.input[1] in inits:
+            return node.name
+        if node.op_type not in PASS_THROUGH + ("Gather", "Slice", "Cast"):
+            return None
+        name = node.input[0]
+    return None
+
+
 def _int4_opsets(model: onnx.ModelProto, for_tensorrt: bool) -> None:
     """What the quantized nodes need of the model, as ONNX Runtime's MatMulNBitsQuantizer.process sets it:
     MatMulNBits is in the com.microsoft domain; int4 initializers need opset 21 and IR version 10."""
@@ -416,13 +467,16 @@ def _int4_opsets(model: onnx.ModelProto, for_tensorrt: bool) -> None:
 
 
 def to_int4(src, dst, block_size: int = INT4_BLOCK_SIZE, symmetric: bool = True,
-            accuracy_level: int = INT4_ACCURACY_LEVEL, for_tensorrt: bool = False) -> dict:
+            accuracy_level: int = INT4_ACCURACY_LEVEL, for_tensorrt: bool = False,
+            head_bits: int | None = INT4_LOGITS_BITS) -> dict:
     """Write a copy of `src` whose weight MatMuls store their weights as block-wise int4 (one scale, and with
     `symmetric=False` one zero point, per `block_size` weights along the input dimension), everything else
     unchanged, to `dst`. ONNX Runtime's own weight-only quantizer does the packing: for ONNX Runtime the
     result is its `MatMulNBits` operator (int4 weights, float activations; `accuracy_level` picks the CPU
     kernel's compute type); `for_tensorrt` gives the standard form TensorRT 10 builds from instead (int4
-    initializers read by a block-quantized `DequantizeLinear`, then the MatMul)."""
+    initializers read by a block-quantized `DequantizeLinear`, then the MatMul). The LM head (the product
+    computing `logits`) gets `head_bits`-bit blocks, or stays float with None (always for TensorRT, whose
+    block quantization is int4 only)."""
     from onnxruntime.quantization import QuantFormat
 
     root = logging.getLogger()
@@ -435,15 +489,23 @@ def to_int4(src, dst, block_size: int = INT4_BLOCK_SIZE, symmetric: bool = True,
     graph = model.graph
     _ensure_names(graph)
     _gemms_as_matmuls(graph, weights)
+    _transposed_weights_as_kn(graph, weights)
     with_weight, _ = weight_matmuls(graph)
     inits = {t.name: t for t in graph.initializer}
     nodes = {n.name: n for n in graph.node}
     # MatMulNBits needs a 2-D weight [K, N] whose K is a multiple of 2 (packing); Gemm/Conv are left as they are
     targets = {name for name in with_weight if nodes[name].op_type == "MatMul" and nodes[name].input[1] in inits
                and len(inits[nodes[name].input[1]].dims) == 2}
-    quantizer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(
-        block_size=block_size, is_symmetric=symmetric, accuracy_level=accuracy_level, bits=4,
-        op_types_to_quantize=("MatMul",), quant_format=QuantFormat.QDQ if for_tensorrt else QuantFormat.QOperator))
+    head = _logits_product(graph)
+    head_bits = None if for_tensorrt else head_bits
+    if head_bits is None:
+        targets.discard(head)
+
+    def quantizer(bits):
+        return DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(
+            block_size=block_size, is_symmetric=symmetric, accuracy_level=accuracy_level, bits=bits,
+            op_types_to_quantize=("MatMul",), quant_format=QuantFormat.QDQ if for_tensorrt else QuantFormat.QOperator))
+    int4, head_quantizer = quantizer(4), quantizer(head_bits or 4)
     body, quantized = [], 0
     with _quiet_logging():
         for node in graph.node:  # one weight at a time: read, quantized by ONNX Runtime, its output held
@@ -451,7 +513,7 @@ def to_int4(src, dst, block_size: int = INT4_BLOCK_SIZE, symmetric: bool = True,
                 body.append(node)
                 continue
             scratch = onnx.GraphProto(initializer=[numpy_helper.from_array(weights.array(node.input[1]), node.input[1])])
-            replaced = quantizer.quantize(node, [scratch])
+            replaced = (head_quantizer if node.name == head else int4).quantize(node, [scratch])
             quantized += replaced != [node]
             body += replaced
             graph.initializer.extend(weights.put(t) for t in scratch.initializer[1:])
@@ -465,7 +527,10 @@ def to_int4(src, dst, block_size: int = INT4_BLOCK_SIZE, symmetric: bool = True,
                           "other weight products (Gemm, Conv)": len(with_weight) - len(targets)},
             "scheme": (f"weight-only int4, blocks of {block_size} along the input dimension, "
                        f"{'symmetric' if symmetric else 'asymmetric (zero points)'}; activations float32"
+                       + ("" if head is None else "; the LM head float" if head_bits is None else
+                          f"; the LM head in {head_bits}-bit blocks")
                        + ("; TensorRT form: block-quantized DequantizeLinear + MatMul" if for_tensorrt else
                           f"; ONNX Runtime MatMulNBits, accuracy_level {accuracy_level}")),
             "block_size": block_size, "symmetric": symmetric,
-            "accuracy_level": None if for_tensorrt else accuracy_level}
+            "accuracy_level": None if for_tensorrt else accuracy_level,
+            "logits_product": None if head is None else {"node": head, "bits": head_bits}}

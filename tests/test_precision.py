@@ -238,6 +238,7 @@ def test_activation_products_are_not_quantized():
     assert weight_matmuls(graph) == (["with_weight"], ["two_activations"])
 
 
+@pytest.mark.slow  # a second int8/int4 build of its own: ~1.5 min on 2 cores
 def test_calibration_from_a_folder_of_images(make_engine, tmp_path):
     from export.build import Calibration, build
 
@@ -353,28 +354,36 @@ def _weight_products(path) -> list[str]:
 
 def test_int4_stores_every_llm_weight_in_4_bits_and_leaves_the_rest(make_engine):
     """onnx-int4: every weight product of the fp32 LLM graph (OPT's FFN is exported as Gemm) becomes ONNX
-    Runtime's MatMulNBits with 4-bit blocks of 32, none is left in float; the other graphs are the fp32 files,
-    byte for byte; the manifest records the block size, symmetry and the CPU kernel's accuracy level."""
+    Runtime's MatMulNBits with 4-bit blocks of 32, none is left in float, and the LM head tied to the embedding
+    table (read through a Transpose) gets 8-bit blocks of its own; the other graphs are the fp32 files, byte
+    for byte; the manifest records the block size, symmetry, the CPU kernel's accuracy level and the head."""
     _, engine32 = make_engine(VARIANT, "onnx")
     _, engine4 = make_engine(VARIANT, "onnx-int4")
-    want = len(_weight_products(engine32 / "llm_decoder.onnx"))
-    model = onnx.load(str(engine4 / "llm_decoder.onnx"))
-    nbits = [{a.name: helper.get_attribute_value(a) for a in n.attribute} for n in model.graph.node
-             if n.op_type == "MatMulNBits"]
-    assert want > 0 and len(nbits) == want and not _weight_products(engine4 / "llm_decoder.onnx")
-    assert all(a["bits"] == 4 and a["block_size"] == 32 for a in nbits)
-    # 4 bits per weight and a float32 scale per 32 of them: 0.156 of the float32 bytes
-    stored = {t.name: t for t in model.graph.initializer}
-    packed = sum(numpy_helper.to_array(stored[n.input[i]]).nbytes for n in model.graph.node
-                 if n.op_type == "MatMulNBits" for i in (1, 2))
     fp32 = onnx.load(str(engine32 / "llm_decoder.onnx"))
     weights = {t.name: t for t in fp32.graph.initializer}
-    full = sum(numpy_helper.to_array(weights[i]).nbytes for n in fp32.graph.node
-               if n.name in set(_weight_products(engine32 / "llm_decoder.onnx")) for i in n.input[1:2])
+    tied_head = {n.output[0] for n in fp32.graph.node if n.op_type == "Transpose" and n.input[0] in weights}
+    products = _weight_products(engine32 / "llm_decoder.onnx")
+    heads = [n.name for n in fp32.graph.node if n.op_type == "MatMul" and n.input[1] in tied_head]
+    assert len(heads) == 1  # this OPT's head reads the embedding table through a Transpose
+    model = onnx.load(str(engine4 / "llm_decoder.onnx"))
+    nbits = {n.name: {a.name: helper.get_attribute_value(a) for a in n.attribute} for n in model.graph.node
+             if n.op_type == "MatMulNBits"}
+    assert len(nbits) == len(products) + 1 and not _weight_products(engine4 / "llm_decoder.onnx")
+    details = load_manifest(engine4).precision.details["llm_decoder"]
+    assert details["logits_product"] == {"node": heads[0], "bits": 8}
+    head = {name: a for name, a in nbits.items() if name.startswith(heads[0])}
+    assert len(head) == 1 and all(a["bits"] == 8 for a in head.values())  # the LM head: 8-bit blocks
+    body = {name: a for name, a in nbits.items() if name not in head}
+    assert all(a["bits"] == 4 and a["block_size"] == 32 for a in body.values())
+    # 4 bits per weight and a float32 scale per 32 of them: 0.156 of the float32 bytes
+    stored = {t.name: t for t in model.graph.initializer}
+    packed = sum(numpy_helper.to_array(stored[n.input[i]]).nbytes for n in model.graph.node if n.name in body
+                 for i in (1, 2))
+    full = sum(numpy_helper.to_array(weights[i]).nbytes for n in fp32.graph.node if n.name in set(products)
+               for i in n.input[1:2])
     assert packed <= 0.16 * full, (packed, full)
     for graph in ALL_GRAPHS - {"llm_decoder"}:
         assert (engine4 / f"{graph}.onnx").read_bytes() == (engine32 / f"{graph}.onnx").read_bytes(), graph
-    details = load_manifest(engine4).precision.details["llm_decoder"]
     assert (details["block_size"], details["symmetric"], details["accuracy_level"]) == (32, True, 4)
 
 
@@ -387,7 +396,7 @@ def test_int4_tensorrt_form_computes_what_the_onnxruntime_form_computes(make_eng
 
     _, engine32 = make_engine(VARIANT, "onnx")
     ort_form, trt_form = tmp_path / "nbits.onnx", tmp_path / "qdq.onnx"
-    to_int4(engine32 / "llm_decoder.onnx", ort_form, accuracy_level=0)
+    to_int4(engine32 / "llm_decoder.onnx", ort_form, accuracy_level=0, head_bits=None)  # the head float in both
     to_int4(engine32 / "llm_decoder.onnx", trt_form, for_tensorrt=True)
     model = onnx.load(str(trt_form))
     inits = {t.name: t for t in model.graph.initializer}
@@ -406,6 +415,7 @@ def test_int4_tensorrt_form_computes_what_the_onnxruntime_form_computes(make_eng
             assert np.abs(got[name] - y).max() <= 1e-5 * np.abs(y).max() + 1e-7, name
 
 
+@pytest.mark.slow  # a second int8/int4 build of its own: ~1.5 min on 2 cores
 def test_reduced_build_reuses_only_an_fp32_folder_of_the_same_checkpoint(make_engine, tmp_path, monkeypatch):
     """A reduced build starts from the fp32 folder beside it when that folder was exported from the same
     checkpoint with the same limits (no second export, which at full size takes most of a build); an fp32

@@ -65,3 +65,29 @@ def test_a_truncated_data_file_names_the_file_and_the_fix(tmp_path):
     data.write_bytes(data.read_bytes()[:1000])
     with pytest.raises(ValueError, match=r"g\.onnx\.data ends before .* truncated; export the graph again"):
         to_fp16(ext, tmp_path / "fp16.onnx")
+
+
+def test_int4_quantizes_a_head_tied_to_the_embedding_table(tmp_path):
+    """OPT's LM head reads the embedding table through a Transpose: int4 gives the head quantized weights of its
+    own (the decode step reads the head's weights every token; 8-bit blocks, it sets every logit) and leaves the
+    lookup reading the float table."""
+    rng = np.random.default_rng(0)
+    vocab, width = 128, 64
+    table = rng.standard_normal((vocab, width)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["h"], name="embed"),
+             helper.make_node("Transpose", ["table"], ["table_t"], name="head_t", perm=[1, 0]),
+             helper.make_node("MatMul", ["h", "table_t"], ["logits"], name="head")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", vocab])],
+                              [numpy_helper.from_array(table, "table")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "g.onnx"))
+    report = to_int4(tmp_path / "g.onnx", tmp_path / "q.onnx")
+    nodes = onnx.load(str(tmp_path / "q.onnx")).graph.node
+    assert report["quantized_nodes"] == 1 and [n.op_type for n in nodes] == ["Gather", "MatMulNBits"], nodes
+    bits = {a.name: a.i for a in nodes[1].attribute}["bits"]
+    assert bits == report["logits_product"]["bits"] == 8  # the head computing `logits` gets 8-bit blocks
+    ids = np.arange(vocab, dtype=np.int64)
+    session = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    got, want = session.run(None, {"ids": ids})[0], table @ table.T
+    cosine = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cosine.min() > 0.999 and np.abs(got - want).max() > 0
