@@ -9,5 +9,6 @@ This package never imports torch or transformers.
 """
 from runtime.errors import Blip2EdgeError, EngineFolderError, ImageInputError, PromptError
 from runtime.pipeline import Blip2Pipeline
+from runtime.retrieval import ImageGallery
 
-__all__ = ["Blip2Pipeline", "Blip2EdgeError", "EngineFolderError", "ImageInputError", "PromptError"]
+__all__ = ["Blip2Pipeline", "ImageGallery", "Blip2EdgeError", "EngineFolderError", "ImageInputError", "PromptError"]

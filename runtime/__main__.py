@@ -7,6 +7,7 @@
     python -m runtime match --engines engines/stage1/onnx --text "a red circle" a.png b.png   # ITM probability
     python -m runtime retrieve --engines engines/stage1/onnx --text "a red circle" --k 5 gallery/*.png
     python -m runtime retrieve --engines engines/stage1/onnx --image a.png --k 3 "a red circle" "a blue square"
+    python -m runtime batch --engines engines/demo/onnx --task caption --input photos/ --output captions/
 
 caption/ask print one line per image: `path<TAB>text`; match prints `path<TAB>probability`;
 retrieve prints a header line, then the best k candidates, best first:
@@ -29,6 +30,11 @@ def _folder_args(p: argparse.ArgumentParser) -> None:
 
 def _generation_args(p: argparse.ArgumentParser) -> None:
     _folder_args(p)
+    _generation_options(p)
+    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
+
+
+def _generation_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation (as in Hugging Face generate)")
     g.add_argument("--max-new-tokens", type=int, default=30, help="most tokens to generate per image (default 30)")
     g.add_argument("--min-new-tokens", type=int, default=0, help="generate at least this many before the end "
@@ -47,17 +53,18 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None, help="with --sample: random seed, for repeatable samples")
     g.add_argument("--decoder", choices=["llm", "qformer"], default=None,
                    help="text decoder: the LLM (default when the folder has one) or the Q-Former's ITG mode")
-    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
+
+
+def _options(args) -> dict:
+    """The generation options of `args`, as Blip2Pipeline.generate takes them."""
+    return dict(decoder=args.decoder, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                num_beams=args.num_beams, do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
 def _generate(pipe, args) -> list[str]:
-    return pipe.generate(
-        args.images, prompt=getattr(args, "prompt", None), decoder=args.decoder,
-        qformer_text=getattr(args, "qformer_text", None), max_new_tokens=args.max_new_tokens,
-        min_new_tokens=args.min_new_tokens, num_beams=args.num_beams, do_sample=args.sample,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty, seed=args.seed,
-    )
+    return pipe.generate(args.images, prompt=getattr(args, "prompt", None),
+                         qformer_text=getattr(args, "qformer_text", None), **_options(args))
 
 
 def _match(pipe, args) -> list[str]:
@@ -76,6 +83,50 @@ def _retrieve(pipe, args) -> list[str]:
     header = "rank\titm_probability\titc_similarity\t" + ("image" if args.text is not None else "text")
     return [header] + [f"{r}\t{'-' if h.itm is None else f'{h.itm:.4f}'}\t{h.itc:.4f}\t{args.candidates[h.index]}"
                        for r, h in enumerate(hits, 1)]
+
+
+def _batch_args(p: argparse.ArgumentParser) -> None:
+    _folder_args(p)
+    p.add_argument("--task", required=True, choices=["caption", "ask", "embed"],
+                   help="caption: a caption per image; ask: the answer to --prompt; embed: the ITC query features")
+    p.add_argument("--input", required=True, metavar="IMAGES", help="a folder (searched recursively), a .txt file "
+                   "of paths, or a .parquet / .jsonl file with a column of paths (relative paths: to the file)")
+    p.add_argument("--output", required=True, metavar="OUT", help="folder of the Parquet dataset; rerun the same "
+                   "command to finish a job that was stopped")
+    p.add_argument("--prompt", help='with --task ask, e.g. "Question: what is shown? Answer:"')
+    p.add_argument("--column", default="path", help="the column of image paths in a .parquet / .jsonl input "
+                   "(default path)")
+    p.add_argument("--workers", type=int, default=1, help="Ray actors, each with the engine folder loaded once "
+                   "(default 1; one CPU each)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per batch and per written file (default 8; "
+                   "at most the engine's max batch is run at once)")
+    p.add_argument("--ray-address", help="an existing Ray cluster (e.g. ray://head:10001 or auto); default: a "
+                   "local Ray instance")
+    _generation_options(p)
+
+
+def _batch(args) -> int:
+    try:
+        from runtime.batch import Job, run
+    except ImportError as e:
+        print(f"error: `python -m runtime batch` needs Ray Data and pyarrow ({e}); install them with "
+              f"pip install \".[scale]\"", file=sys.stderr)
+        return 2
+    job = Job(engines=args.engines, task=args.task, input=args.input, output=args.output, prompt=args.prompt,
+              workers=args.workers, batch_size=args.batch_size, ray_address=args.ray_address, column=args.column,
+              options={} if args.task == "embed" else _options(args))
+    try:
+        result = run(job, say=lambda m: print(m, file=sys.stderr))
+    except Blip2EdgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted; rerun the same command to finish (what is in {args.output} is kept)", file=sys.stderr)
+        return 130
+    print(f"{result['written']} images written to {args.output} in {result['seconds']:.1f}s"
+          f" ({result['written'] / max(result['seconds'], 1e-9):.1f} images/s), {result['skipped']} already there,"
+          f" {result['errors']} rows with an error", file=sys.stderr)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -99,7 +150,11 @@ def main(argv=None) -> int:
     ret.add_argument("--k", type=int, default=10, help="how many candidates to re-rank and print (default 10)")
     ret.add_argument("--no-rerank", action="store_true", help="ITC ranking only, no ITM")
     ret.add_argument("candidates", nargs="+", help="image files (with --text) or texts (with --image)")
+    _batch_args(sub.add_parser("batch", help="caption, ask or embed a whole image collection with Ray Data into "
+                               "a Parquet dataset (resumable; needs the scale extra)"))
     args = ap.parse_args(argv)
+    if args.command == "batch":
+        return _batch(args)
 
     from runtime import Blip2Pipeline
 

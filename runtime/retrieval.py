@@ -4,20 +4,26 @@ of the top k), numpy only.
     from runtime import Blip2Pipeline
     pipe = Blip2Pipeline.from_dir("engines/stage1/onnx")
     gallery = pipe.encode_gallery(image_paths)        # runs the image tower once per image
-    gallery.save("gallery.npz"); gallery = ImageGallery.load("gallery.npz")
+    gallery.save("gallery/"); gallery = ImageGallery.load("gallery/")   # features, embeddings, index
     hits = pipe.retrieve("a red circle on the left", gallery, k=16)   # list[Match], best first
 
 BLIP-2's image-text similarity is the largest dot product between the text's
 [CLS] feature and any of the image's query features (all unit vectors).
 """
+import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from runtime.errors import Blip2EdgeError, PromptError
+from runtime.index import FaissIndex, build_index, faiss_available
 from runtime.text import QFormerTokenizer
 from runtime.vision import chunks
+
+
+GALLERY_FORMAT = 1  # the layout of a saved gallery folder (gallery.json "format")
 
 
 class RetrievalError(Blip2EdgeError, ValueError):
@@ -57,25 +63,81 @@ class Match:
     itm: float | None  # ITM match probability (None without re-ranking)
 
 
-@dataclass
 class ImageGallery:
-    """Encoded candidate images: ITC features for the first step, image embeddings for ITM re-ranking."""
-    feats: np.ndarray  # [N, Nq, D] unit vectors
-    embeds: np.ndarray  # [N, Np, Dv] vision outputs
+    """Encoded candidate images: ITC features, searched through an index (runtime.index: FAISS when installed),
+    and the image embeddings (ViT outputs) that ITM re-ranks the top k from.
+
+    `save(folder)` writes the features (float32), the embeddings (float16 by default: half the disk, and ITM
+    reads only the k rows a query re-ranks) and the index; `load(folder)` memory-maps both arrays, so a gallery
+    larger than memory is searched without reading it in (the exact path and the index's re-scoring read the
+    pages they touch; FAISS holds its own copy of the vectors). The ViT outputs are kept rather than computed
+    again from the image files at query time: re-ranking k = 128 candidates would run the image tower 128 times
+    per query."""
+
+    def __init__(self, feats: np.ndarray, embeds: np.ndarray, index=None):
+        if len(feats) != len(embeds):
+            raise RetrievalError(f"{len(feats)} feature rows but {len(embeds)} image embeddings; encode the gallery "
+                                 f"with Blip2Pipeline.encode_gallery")
+        self.feats, self.embeds, self._index = feats, embeds, index  # [N, Nq, D] unit vectors; [N, Np, Dv]
 
     def __len__(self) -> int:
         return len(self.feats)
 
-    def save(self, path) -> None:
-        np.savez(Path(path), feats=self.feats, embeds=self.embeds)
+    @property
+    def index(self):
+        """The search index, built on first use (FAISS flat or IVF, or exact numpy without FAISS)."""
+        if self._index is None:
+            self._index = build_index(self.feats)
+        return self._index
+
+    def search(self, text_feat: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(image indices, ITC scores) of the k images most similar to one text feature [D], best first."""
+        return self.index.search(text_feat, k)
+
+    def extend(self, other: "ImageGallery") -> "ImageGallery":
+        """This gallery followed by `other` (encoded in parts: images keep their order); the index is added to
+        when it is a FAISS index already built, else built on first search."""
+        feats = np.concatenate([self.feats, other.feats])
+        index = self._index
+        if isinstance(index, FaissIndex) and index.kind == "ivf":
+            index.index.add(np.ascontiguousarray(other.feats.reshape(-1, other.feats.shape[-1]), dtype=np.float32))
+            index.feats = feats
+        else:
+            index = None  # flat or exact: rebuilt on first search (it may now be large enough for IVF)
+        return ImageGallery(feats, np.concatenate([self.embeds, other.embeds]), index)
+
+    def save(self, folder, embeds_dtype: str = "float16") -> None:
+        """Write the gallery to `folder` (a new folder: features, embeddings, index, gallery.json), atomically."""
+        folder = Path(folder)
+        if folder.exists():
+            raise RetrievalError(f"{folder} exists; save the gallery to a new folder (or remove that one)")
+        tmp = folder.with_name(f".{folder.name}.partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            np.save(tmp / "feats.npy", np.asarray(self.feats, dtype=np.float32))
+            np.save(tmp / "embeds.npy", np.asarray(self.embeds, dtype=embeds_dtype))
+            meta = {"format": GALLERY_FORMAT, "images": len(self), "index": self.index.describe()}
+            if isinstance(self.index, FaissIndex):
+                self.index.save(tmp / "index.faiss")
+            (tmp / "gallery.json").write_text(json.dumps(meta, indent=1))
+            tmp.rename(folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     @classmethod
-    def load(cls, path) -> "ImageGallery":
+    def load(cls, folder) -> "ImageGallery":
+        folder = Path(folder)
         try:
-            data = np.load(Path(path))
-            return cls(data["feats"], data["embeds"])
+            meta = json.loads((folder / "gallery.json").read_text())
+            feats = np.load(folder / "feats.npy", mmap_mode="r")
+            embeds = np.load(folder / "embeds.npy", mmap_mode="r")
         except (OSError, KeyError, ValueError) as e:
-            raise RetrievalError(f"could not read the gallery {path} ({e}); write it with ImageGallery.save") from None
+            raise RetrievalError(f"could not read the gallery {folder} ({e}); write it with ImageGallery.save") from None
+        index = None
+        if (folder / "index.faiss").exists() and faiss_available():
+            index = FaissIndex.load(folder / "index.faiss", feats, meta["index"].get("recall"))
+        return cls(feats, embeds, index)
 
 
 @dataclass
@@ -88,14 +150,14 @@ class TextGallery:
         return len(self.texts)
 
 
-def rank(itc: np.ndarray, k: int, itm_probs=None) -> list[Match]:
-    """ITC top-k; when `itm_probs(indices) -> probs` is given, re-rank those k by ITM (stable on ties)."""
-    top = top_k(itc, k)
+def rank(top: np.ndarray, itc: np.ndarray, itm_probs=None) -> list[Match]:
+    """The ITC top k (`top`, best first, with their scores `itc`); when `itm_probs(indices) -> probs` is given,
+    re-ranked by ITM (stable on ties)."""
     if itm_probs is None:
-        return [Match(int(i), float(itc[i]), None) for i in top]
+        return [Match(int(i), float(s), None) for i, s in zip(top, itc)]
     probs = np.asarray(itm_probs(top))
     order = np.argsort(-probs, kind="stable")
-    return [Match(int(top[j]), float(itc[top[j]]), float(probs[j])) for j in order]
+    return [Match(int(top[j]), float(itc[j]), float(probs[j])) for j in order]
 
 
 def check_texts(texts: list, what: str) -> list[str]:
@@ -153,14 +215,16 @@ class QFormerText:
 
     def search_images(self, text: str, gallery: ImageGallery, k: int, rerank: bool) -> list[Match]:
         k = check_k(k, len(gallery), "image gallery")
-        itc = similarity(gallery.feats, self.embed_texts([text]))[:, 0]
-        probs = (lambda idx: self.itm_probs(gallery.embeds[idx], [text] * len(idx))) if rerank else None
-        return rank(itc, k, probs)
+        top, itc = gallery.search(self.embed_texts([text])[0], k)
+        probs = (lambda idx: self.itm_probs(np.asarray(gallery.embeds[idx], dtype=np.float32), [text] * len(idx))
+                 ) if rerank else None
+        return rank(top, itc, probs)
 
     def search_texts(self, image, texts: TextGallery, k: int, rerank: bool) -> list[Match]:
         k = check_k(k, len(texts), "text gallery")
         query = self.encode_gallery([image])
         itc = similarity(query.feats, texts.feats)[0]
+        top = top_k(itc, k)
         probs = (lambda idx: self.itm_probs(np.repeat(query.embeds, len(idx), 0), [texts.texts[i] for i in idx])
                  ) if rerank else None
-        return rank(itc, k, probs)
+        return rank(top, itc[top], probs)

@@ -1,0 +1,150 @@
+"""The first step of text -> image retrieval over a large gallery: which images hold the query feature most
+similar to a text.
+
+BLIP-2's ITC similarity of an image and a text is the largest dot product between the text feature and any of
+the image's Nq query features. An index therefore holds every query vector of every image (N * Nq rows of
+width D) and answers with images: the vectors nearest to the text, mapped to their images, then each candidate
+image re-scored exactly (max over its Nq features) so that scores and order are those of exact search.
+
+    index = build_index(feats)          # feats [N, Nq, D]: exact, or FAISS IVF when large
+    images, scores = index.search(text_feat, k)
+
+* `ExactIndex` (numpy only, always available): the similarity against every row, as `retrieval.similarity`;
+  what a gallery of fewer than `APPROXIMATE_FROM` query vectors uses.
+* `FaissIndex` (`pip install faiss-cpu`, the `scale` extra): `IndexIVFFlat` (inner product) from
+  `APPROXIMATE_FROM` rows, with `nprobe` raised at build time until the index finds the exact top-k of probe
+  queries (its recall is measured against exact search and kept with the index); `IndexFlatIP` on request.
+  Exact re-scoring of the candidates makes the returned scores exact; an approximate index can only miss an
+  image, never misorder the ones it finds. Searching the top k * Nq vectors is exact for a flat index: every
+  vector scoring at least the k-th best image's score belongs to one of the k best images (at most Nq each).
+"""
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+APPROXIMATE_FROM = 200_000  # query vectors (6,250 images of 32 queries): IVF from here, flat below
+RECALL_TARGET = 0.99  # probe queries' top-k images found by IVF against exact search, when it is built
+PROBE_QUERIES, PROBE_K = 64, 16
+
+
+def exact_top_images(feats: np.ndarray, text_feat: np.ndarray, k: int, rows=None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact search over `feats` [N, Nq, D] (or only its images `rows`): (image indices, ITC scores), best
+    first, ties broken by lower index."""
+    chosen = feats if rows is None else feats[np.sort(rows)]
+    images, queries, width = chosen.shape
+    scores = (np.asarray(chosen, dtype=np.float32).reshape(images * queries, width) @ text_feat).reshape(
+        images, queries).max(1)
+    k = min(k, images)
+    part = np.argpartition(-scores, k - 1)[:k] if k < images else np.arange(images)
+    ids = part if rows is None else np.sort(rows)[part]
+    order = np.lexsort((ids, -scores[part]))
+    return ids[order], scores[part][order]
+
+
+@dataclass
+class ExactIndex:
+    """Exact ITC search with numpy over the gallery's features (in memory or memory-mapped)."""
+    feats: np.ndarray  # [N, Nq, D]
+    kind = "exact"
+
+    def search(self, text_feat: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return exact_top_images(self.feats, text_feat, k)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind}
+
+
+class FaissIndex:
+    """ITC search through a FAISS inner-product index over every query vector, candidates re-scored exactly."""
+
+    def __init__(self, index, feats: np.ndarray, recall: float | None = None):
+        self.index, self.feats, self.recall = index, feats, recall
+        self.kind = "ivf" if hasattr(index, "nprobe") else "flat"
+
+    @classmethod
+    def build(cls, feats: np.ndarray, approximate_from: int = APPROXIMATE_FROM, seed: int = 0) -> "FaissIndex":
+        import faiss
+
+        vectors = _rows(feats)
+        width = vectors.shape[1]
+        if len(vectors) < approximate_from:
+            index = faiss.IndexFlatIP(width)
+            index.add(vectors)
+            return cls(index, feats)
+        lists = int(4 * np.sqrt(len(vectors)))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(width), width, lists, faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(seed)
+        sample = vectors[np.sort(rng.choice(len(vectors), min(len(vectors), 64 * lists), replace=False))]
+        index.train(sample)
+        for start in range(0, len(vectors), 1 << 18):  # added in parts: no second copy of every vector
+            index.add(vectors[start:start + (1 << 18)])
+        built = cls(index, feats)
+        built.tune(rng)
+        return built
+
+    def tune(self, rng) -> None:
+        """Raise nprobe until probe queries (mixtures of two gallery images' query features) find the same
+        top PROBE_K images as exact search in at least RECALL_TARGET of places; keep the recall measured."""
+        images, queries, width = self.feats.shape
+        k = min(PROBE_K, images)
+        pick = rng.integers(0, images, size=(PROBE_QUERIES, 2))
+        probes = self.feats[pick[:, 0], rng.integers(0, queries, PROBE_QUERIES)] + \
+            self.feats[pick[:, 1], rng.integers(0, queries, PROBE_QUERIES)]
+        probes = (probes / np.linalg.norm(probes, axis=1, keepdims=True)).astype(np.float32)
+        truth = [set(exact_top_images(self.feats, p, k)[0].tolist()) for p in probes]
+        self.index.nprobe = 4
+        while True:
+            found = [len(truth[i] & set(self.search(p, k)[0].tolist())) for i, p in enumerate(probes)]
+            self.recall = sum(found) / (k * len(probes))
+            if self.recall >= RECALL_TARGET or self.index.nprobe >= self.index.nlist:
+                return
+            self.index.nprobe = min(self.index.nprobe * 2, self.index.nlist)
+
+    def search(self, text_feat: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        images, queries, _ = self.feats.shape
+        _, ids = self.index.search(np.ascontiguousarray(text_feat[None], dtype=np.float32), min(k * queries,
+                                                                                                self.index.ntotal))
+        candidates = np.unique(ids[0][ids[0] >= 0] // queries)
+        if len(candidates) < min(k, images):  # too few vectors in the probed lists: exact search
+            return exact_top_images(self.feats, text_feat, k)
+        return exact_top_images(self.feats, text_feat, k, rows=candidates)
+
+    def describe(self) -> dict:
+        out = {"kind": self.kind, "vectors": int(self.index.ntotal)}
+        if self.kind == "ivf":
+            out.update(lists=int(self.index.nlist), nprobe=int(self.index.nprobe), recall=self.recall,
+                       recall_measured_on=f"{PROBE_QUERIES} probe queries, top {PROBE_K} images")
+        return out
+
+    def save(self, path: Path) -> None:
+        import faiss
+
+        faiss.write_index(self.index, str(path))
+
+    @classmethod
+    def load(cls, path: Path, feats: np.ndarray, recall: float | None) -> "FaissIndex":
+        import faiss
+
+        return cls(faiss.read_index(str(path)), feats, recall)
+
+
+def faiss_available() -> bool:
+    return importlib.util.find_spec("faiss") is not None
+
+
+def build_index(feats: np.ndarray, approximate_from: int | None = None):
+    """Exact numpy search below `approximate_from` query vectors (default APPROXIMATE_FROM), a FAISS IVF index
+    from there when FAISS is installed. (FAISS's exact IndexFlatIP answers one query at a time about 3x slower
+    than numpy's BLAS matrix-vector product on this 2-core machine, bench/bench_index.py, so the exact path is
+    numpy's; batches of queries are where IndexFlatIP pays off.)"""
+    approximate_from = APPROXIMATE_FROM if approximate_from is None else approximate_from
+    if not faiss_available() or feats.shape[0] * feats.shape[1] < approximate_from:
+        return ExactIndex(feats)
+    return FaissIndex.build(feats, approximate_from)
+
+
+def _rows(feats: np.ndarray) -> np.ndarray:
+    images, queries, width = feats.shape
+    return np.ascontiguousarray(feats.reshape(images * queries, width), dtype=np.float32)

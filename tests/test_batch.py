@@ -1,0 +1,141 @@
+"""`python -m runtime batch` (runtime/batch.py): Ray Data over an image collection on a local Ray instance with 2
+workers; rows equal the pipeline's answers for each image alone; unreadable images become error rows; a killed
+job, rerun, finishes with every image exactly once."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ray")
+pytest.importorskip("pyarrow")
+
+from runtime.batch import BatchInputError, Job, list_images, read_output, run  # noqa: E402
+from export.parity import probe_images  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+GENERATE = {"max_new_tokens": 8, "min_new_tokens": 4}  # (a random model may end its text at once otherwise)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory, make_engine):
+    """A folder of 9 images (one in a subfolder), one broken file, and the stage-2 engine with the Q-Former's
+    text side."""
+    _, engine = make_engine("stage2text")
+    folder = tmp_path_factory.mktemp("collection")
+    (folder / "more").mkdir()
+    images = probe_images(32, count=9, seed=7)
+    for i, im in enumerate(images):
+        im.save(folder / ("more" if i == 8 else ".") / f"{i}.png")
+    (folder / "more" / "broken.png").write_bytes(b"not an image")
+    (folder / "notes.txt").write_text("not listed: not an image suffix")
+    return engine, folder
+
+
+def test_rows_equal_each_image_alone_and_bad_images_become_errors(local_ray, collection, tmp_path):
+    from runtime import Blip2Pipeline
+
+    engine, folder = collection
+    out = tmp_path / "captions"
+    result = run(Job(engines=str(engine), task="caption", input=str(folder), output=str(out), workers=2,
+                     batch_size=3, options=GENERATE), say=lambda *_: None)
+    rows = {r["path"]: r for r in read_output(out)}
+    assert len(rows) == 10 and result["written"] == 10 and result["errors"] == 1
+    pipe = Blip2Pipeline.from_dir(engine)
+    for path, row in rows.items():
+        if path.endswith("broken.png"):
+            assert row["caption"] is None and "not an image" in row["error"]
+            continue
+        assert row["error"] is None
+        assert row["caption"] and row["caption"] == pipe.caption(path, **GENERATE)[0]  # batched == alone here
+    # embed: the ITC features of each image, [queries][dim]
+    run(Job(engines=str(engine), task="embed", input=str(folder), output=str(tmp_path / "feats"), workers=2,
+            batch_size=4), say=lambda *_: None)
+    feats = {r["path"]: r["features"] for r in read_output(tmp_path / "feats") if r["error"] is None}
+    path = sorted(feats)[0]
+    np.testing.assert_allclose(np.array(feats[path]), pipe.embed_images(path)[0], atol=1e-5)
+
+
+def test_a_killed_job_rerun_finishes_every_image_once(local_ray, collection, tmp_path):
+    engine, folder = collection
+    listing = tmp_path / "list.txt"
+    paths = list_images(str(folder))
+    listing.write_text("\n".join(paths * 3) + "\n")  # (a path listed twice is done once)
+    many = tmp_path / "many.txt"
+    many.write_text("\n".join(f"{p}" for p in paths) + "\n")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "runtime", "batch", "--engines", str(engine), "--task", "caption", "--input",
+               str(many), "--output", str(out), "--workers", "1", "--batch-size", "1", "--max-new-tokens", "8", "--min-new-tokens", "4"]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.glob("part-*.parquet"))) < 2 and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray instance it started
+    proc.wait()
+    before = len(read_output(out))
+    assert 0 < before < len(paths), "the job should have been killed part-way"
+    (out / ".part-cut-short.parquet").write_bytes(b"PAR1 half")  # a temporary file left by the kill
+    result = run(Job(engines=str(engine), task="caption", input=str(listing), output=str(out), workers=2,
+                     batch_size=3, options=GENERATE), say=lambda *_: None)
+    rows = read_output(out)
+    assert sorted(r["path"] for r in rows) == sorted(paths)  # every image once: none lost, none twice
+    assert result["skipped"] == before and result["written"] == len(paths) - before
+    assert not list(out.glob(".part-*"))
+    again = run(Job(engines=str(engine), task="caption", input=str(listing), output=str(out)), say=lambda *_: None)
+    assert again["written"] == 0 and len(read_output(out)) == len(paths)
+
+
+def test_bad_jobs_are_refused_before_ray_starts(collection, tmp_path):
+    engine, folder = collection
+    job = dict(engines=str(engine), input=str(folder), output=str(tmp_path / "o"))
+    with pytest.raises(BatchInputError, match="--task ask needs a non-empty --prompt"):
+        run(Job(task="ask", **job))
+    with pytest.raises(BatchInputError, match="--prompt is for --task ask"):
+        run(Job(task="caption", prompt="Question: why?", **job))
+    with pytest.raises(BatchInputError, match="holds no image files"):
+        run(Job(task="caption", **{**job, "input": str(tmp_path)}))
+    (tmp_path / "rows.jsonl").write_text('{"file": "a.png"}\n')
+    with pytest.raises(BatchInputError, match="line 1 is not a JSON object with a 'path' key"):
+        run(Job(task="caption", **{**job, "input": str(tmp_path / "rows.jsonl")}))
+    (tmp_path / "rows.csv").write_text("path\na.png\n")
+    with pytest.raises(BatchInputError, match="unknown kind of list '.csv'"):
+        run(Job(task="caption", **{**job, "input": str(tmp_path / "rows.csv")}))
+    assert not (tmp_path / "o").exists()  # nothing written for a refused job
+    out = subprocess.run([sys.executable, "-m", "runtime", "batch", "--engines", str(engine), "--task", "ask",
+                          "--input", str(folder), "--output", str(tmp_path / "o")], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert out.returncode == 2 and out.stderr.strip() == "error: --task ask needs a non-empty --prompt"
+
+
+def test_inputs_from_text_parquet_and_jsonl_lists(collection, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _, folder = collection
+    paths = list_images(str(folder))
+    assert len(paths) == 10 and all(Path(p).suffix == ".png" for p in paths)
+    (tmp_path / "imgs").symlink_to(folder)
+    relative = [str(Path("imgs") / Path(p).relative_to(folder)) for p in paths]
+    (tmp_path / "l.txt").write_text("\n".join(relative) + "\n\n")
+    pq.write_table(pa.table({"file": relative}), tmp_path / "l.parquet")
+    (tmp_path / "l.jsonl").write_text("".join(f'{{"path": "{p}"}}\n' for p in relative))
+    want = [str(tmp_path / p) for p in relative]  # relative to the list's folder
+    assert list_images(str(tmp_path / "l.txt")) == want
+    assert list_images(str(tmp_path / "l.parquet"), column="file") == want
+    assert list_images(str(tmp_path / "l.jsonl")) == want
+    with pytest.raises(BatchInputError, match="has no column 'path' \\(it has: file\\)"):
+        list_images(str(tmp_path / "l.parquet"))

@@ -1,0 +1,95 @@
+"""The ITC search index of an image gallery (runtime/index.py): exact numpy search against a direct computation,
+FAISS flat and IVF against exact search, and galleries saved, loaded (memory-mapped) and extended."""
+import numpy as np
+import pytest
+
+from runtime import index as index_module
+from runtime.index import ExactIndex, FaissIndex, build_index
+from runtime.retrieval import ImageGallery, RetrievalError
+
+
+def _unit(x):
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def _gallery(images=3000, queries=8, width=32, seed=0):
+    """Clustered features, as real ITC features are (images of a kind look alike): 40 centres plus noise."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((40, width))
+    kind = rng.integers(0, 40, images)
+    feats = _unit(centres[kind][:, None] + 0.6 * rng.standard_normal((images, queries, width)))
+    texts = _unit(centres[rng.integers(0, 40, 24)] + 0.6 * rng.standard_normal((24, width)))
+    return feats, texts
+
+
+def _brute_force(feats, text, k):
+    """Max over each image's queries, computed one image at a time; best first, ties by lower index."""
+    scores = np.array([max(float(q @ text) for q in image) for image in feats])
+    order = sorted(range(len(feats)), key=lambda i: (-scores[i], i))[:k]
+    return np.array(order), scores[order]
+
+
+def test_exact_index_is_the_max_over_queries():
+    feats, texts = _gallery(images=200)
+    for text in texts[:5]:
+        ids, scores = ExactIndex(feats).search(text, 7)
+        want_ids, want_scores = _brute_force(feats, text, 7)
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_allclose(scores, want_scores, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_faiss_index_finds_the_exact_top_k(kind):
+    pytest.importorskip("faiss")
+    feats, texts = _gallery()
+    index = FaissIndex.build(feats, approximate_from=1000 if kind == "ivf" else 10 ** 9)
+    assert index.kind == kind
+    if kind == "ivf":  # tuned at build time until it finds the exact top k of its probes
+        assert index.recall >= index_module.RECALL_TARGET and 1 <= index.index.nprobe < index.index.nlist
+    same = 0
+    for text in texts:
+        ids, scores = index.search(text, 16)
+        want_ids, want_scores = ExactIndex(feats).search(text, 16)
+        found = dict(zip(ids.tolist(), scores.tolist()))
+        exact = dict(zip(want_ids.tolist(), want_scores.tolist()))
+        # whatever it finds carries its exact score, best first (candidates re-scored exactly)
+        np.testing.assert_allclose([found[i] for i in ids.tolist() if i in exact],
+                                   [exact[i] for i in ids.tolist() if i in exact], atol=1e-6)
+        assert (np.diff(scores) <= 0).all()
+        same += np.array_equal(ids, want_ids)
+    assert same == len(texts) if kind == "flat" else same >= len(texts) - 1, same
+
+
+def test_small_galleries_and_no_faiss_search_exactly(monkeypatch):
+    feats, _ = _gallery(images=100)  # 800 query vectors
+    assert isinstance(build_index(feats, approximate_from=801), ExactIndex)
+    if index_module.faiss_available():
+        assert build_index(feats, approximate_from=800).kind == "ivf"
+    monkeypatch.setattr(index_module.importlib.util, "find_spec", lambda name: None)
+    assert isinstance(build_index(feats, approximate_from=800), ExactIndex)  # without FAISS: exact at any size
+
+
+def test_gallery_saves_loads_memory_mapped_and_extends(tmp_path, monkeypatch):
+    pytest.importorskip("faiss")
+    feats, texts = _gallery(images=1200)
+    embeds = np.random.default_rng(1).standard_normal((1200, 5, 12)).astype(np.float32)
+    monkeypatch.setattr(index_module, "APPROXIMATE_FROM", 4000)  # 1000 x 8 vectors: IVF
+    first = ImageGallery(feats[:1000], embeds[:1000])
+    assert first.index.kind == "ivf"
+    whole = first.extend(ImageGallery(feats[1000:], embeds[1000:]))  # vectors added to the trained index
+    assert whole.index is first.index and whole.index.index.ntotal == 1200 * 8
+    np.testing.assert_array_equal(whole.feats, feats)
+    whole.save(tmp_path / "g")
+    loaded = ImageGallery.load(tmp_path / "g")
+    assert isinstance(loaded.feats, np.memmap) and loaded.embeds.dtype == np.float16
+    np.testing.assert_allclose(loaded.embeds, embeds, rtol=1e-3, atol=1e-3)
+    assert loaded.index.kind == "ivf" and loaded.index.index.nprobe == whole.index.index.nprobe
+    for text in texts[:6]:
+        np.testing.assert_array_equal(loaded.search(text, 10)[0], whole.search(text, 10)[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g"]  # nothing else left behind
+    with pytest.raises(RetrievalError, match="exists; save the gallery to a new folder"):
+        whole.save(tmp_path / "g")
+    with pytest.raises(RetrievalError, match="could not read the gallery"):
+        ImageGallery.load(tmp_path / "missing")
+    with pytest.raises(RetrievalError, match="1200 feature rows but 3 image embeddings"):
+        ImageGallery(feats, embeds[:3])
