@@ -8,6 +8,7 @@
     python -m runtime retrieve --engines engines/stage1/onnx --text "a red circle" --k 5 gallery/*.png
     python -m runtime retrieve --engines engines/stage1/onnx --image a.png --k 3 "a red circle" "a blue square"
     python -m runtime batch --engines engines/demo/onnx --task caption --input photos/ --output captions/
+    python -m runtime serve --engines engines/demo/onnx --port 8000      # HTTP: POST /caption /ask /match /embed
 
 caption/ask print one line per image: `path<TAB>text`; match prints `path<TAB>probability`;
 retrieve prints a header line, then the best k candidates, best first:
@@ -114,6 +115,7 @@ def _batch(args) -> int:
         return 2
     job = Job(engines=args.engines, task=args.task, input=args.input, output=args.output, prompt=args.prompt,
               workers=args.workers, batch_size=args.batch_size, ray_address=args.ray_address, column=args.column,
+              backend=args.backend,
               options={} if args.task == "embed" else _options(args))
     try:
         result = run(job, say=lambda m: print(m, file=sys.stderr))
@@ -127,6 +129,42 @@ def _batch(args) -> int:
           f" ({result['written'] / max(result['seconds'], 1e-9):.1f} images/s), {result['skipped']} already there,"
           f" {result['errors']} rows with an error", file=sys.stderr)
     return 0
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    _folder_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                   "only; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--replicas", type=int, default=1, help="copies of the pipeline, one CPU each (default 1)")
+    p.add_argument("--max-batch-size", type=int, default=None, help="requests run together at most (default: "
+                   "the engine folder's max batch)")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a request waits for others to "
+                   "batch with (default 10 ms)")
+
+
+def _serve(args) -> int:
+    import time
+
+    try:
+        from runtime.serve import start
+    except ImportError as e:
+        print(f"error: `python -m runtime serve` needs Ray Serve ({e}); install it with pip install \".[scale]\"",
+              file=sys.stderr)
+        return 2
+    try:
+        start(args.engines, host=args.host, port=args.port, replicas=args.replicas,
+              max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, backend=args.backend)
+        print(f"serving {args.engines} on http://{args.host}:{args.port} (POST /caption /ask /match /embed, "
+              f"GET /health /metrics); Ctrl-C stops", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(3600)
+    except Blip2EdgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+        return 0
 
 
 def main(argv=None) -> int:
@@ -152,9 +190,13 @@ def main(argv=None) -> int:
     ret.add_argument("candidates", nargs="+", help="image files (with --text) or texts (with --image)")
     _batch_args(sub.add_parser("batch", help="caption, ask or embed a whole image collection with Ray Data into "
                                "a Parquet dataset (resumable; needs the scale extra)"))
+    _serve_args(sub.add_parser("serve", help="an HTTP service (POST /caption /ask /match /embed) on Ray Serve "
+                               "(needs the scale extra)"))
     args = ap.parse_args(argv)
     if args.command == "batch":
         return _batch(args)
+    if args.command == "serve":
+        return _serve(args)
 
     from runtime import Blip2Pipeline
 

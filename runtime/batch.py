@@ -44,6 +44,7 @@ class Job:
     batch_size: int = 8
     ray_address: str | None = None
     column: str = "path"
+    backend: str = "auto"
     options: dict = field(default_factory=dict)  # generation options, as Blip2Pipeline.generate takes them
 
 
@@ -120,10 +121,10 @@ def written_paths(output: Path) -> set[str]:
 class Worker:
     """One per Ray actor: opens the engine folder once, then turns batches of paths into result rows."""
 
-    def __init__(self, engines: str, task: str, prompt: str | None, options: dict, threads: int):
+    def __init__(self, engines: str, task: str, prompt: str | None, options: dict, threads: int, backend: str):
         from runtime import Blip2Pipeline
 
-        self.pipe = Blip2Pipeline.from_dir(engines, threads=threads)
+        self.pipe = Blip2Pipeline.from_dir(engines, backend=backend, threads=threads)
         self.task, self.prompt, self.options = task, prompt, options
 
     def __call__(self, batch):
@@ -191,7 +192,7 @@ def run(job: Job, say=print) -> dict:
                                   override_num_blocks=max(1, min(len(todo) // job.batch_size, 4 * job.workers * 8)))
     threads = max(1, (os.cpu_count() or 1) // job.workers) if job.ray_address is None else None
     results = dataset.map_batches(
-        Worker, fn_constructor_args=(job.engines, job.task, job.prompt, job.options, threads),
+        Worker, fn_constructor_args=(job.engines, job.task, job.prompt, job.options, threads, job.backend),
         batch_size=job.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=job.workers),
         num_cpus=1)
     written = 0

@@ -1,0 +1,222 @@
+"""An HTTP service on Ray Serve (`pip install ".[scale]"`): `python -m runtime serve --engines E`.
+
+    POST /caption  {"image": "<base64 of the file>", ...generation options}        -> {"caption": "..."}
+    POST /ask      {"image": ..., "prompt": "Question: ... Answer:", ...options}   -> {"answer": "..."}
+    POST /match    {"image": ..., "text": "a red circle"}                         -> {"probability": 0.93}
+    POST /embed    {"image": ...}                                                 -> {"features": [[...], ...]}
+    GET  /health   -> {"status": "ok"};   GET /metrics -> Prometheus text (this replica's counters)
+
+A body may also be a multipart upload with the file in field `image` (and the other fields as form fields;
+numbers and true/false are read as such). Requests that arrive together are batched (`serve.batch`) up to
+the engine's max batch, grouped by task and options (one `Blip2Pipeline` call per group, prompts one per
+image); a batched answer equals the answer to the same request alone. A bad image, an empty or too-long prompt,
+an unknown or out-of-range option answer 400 with the message the Python API gives; anything else 500, and the
+replica keeps serving.
+"""
+import asyncio
+import base64
+import io
+import json
+import time
+from dataclasses import dataclass, field
+
+from runtime.errors import Blip2EdgeError, ImageInputError, PromptError
+
+ROUTES = {"/caption": "caption", "/ask": "answer", "/match": "probability", "/embed": "features"}
+OPTIONS = ("max_new_tokens", "min_new_tokens", "num_beams", "do_sample", "temperature", "top_k", "top_p",
+           "repetition_penalty", "length_penalty", "early_stopping", "seed", "decoder")
+FIELDS = {"/caption": (), "/ask": ("prompt",), "/match": ("text",), "/embed": ()}  # besides image and options
+
+
+@dataclass
+class Item:
+    """One request, parsed and checked: what the batch handler runs."""
+    route: str
+    image: object  # an RGB PIL image
+    text: str | None = None  # the prompt (/ask) or the text (/match)
+    options: dict = field(default_factory=dict)
+
+    def group(self) -> tuple:
+        return self.route, json.dumps(self.options, sort_keys=True)
+
+
+def image_from_bytes(data: bytes):
+    from PIL import Image
+
+    from runtime.image import load_image
+
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Exception:  # noqa: BLE001 (whatever Pillow raises for a file it cannot decode)
+        raise ImageInputError("field 'image' is not an image PIL can read; send the bytes of a PNG or JPEG file "
+                              "(base64 in JSON, or as a multipart file upload)") from None
+    return load_image(image)
+
+
+def parse(route: str, body: dict) -> Item:
+    """Check a request body (fields already decoded): raises a Blip2EdgeError naming the problem."""
+    if route not in ROUTES:
+        raise PromptError(f"unknown route {route}; POST to one of {', '.join(ROUTES)}")
+    image = body.get("image")
+    if image is None:
+        raise ImageInputError("the request has no 'image'; send {\"image\": \"<base64 of the file>\"} or a "
+                              "multipart upload with the file in field 'image'")
+    if isinstance(image, str):
+        try:
+            image = base64.b64decode(image, validate=True)
+        except ValueError:
+            raise ImageInputError("field 'image' is not valid base64; send the file's bytes base64-encoded") from None
+    wanted = FIELDS[route]
+    unknown = sorted(set(body) - {"image", *wanted, *OPTIONS}) if route in ("/caption", "/ask") else \
+        sorted(set(body) - {"image", *wanted})
+    if unknown:
+        allowed = ", ".join([*wanted, *(OPTIONS if route in ("/caption", "/ask") else ())]) or "none"
+        raise PromptError(f"unknown option {unknown[0]!r} for {route}; options are: {allowed}")
+    text = None
+    if wanted:  # (its content is the pipeline's to check, so that the message is the Python API's)
+        text = body.get(wanted[0])
+        if not isinstance(text, str):
+            raise PromptError(f"{route} needs a '{wanted[0]}' string")
+    options = {k: body[k] for k in OPTIONS if k in body}
+    return Item(route, image_from_bytes(bytes(image)), text, options)
+
+
+def run_group(pipe, items: list[Item]) -> list:
+    """One pipeline call for items of one group; the answer of each (a value for the JSON)."""
+    route, images = items[0].route, [i.image for i in items]
+    if route == "/match":
+        return [float(p) for p in pipe.itm(images, [i.text for i in items])]
+    if route == "/embed":
+        return [f.tolist() for f in pipe.embed_images(images)]
+    prompts = [i.text for i in items] if route == "/ask" else None
+    return pipe.generate(images, prompt=prompts, **items[0].options)
+
+
+def answer_batch(pipe, items: list[Item]) -> list:
+    """Each item's answer, or the exception it alone raised: a group that fails is retried one item at a time,
+    so a too-long prompt fails its own request only."""
+    groups: dict[tuple, list[int]] = {}
+    for n, item in enumerate(items):
+        groups.setdefault(item.group(), []).append(n)
+    out: list = [None] * len(items)
+    for members in groups.values():
+        try:
+            for n, value in zip(members, run_group(pipe, [items[n] for n in members])):
+                out[n] = value
+        except Exception:  # noqa: BLE001 (found per item below)
+            for n in members:
+                try:
+                    out[n] = run_group(pipe, [items[n]])[0]
+                except Exception as e:  # noqa: BLE001 (answered as 400 or 500 by the caller)
+                    out[n] = e
+    return out
+
+
+def reply(route: str, value) -> tuple[int, dict]:
+    """(HTTP status, JSON answer) for a request's value: its result, or the exception it raised."""
+    if isinstance(value, Blip2EdgeError):
+        return 400, {"error": str(value)}
+    if isinstance(value, Exception):
+        return 500, {"error": f"internal error: {type(value).__name__}: {value}"}
+    return 200, {ROUTES[route]: value}
+
+
+async def read_body(request) -> dict:
+    """A JSON body, or a multipart form (file field 'image'; other fields as JSON values where they parse)."""
+    kind = request.headers.get("content-type", "")
+    if kind.startswith("multipart/form-data"):
+        form = await request.form()
+        body = {}
+        for key, value in form.items():
+            if hasattr(value, "read"):
+                body[key] = await value.read()
+            else:
+                try:
+                    body[key] = json.loads(value)
+                except ValueError:
+                    body[key] = value
+        return body
+    try:
+        body = json.loads(await request.body() or b"null")
+    except ValueError:
+        raise PromptError("the body is not JSON; send {\"image\": \"<base64>\", ...} with content-type "
+                          "application/json, or a multipart upload") from None
+    if not isinstance(body, dict):
+        raise PromptError("the body must be a JSON object such as {\"image\": \"<base64 of the file>\"}")
+    return body
+
+
+def build_app(engines: str, max_batch_size: int | None = None, batch_wait_ms: float = 10.0, replicas: int = 1,
+              threads: int | None = None, backend: str = "auto"):
+    """The Ray Serve application (bind()-ed deployment) for `engines`."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+    from ray import serve
+    from starlette.responses import JSONResponse, Response
+
+    from runtime.manifest import load_manifest
+
+    limit = load_manifest(engines).limits.max_batch
+    batch = max_batch_size or limit
+    if not 1 <= batch <= limit:
+        raise PromptError(f"--max-batch-size {batch} is outside 1..{limit}, the engine folder's max batch; rebuild "
+                          f"with `python -m export.build --max-batch {batch}` for larger batches")
+
+    @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": 1}, max_ongoing_requests=4 * batch)
+    class Blip2Service:
+        def __init__(self):
+            from runtime import Blip2Pipeline
+
+            self.pipe = Blip2Pipeline.from_dir(engines, backend=backend, threads=threads)
+            self.registry = CollectorRegistry()
+            self.requests = Counter("blip2_requests", "requests answered", ["route", "status"],
+                                    registry=self.registry)
+            self.latency = Histogram("blip2_request_seconds", "time to answer a request", ["route"],
+                                     registry=self.registry)
+            self.batches = Histogram("blip2_batch_size", "requests per pipeline batch", buckets=(1, 2, 4, 8, 16, 32),
+                                     registry=self.registry)
+
+        @serve.batch(max_batch_size=batch, batch_wait_timeout_s=batch_wait_ms / 1000)
+        async def answer(self, items: list[Item]) -> list:
+            self.batches.observe(len(items))
+            return await asyncio.get_running_loop().run_in_executor(None, answer_batch, self.pipe, items)
+
+        async def __call__(self, request):
+            route, started = request.url.path.rstrip("/") or "/", time.perf_counter()
+            if request.method == "GET" and route == "/health":
+                return JSONResponse({"status": "ok"})
+            if request.method == "GET" and route == "/metrics":
+                return Response(generate_latest(self.registry), media_type="text/plain; version=0.0.4")
+            try:
+                if request.method != "POST" or route not in ROUTES:
+                    raise PromptError(f"no {request.method} {route}; POST to one of {', '.join(ROUTES)}, or GET "
+                                      f"/health or /metrics")
+                value = await self.answer(parse(route, await read_body(request)))
+            except Exception as e:  # noqa: BLE001 (answered below: 400 or 500, and the replica goes on)
+                value = e
+            status, payload = reply(route, value)
+            self.requests.labels(route, str(status)).inc()
+            self.latency.labels(route).observe(time.perf_counter() - started)
+            return JSONResponse(payload, status_code=status)
+
+    return Blip2Service.bind()
+
+
+def start(engines: str, host: str = "127.0.0.1", port: int = 8000, **app_options) -> None:
+    """Start Ray (local unless RAY_ADDRESS is set), Ray Serve's HTTP proxy on host:port and the application."""
+    import os
+
+    os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
+    # Ray Serve marks its HTTP proxy dead when it is not ready within 5 s, three times: on a small machine that
+    # is busy (2 cores, a build beside it) it is not, and the start fails. (Read by Ray's processes, which
+    # inherit this environment when ray.init starts them.)
+    for name in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"):
+        os.environ.setdefault(name, "60")
+    import ray
+    from ray import serve
+
+    app = build_app(engines, **app_options)  # (checks the folder and options before Ray starts)
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(app, name="blip2", route_prefix="/")

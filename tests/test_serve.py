@@ -1,0 +1,136 @@
+"""`python -m runtime serve` (runtime/serve.py): the Ray Serve application on a local Ray instance, answering
+on 127.0.0.1; answers equal the Python API's, requests that arrive together are batched and answer what they
+answer alone, bad requests get 400 with the Python API's message, internal failures 500."""
+import base64
+import io
+import json
+import socket
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ray.serve")
+pytest.importorskip("multipart")
+
+from export.parity import probe_images  # noqa: E402
+from runtime.errors import PromptError  # noqa: E402
+from runtime.serve import Item, answer_batch, reply  # noqa: E402
+
+
+def _png(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def service(make_engine):
+    import ray
+    from ray import serve
+
+    from runtime import Blip2Pipeline
+    from runtime.serve import start
+
+    _, engine = make_engine("stage2text")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    start(str(engine), port=port, batch_wait_ms=200)  # a long wait: concurrent requests surely batch
+    yield f"http://127.0.0.1:{port}", Blip2Pipeline.from_dir(engine)
+    serve.shutdown()
+    ray.shutdown()
+
+
+def _post(url, body=None, data=None, headers=None):
+    data = json.dumps(body).encode() if body is not None else data
+    request = urllib.request.Request(url, data=data, headers=headers or {"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _b64(image) -> str:
+    return base64.b64encode(_png(image)).decode()
+
+
+GEN = {"max_new_tokens": 6, "min_new_tokens": 3}
+
+
+def test_answers_equal_the_python_api_batched_or_alone(service):
+    url, pipe = service
+    images = probe_images(32, count=6, seed=9)
+    prompt = "Question: what is it? Answer:"
+
+    def caption(i):
+        return _post(f"{url}/caption", {"image": _b64(images[i]), **GEN})
+
+    with ThreadPoolExecutor(6) as pool:  # arrive together: batched by serve.batch
+        batched = list(pool.map(caption, range(6)))
+    for i, (status, body) in enumerate(batched):
+        assert status == 200 and body["caption"] == pipe.caption(images[i], **GEN)[0]
+    status, body = _post(f"{url}/ask", {"image": _b64(images[0]), "prompt": prompt, **GEN})
+    assert status == 200 and body["answer"] == pipe.generate(images[0], prompt=prompt, **GEN)[0]
+    status, body = _post(f"{url}/match", {"image": _b64(images[1]), "text": "a red circle"})
+    assert status == 200 and abs(body["probability"] - float(pipe.itm(images[1], "a red circle")[0])) < 1e-6
+    status, body = _post(f"{url}/embed", {"image": _b64(images[2])})
+    np.testing.assert_allclose(np.array(body["features"]), pipe.embed_images(images[2])[0], atol=1e-6)
+    # a multipart upload: the file in field `image`, options as form fields
+    boundary = "blip2edgeboundary"
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+             f"Content-Type: image/png\r\n\r\n".encode() + _png(images[3]) + b"\r\n"]
+    parts += [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+              for k, v in GEN.items()]
+    status, body = _post(f"{url}/caption", data=b"".join(parts) + f"--{boundary}--\r\n".encode(),
+                         headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert status == 200 and body["caption"] == pipe.caption(images[3], **GEN)[0]
+    metrics = urllib.request.urlopen(f"{url}/metrics", timeout=30).read().decode()
+    sizes = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line.startswith("blip2_batch")}
+    assert sizes["blip2_batch_size_sum"] > sizes["blip2_batch_size_count"]  # (precondition: some batch held > 1)
+    assert json.loads(urllib.request.urlopen(f"{url}/health", timeout=30).read()) == {"status": "ok"}
+
+
+def test_bad_requests_get_400_with_the_python_api_message(service):
+    url, pipe = service
+    image = _b64(probe_images(32, count=1, seed=1)[0])
+    status, body = _post(f"{url}/caption", {"image": base64.b64encode(b"not an image").decode()})
+    assert status == 400 and "'image' is not an image PIL can read" in body["error"]
+    with pytest.raises(PromptError) as empty:
+        pipe.generate(probe_images(32, count=1)[0], prompt="  ")
+    assert _post(f"{url}/ask", {"image": image, "prompt": "  "}) == (400, {"error": str(empty.value)})
+    with pytest.raises(PromptError) as long:
+        pipe.generate(probe_images(32, count=1)[0], prompt="a b " * 400)
+    assert _post(f"{url}/ask", {"image": image, "prompt": "a b " * 400}) == (400, {"error": str(long.value)})
+    status, body = _post(f"{url}/caption", {"image": image, "beams": 2})
+    assert status == 400 and body["error"].startswith("unknown option 'beams' for /caption; options are:")
+    with pytest.raises(PromptError) as beams:
+        pipe.generate(probe_images(32, count=1)[0], num_beams=0)
+    assert _post(f"{url}/caption", {"image": image, "num_beams": 0}) == (400, {"error": str(beams.value)})
+    assert _post(f"{url}/caption", {"prompt": "x"})[0] == 400
+    assert _post(f"{url}/nothing", {"image": image})[0] == 400
+    assert _post(f"{url}/caption", data=b"{not json")[0] == 400
+    assert _post(f"{url}/caption", {"image": image, **GEN})[0] == 200  # and it goes on serving
+
+
+class _Pipe:
+    """A pipeline whose batch fails for one image: batches are retried one request at a time."""
+
+    def generate(self, images, prompt=None, **options):
+        if "bad" in images:
+            raise RuntimeError("boom") if len(images) == 1 else PromptError("some row failed")
+        return [f"caption of {i}" for i in images]
+
+
+def test_one_failing_request_fails_alone_and_internal_errors_are_500():
+    items = [Item("/caption", "a"), Item("/caption", "bad"), Item("/caption", "c"),
+             Item("/caption", "d", options={"num_beams": 2})]
+    out = answer_batch(_Pipe(), items)
+    assert out[0] == "caption of a" and out[2] == "caption of c" and out[3] == "caption of d"
+    assert isinstance(out[1], RuntimeError)
+    assert reply("/caption", out[1]) == (500, {"error": "internal error: RuntimeError: boom"})
+    assert reply("/caption", PromptError("empty"))[0] == 400 and reply("/caption", "x") == (200, {"caption": "x"})
