@@ -14,6 +14,8 @@ image re-scored exactly (max over its Nq features) so that scores and order are 
 * `FaissIndex` (`pip install faiss-cpu`, the `scale` extra): `IndexIVFFlat` (inner product) from
   `APPROXIMATE_FROM` rows, with `nprobe` raised at build time until the index finds the exact top-k of probe
   queries (its recall is measured against exact search and kept with the index); `IndexFlatIP` on request.
+  `build_index` falls back to exact search when the tuned nprobe exceeds a quarter of the lists (features
+  without clusters, where scanning that much is slower than numpy).
   Exact re-scoring of the candidates makes the returned scores exact; an approximate index can only miss an
   image, never misorder the ones it finds. Searching the top k * Nq vectors is exact for a flat index: every
   vector scoring at least the k-th best image's score belongs to one of the k best images (at most Nq each).
@@ -27,6 +29,7 @@ import numpy as np
 APPROXIMATE_FROM = 200_000  # query vectors (6,250 images of 32 queries): IVF from here, flat below
 RECALL_TARGET = 0.99  # probe queries' top-k images found by IVF against exact search, when it is built
 PROBE_QUERIES, PROBE_K = 64, 16
+MOST_LISTS = 4  # an IVF index that must probe more than 1/4 of its lists is slower than exact numpy search
 
 
 def exact_top_images(feats: np.ndarray, text_feat: np.ndarray, k: int, rows=None) -> tuple[np.ndarray, np.ndarray]:
@@ -47,13 +50,14 @@ def exact_top_images(feats: np.ndarray, text_feat: np.ndarray, k: int, rows=None
 class ExactIndex:
     """Exact ITC search with numpy over the gallery's features (in memory or memory-mapped)."""
     feats: np.ndarray  # [N, Nq, D]
+    why: str | None = None  # why a large gallery is searched exactly
     kind = "exact"
 
     def search(self, text_feat: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return exact_top_images(self.feats, text_feat, k)
 
     def describe(self) -> dict:
-        return {"kind": self.kind}
+        return {"kind": self.kind, **({"why": self.why} if self.why else {})}
 
 
 class FaissIndex:
@@ -142,7 +146,13 @@ def build_index(feats: np.ndarray, approximate_from: int | None = None):
     approximate_from = APPROXIMATE_FROM if approximate_from is None else approximate_from
     if not faiss_available() or feats.shape[0] * feats.shape[1] < approximate_from:
         return ExactIndex(feats)
-    return FaissIndex.build(feats, approximate_from)
+    index = FaissIndex.build(feats, approximate_from)
+    if index.index.nprobe > index.index.nlist // MOST_LISTS:
+        # features without clusters (random unit vectors: every list needed for 99% recall, bench/bench_index.py):
+        # scanning that many lists costs more than numpy's exact product
+        return ExactIndex(feats, why=f"IVF needed nprobe {index.index.nprobe} of {index.index.nlist} lists for "
+                                     f"{RECALL_TARGET:.0%} recall; exact search is faster")
+    return index
 
 
 def _rows(feats: np.ndarray) -> np.ndarray:

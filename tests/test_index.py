@@ -65,6 +65,10 @@ def test_small_galleries_and_no_faiss_search_exactly(monkeypatch):
     assert isinstance(build_index(feats, approximate_from=801), ExactIndex)
     if index_module.faiss_available():
         assert build_index(feats, approximate_from=800).kind == "ivf"
+    noise = _unit(np.random.default_rng(3).standard_normal((300, 8, 32)))  # no clusters for IVF to find
+    if index_module.faiss_available():
+        fallback = build_index(noise, approximate_from=800)
+        assert isinstance(fallback, ExactIndex) and "exact search is faster" in fallback.describe()["why"]
     monkeypatch.setattr(index_module.importlib.util, "find_spec", lambda name: None)
     assert isinstance(build_index(feats, approximate_from=800), ExactIndex)  # without FAISS: exact at any size
 
