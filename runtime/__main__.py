@@ -163,6 +163,9 @@ def _serve(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        from runtime.serve import stop
+
+        stop()
         print("stopped", file=sys.stderr)
         return 0
 

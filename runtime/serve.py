@@ -17,6 +17,7 @@ import asyncio
 import base64
 import io
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -218,5 +219,21 @@ def start(engines: str, host: str = "127.0.0.1", port: int = 8000, **app_options
     app = build_app(engines, **app_options)  # (checks the folder and options before Ray starts)
     if not ray.is_initialized():
         ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # (its INFO lines: started, connecting, ready)
     serve.start(http_options={"host": host, "port": port})
     serve.run(app, name="blip2", route_prefix="/")
+
+
+def stop() -> None:
+    """Shut the application and Ray down, ignoring a second Ctrl-C meanwhile (a terminal's Ctrl-C reaches Ray's
+    processes too, and its own shutdown would print a traceback when interrupted)."""
+    import signal
+
+    import ray
+    from ray import serve
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
