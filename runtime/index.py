@@ -12,10 +12,13 @@ image re-scored exactly (max over its Nq features) so that scores and order are 
 * `ExactIndex` (numpy only, always available): the similarity against every row, as `retrieval.similarity`;
   what a gallery of fewer than `APPROXIMATE_FROM` query vectors uses.
 * `FaissIndex` (`pip install faiss-cpu`, the `scale` extra): `IndexIVFFlat` (inner product) from
-  `APPROXIMATE_FROM` rows, with `nprobe` raised at build time until the index finds the exact top-k of probe
-  queries (its recall is measured against exact search and kept with the index); `IndexFlatIP` on request.
-  `build_index` falls back to exact search when the tuned nprobe exceeds a quarter of the lists (features
-  without clusters, where scanning that much is slower than numpy).
+  `APPROXIMATE_FROM` rows, with `nprobe` raised at build time until the index finds the exact top k of probe
+  queries, for each k of `PROBE_KS` (a larger k needs more lists: an nprobe tuned for the top 16 found 88% of
+  the top 128 on clustered features); the recall per k is measured against exact search and kept with the
+  index, a search uses the nprobe of the smallest tuned k at least its own, and a k beyond them is tuned on
+  first use. `IndexFlatIP` on request. Where the nprobe a k needs exceeds a quarter of the lists (features
+  without clusters), scanning that much is slower than numpy: `build_index` returns exact search when even
+  the smallest k needs it, and a search for a larger k that needs it is answered exactly.
   Exact re-scoring of the candidates makes the returned scores exact; an approximate index can only miss an
   image, never misorder the ones it finds. Searching the top k * Nq vectors is exact for a flat index: every
   vector scoring at least the k-th best image's score belongs to one of the k best images (at most Nq each).
@@ -28,7 +31,8 @@ import numpy as np
 
 APPROXIMATE_FROM = 200_000  # query vectors (6,250 images of 32 queries): IVF from here, flat below
 RECALL_TARGET = 0.99  # probe queries' top-k images found by IVF against exact search, when it is built
-PROBE_QUERIES, PROBE_K = 64, 16
+PROBE_QUERIES = 64
+PROBE_KS = (16, 32, 64, 128, 256)  # top-k sizes an IVF index is tuned for at build time (larger: on first use)
 MOST_LISTS = 4  # an IVF index that must probe more than 1/4 of its lists is slower than exact numpy search
 
 
@@ -63,9 +67,11 @@ class ExactIndex:
 class FaissIndex:
     """ITC search through a FAISS inner-product index over every query vector, candidates re-scored exactly."""
 
-    def __init__(self, index, feats: np.ndarray, recall: float | None = None):
-        self.index, self.feats, self.recall = index, feats, recall
+    def __init__(self, index, feats: np.ndarray, nprobes: dict | None = None, recalls: dict | None = None):
+        self.index, self.feats = index, feats
         self.kind = "ivf" if hasattr(index, "nprobe") else "flat"
+        self.nprobes = {int(k): int(n) for k, n in (nprobes or {}).items()}  # top k -> nprobe reaching the target
+        self.recalls = {int(k): float(r) for k, r in (recalls or {}).items()}  # top k -> recall measured there
 
     @classmethod
     def build(cls, feats: np.ndarray, approximate_from: int = APPROXIMATE_FROM, seed: int = 0) -> "FaissIndex":
@@ -85,31 +91,70 @@ class FaissIndex:
         for start in range(0, len(vectors), 1 << 18):  # added in parts: no second copy of every vector
             index.add(vectors[start:start + (1 << 18)])
         built = cls(index, feats)
-        built.tune(rng)
+        built.tune(PROBE_KS, seed)
         return built
 
-    def tune(self, rng) -> None:
-        """Raise nprobe until probe queries (mixtures of two gallery images' query features) find the same
-        top PROBE_K images as exact search in at least RECALL_TARGET of places; keep the recall measured."""
+    @property
+    def recall(self) -> float | None:
+        """The recall measured for the smallest tuned top k."""
+        return self.recalls[min(self.recalls)] if self.recalls else None
+
+    def tune(self, ks, seed: int = 0) -> None:
+        """For each top k in `ks` (ascending), raise nprobe (doubling, from the previous k's) until probe queries
+        (mixtures of two gallery images' query features) find the exact top k images in at least RECALL_TARGET
+        of places; keep nprobe and the recall measured per k. Stops raising past a quarter of the lists (exact
+        search is faster there): the remaining ks get every list."""
         images, queries, width = self.feats.shape
-        k = min(PROBE_K, images)
+        rng = np.random.default_rng(seed)
         pick = rng.integers(0, images, size=(PROBE_QUERIES, 2))
         probes = self.feats[pick[:, 0], rng.integers(0, queries, PROBE_QUERIES)] + \
             self.feats[pick[:, 1], rng.integers(0, queries, PROBE_QUERIES)]
         probes = (probes / np.linalg.norm(probes, axis=1, keepdims=True)).astype(np.float32)
-        truth = [set(exact_top_images(self.feats, p, k)[0].tolist()) for p in probes]
-        self.index.nprobe = 4
-        while True:
-            found = [len(truth[i] & set(self.search(p, k)[0].tolist())) for i, p in enumerate(probes)]
-            self.recall = sum(found) / (k * len(probes))
-            if self.recall >= RECALL_TARGET or self.index.nprobe >= self.index.nlist:
-                return
-            self.index.nprobe = min(self.index.nprobe * 2, self.index.nlist)
+        truth = [exact_top_images(self.feats, p, min(max(ks), images))[0] for p in probes]  # best first
+        nlist = self.index.nlist
+        nprobe = max(self.nprobes.values(), default=4)
+        for k in sorted(ks):
+            if nprobe > nlist // MOST_LISTS:
+                self.nprobes[k], self.recalls[k] = nlist, 1.0  # answered by exact search (see search)
+                continue
+            top = min(k, images)
+            while True:
+                found = sum(len(set(t[:top].tolist()) & set(self._search(p, top, nprobe)[0].tolist()))
+                            for t, p in zip(truth, probes))
+                recall = found / (top * len(probes))
+                if recall >= RECALL_TARGET or nprobe >= nlist:
+                    break
+                nprobe = min(nprobe * 2, nlist)
+            self.nprobes[k], self.recalls[k] = nprobe, recall
+        self.index.nprobe = self.nprobes[min(self.nprobes)]  # what FAISS itself uses, saved with the index
 
-    def search(self, text_feat: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def nprobe_for(self, k: int) -> int:
+        """The nprobe tuned for the smallest top k at least `k`; a larger k than any tuned is tuned now (for the
+        next power of two) and kept."""
+        if self.kind != "ivf":
+            return 0
+        tuned = [t for t in self.nprobes if t >= k]
+        if not tuned:
+            self.tune([1 << max(k - 1, 1).bit_length()])
+            tuned = [t for t in self.nprobes if t >= k]
+        return self.nprobes[min(tuned)]
+
+    def search(self, text_feat: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(image indices, exact ITC scores), best first. `nprobe` (IVF) searches that many lists instead of the
+        tuned number (benchmarks: what fewer lists buy and miss)."""
+        if nprobe is None:
+            nprobe = self.nprobe_for(k)
+            if self.kind == "ivf" and nprobe > self.index.nlist // MOST_LISTS:
+                return exact_top_images(self.feats, text_feat, k)  # a k needing most lists: exact is faster
+        return self._search(text_feat, k, nprobe)
+
+    def _search(self, text_feat: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+        import faiss
+
         images, queries, _ = self.feats.shape
-        _, ids = self.index.search(np.ascontiguousarray(text_feat[None], dtype=np.float32), min(k * queries,
-                                                                                                self.index.ntotal))
+        params = faiss.SearchParametersIVF(nprobe=nprobe) if self.kind == "ivf" else None
+        _, ids = self.index.search(np.ascontiguousarray(text_feat[None], dtype=np.float32),
+                                   min(k * queries, self.index.ntotal), params=params)
         candidates = np.unique(ids[0][ids[0] >= 0] // queries)
         if len(candidates) < min(k, images):  # too few vectors in the probed lists: exact search
             return exact_top_images(self.feats, text_feat, k)
@@ -118,8 +163,8 @@ class FaissIndex:
     def describe(self) -> dict:
         out = {"kind": self.kind, "vectors": int(self.index.ntotal)}
         if self.kind == "ivf":
-            out.update(lists=int(self.index.nlist), nprobe=int(self.index.nprobe), recall=self.recall,
-                       recall_measured_on=f"{PROBE_QUERIES} probe queries, top {PROBE_K} images")
+            out.update(lists=int(self.index.nlist), nprobe=self.nprobes, recall=self.recalls,
+                       recall_measured_on=f"{PROBE_QUERIES} probe queries per top k (images)")
         return out
 
     def save(self, path: Path) -> None:
@@ -128,10 +173,16 @@ class FaissIndex:
         faiss.write_index(self.index, str(path))
 
     @classmethod
-    def load(cls, path: Path, feats: np.ndarray, recall: float | None) -> "FaissIndex":
+    def load(cls, path: Path, feats: np.ndarray, described: dict) -> "FaissIndex":
+        """The index saved at `path`, with its tuning as `describe()` gave it (`nprobe` and `recall` per top k;
+        a gallery saved before per-k tuning has one nprobe, that of the top 16: larger ks are tuned on use)."""
         import faiss
 
-        return cls(faiss.read_index(str(path)), feats, recall)
+        index = faiss.read_index(str(path))
+        nprobe, recall = described.get("nprobe"), described.get("recall")
+        if isinstance(nprobe, int):
+            nprobe, recall = {PROBE_KS[0]: nprobe}, {PROBE_KS[0]: recall}
+        return cls(index, feats, nprobe, recall)
 
 
 def faiss_available() -> bool:
@@ -147,11 +198,12 @@ def build_index(feats: np.ndarray, approximate_from: int | None = None):
     if not faiss_available() or feats.shape[0] * feats.shape[1] < approximate_from:
         return ExactIndex(feats)
     index = FaissIndex.build(feats, approximate_from)
-    if index.index.nprobe > index.index.nlist // MOST_LISTS:
+    if index.kind == "ivf" and index.nprobe_for(PROBE_KS[0]) > index.index.nlist // MOST_LISTS:
         # features without clusters (random unit vectors: every list needed for 99% recall, bench/bench_index.py):
         # scanning that many lists costs more than numpy's exact product
-        return ExactIndex(feats, why=f"IVF needed nprobe {index.index.nprobe} of {index.index.nlist} lists for "
-                                     f"{RECALL_TARGET:.0%} recall; exact search is faster")
+        return ExactIndex(feats, why=f"IVF needed nprobe {index.nprobe_for(PROBE_KS[0])} of {index.index.nlist} "
+                                     f"lists for {RECALL_TARGET:.0%} recall of the top {PROBE_KS[0]}; exact search "
+                                     f"is faster")
     return index
 
 

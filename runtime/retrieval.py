@@ -136,7 +136,7 @@ class ImageGallery:
             raise RetrievalError(f"could not read the gallery {folder} ({e}); write it with ImageGallery.save") from None
         index = None
         if (folder / "index.faiss").exists() and faiss_available():
-            index = FaissIndex.load(folder / "index.faiss", feats, meta["index"].get("recall"))
+            index = FaissIndex.load(folder / "index.faiss", feats, meta["index"])
         return cls(feats, embeds, index)
 
 
