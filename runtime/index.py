@@ -9,7 +9,7 @@ image re-scored exactly (max over its Nq features) so that scores and order are 
     index = build_index(feats)          # feats [N, Nq, D]: exact, or FAISS IVF when large
     images, scores = index.search(text_feat, k)
 
-* `ExactIndex` (numpy only, always available): the similarity against every row, as `retrieval.similarity`;
+* `ExactIndex` (numpy only, always available): the similarity against every row (`similarity`, as `Blip2Pipeline.similarity`);
   what a gallery of fewer than `APPROXIMATE_FROM` query vectors uses.
 * `FaissIndex` (`pip install faiss-cpu`, the `scale` extra): `IndexIVFFlat` (inner product) from
   `APPROXIMATE_FROM` rows, with `nprobe` raised at build time until the index finds the exact top k of probe
@@ -36,18 +36,30 @@ PROBE_KS = (16, 32, 64, 128, 256)  # top-k sizes an IVF index is tuned for at bu
 MOST_LISTS = 4  # an IVF index that must probe more than 1/4 of its lists is slower than exact numpy search
 
 
+def similarity(image_feats: np.ndarray, text_feats: np.ndarray) -> np.ndarray:
+    """image_feats [I, Nq, D], text_feats [T, D] -> [I, T]: max over queries of the dot product."""
+    images, queries, width = image_feats.shape
+    scores = image_feats.reshape(images * queries, width) @ text_feats.T  # [I*Nq, T]
+    return scores.reshape(images, queries, -1).max(axis=1)
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest scores, largest first (ties: lower index first)."""
+    if k < len(scores):
+        part = np.argpartition(-scores, k - 1)[:k]
+    else:
+        part = np.arange(len(scores))
+    return part[np.lexsort((part, -scores[part]))]
+
+
 def exact_top_images(feats: np.ndarray, text_feat: np.ndarray, k: int, rows=None) -> tuple[np.ndarray, np.ndarray]:
     """Exact search over `feats` [N, Nq, D] (or only its images `rows`): (image indices, ITC scores), best
     first, ties broken by lower index."""
-    chosen = feats if rows is None else feats[np.sort(rows)]
-    images, queries, width = chosen.shape
-    scores = (np.asarray(chosen, dtype=np.float32).reshape(images * queries, width) @ text_feat).reshape(
-        images, queries).max(1)
-    k = min(k, images)
-    part = np.argpartition(-scores, k - 1)[:k] if k < images else np.arange(images)
-    ids = part if rows is None else np.sort(rows)[part]
-    order = np.lexsort((ids, -scores[part]))
-    return ids[order], scores[part][order]
+    ids = None if rows is None else np.sort(rows)
+    chosen = feats if ids is None else feats[ids]
+    scores = similarity(np.asarray(chosen, dtype=np.float32), text_feat[None])[:, 0]
+    best = top_k(scores, k)
+    return (best if ids is None else ids[best]), scores[best]
 
 
 @dataclass
@@ -88,16 +100,20 @@ class FaissIndex:
         rng = np.random.default_rng(seed)
         sample = vectors[np.sort(rng.choice(len(vectors), min(len(vectors), 64 * lists), replace=False))]
         index.train(sample)
-        for start in range(0, len(vectors), 1 << 18):  # added in parts: no second copy of every vector
-            index.add(vectors[start:start + (1 << 18)])
+        _add_rows(index, vectors)
         built = cls(index, feats)
         built.tune(PROBE_KS, seed)
         return built
 
-    @property
-    def recall(self) -> float | None:
-        """The recall measured for the smallest tuned top k."""
-        return self.recalls[min(self.recalls)] if self.recalls else None
+    def add(self, new_feats: np.ndarray, feats: np.ndarray) -> None:
+        """Add the query features of new images `new_feats` [M, Nq, D] (IVF: to the trained lists); `feats` is
+        the whole gallery's features after them."""
+        _add_rows(self.index, _rows(new_feats))
+        self.feats = feats
+
+    def exact_is_faster(self, nprobe: int) -> bool:
+        """Whether searching `nprobe` lists costs more than exact numpy search (more than 1/MOST_LISTS of them)."""
+        return self.kind == "ivf" and nprobe > self.index.nlist // MOST_LISTS
 
     def tune(self, ks, seed: int = 0) -> None:
         """For each top k in `ks` (ascending), raise nprobe (doubling, from the previous k's) until probe queries
@@ -114,7 +130,7 @@ class FaissIndex:
         nlist = self.index.nlist
         nprobe = max(self.nprobes.values(), default=4)
         for k in sorted(ks):
-            if nprobe > nlist // MOST_LISTS:
+            if self.exact_is_faster(nprobe):
                 self.nprobes[k], self.recalls[k] = nlist, 1.0  # answered by exact search (see search)
                 continue
             top = min(k, images)
@@ -144,7 +160,7 @@ class FaissIndex:
         tuned number (benchmarks: what fewer lists buy and miss)."""
         if nprobe is None:
             nprobe = self.nprobe_for(k)
-            if self.kind == "ivf" and nprobe > self.index.nlist // MOST_LISTS:
+            if self.exact_is_faster(nprobe):
                 return exact_top_images(self.feats, text_feat, k)  # a k needing most lists: exact is faster
         return self._search(text_feat, k, nprobe)
 
@@ -198,13 +214,18 @@ def build_index(feats: np.ndarray, approximate_from: int | None = None):
     if not faiss_available() or feats.shape[0] * feats.shape[1] < approximate_from:
         return ExactIndex(feats)
     index = FaissIndex.build(feats, approximate_from)
-    if index.kind == "ivf" and index.nprobe_for(PROBE_KS[0]) > index.index.nlist // MOST_LISTS:
+    if index.exact_is_faster(index.nprobe_for(PROBE_KS[0])):
         # features without clusters (random unit vectors: every list needed for 99% recall, bench/bench_index.py):
         # scanning that many lists costs more than numpy's exact product
         return ExactIndex(feats, why=f"IVF needed nprobe {index.nprobe_for(PROBE_KS[0])} of {index.index.nlist} "
                                      f"lists for {RECALL_TARGET:.0%} recall of the top {PROBE_KS[0]}; exact search "
                                      f"is faster")
     return index
+
+
+def _add_rows(index, vectors: np.ndarray) -> None:
+    for start in range(0, len(vectors), 1 << 18):  # added in parts: FAISS makes no second copy of every vector
+        index.add(vectors[start:start + (1 << 18)])
 
 
 def _rows(feats: np.ndarray) -> np.ndarray:

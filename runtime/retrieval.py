@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import Blip2EdgeError, PromptError
-from runtime.index import FaissIndex, build_index, faiss_available
+from runtime.index import FaissIndex, build_index, faiss_available, similarity, top_k
 from runtime.text import QFormerTokenizer
 from runtime.vision import chunks
 
@@ -28,22 +28,6 @@ GALLERY_FORMAT = 1  # the layout of a saved gallery folder (gallery.json "format
 
 class RetrievalError(Blip2EdgeError, ValueError):
     """A retrieval request that cannot be served (k out of range, empty or mismatched gallery)."""
-
-
-def similarity(image_feats: np.ndarray, text_feats: np.ndarray) -> np.ndarray:
-    """image_feats [I, Nq, D], text_feats [T, D] -> [I, T]: max over queries of the dot product."""
-    images, queries, width = image_feats.shape
-    scores = image_feats.reshape(images * queries, width) @ text_feats.T  # [I*Nq, T]
-    return scores.reshape(images, queries, -1).max(axis=1)
-
-
-def top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest scores, largest first (ties: lower index first)."""
-    if k < len(scores):
-        part = np.argpartition(-scores, k - 1)[:k]
-    else:
-        part = np.arange(len(scores))
-    return part[np.lexsort((part, -scores[part]))]
 
 
 def check_k(k, count: int, what: str) -> int:
@@ -100,8 +84,7 @@ class ImageGallery:
         feats = np.concatenate([self.feats, other.feats])
         index = self._index
         if isinstance(index, FaissIndex) and index.kind == "ivf":
-            index.index.add(np.ascontiguousarray(other.feats.reshape(-1, other.feats.shape[-1]), dtype=np.float32))
-            index.feats = feats
+            index.add(other.feats, feats)
         else:
             index = None  # flat or exact: rebuilt on first search (it may now be large enough for IVF)
         return ImageGallery(feats, np.concatenate([self.embeds, other.embeds]), index)
