@@ -86,8 +86,7 @@ def test_qformer_tells_a_two_shape_caption_from_its_mirror_image(demo):
     assert np.mean(true > foil) >= 0.95 and np.mean(true > 0.5) >= 0.9 and np.mean(foil < 0.5) >= 0.9
 
 
-@pytest.mark.parametrize("name", ["demo", pytest.param("demo-t5", marks=pytest.mark.xfail(
-    strict=True, reason="models/demo-t5 answers VQA 0.870 < 0.90: every miss is a two-shape scene (issue 14)"))])
+@pytest.mark.parametrize("name", ["demo", "demo-t5"])
 def test_demo_model_meets_the_targets(name):
     demo = MODELS / name
     recorded = json.loads((demo / "eval.json").read_text())
