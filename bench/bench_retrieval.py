@@ -75,7 +75,9 @@ class TorchRetrieval:
             n = len(idx)
             logits, _ = self.model.itm_forward(self.embeds[idx], ids.expand(n, -1), mask.expand(n, -1))
             probs.append(logits.softmax(-1)[:, 1])
-        order = torch.argsort(torch.cat(probs), descending=True, stable=True)
+        probs = torch.cat(probs)
+        order = torch.argsort(probs, descending=True, stable=True)
+        self.last_probs = dict(zip(top.tolist(), probs.tolist()))
         return top[order].tolist()
 
 
@@ -132,7 +134,7 @@ def run_queries(pipe, reference, gallery, queries, ks):
     for k in ks:
         pipe.retrieve(queries[0], gallery, k=k)  # warm-up
         reference.retrieve(queries[0], k)
-        same, t_ort, t_torch = 0, 0.0, 0.0
+        same, same_set, t_ort, t_torch = 0, 0, 0.0, 0.0
         for q in queries:  # interleaved
             t0 = time.perf_counter()
             got = [h.index for h in pipe.retrieve(q, gallery, k=k)]
@@ -141,9 +143,18 @@ def run_queries(pipe, reference, gallery, queries, ks):
             ref = reference.retrieve(q, k)
             t_torch += time.perf_counter() - t0
             same += got == ref
+            if got != ref:
+                swapped = [(a, b) for a, b in zip(got, ref) if a != b]
+                p = reference.last_probs
+                dup = sum(np.array_equal(gallery.embeds[a], gallery.embeds[b]) for a, b in swapped)
+                print(f"   differs at {len(swapped)} places; max |ITM prob difference| there "
+                      f"{max(abs(p[a] - p[b]) for a, b in swapped):.2g}; identical stored images {dup}/{len(swapped)}")
+            same_set += set(got) == set(ref)
         qps_ort, qps_torch = len(queries) / t_ort, len(queries) / t_torch
         print(f"k={k:4d}: onnxruntime {qps_ort:7.2f} queries/s | pytorch {qps_torch:7.2f} queries/s | "
-              f"ratio {qps_ort / qps_torch:.2f}x | identical top-{k} rankings {same}/{len(queries)}", flush=True)
+              f"ratio {qps_ort / qps_torch:.2f}x | identical top-{k} rankings {same}/{len(queries)} "
+              f"(same {k} candidates {same_set}/{len(queries)}: a different set is the index's, a different "
+              f"order of the same set is ITM's)", flush=True)
     text_feat = pipe.embed_texts(queries)
     exact = ExactIndex(np.asarray(gallery.feats))
     for name, index in (("exact (numpy)", exact), (gallery.index.kind, gallery.index)):
