@@ -1,0 +1,98 @@
+"""The ITM re-rank step alone (a query's ~90% in bench_retrieval.py): one batch of candidates through the
+engine's `qformer_itm` graph in ONNX Runtime fp32, the same graph dynamically quantized to int8 by ONNX
+Runtime's `quantize_dynamic`, and PyTorch (`Blip2Edge.itm_forward`), with the same thread count.
+
+    python bench/bench_itm.py                     # the small preset's stage-1 engine of bench_retrieval.py
+    python bench/bench_itm.py --batch 32 --threads 2
+
+Prints ms per batch, the ratio against PyTorch, the largest ITM-probability difference from PyTorch, and
+whether the candidates' order by probability is PyTorch's.
+"""
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import torch  # noqa: E402
+
+from bench.bench_retrieval import prepare  # noqa: E402
+from train.checkpoint import load_checkpoint  # noqa: E402
+from train.logs import quiet_libraries  # noqa: E402
+
+
+def session(path: Path, threads: int) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.add_session_config_entry("session.set_denormal_as_zero", "1")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # (spinning threads would slow PyTorch's)
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def match_probability(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    return e[:, 1] / e.sum(1)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--batch", type=int, default=16, help="candidates per batch (bench_retrieval's k=16)")
+    ap.add_argument("--text-tokens", type=int, default=12)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work")
+    args = ap.parse_args(argv)
+    quiet_libraries()
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    ck_dir, engine = prepare(args.preset, args.work, max(32, args.batch))
+    model = load_checkpoint(ck_dir).model
+    rng = np.random.default_rng(0)
+    vision = model.config.vision_config
+    tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+    feeds = {"image_embeds": rng.standard_normal((args.batch, tokens, vision.hidden_size)).astype(np.float32),
+             "input_ids": rng.integers(5, 1000, (args.batch, args.text_tokens)).astype(np.int64),
+             "attention_mask": np.ones((args.batch, args.text_tokens), np.int64)}
+    feeds["input_ids"][:, 0] = 101
+    torch_feeds = [torch.from_numpy(feeds[n]) for n in ("image_embeds", "input_ids", "attention_mask")]
+    with tempfile.TemporaryDirectory() as tmp:
+        int8 = Path(tmp) / "qformer_itm.int8.onnx"
+        quantize_dynamic(engine / "qformer_itm.onnx", int8, weight_type=QuantType.QInt8,
+                         extra_options={"MatMulConstBOnly": True})
+        runs = {"onnxruntime fp32": session(engine / "qformer_itm.onnx", args.threads),
+                "onnxruntime dynamic int8": session(int8, args.threads)}
+        with torch.no_grad():
+            ref = match_probability(model.itm_forward(*torch_feeds)[0].numpy())
+        seconds = dict.fromkeys([*runs, "pytorch fp32"], 0.0)
+        for _ in range(args.rounds + 1):  # the first round warms up and is not counted
+            for name, s in runs.items():
+                t0 = time.perf_counter()
+                s.run(None, feeds)
+                seconds[name] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                model.itm_forward(*torch_feeds)
+            seconds["pytorch fp32"] += time.perf_counter() - t0
+            if _ == 0:
+                seconds = dict.fromkeys(seconds, 0.0)
+        print(f"ITM, {args.batch} candidates x {args.text_tokens} text tokens, {args.threads} thread(s), "
+              f"{args.rounds} rounds; PyTorch's probabilities spread over {np.ptp(ref):.2g}")
+        for name, total in seconds.items():
+            line = f"{name:26s} {total / args.rounds * 1000:7.1f} ms  {seconds['pytorch fp32'] / total:.2f}x PyTorch"
+            if name in runs:
+                got = match_probability(runs[name].run(["itm_logits"], feeds)[0])
+                same = np.array_equal(np.argsort(-got, kind="stable"), np.argsort(-ref, kind="stable"))
+                line += f"  max |probability - PyTorch's| {np.abs(got - ref).max():.2g}, same order: {same}"
+            print(line)
+
+
+if __name__ == "__main__":
+    main()
