@@ -86,9 +86,16 @@ def test_qformer_tells_a_two_shape_caption_from_its_mirror_image(demo):
     assert np.mean(true > foil) >= 0.95 and np.mean(true > 0.5) >= 0.9 and np.mean(foil < 0.5) >= 0.9
 
 
-@pytest.mark.parametrize("name", ["demo", "demo-t5"])
-def test_demo_model_meets_the_targets(name):
-    demo = MODELS / name
+# The issues' ShapesCaps targets for a shipped demo, stated here rather than read from what eval.json says of itself
+TARGETS = {"caption_accuracy": 0.90, "vqa_accuracy": 0.90, "itc_r1_i2t": 0.90, "itc_r1_t2i": 0.90,
+           "itm_accuracy": 0.95}
+
+
+def test_demo_model_meets_the_targets(demo):
+    """On eval.json's values, which test_recorded_evaluation_is_what_pytorch_measures recomputes."""
     recorded = json.loads((demo / "eval.json").read_text())
+    below = {k: recorded["metrics"][k]["value"] for k, target in TARGETS.items()
+             if not recorded["metrics"][k]["value"] >= target}
+    assert not below, f"{demo} misses its targets: {below} (targets {TARGETS})"
     failing = {k: m["value"] for k, m in recorded["metrics"].items() if m.get("passed") is False}
     assert not failing and recorded["passed"] is True, f"{demo} misses its targets: {failing}"
