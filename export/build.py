@@ -43,8 +43,8 @@ from pathlib import Path
 
 from export.onnx_export import export_graph
 from export.parity import (
-    TOLERANCES, ParityError, as_records, compare_end_to_end, compare_graphs, end_to_end_reference, graph_references,
-    raise_on_failure, summarize,
+    TOLERANCES, ParityError, as_records, check_runner, compare_end_to_end, compare_graphs, end_to_end_reference,
+    graph_references, raise_on_failure, summarize,
 )
 from export.specs import graph_specs, resolve_limits
 from runtime.errors import Blip2EdgeError
@@ -54,7 +54,8 @@ from runtime.manifest import (
 )
 from runtime.runners import make_runner
 from train.checkpoint import (COLLECT_ABOVE_BYTES, CheckpointError, checkpoint_hash, collecting, load_checkpoint,
-                              parameter_count, resolve_source, return_freed_memory, safetensors_headers)
+                              map_large_allocations, parameter_count, resolve_source, return_freed_memory,
+                              safetensors_headers)
 from train.families import family
 from train.logs import quiet_libraries
 
@@ -274,10 +275,11 @@ def _check_and_record(ck, folder: Path, manifest: Manifest, results: list, want:
 
     backend = "tensorrt" if manifest.is_tensorrt else "onnxruntime"
     if data is not None:  # the fp32 folder's outputs first, its pipeline closed before the reduced one opens
-        fp32_outputs = pipeline_outputs(Blip2Pipeline.from_dir(fp32_dir, backend="onnxruntime"), data.report)
+        fp32_outputs = pipeline_outputs(Blip2Pipeline.from_dir(fp32_dir, runner_factory=check_runner), data.report)
         return_freed_memory()
     say("end-to-end: runtime pipeline vs Hugging Face ...")
-    pipe = Blip2Pipeline.from_dir(folder, backend=backend)
+    factory = None if manifest.is_tensorrt else check_runner
+    pipe = Blip2Pipeline.from_dir(folder, backend=backend, runner_factory=factory)
     e2e = compare_end_to_end(want, pipe, manifest.precision.name)
     summaries = {c: r["summary"] for c, r in e2e.items() if isinstance(r, dict) and "summary" in r}
     for case, summary in summaries.items():
@@ -425,7 +427,7 @@ def _build(model_dir, target, final, precision, tensorrt, say, calibration, max_
         fp32 = _manifest(ck, final.parent.name, "onnx", graphs, limits, Precision("fp32"))
         references, want = _references(ck, specs, limits, say, end_to_end=precision == "fp32")
         say("parity of the fp32 ONNX graphs against PyTorch:")
-        results = compare_graphs(references, lambda g: make_runner(fp32_dir / graphs[g].file), TOLERANCES["fp32"],
+        results = compare_graphs(references, lambda g: check_runner(fp32_dir / graphs[g].file), TOLERANCES["fp32"],
                                  say)
         del references  # (PyTorch's outputs and their inputs, KV caches included: gigabytes at full size)
         return_freed_memory()
@@ -456,7 +458,7 @@ def _open_runners(manifest: Manifest, folder: Path):
     """graph name -> runner over the folder's file for it, on the folder's backend."""
     if manifest.is_tensorrt:
         return lambda g: make_runner(folder / manifest.graphs[g].file, "tensorrt", build_info=manifest.build.tensorrt)
-    return lambda g: make_runner(folder / manifest.graphs[g].file)
+    return lambda g: check_runner(folder / manifest.graphs[g].file)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -488,6 +490,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     quiet_libraries()
+    map_large_allocations()  # (freed weights go back to the system at once; the process is the build's)
     try:
         build(args.model, args.target, args.out, args.name,
               calibration=Calibration(args.calib_images, args.calib_count, args.calib_seed, args.report_images),

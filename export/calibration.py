@@ -116,12 +116,13 @@ def _exercise(pipe, images: list, texts: list[str] | None, max_new_tokens: int) 
 def record_feeds(folder, images: list, texts: list[str] | None = None, max_new_tokens: int = 16) -> dict:
     """{graph name: [feeds of each call]} from running the fp32 pipeline of `folder` on `images`."""
     from runtime import Blip2Pipeline
-    from runtime.runners import make_runner
+
+    from export.parity import check_runner
 
     recorders = {}
 
     def recording(path, graph):
-        recorders[graph] = RecordingRunner(make_runner(path, "onnxruntime"))
+        recorders[graph] = RecordingRunner(check_runner(path))
         return recorders[graph]
 
     pipe = Blip2Pipeline.from_dir(folder, backend="onnxruntime", runner_factory=recording)

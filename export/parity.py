@@ -275,6 +275,15 @@ def graph_references(specs, model, feeds: dict | None = None, large_input: bool 
     return references
 
 
+def check_runner(path, graph: str | None = None):
+    """How the build's checks open an ONNX graph (also a `runner_factory` for Blip2Pipeline): ONNX Runtime on the
+    CPU without its memory arena, which would keep each session's largest call's memory while the next graphs
+    load (the same computation; memory back after every call)."""
+    from runtime.runners import make_runner
+
+    return make_runner(path, "onnxruntime", memory_arena=False)
+
+
 def compare_graphs(references: list[GraphReference], open_runner, tol: Tolerance | str, say=print) -> list:
     """Every graph of `references` against PyTorch's outputs, emptying the list as it goes; `open_runner(graph
     name)` opens the exported graph (one at a time). `tol`: the bounds, or a precision whose bounds `graph_tolerance` picks per graph."""
