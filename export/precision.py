@@ -31,6 +31,8 @@ pipeline on calibration images (`export.calibration`).
 """
 import contextlib
 import logging
+import math
+import re
 import tempfile
 from collections import defaultdict, deque
 from pathlib import Path
@@ -373,6 +375,36 @@ INT4_ACCURACY_LEVEL = 4  # MatMulNBits compute: 4 = int8 activations (MLAS's fas
 # weights, bench/bench_int4_error.py) moves the whole distribution, 8-bit blocks (0.76%) keep it while still
 # reading a quarter of the float32 bytes per token (the head is 19% of OPT-2.7B's per-token weights in int4).
 INT4_LOGITS_BITS = 8
+# int4's error is not spread evenly over the layers: on blip2-opt-2.7b's widths with 6 OPT layers (random weights),
+# layer 0 alone carried half of the teacher-forced logit error (1 - cosine 0.012 of 0.023), layer 1 a sixth, the
+# later ones less and less (`python bench/bench_int4_error.py --model DIR`). The first quarter of the layers keeps
+# 8-bit blocks: there, cosine 0.977 -> 0.993 for 1.24x the int4 bytes per token (llama.cpp's Q4_K_M spends its
+# extra bits on the first layers too).
+INT4_EIGHT_BIT_LAYERS = 0.25
+_LAYER = re.compile(r"\.(?:layers|layer|block|h)\.(\d+)\.")
+
+
+def layer_index(node) -> int | None:
+    """The transformer layer a node was exported from, read from the module path the exporter records in the
+    node's metadata (`...decoder.layers.3.fc1`, T5's `...block.3.layer.0...`); None when it is not recorded."""
+    for prop in node.metadata_props:
+        if prop.key in ("namespace", "pkg.torch.onnx.name_scopes"):
+            found = _LAYER.search(prop.value)
+            if found:
+                return int(found.group(1))
+    return None
+
+
+def first_layers(graph, names: set[str], fraction: float) -> tuple[set[str], int, int]:
+    """(the nodes of `names` in the first `fraction` of the graph's layers, rounded up; how many layers that is;
+    how many layers `names` come from)."""
+    layers = {n.name: layer_index(n) for n in graph.node if n.name in names}
+    known = [i for i in layers.values() if i is not None]
+    if not known:
+        return set(), 0, 0
+    count = max(known) + 1
+    cut = math.ceil(count * fraction)
+    return {name for name, i in layers.items() if i is not None and i < cut}, cut, count
 
 
 def _gemms_as_matmuls(graph, weights: Weights) -> int:
@@ -397,6 +429,7 @@ def _gemms_as_matmuls(graph, weights: Weights) -> int:
         has_bias = len(node.input) > 2 and node.input[2]
         product = f"{node.output[0]}__matmul" if has_bias else node.output[0]
         body.append(helper.make_node("MatMul", [node.input[0], weight], [product], name=f"{node.name}__matmul"))
+        body[-1].metadata_props.extend(node.metadata_props)  # (the module path: which layer it belongs to)
         if has_bias:
             body.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}__bias"))
         rewritten += 1
@@ -468,7 +501,7 @@ def _int4_opsets(model: onnx.ModelProto, for_tensorrt: bool) -> None:
 
 def to_int4(src, dst, block_size: int = INT4_BLOCK_SIZE, symmetric: bool = True,
             accuracy_level: int = INT4_ACCURACY_LEVEL, for_tensorrt: bool = False,
-            head_bits: int | None = INT4_LOGITS_BITS) -> dict:
+            head_bits: int | None = INT4_LOGITS_BITS, eight_bit_layers: float = INT4_EIGHT_BIT_LAYERS) -> dict:
     """Write a copy of `src` whose weight MatMuls store their weights as block-wise int4 (one scale, and with
     `symmetric=False` one zero point, per `block_size` weights along the input dimension), everything else
     unchanged, to `dst`. ONNX Runtime's own weight-only quantizer does the packing: for ONNX Runtime the
@@ -476,7 +509,8 @@ def to_int4(src, dst, block_size: int = INT4_BLOCK_SIZE, symmetric: bool = True,
     kernel's compute type); `for_tensorrt` gives the standard form TensorRT 10 builds from instead (int4
     initializers read by a block-quantized `DequantizeLinear`, then the MatMul). The LM head (the product
     computing `logits`) gets `head_bits`-bit blocks, or stays float with None (always for TensorRT, whose
-    block quantization is int4 only)."""
+    block quantization is int4 only); the weight products of the first `eight_bit_layers` of the layers get
+    8-bit blocks (for TensorRT, int4 like the others)."""
     from onnxruntime.quantization import QuantFormat
 
     root = logging.getLogger()
@@ -500,12 +534,13 @@ def to_int4(src, dst, block_size: int = INT4_BLOCK_SIZE, symmetric: bool = True,
     head_bits = None if for_tensorrt else head_bits
     if head_bits is None:
         targets.discard(head)
+    eight, first, layers = first_layers(graph, targets - {head}, 0 if for_tensorrt else eight_bit_layers)
 
     def quantizer(bits):
         return DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(
             block_size=block_size, is_symmetric=symmetric, accuracy_level=accuracy_level, bits=bits,
             op_types_to_quantize=("MatMul",), quant_format=QuantFormat.QDQ if for_tensorrt else QuantFormat.QOperator))
-    int4, head_quantizer = quantizer(4), quantizer(head_bits or 4)
+    int4, int8, head_quantizer = quantizer(4), quantizer(8), quantizer(head_bits or 4)
     body, quantized = [], 0
     with _quiet_logging():
         for node in graph.node:  # one weight at a time: read, quantized by ONNX Runtime, its output held
@@ -513,7 +548,8 @@ def to_int4(src, dst, block_size: int = INT4_BLOCK_SIZE, symmetric: bool = True,
                 body.append(node)
                 continue
             scratch = onnx.GraphProto(initializer=[numpy_helper.from_array(weights.array(node.input[1]), node.input[1])])
-            replaced = (head_quantizer if node.name == head else int4).quantize(node, [scratch])
+            chosen = head_quantizer if node.name == head else int8 if node.name in eight else int4
+            replaced = chosen.quantize(node, [scratch])
             quantized += replaced != [node]
             body += replaced
             graph.initializer.extend(weights.put(t) for t in scratch.initializer[1:])
@@ -529,8 +565,10 @@ def to_int4(src, dst, block_size: int = INT4_BLOCK_SIZE, symmetric: bool = True,
                        f"{'symmetric' if symmetric else 'asymmetric (zero points)'}; activations float32"
                        + ("" if head is None else "; the LM head float" if head_bits is None else
                           f"; the LM head in {head_bits}-bit blocks")
+                       + (f"; the first {first} of {layers} layers in 8-bit blocks" if eight else "")
                        + ("; TensorRT form: block-quantized DequantizeLinear + MatMul" if for_tensorrt else
                           f"; ONNX Runtime MatMulNBits, accuracy_level {accuracy_level}")),
             "block_size": block_size, "symmetric": symmetric,
             "accuracy_level": None if for_tensorrt else accuracy_level,
-            "logits_product": None if head is None else {"node": head, "bits": head_bits}}
+            "logits_product": None if head is None else {"node": head, "bits": head_bits},
+            "eight_bit_layers": {"layers": first, "of": layers, "weight_products": len(eight)}}

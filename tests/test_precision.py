@@ -3,6 +3,9 @@
 The stage-2 model with the Q-Former's text side has every graph (vision, the four Q-Former modes, the
 LLM decoder), so one build per precision covers them all.
 """
+import json
+import math
+
 import numpy as np
 import onnx
 import pytest
@@ -352,12 +355,12 @@ def _weight_products(path) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and any(i in inits for i in n.input)]
 
 
-def test_int4_stores_every_llm_weight_in_4_bits_and_leaves_the_rest(make_engine):
+def test_int4_stores_every_llm_weight_in_4_or_8_bits_and_leaves_the_rest(make_engine):
     """onnx-int4: every weight product of the fp32 LLM graph (OPT's FFN is exported as Gemm) becomes ONNX
-    Runtime's MatMulNBits with 4-bit blocks of 32, none is left in float, and the LM head tied to the embedding
-    table (read through a Transpose) gets 8-bit blocks of its own; the other graphs are the fp32 files, byte
+    Runtime's MatMulNBits with 4-bit blocks of 32 (8-bit in the first quarter of the layers), none is left in
+    float, and the LM head tied to the embedding table (read through a Transpose) gets 8-bit blocks of its own; the other graphs are the fp32 files, byte
     for byte; the manifest records the block size, symmetry, the CPU kernel's accuracy level and the head."""
-    _, engine32 = make_engine(VARIANT, "onnx")
+    ck, engine32 = make_engine(VARIANT, "onnx")
     _, engine4 = make_engine(VARIANT, "onnx-int4")
     fp32 = onnx.load(str(engine32 / "llm_decoder.onnx"))
     weights = {t.name: t for t in fp32.graph.initializer}
@@ -374,7 +377,15 @@ def test_int4_stores_every_llm_weight_in_4_bits_and_leaves_the_rest(make_engine)
     head = {name: a for name, a in nbits.items() if name.startswith(heads[0])}
     assert len(head) == 1 and all(a["bits"] == 8 for a in head.values())  # the LM head: 8-bit blocks
     body = {name: a for name, a in nbits.items() if name not in head}
-    assert all(a["bits"] == 4 and a["block_size"] == 32 for a in body.values())
+    # the first quarter of the layers (rounded up) in 8-bit blocks: in graph order, the first products
+    layers = json.loads((ck / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    first = products[:len(products) // layers * math.ceil(layers / 4)]
+    assert layers >= 2 and len(products) % layers == 0 and first
+    eight = {name for name in body if any(name.startswith(p) for p in first)}
+    assert len(eight) == len(first) and all(body[name]["bits"] == 8 for name in eight)
+    assert details["eight_bit_layers"] == {"layers": math.ceil(layers / 4), "of": layers, "weight_products": len(first)}
+    body = {name: a for name, a in body.items() if name not in eight}
+    assert body and all(a["bits"] == 4 and a["block_size"] == 32 for a in body.values())
     # 4 bits per weight and a float32 scale per 32 of them: 0.156 of the float32 bytes
     stored = {t.name: t for t in model.graph.initializer}
     packed = sum(numpy_helper.to_array(stored[n.input[i]]).nbytes for n in model.graph.node if n.name in body
@@ -390,13 +401,14 @@ def test_int4_stores_every_llm_weight_in_4_bits_and_leaves_the_rest(make_engine)
 def test_int4_tensorrt_form_computes_what_the_onnxruntime_form_computes(make_engine, tmp_path):
     """trt-int4 builds from int4 initializers read by a block-quantized DequantizeLinear (symmetric: no zero
     points, which TensorRT's weight-only INT4 does not take); ONNX Runtime runs that form too, and it gives
-    what MatMulNBits with float compute gives. (ONNX Runtime's own optimizer would fuse the form back into
+    what MatMulNBits with float compute gives (all layers int4 there too). (ONNX Runtime's own optimizer would fuse the form back into
     MatMulNBits with int8 compute, so the plain form runs unoptimized here: DequantizeLinear, then MatMul.)"""
     import onnxruntime as ort
 
     _, engine32 = make_engine(VARIANT, "onnx")
     ort_form, trt_form = tmp_path / "nbits.onnx", tmp_path / "qdq.onnx"
-    to_int4(engine32 / "llm_decoder.onnx", ort_form, accuracy_level=0, head_bits=None)  # the head float in both
+    # the head float in both, every layer int4 in both (TensorRT's block quantization is int4 only)
+    to_int4(engine32 / "llm_decoder.onnx", ort_form, accuracy_level=0, head_bits=None, eight_bit_layers=0)
     to_int4(engine32 / "llm_decoder.onnx", trt_form, for_tensorrt=True)
     model = onnx.load(str(trt_form))
     inits = {t.name: t for t in model.graph.initializer}
