@@ -367,6 +367,24 @@ def _output_bytes(model_dir: Path, precision: str) -> float:
     return 1.02 * need + 16e6  # (measured on the 677M blip2-opt-2.7b variant: the fp32 graphs are 0.994x 4 * weights)
 
 
+INT8_GRAPH_LIMIT = 2**31 - 1  # bytes: the int8 pass keeps a graph in one protobuf message, whose limit this is
+
+
+def _check_int8_size(model_dir: Path, target: str) -> None:
+    """Refuse an int8 build whose vision or LLM graph would be over 2 GB, before anything is loaded: the int8
+    conversion (ONNX Runtime's static quantizer) does not write external data yet."""
+    if TARGETS[target].precision != "int8" or not (model_dir / "config.json").is_file():
+        return
+    sizes = {name: math.prod(h["shape"]) for name, h in safetensors_headers(model_dir).items()}
+    for part, prefixes in (("vision", ("vision_model.",)), ("LLM", ("language_model.", "language_projection."))):
+        graph = 4 * sum(n for name, n in sizes.items() if name.startswith(prefixes))
+        if graph > INT8_GRAPH_LIMIT:
+            raise BuildError(f"--target {target} cannot convert this checkpoint yet: its {part} graph holds "
+                             f"{graph / 1e9:.1f} GB of float32 weights, and the int8 conversion keeps a graph in one "
+                             f"ONNX protobuf, whose limit is 2 GB. For a model of this size use --target onnx-int4 "
+                             f"(int4 weights for the LLM) or onnx-fp16 / trt-fp16")
+
+
 def _check_disk(model_dir: Path, target: str, out_root: Path) -> None:
     """Refuse a build the output disk cannot hold, before anything is loaded or written."""
     if not (model_dir / "config.json").is_file():
@@ -404,6 +422,7 @@ def build(model_dir, target: str = "onnx", out_root="engines", name: str | None 
     precision, tensorrt = TARGETS[target].precision, TARGETS[target].tensorrt
     default_name = model_dir.resolve().name if model_dir == Path(source) else str(source).split("/")[-1]
     final = out_root / (name or default_name) / target
+    _check_int8_size(model_dir, target)
     _check_disk(model_dir, target, out_root)
     started = time.time()
     weight_bytes = parameter_count(model_dir) * 4  # 0 without safetensors files: then collect, to be safe
