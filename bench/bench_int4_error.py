@@ -18,6 +18,8 @@ figures behind `export/precision.py`'s INT4_EIGHT_BIT_LAYERS.
 """
 import argparse
 import logging
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -25,6 +27,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 logging.getLogger().setLevel(logging.WARNING)  # (importing the quantizer turns the root logger to INFO)
 
 
@@ -63,10 +66,10 @@ def fake_quant(w, block: int = 32, bits: int = 4):
 
 
 def layer_cosines(model_dir: str, block: int, images: int = 4, new_tokens: int = 16) -> None:
-    import re
-
     import torch
     from transformers import Blip2ForConditionalGeneration
+
+    from export.precision import LAYER_PATTERN  # (the same layer names the int4 build reads)
 
     model = Blip2ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
     size, queries = model.config.vision_config.image_size, model.config.num_query_tokens
@@ -85,17 +88,17 @@ def layer_cosines(model_dir: str, block: int, images: int = 4, new_tokens: int =
             return tokens, model(pixel_values=pixels, input_ids=full).logits[:, ids.shape[1] - 1:-1]
         return tokens, model(pixel_values=pixels, input_ids=ids, decoder_input_ids=tokens).logits
     tokens, ref = logits()
-    layer = re.compile(r"\.(?:layers|block)\.(\d+)\.")
     weights = {n: p for n, p in model.language_model.named_parameters()
-               if p.ndim == 2 and layer.search(n) and "embed" not in n}
+               if p.ndim == 2 and LAYER_PATTERN.search(n) and "embed" not in n}
+    layer_of = {n: int(LAYER_PATTERN.search(n).group(1)) for n in weights}
     original = {n: p.detach().clone() for n, p in weights.items()}
     print("layer | weight products | teacher-forced logit cosine, that layer alone int4 (mean / min)")
-    for index in sorted({int(layer.search(n).group(1)) for n in weights}):
+    for index in sorted(set(layer_of.values())):
         with torch.no_grad():
             for n, p in weights.items():
-                p.copy_(fake_quant(original[n], block) if int(layer.search(n).group(1)) == index else original[n])
+                p.copy_(fake_quant(original[n], block) if layer_of[n] == index else original[n])
         cos = torch.nn.functional.cosine_similarity(logits(tokens)[1], ref, dim=-1)
-        count = sum(int(layer.search(n).group(1)) == index for n in weights)
+        count = list(layer_of.values()).count(index)
         print(f"{index:5d} | {count:15d} | {cos.mean():.5f} / {cos.min():.5f}", flush=True)
 
 

@@ -346,6 +346,14 @@ def _staging(final: Path):
 BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "int8": 1.1, "int4": 0.625}
 
 
+def _part_parameters(model_dir: Path) -> tuple[int, int, int]:
+    """(vision, LLM with its input projection, all) parameter counts, from the safetensors headers alone."""
+    sizes = {name: math.prod(h["shape"]) for name, h in safetensors_headers(model_dir).items()}
+    vision = sum(n for name, n in sizes.items() if name.startswith("vision_model."))
+    llm = sum(n for name, n in sizes.items() if name.startswith(("language_model.", "language_projection.")))
+    return vision, llm, sum(sizes.values())
+
+
 def _output_bytes(model_dir: Path, precision: str) -> float:
     """Bytes a build writes at most, from the parameter counts in the checkpoint's safetensors headers: the float32
     graphs (kept while a reduced build converts and checks), each Q-Former graph with its own copy of the Q-Former
@@ -355,11 +363,9 @@ def _output_bytes(model_dir: Path, precision: str) -> float:
 
     from train.model import EdgeConfig
 
-    sizes = {name: math.prod(h["shape"]) for name, h in safetensors_headers(model_dir).items()}
-    vision = sum(n for name, n in sizes.items() if name.startswith("vision_model."))
-    llm = sum(n for name, n in sizes.items() if name.startswith(("language_model.", "language_projection.")))
+    vision, llm, total = _part_parameters(model_dir)
     copies = 4 if EdgeConfig.load(model_dir, Blip2Config.from_pretrained(model_dir)).qformer_text else 1
-    weights = vision + llm + copies * (sum(sizes.values()) - vision - llm)
+    weights = vision + llm + copies * (total - vision - llm)
     need = 4.0 * weights
     if precision != "fp32":
         need += BYTES_PER_WEIGHT[precision] * llm + BYTES_PER_WEIGHT[precision if precision != "int4" else "fp32"] * (
@@ -375,9 +381,8 @@ def _check_int8_size(model_dir: Path, target: str) -> None:
     conversion (ONNX Runtime's static quantizer) does not write external data yet."""
     if TARGETS[target].precision != "int8" or not (model_dir / "config.json").is_file():
         return
-    sizes = {name: math.prod(h["shape"]) for name, h in safetensors_headers(model_dir).items()}
-    for part, prefixes in (("vision", ("vision_model.",)), ("LLM", ("language_model.", "language_projection."))):
-        graph = 4 * sum(n for name, n in sizes.items() if name.startswith(prefixes))
+    vision, llm, _ = _part_parameters(model_dir)
+    for part, graph in (("vision", 4 * vision), ("LLM", 4 * llm)):
         if graph > INT8_GRAPH_LIMIT:
             raise BuildError(f"--target {target} cannot convert this checkpoint yet: its {part} graph holds "
                              f"{graph / 1e9:.1f} GB of float32 weights, and the int8 conversion keeps a graph in one "

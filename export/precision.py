@@ -378,10 +378,10 @@ INT4_LOGITS_BITS = 8
 # int4's error is not spread evenly over the layers: on blip2-opt-2.7b's widths with 6 OPT layers (random weights),
 # layer 0 alone carried half of the teacher-forced logit error (1 - cosine 0.012 of 0.023), layer 1 a sixth, the
 # later ones less and less (`python bench/bench_int4_error.py --model DIR`). The first quarter of the layers keeps
-# 8-bit blocks: there, cosine 0.977 -> 0.993 for 1.24x the int4 bytes per token (llama.cpp's Q4_K_M spends its
-# extra bits on the first layers too).
+# 8-bit blocks: there, teacher-forced logit cosine 0.977 -> 0.992 (bench/bench_engines.py), graphs 1.34 GB instead
+# of 1.26 GB (llama.cpp's Q4_K_M spends its extra bits on the first layers too).
 INT4_EIGHT_BIT_LAYERS = 0.25
-_LAYER = re.compile(r"\.(?:layers|layer|block|h)\.(\d+)\.")
+LAYER_PATTERN = re.compile(r"\.(?:layers|layer|block|h)\.(\d+)\.")  # in a module path
 
 
 def layer_index(node) -> int | None:
@@ -389,7 +389,7 @@ def layer_index(node) -> int | None:
     node's metadata (`...decoder.layers.3.fc1`, T5's `...block.3.layer.0...`); None when it is not recorded."""
     for prop in node.metadata_props:
         if prop.key in ("namespace", "pkg.torch.onnx.name_scopes"):
-            found = _LAYER.search(prop.value)
+            found = LAYER_PATTERN.search(prop.value)
             if found:
                 return int(found.group(1))
     return None

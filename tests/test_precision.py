@@ -358,8 +358,9 @@ def _weight_products(path) -> list[str]:
 def test_int4_stores_every_llm_weight_in_4_or_8_bits_and_leaves_the_rest(make_engine):
     """onnx-int4: every weight product of the fp32 LLM graph (OPT's FFN is exported as Gemm) becomes ONNX
     Runtime's MatMulNBits with 4-bit blocks of 32 (8-bit in the first quarter of the layers), none is left in
-    float, and the LM head tied to the embedding table (read through a Transpose) gets 8-bit blocks of its own; the other graphs are the fp32 files, byte
-    for byte; the manifest records the block size, symmetry, the CPU kernel's accuracy level and the head."""
+    float, and the LM head tied to the embedding table (read through a Transpose) gets 8-bit blocks of its own;
+    the other graphs are the fp32 files, byte for byte; the manifest records the block size, symmetry, the CPU
+    kernel's accuracy level, the head and the 8-bit layers."""
     ck, engine32 = make_engine(VARIANT, "onnx")
     _, engine4 = make_engine(VARIANT, "onnx-int4")
     fp32 = onnx.load(str(engine32 / "llm_decoder.onnx"))
@@ -383,7 +384,8 @@ def test_int4_stores_every_llm_weight_in_4_or_8_bits_and_leaves_the_rest(make_en
     assert layers >= 2 and len(products) % layers == 0 and first
     eight = {name for name in body if any(name.startswith(p) for p in first)}
     assert len(eight) == len(first) and all(body[name]["bits"] == 8 for name in eight)
-    assert details["eight_bit_layers"] == {"layers": math.ceil(layers / 4), "of": layers, "weight_products": len(first)}
+    assert details["eight_bit_layers"] == {"layers": math.ceil(layers / 4), "of": layers,
+                                           "weight_products": len(first)}
     body = {name: a for name, a in body.items() if name not in eight}
     assert body and all(a["bits"] == 4 and a["block_size"] == 32 for a in body.values())
     # 4 bits per weight and a float32 scale per 32 of them: 0.156 of the float32 bytes
@@ -401,8 +403,9 @@ def test_int4_stores_every_llm_weight_in_4_or_8_bits_and_leaves_the_rest(make_en
 def test_int4_tensorrt_form_computes_what_the_onnxruntime_form_computes(make_engine, tmp_path):
     """trt-int4 builds from int4 initializers read by a block-quantized DequantizeLinear (symmetric: no zero
     points, which TensorRT's weight-only INT4 does not take); ONNX Runtime runs that form too, and it gives
-    what MatMulNBits with float compute gives (all layers int4 there too). (ONNX Runtime's own optimizer would fuse the form back into
-    MatMulNBits with int8 compute, so the plain form runs unoptimized here: DequantizeLinear, then MatMul.)"""
+    what MatMulNBits with float compute gives (all layers int4 there too). (ONNX Runtime's own optimizer would
+    fuse the form back into MatMulNBits with int8 compute, so the plain form runs unoptimized here:
+    DequantizeLinear, then MatMul.)"""
     import onnxruntime as ort
 
     _, engine32 = make_engine(VARIANT, "onnx")

@@ -245,14 +245,20 @@ def return_freed_memory() -> None:
     """Collect garbage (see `collecting`) and hand the heap's freed pages back to the system (glibc keeps them
     otherwise, and they count as the process's memory: a build's next step would stack its peak on them); trim is a
     no-op elsewhere."""
-    import ctypes
-    import ctypes.util
     import gc
 
     if _collecting[0]:
         gc.collect()
+    _libc_call("malloc_trim", 0)
+
+
+def _libc_call(function: str, *args) -> None:
+    """Call glibc's `function` (malloc_trim, mallopt); a no-op where the C library lacks it."""
+    import ctypes
+    import ctypes.util
+
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), function)(*args)
     except (OSError, AttributeError):
         pass
 
@@ -261,16 +267,9 @@ def map_large_allocations(threshold: int = 4 * 2**20) -> None:
     """For the rest of the process, serve every allocation above `threshold` bytes from a memory map of its own,
     handed back to the system when freed. glibc otherwise raises this threshold as large blocks are freed (up to
     32 MiB), after which the weights a build reads, converts and loads one by one (a 2560 x 2560 float32 matrix is
-    25 MiB) come from the heap, whose freed holes still count as the process's memory: the full-width onnx-fp16
-    build peaked at 3.84 GiB with glibc's default, 3.58 GiB with this. Process-wide, so only a command that owns
-    its process calls it; a no-op where mallopt is missing."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-3, threshold)  # -3: M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+    25 MiB) come from the heap, whose freed holes still count as the process's memory (the full-width onnx-fp16
+    build's peak, README "Full size"). Process-wide, so only a command that owns its process calls it."""
+    _libc_call("mallopt", -3, threshold)  # -3: M_MMAP_THRESHOLD
 
 
 def _load_model(path: Path, qformer_tokenizer):
