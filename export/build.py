@@ -198,7 +198,7 @@ def _references(ck, specs, limits, say, feeds: dict | None = None, large_input: 
     return graphs, e2e
 
 
-def _convert(specs, src: Path, dst: Path, precision: str, calib_feeds: dict | None, say, for_tensorrt: bool) -> dict:
+def _convert(specs, src: Path, dst: Path, precision: str, ranges: dict | None, say, for_tensorrt: bool) -> dict:
     """fp32 ONNX graphs in `src` -> reduced-precision graphs in `dst`; returns per-graph precision details.
     INT8 graphs for ONNX Runtime store activations as uint8 (the same values; see export.precision); INT4 is
     weight-only, for the graphs whose spec asks for it (the LLM's), the others are copied in fp32."""
@@ -210,7 +210,7 @@ def _convert(specs, src: Path, dst: Path, precision: str, calib_feeds: dict | No
         if precision == "fp16":
             details[spec.name] = to_fp16(src / file, dst / file, **spec.fp16)
         elif precision == "int8":
-            details[spec.name] = to_int8(src / file, dst / file, calib_feeds[spec.name],
+            details[spec.name] = to_int8(src / file, dst / file, ranges[spec.name],
                                          uint8_activations=not for_tensorrt, **spec.int8)
         elif spec.int4:
             details[spec.name] = to_int4(src / file, dst / file, for_tensorrt=for_tensorrt)
@@ -223,18 +223,21 @@ def _convert(specs, src: Path, dst: Path, precision: str, calib_feeds: dict | No
 
 
 def _reduce(ck, specs, fp32_dir: Path, out: Path, precision: str, calibration: Calibration, say, for_tensorrt: bool):
-    """Record real feeds with the fp32 pipeline and convert every graph; returns (Precision, the gate's recorded
-    feeds per graph, the calibration ImageSet)."""
-    from export.calibration import calibration_images, record_feeds
+    """Run the fp32 pipeline on real images (int8: measuring the activation ranges to quantize; for the gate:
+    recording feeds of held-out images) and convert every graph; returns (Precision, the gate's recorded feeds
+    per graph, the calibration ImageSet)."""
+    from export.calibration import calibration_images, record_feeds, record_ranges
     from export.parity import GATE_TEXTS, select_cases
+    from export.precision import int8_plan_of
 
     data = calibration_images(calibration.images, ck.config.vision_config.image_size, calibration.count,
                               calibration.seed, calibration.report_images)
-    calib, record = None, None
+    ranges, record = None, None
     if precision == "int8":
         say(f"calibrating on {data.source['count']} images from {data.source['source']} ...")
-        calib = record_feeds(fp32_dir, data.images, data.texts)
-        record = {**data.source, "method": "minmax", "calls": {g: len(f) for g, f in calib.items()}}
+        tensors = {spec.name: int8_plan_of(fp32_dir / f"{spec.name}.onnx", **spec.int8).tensors for spec in specs}
+        ranges = record_ranges(fp32_dir, tensors, data.images, data.texts)
+        record = {**data.source, "method": "minmax", "tensors": {g: len(r) for g, r in ranges.items()}}
     # the gate's inputs: held-out images of the same kind, at batch 3 and batch 1
     texts = data.held_out_texts or GATE_TEXTS
     gate = record_feeds(fp32_dir, data.held_out[:3], texts[:3])
@@ -242,7 +245,7 @@ def _reduce(ck, specs, fp32_dir: Path, out: Path, precision: str, calibration: C
         gate[g] += f
     gate = {g: select_cases(f) for g, f in gate.items()}  # only the calls the gate checks are kept (KV caches)
     say(f"converting to {precision}:")
-    details = _convert(specs, fp32_dir, out, precision, calib, say, for_tensorrt)
+    details = _convert(specs, fp32_dir, out, precision, ranges, say, for_tensorrt)
     return Precision(precision, details, record), gate, data
 
 
@@ -373,23 +376,6 @@ def _output_bytes(model_dir: Path, precision: str) -> float:
     return 1.02 * need + 16e6  # (measured on the 677M blip2-opt-2.7b variant: the fp32 graphs are 0.994x 4 * weights)
 
 
-INT8_GRAPH_LIMIT = 2**31 - 1  # bytes: the int8 pass keeps a graph in one protobuf message, whose limit this is
-
-
-def _check_int8_size(model_dir: Path, target: str) -> None:
-    """Refuse an int8 build whose vision or LLM graph would be over 2 GB, before anything is loaded: the int8
-    conversion (ONNX Runtime's static quantizer) does not write external data yet."""
-    if TARGETS[target].precision != "int8" or not (model_dir / "config.json").is_file():
-        return
-    vision, llm, _ = _part_parameters(model_dir)
-    for part, graph in (("vision", 4 * vision), ("LLM", 4 * llm)):
-        if graph > INT8_GRAPH_LIMIT:
-            raise BuildError(f"--target {target} cannot convert this checkpoint yet: its {part} graph holds "
-                             f"{graph / 1e9:.1f} GB of float32 weights, and the int8 conversion keeps a graph in one "
-                             f"ONNX protobuf, whose limit is 2 GB. For a model of this size use --target onnx-int4 "
-                             f"(int4 weights for the LLM) or onnx-fp16 / trt-fp16")
-
-
 def _check_disk(model_dir: Path, target: str, out_root: Path) -> None:
     """Refuse a build the output disk cannot hold, before anything is loaded or written."""
     if not (model_dir / "config.json").is_file():
@@ -427,7 +413,6 @@ def build(model_dir, target: str = "onnx", out_root="engines", name: str | None 
     precision, tensorrt = TARGETS[target].precision, TARGETS[target].tensorrt
     default_name = model_dir.resolve().name if model_dir == Path(source) else str(source).split("/")[-1]
     final = out_root / (name or default_name) / target
-    _check_int8_size(model_dir, target)
     _check_disk(model_dir, target, out_root)
     started = time.time()
     weight_bytes = parameter_count(model_dir) * 4  # 0 without safetensors files: then collect, to be safe

@@ -1,14 +1,16 @@
-"""Real feeds for every graph, recorded from the fp32 pipeline: INT8 calibration and reduced-precision parity.
+"""Real inputs for every graph, from the fp32 pipeline: INT8 calibration and reduced-precision parity.
 
 Random tensors are fine to check an fp32 export, but an INT8 graph is only right for inputs like the
 ones it was calibrated on, so calibration and the reduced-precision parity gate use what the runtime
 really feeds each graph: the fp32 engine folder is opened with `Blip2Pipeline` through a runner factory
-that wraps every runner in a `RecordingRunner`, and the pipeline captions, answers, embeds and matches a
-set of images through its public API.
+that wraps every runner, and the pipeline captions, answers, embeds and matches a set of images through its
+public API. For the gate a `RecordingRunner` keeps every call's feeds; for calibration a `RangeRunner` runs the
+graph's calibration copy and keeps only the min and max of each tensor to quantize.
 
-    from export.calibration import calibration_images, record_feeds
+    from export.calibration import calibration_images, record_feeds, record_ranges
     data = calibration_images(None, image_size=224, count=64, seed=0)        # ShapesCaps
     feeds = record_feeds("engines/.partial/fp32", data.images, data.texts)  # {"vision": [{...}, ...], ...}
+    ranges = record_ranges("engines/.partial/fp32", {"vision": ["layer_norm", ...]}, data.images)
 
 Calibration images come from `--calib-images DIR` (every .png/.jpg/.jpeg/.bmp/.webp in it, sorted by
 name; the last four are held out, the first `count` of the rest calibrate) or, by default, from the
@@ -79,6 +81,20 @@ def calibration_images(folder, image_size: int, count: int, seed: int = 0, repor
                      "report": f"the last {HELD_OUT} images of the folder, by name"})
 
 
+class RangeRunner:
+    """Runs a graph's calibration copy (`export.precision.write_calibration_graph`) in place of the graph: returns
+    the graph's own outputs and keeps the running min and max of the tensors to quantize, no feeds."""
+
+    def __init__(self, runner, graph_outputs: list[str], ranges):
+        self.runner, self.ranges = runner, ranges
+        self.input_names, self.output_names = runner.input_names, list(graph_outputs)
+
+    def run(self, feeds, keep=()):
+        outputs = self.runner.run(feeds, keep)
+        self.ranges.update(outputs)
+        return {n: outputs[n] for n in self.output_names}
+
+
 class RecordingRunner:
     """Wraps a runner: forwards every call and keeps a copy of its feeds."""
 
@@ -115,8 +131,6 @@ def _exercise(pipe, images: list, texts: list[str] | None, max_new_tokens: int) 
 
 def record_feeds(folder, images: list, texts: list[str] | None = None, max_new_tokens: int = 16) -> dict:
     """{graph name: [feeds of each call]} from running the fp32 pipeline of `folder` on `images`."""
-    from runtime import Blip2Pipeline
-
     from export.parity import check_runner
 
     recorders = {}
@@ -125,12 +139,51 @@ def record_feeds(folder, images: list, texts: list[str] | None = None, max_new_t
         recorders[graph] = RecordingRunner(check_runner(path))
         return recorders[graph]
 
-    pipe = Blip2Pipeline.from_dir(folder, backend="onnxruntime", runner_factory=recording)
+    _run_pipeline(folder, recording, images, texts, max_new_tokens)
+    return {name: r.feeds for name, r in recorders.items()}
+
+
+def record_ranges(folder, tensors: dict[str, list[str]], images: list, texts: list[str] | None = None,
+                  max_new_tokens: int = 16) -> dict:
+    """{graph name: {tensor: largest magnitude}} for the `tensors` of each graph (`export.precision.int8_plan_of`),
+    measured while the fp32 pipeline of `folder` runs on `images`: each graph runs as a copy that also outputs
+    those tensors' min and max, so no feed is kept (a full-size LLM's recorded KV caches would need gigabytes)."""
+    from export.parity import check_runner
+    from export.precision import ActivationRanges, write_calibration_graph
+
+    ranges, written = {}, []
+
+    def measuring(path, graph):
+        if not tensors.get(graph):
+            return check_runner(path)
+        ranges[graph] = ActivationRanges(tensors[graph])
+        written.append(write_calibration_graph(path, tensors[graph]))
+        runner = check_runner(written[-1])
+        return RangeRunner(runner, [n for n in runner.output_names if n not in ranges[graph].outputs], ranges[graph])
+
+    try:
+        _run_pipeline(folder, measuring, images, texts, max_new_tokens)
+    finally:
+        for path in written:
+            path.unlink(missing_ok=True)
+    return {graph: r.symmetric() for graph, r in ranges.items()}
+
+
+def _run_pipeline(folder, runner_factory, images: list, texts: list[str] | None, max_new_tokens: int) -> None:
+    """Open the fp32 folder with `runner_factory` and exercise every graph on `images`, a batch at a time, handing
+    the freed heap back between batches (ONNX Runtime's per-call buffers otherwise pile up in glibc's heap: on the
+    677M variant, 64 calibration images peaked 0.25 GB above one batch of 8)."""
+    from runtime import Blip2Pipeline
+    from train.checkpoint import return_freed_memory
+
+    pipe = Blip2Pipeline.from_dir(folder, backend="onnxruntime", runner_factory=runner_factory)
     limits = pipe.manifest.limits
     max_new_tokens = min(max_new_tokens, limits.max_new_tokens or max_new_tokens)
     if pipe.itg is not None:
         max_new_tokens = min(max_new_tokens, limits.max_qformer_tokens - 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # texts cut to the engine's limit: the same cut the runtime applies
-        _exercise(pipe, images, texts, max_new_tokens)
-    return {name: r.feeds for name, r in recorders.items()}
+        for start in range(0, len(images), pipe.max_batch):
+            part = slice(start, start + pipe.max_batch)
+            _exercise(pipe, images[part], texts[part] if texts else None, max_new_tokens)
+            return_freed_memory()

@@ -11,7 +11,6 @@ from PIL import Image
 from conftest import ROOT
 from runtime import Blip2Pipeline
 from runtime.errors import EngineFolderError, ImageInputError, PromptError
-from train.checkpoint import load_checkpoint
 
 
 @pytest.fixture()
@@ -299,22 +298,6 @@ def test_incomplete_weight_files_are_refused_before_loading(tiny_engine, tmp_pat
     with pytest.raises(CheckpointError, match=r"model\.safetensors is not a safetensors file"):
         build(broken, "onnx", tmp_path / "engines", say=lambda *_: None)
     assert not (tmp_path / "engines").exists()
-
-
-def test_an_int8_build_of_a_graph_over_two_gigabytes_is_refused_before_anything_is_written(tiny_engine, tmp_path,
-                                                                                         monkeypatch):
-    """The int8 conversion keeps a graph in one protobuf (2 GB at most): a checkpoint whose LLM is larger (the
-    full-width blip2-opt-2.7b variant's is 2.4 GB) is refused up front, not after minutes of export and
-    calibration. The limit is lowered here below the tiny LLM's float32 bytes, counted from its weights."""
-    import export.build as b
-
-    ck = load_checkpoint(tiny_engine[0])
-    llm_bytes = 4 * sum(p.numel() for p in ck.model.language_model.parameters())
-    monkeypatch.setattr(b, "INT8_GRAPH_LIMIT", llm_bytes - 1)
-    with pytest.raises(b.BuildError, match=r"--target onnx-int8 cannot convert this checkpoint yet: its LLM graph "
-                                           r"holds .* GB .* use --target onnx-int4"):
-        b.build(tiny_engine[0], "onnx-int8", tmp_path / "engines", say=lambda *_: None)
-    assert list(tmp_path.iterdir()) == []
 
 
 def test_too_little_disk_is_refused_before_anything_is_written(tiny_engine, tmp_path, monkeypatch):

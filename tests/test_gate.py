@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from export.build import BuildError, build
+from export.parity import END_TO_END, token_agreement
 from runtime.decoder import LlmDecoder
 from runtime.manifest import load_manifest
 from runtime.prompt import PromptLayout
@@ -47,3 +48,37 @@ def test_gate_runs_every_image_alone(make_engine, monkeypatch, tmp_path):
 
     monkeypatch.setattr(LlmDecoder, "prefill", single_images_wrong)
     _build_fails(ck_dir, tmp_path, "'caption'")
+
+
+def test_a_near_tie_counts_only_within_the_precisions_tie():
+    """Teacher-forced agreement of a reduced precision: a different pick agrees only where the reference scored it
+    within `logit_tie` standard deviations of its own pick; a clearly worse pick is a miss at every precision."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 50)).astype(np.float32)
+    ref = [int(row.argmax()) for row in logits]
+    std = logits[0].std()
+    near, far = 7, 8
+    logits[0, near] = logits[0, ref[0]] - 0.05 * std  # a near-tie at position 0
+    logits[0, far] = logits[0, ref[0]] - 2.0 * std
+    got_near, got_far = [[near] + ref[1:]], [[far] + ref[1:]]
+    assert token_agreement(got_near, [ref]) == pytest.approx(2 / 3)  # exact agreement: a miss
+    assert token_agreement(got_near, [ref], [logits], END_TO_END["int8"].logit_tie) == 1.0
+    assert token_agreement(got_near, [ref], [logits], END_TO_END["fp16"].logit_tie) == pytest.approx(2 / 3)
+    for precision in ("fp16", "int8", "int4"):
+        assert token_agreement(got_far, [ref], [logits], END_TO_END[precision].logit_tie) == pytest.approx(2 / 3)
+
+
+def test_a_reduced_gate_still_catches_a_wrong_pipeline(make_engine, monkeypatch, tmp_path):
+    """Near-ties forgive rounding, not mistakes: an int8 runtime whose decode steps are wrong on single images (their
+    logits reversed; teacher-forced, the prefill's one position would not show) fails the int8 gate."""
+    ck_dir, _ = make_engine("tiny")
+    step = LlmDecoder.step
+
+    def single_images_wrong(self, tokens):
+        logits = step(self, tokens)
+        return -logits if tokens.shape[0] == 1 else logits
+
+    monkeypatch.setattr(LlmDecoder, "step", single_images_wrong)
+    with pytest.raises(BuildError, match="'caption'"):
+        build(ck_dir, "onnx-int8", tmp_path / "engines", say=lambda *_: None)
+    assert not (tmp_path / "engines").exists()

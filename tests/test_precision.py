@@ -14,7 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from export.calibration import calibration_images, record_feeds
 from export.parity import GATE_TEXTS, TOLERANCES, check_graph, graph_tolerance, probe_images
-from export.precision import shift_activations_to_uint8, to_fp16, to_int4, to_int8, weight_matmuls
+from export.precision import (INT8_OPTIONS, int8_plan, int8_plan_of, int8_ranges, shift_activations_to_uint8,
+                              to_fp16, to_int4, to_int8, weight_matmuls)
 from export.graph_spec import torch_inputs
 from export.specs import graph_specs
 from hf_calls import hf_generate
@@ -201,11 +202,11 @@ def test_int8_gate_fails_with_clipped_calibration(make_engine):
     feeds = record_feeds(engine32, probe_images(32, count=3, seed=8), GATE_TEXTS[:3])["vision"]
     tiny = [{k: v * 0.01 for k, v in f.items()} for f in feeds]
     out = engine32.parent / "clipped-vision.onnx"
-    to_int8(engine32 / "vision.onnx", out, tiny)
+    to_int8(engine32 / "vision.onnx", out, int8_ranges(engine32 / "vision.onnx", tiny))
     results = check_graph(spec, spec.build(ck.model).eval(), make_runner(out), TOLERANCES["int8"], feeds=feeds)
     assert any(not r.passed for r in results)
     good = engine32.parent / "good-vision.onnx"
-    to_int8(engine32 / "vision.onnx", good, feeds)
+    to_int8(engine32 / "vision.onnx", good, int8_ranges(engine32 / "vision.onnx", feeds))
     assert all(r.passed for r in check_graph(spec, spec.build(ck.model).eval(), make_runner(good),
                                              TOLERANCES["int8"], feeds=feeds))
 
@@ -218,8 +219,9 @@ def test_tensorrt_form_and_onnxruntime_form_compute_the_same(make_engine, tmp_pa
     feeds = record_feeds(engine32, images, GATE_TEXTS[:3])
     for graph in ("vision", "llm_decoder"):
         s8, u8 = tmp_path / f"{graph}-s8.onnx", tmp_path / f"{graph}-u8.onnx"
-        to_int8(engine32 / f"{graph}.onnx", s8, feeds[graph])
-        to_int8(engine32 / f"{graph}.onnx", u8, feeds[graph], uint8_activations=True)
+        ranges = int8_ranges(engine32 / f"{graph}.onnx", feeds[graph])
+        to_int8(engine32 / f"{graph}.onnx", s8, ranges)
+        to_int8(engine32 / f"{graph}.onnx", u8, ranges, uint8_activations=True)
         model = onnx.load(str(s8))
         zeros = [numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith("zero_point")]
         assert zeros and all(z.dtype == np.int8 and not z.any() for z in zeros)  # symmetric int8 throughout
@@ -228,6 +230,111 @@ def test_tensorrt_form_and_onnxruntime_form_compute_the_same(make_engine, tmp_pa
         for f in feeds[graph][:3]:
             for name, x in a.run(f).items():
                 np.testing.assert_allclose(b.run(f)[name], x, rtol=1e-5, atol=1e-5 * np.abs(x).max())
+
+
+class _Feeds:
+    """onnxruntime.quantization's CalibrationDataReader over a list of feeds."""
+
+    def __init__(self, feeds):
+        self.it = iter(feeds)
+
+    def get_next(self):
+        return next(self.it, None)
+
+
+def test_int8_conversion_is_onnxruntimes_quantize_static(make_engine, tmp_path):
+    """to_int8 quantizes one product at a time with the weights left on disk (a graph of any size); the result
+    must be what ONNX Runtime's own quantize_static makes of the whole graph, called as its users call it:
+    the calibrated ranges (its MinMax calibrator) agree, and with those ranges the two graphs compute the same
+    numbers (run unoptimized: ONNX Runtime fuses the two files' Q/DQ differently, rounding differently)."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, create_calibrator, quantize_static
+
+    _, engine32 = make_engine(VARIANT, "onnx")
+    feeds = record_feeds(engine32, probe_images(32, count=2, seed=5), GATE_TEXTS[:2])
+    plain = ort.SessionOptions()
+    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    for graph in ("vision", "llm_decoder"):
+        src = engine32 / f"{graph}.onnx"
+        calibrator = create_calibrator(str(src), ["MatMul", "Gemm", "Conv"], str(tmp_path / f"{graph}-aug.onnx"),
+                                       CalibrationMethod.MinMax, extra_options={"symmetric": True})
+        calibrator.collect_data(_Feeds(feeds[graph]))
+        theirs = calibrator.compute_data()
+        head = tuple(int8_plan_of(src).float_outputs)  # (quantize_static leaves a tied head alone: see below)
+        ours = int8_ranges(src, feeds[graph], exclude=head)
+        assert set(ours) == set(int8_plan_of(src, exclude=head).tensors) and len(ours) > 4
+        for tensor, magnitude in ours.items():
+            assert magnitude == pytest.approx(float(theirs[tensor].range_value[1][0]), rel=1e-5), tensor
+        model = onnx.load(str(src))
+        quantized = int8_plan(model.graph).quantized
+        excluded = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv")
+                    and n.name not in quantized]
+        named = tmp_path / f"{graph}-named.onnx"  # (the exporter leaves some nodes unnamed; int8_plan names them)
+        onnx.save(model, str(named))
+        reference = tmp_path / f"{graph}-ort.onnx"
+        quantize_static(str(named), str(reference), _Feeds(feeds[graph]), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=["MatMul", "Gemm", "Conv"], per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
+                        calibrate_method=CalibrationMethod.MinMax,
+                        extra_options={**INT8_OPTIONS, "CalibTensorRangeSymmetric": True})
+        ours_file = tmp_path / f"{graph}-ours.onnx"
+        to_int8(src, ours_file, {t: float(theirs[t].range_value[1][0]) for t in ours}, exclude=head)
+        a, b = ort.InferenceSession(str(ours_file), plain), ort.InferenceSession(str(reference), plain)
+        names = [o.name for o in b.get_outputs()]
+        for f in feeds[graph][:4]:
+            for name, x, y in zip(names, a.run(names, f), b.run(names, f)):
+                np.testing.assert_array_equal(x, y, err_msg=f"{graph}: {name}")
+
+
+def test_int8_slices_of_a_large_weight_give_the_same_graph(make_engine, tmp_path, monkeypatch):
+    """A weight over QDQ_SLICE_BYTES is quantized in slices of output channels and joined; with the threshold
+    lowered so that every weight here is sliced, the graph computes exactly what the unsliced one does."""
+    import onnxruntime as ort
+
+    import export.precision as precision
+
+    _, engine32 = make_engine(VARIANT, "onnx")
+    src = engine32 / "llm_decoder.onnx"
+    feeds = record_feeds(engine32, probe_images(32, count=2, seed=5), GATE_TEXTS[:2])["llm_decoder"]
+    ranges = int8_ranges(src, feeds)
+    whole, sliced = tmp_path / "whole.onnx", tmp_path / "sliced.onnx"
+    to_int8(src, whole, ranges)
+    monkeypatch.setattr(precision, "QDQ_SLICE_BYTES", 4096)
+    to_int8(src, sliced, ranges)
+    plain = ort.SessionOptions()
+    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    a, b = ort.InferenceSession(str(sliced), plain), ort.InferenceSession(str(whole), plain)
+    names = [o.name for o in b.get_outputs()]
+    for f in feeds[:3]:
+        for name, x, y in zip(names, a.run(names, f), b.run(names, f)):
+            np.testing.assert_array_equal(x, y, err_msg=name)
+
+
+def test_int8_quantizes_a_tied_head_and_keeps_its_logits_float(make_engine, tmp_path):
+    """OPT's head reads the embedding table through a Transpose: to_int8 gives it its own transposed weight in int8
+    (else ONNX Runtime folds a second float copy of the table at load: 515 MB at OPT-2.7B's size) and leaves
+    its output, the logits, unquantized; the logits stay close to the fp32 graph's."""
+    _, engine32 = make_engine(VARIANT, "onnx")
+    src = engine32 / "llm_decoder.onnx"
+    fp32 = onnx.load(str(src))
+    table = next(n.input[0] for n in fp32.graph.node if n.op_type == "Transpose"
+                 and n.input[0] in {t.name for t in fp32.graph.initializer})  # the tied head's source
+    feeds = record_feeds(engine32, probe_images(32, count=2, seed=5), GATE_TEXTS[:2])["llm_decoder"]
+    dst = tmp_path / "llm.onnx"
+    to_int8(src, dst, int8_ranges(src, feeds), uint8_activations=True)
+    model = onnx.load(str(dst))
+    inits = {t.name: t for t in model.graph.initializer}
+    assert not [n for n in model.graph.node if n.op_type == "Transpose" and n.input[0] == table]
+    head = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+            and inits[n.input[0]].data_type == TensorProto.INT8 and list(inits[n.input[0]].dims)
+            == list(reversed([t.dims for t in fp32.graph.initializer if t.name == table][0]))]
+    assert len(head) == 1  # the table, transposed, in int8
+    producers = {o: n for n in model.graph.node for o in n.output}
+    assert producers["logits"].op_type not in ("DequantizeLinear", "QuantizeLinear")
+    a, b = make_runner(dst), make_runner(src)
+    for f in feeds[:3]:
+        got, ref = a.run(f)["logits"], b.run(f)["logits"]
+        assert _errors(got, ref)[1] >= 0.999
 
 
 def test_activation_products_are_not_quantized():
