@@ -150,6 +150,7 @@ def record_ranges(folder, tensors: dict[str, list[str]], images: list, texts: li
     those tensors' min and max, so no feed is kept (a full-size LLM's recorded KV caches would need gigabytes)."""
     from export.parity import check_runner
     from export.precision import ActivationRanges, write_calibration_graph
+    from runtime.runners import make_runner
 
     ranges, written = {}, []
 
@@ -158,7 +159,7 @@ def record_ranges(folder, tensors: dict[str, list[str]], images: list, texts: li
             return check_runner(path)
         ranges[graph] = ActivationRanges(tensors[graph])
         written.append(write_calibration_graph(path, tensors[graph]))
-        runner = check_runner(written[-1])
+        runner = make_runner(written[-1], "onnxruntime", memory_arena=False, priority_order=True)
         return RangeRunner(runner, [n for n in runner.output_names if n not in ranges[graph].outputs], ranges[graph])
 
     try:

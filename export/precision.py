@@ -355,7 +355,10 @@ RANGE_OUTPUT = "{}__int8_range_{}"  # the calibration graph's extra outputs: a t
 def write_calibration_graph(src, tensors: list[str]) -> Path:
     """Write, beside `src`, a copy of the graph that also outputs the min and max of each of `tensors` (ReduceMin
     and ReduceMax nodes, as ONNX Runtime's MinMax calibrator adds them) and return its path; the caller removes
-    it. Only the graph is written: its weights stay in `src`'s external data file, which the copy reads."""
+    it. Only the graph is written: its weights stay in `src`'s external data file, which the copy reads. Run it with
+    ONNX Runtime's priority-based execution order (`OrtRunner(priority_order=True)`): in its default order the
+    reductions ran last and every calibrated tensor stayed alive until then (the full-size ViT-g at batch 8:
+    10.3 GB instead of 4.3)."""
     src = Path(src)
     model = onnx.load(str(src), load_external_data=False)
     for t in tensors:
@@ -402,7 +405,7 @@ def int8_ranges(src, feeds: list[dict], exclude: tuple[str, ...] = (), fp32_scop
         raise ValueError(f"no calibration feeds for {Path(src).name}: give calibration images (--calib-images DIR)")
     path = write_calibration_graph(src, ranges.tensors)
     try:
-        runner = make_runner(path, "onnxruntime", memory_arena=False)
+        runner = make_runner(path, "onnxruntime", memory_arena=False, priority_order=True)
         for f in feeds:
             ranges.update(runner.run(f))
     finally:

@@ -31,9 +31,12 @@ def until_eos(rows: list[list[int]], eos: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def hf_generate(ck, images, prompts, **options) -> list[list[int]]:
+def hf_generate(ck, images, prompts, with_logits: bool = False, **options):
     """New token ids per row: captions (prompts None) with pixel values only, prompts through the checkpoint's
-    Blip2Processor; EOS kept, what follows it dropped."""
+    Blip2Processor; EOS kept, what follows it dropped. With `with_logits`, (token ids, per row the logits
+    [tokens, vocabulary] generate() chose each of them from)."""
+    if with_logits:
+        options.update(output_logits=True, return_dict_in_generate=True)
     if prompts is None:
         out = ck.hf.generate(pixel_values=hf_pixel_values(ck, images), **options)
         start = ck.config.num_query_tokens + 1  # generate() put the placeholders and BOS first
@@ -43,7 +46,12 @@ def hf_generate(ck, images, prompts, **options) -> list[list[int]]:
         start = inputs["input_ids"].shape[1]
     if not ck.config.use_decoder_only_language_model:
         start = 1  # an encoder-decoder returns the decoder's tokens, after decoder_start_token_id
-    return until_eos([row[start:].tolist() for row in out], ck.config.text_config.eos_token_id)
+    sequences = out.sequences if with_logits else out
+    tokens = until_eos([row[start:].tolist() for row in sequences], ck.config.text_config.eos_token_id)
+    if not with_logits:
+        return tokens
+    steps = torch.stack(out.logits, dim=1).float().numpy()  # [rows, steps, vocabulary]
+    return tokens, [steps[i, :len(t)] for i, t in enumerate(tokens)]
 
 
 def hf_rows(ck, images, prompts, **options) -> list[list[int]]:

@@ -12,7 +12,7 @@ import torch
 
 from export.calibration import calibration_images
 from export.graph_spec import torch_inputs
-from export.parity import probe_images
+from export.parity import END_TO_END, probe_images
 from export.precision import to_fp16
 from export.specs import graph_specs
 from hf_calls import hf_generate
@@ -136,11 +136,15 @@ def test_reduced_t5_follows_hugging_face(t5all, make_engine, target):
     # held-out ShapesCaps images, the kind int8 is calibrated on (noise backgrounds fall outside the calibrated
     # ranges), 8 of them: 64 tokens per case, so one near-tie of the random model is not 4 points
     images = calibration_images(None, 32, count=1, seed=0, report=8).report
+    required = END_TO_END[target.split("-")[1]]  # the gate's bound and near-tie rule (export/parity.py)
     for prompts in (None, ["a photo of", "Question: what is it? Answer:", "a"] * 2 + ["a", "a photo of"]):
-        ref = hf_generate(ck, images, prompts, max_new_tokens=8)
+        ref, logits = hf_generate(ck, images, prompts, with_logits=True, max_new_tokens=8)
         picks = [s.argmax(-1).tolist() for s in pipe.score(images, ref, prompt=prompts)]
-        agree = sum(a == b for p, r in zip(picks, ref) for a, b in zip(p, r)) / sum(len(r) for r in ref)
-        assert agree >= {"onnx-fp16": 0.95, "onnx-int8": 0.85}[target], (prompts, agree)
+        # a pick agrees when it is Hugging Face's, or within the precision's tie of it in Hugging Face's own logits
+        agree = sum(a == b or w[b] - w[a] <= required.logit_tie * w.std()
+                    for p, r, lg in zip(picks, ref, logits) for a, b, w in zip(p, r, lg)) / sum(len(r) for r in ref)
+        exact = sum(a == b for p, r in zip(picks, ref) for a, b in zip(p, r)) / sum(len(r) for r in ref)
+        assert agree >= required.token_agreement, (prompts, agree, exact)
     assert len(pipe.generate_ids(images[:3], num_beams=2, max_new_tokens=4)) == 3
 
 
