@@ -344,17 +344,22 @@ def _staging(final: Path):
         raise
 
 
-# Bytes per weight of a graph at each precision (int4: 4 bits and a float32 scale per block of 32; int8 a little
-# over 1 byte with its scales and the float32 parts); used to check the disk before a build.
-BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "int8": 1.1, "int4": 0.625}
+# Bytes per weight of a graph at each precision, measured on the full-size blip2-opt-2.7b build (int8: 1 byte per
+# quantized weight, but each attention's output projection stays float32; int4: 4-bit blocks with their scales,
+# 8-bit ones for the first quarter of the layers and the head); used to check the disk before a build. A reduced
+# LLM graph also keeps its token embedding table in float32 for the lookup (counted apart).
+BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "int8": 1.3, "int4": 0.8}
+TOKEN_TABLES = ("embed_tokens.weight", "shared.weight")  # OPT's and T5's input embedding
 
 
-def _part_parameters(model_dir: Path) -> tuple[int, int, int]:
-    """(vision, LLM with its input projection, all) parameter counts, from the safetensors headers alone."""
+def _part_parameters(model_dir: Path) -> tuple[int, int, int, int]:
+    """(vision, LLM with its input projection, the LLM's token embedding table, all) parameter counts, from the
+    safetensors headers alone."""
     sizes = {name: math.prod(h["shape"]) for name, h in safetensors_headers(model_dir).items()}
     vision = sum(n for name, n in sizes.items() if name.startswith("vision_model."))
-    llm = sum(n for name, n in sizes.items() if name.startswith(("language_model.", "language_projection.")))
-    return vision, llm, sum(sizes.values())
+    llm = {name: n for name, n in sizes.items() if name.startswith(("language_model.", "language_projection."))}
+    table = sum(n for name, n in llm.items() if name.endswith(TOKEN_TABLES))
+    return vision, sum(llm.values()), table, sum(sizes.values())
 
 
 def _output_bytes(model_dir: Path, precision: str) -> float:
@@ -366,13 +371,15 @@ def _output_bytes(model_dir: Path, precision: str) -> float:
 
     from train.model import EdgeConfig
 
-    vision, llm, total = _part_parameters(model_dir)
+    vision, llm, table, total = _part_parameters(model_dir)
     copies = 4 if EdgeConfig.load(model_dir, Blip2Config.from_pretrained(model_dir)).qformer_text else 1
     weights = vision + llm + copies * (total - vision - llm)
     need = 4.0 * weights
     if precision != "fp32":
         need += BYTES_PER_WEIGHT[precision] * llm + BYTES_PER_WEIGHT[precision if precision != "int4" else "fp32"] * (
             weights - llm)
+        if precision in ("int8", "int4"):
+            need += 4.0 * table
     return 1.02 * need + 16e6  # (measured on the 677M blip2-opt-2.7b variant: the fp32 graphs are 0.994x 4 * weights)
 
 

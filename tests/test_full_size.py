@@ -69,8 +69,8 @@ def test_released_weights_are_freed_after_an_export(make_engine, tmp_path):
 @pytest.mark.slow
 def test_full_width_builds_stay_within_one_and_a_half_times_the_fp32_weights(tmp_path):
     """blip2-opt-2.7b's widths with 2 ViT, 2 Q-Former and 6 OPT layers (677M parameters; the LLM graph is 2.4 GB,
-    stored with external data): `python -m export.build` for onnx, onnx-fp16 and onnx-int4 (the reduced builds
-    reuse the fp32 folder) passes its gate with a peak resident set of at most 1.5x the float32 weights (each
+    stored with external data): `python -m export.build` for onnx, onnx-fp16, onnx-int8 and onnx-int4 (the reduced
+    builds reuse the fp32 folder) passes its gate with a peak resident set of at most 1.5x the float32 weights (each
     process's own rusage), and writes no more than the disk check asked to be free."""
     from export.build import _output_bytes
 
@@ -78,7 +78,7 @@ def test_full_width_builds_stay_within_one_and_a_half_times_the_fp32_weights(tmp
     subprocess.run([sys.executable, "-m", "train.demo", "--preset", "blip2-opt-2.7b", "--dtype", "float16",
                     "--vision-layers", "2", "--qformer-layers", "2", "--llm-layers", "6", "--out", str(folder)],
                    cwd=ROOT, check=True, capture_output=True)
-    for target, precision in (("onnx", "fp32"), ("onnx-fp16", "fp16"), ("onnx-int4", "int4")):
+    for target, precision in (("onnx", "fp32"), ("onnx-fp16", "fp16"), ("onnx-int8", "int8"), ("onnx-int4", "int4")):
         proc = subprocess.Popen([sys.executable, "-m", "export.build", "--model", str(folder), "--target", target,
                                  "--out", str(tmp_path / "engines")], cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT)
