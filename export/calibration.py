@@ -81,20 +81,6 @@ def calibration_images(folder, image_size: int, count: int, seed: int = 0, repor
                      "report": f"the last {HELD_OUT} images of the folder, by name"})
 
 
-class RangeRunner:
-    """Runs a graph's calibration copy (`export.precision.write_calibration_graph`) in place of the graph: returns
-    the graph's own outputs and keeps the running min and max of the tensors to quantize, no feeds."""
-
-    def __init__(self, runner, graph_outputs: list[str], ranges):
-        self.runner, self.ranges = runner, ranges
-        self.input_names, self.output_names = runner.input_names, list(graph_outputs)
-
-    def run(self, feeds, keep=()):
-        outputs = self.runner.run(feeds, keep)
-        self.ranges.update(outputs)
-        return {n: outputs[n] for n in self.output_names}
-
-
 class RecordingRunner:
     """Wraps a runner: forwards every call and keeps a copy of its feeds."""
 
@@ -149,25 +135,18 @@ def record_ranges(folder, tensors: dict[str, list[str]], images: list, texts: li
     measured while the fp32 pipeline of `folder` runs on `images`: each graph runs as a copy that also outputs
     those tensors' min and max, so no feed is kept (a full-size LLM's recorded KV caches would need gigabytes)."""
     from export.parity import check_runner
-    from export.precision import ActivationRanges, write_calibration_graph
-    from runtime.runners import make_runner
+    from export.precision import RangeRunner
 
-    ranges, written = {}, []
+    runners = {}
 
     def measuring(path, graph):
         if not tensors.get(graph):
             return check_runner(path)
-        ranges[graph] = ActivationRanges(tensors[graph])
-        written.append(write_calibration_graph(path, tensors[graph]))
-        runner = make_runner(written[-1], "onnxruntime", memory_arena=False, priority_order=True)
-        return RangeRunner(runner, [n for n in runner.output_names if n not in ranges[graph].outputs], ranges[graph])
+        runners[graph] = RangeRunner(path, tensors[graph])
+        return runners[graph]
 
-    try:
-        _run_pipeline(folder, measuring, images, texts, max_new_tokens)
-    finally:
-        for path in written:
-            path.unlink(missing_ok=True)
-    return {graph: r.symmetric() for graph, r in ranges.items()}
+    _run_pipeline(folder, measuring, images, texts, max_new_tokens)
+    return {graph: r.ranges.symmetric() for graph, r in runners.items()}
 
 
 def _run_pipeline(folder, runner_factory, images: list, texts: list[str] | None, max_new_tokens: int) -> None:
