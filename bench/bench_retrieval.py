@@ -13,8 +13,11 @@ double the set-up). That cost is printed, not counted per query. A query then co
 text's ITC feature (qformer_text), the ITC similarity against every gallery image (max over
 queries), the top k, and ITM on those k (qformer_itm, in chunks of the engine's max batch; PyTorch
 gets the same chunk size, and ITM reads the same stored embeddings). The pipeline's ITC step goes through the
-gallery's index; PyTorch's is exact, so identical rankings also show that the index found the exact top k. The image tower never runs per query. Both sides must return the same
-top-k ranking; the agreement is printed with the queries per second and their ratio.
+gallery's index; PyTorch's is exact, so identical rankings also show that the index found the exact top k. The
+image tower never runs per query. Both sides must return the same top-k ranking; the agreement is printed with the
+queries per second and their ratio. Each side answers all queries in a block of its own (two rounds, the order of
+the blocks alternating): thread pools that keep spinning after a call would otherwise slow the other side's next
+query.
 """
 import argparse
 import sys
@@ -129,27 +132,39 @@ def main(argv=None):
         run_queries(pipe, reference, gallery, queries, args.ks)
 
 
-def run_queries(pipe, reference, gallery, queries, ks):
+def timed(fn, queries) -> tuple[float, list]:
+    """(seconds, results) of fn(q) over every query, back to back."""
+    t0 = time.perf_counter()
+    results = [fn(q) for q in queries]
+    return time.perf_counter() - t0, results
 
+
+def run_queries(pipe, reference, gallery, queries, ks, rounds: int = 2):
+    """Each side answers every query in a block of its own, the order of the blocks alternating over `rounds`:
+    interleaving single queries let each side's thread pools, which keep spinning for a while after a call
+    (ONNX Runtime's shared pool, PyTorch's OpenMP), take a core from the other side's next query."""
     for k in ks:
-        pipe.retrieve(queries[0], gallery, k=k)  # warm-up
-        reference.retrieve(queries[0], k)
-        same, same_set, t_ort, t_torch = 0, 0, 0.0, 0.0
-        for q in queries:  # interleaved
-            t0 = time.perf_counter()
-            got = [h.index for h in pipe.retrieve(q, gallery, k=k)]
-            t_ort += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            ref, p = reference.retrieve(q, k)
-            t_torch += time.perf_counter() - t0
-            same += got == ref
-            if got != ref:
-                swapped = [(a, b) for a, b in zip(got, ref) if a != b]
+        ours = lambda q: [h.index for h in pipe.retrieve(q, gallery, k=k)]  # noqa: E731
+        theirs = lambda q: reference.retrieve(q, k)  # noqa: E731
+        ours(queries[0]), theirs(queries[0])  # warm-up
+        t_ort = t_torch = 0.0
+        for r in range(rounds):
+            for side in ((ours, theirs) if r % 2 == 0 else (theirs, ours)):
+                seconds, results = timed(side, queries)
+                if side is ours:
+                    t_ort, got = t_ort + seconds, results
+                else:
+                    t_torch, ref = t_torch + seconds, results
+        same = same_set = 0
+        for g, (r, p) in zip(got, ref):
+            same += g == r
+            same_set += set(g) == set(r)
+            if g != r:
+                swapped = [(a, b) for a, b in zip(g, r) if a != b]
                 dup = sum(np.array_equal(gallery.embeds[a], gallery.embeds[b]) for a, b in swapped)
                 print(f"   differs at {len(swapped)} places; max |ITM prob difference| there "
                       f"{max(abs(p[a] - p[b]) for a, b in swapped):.2g}; identical stored images {dup}/{len(swapped)}")
-            same_set += set(got) == set(ref)
-        qps_ort, qps_torch = len(queries) / t_ort, len(queries) / t_torch
+        qps_ort, qps_torch = rounds * len(queries) / t_ort, rounds * len(queries) / t_torch
         print(f"k={k:4d}: onnxruntime {qps_ort:7.2f} queries/s | pytorch {qps_torch:7.2f} queries/s | "
               f"ratio {qps_ort / qps_torch:.2f}x | identical top-{k} rankings {same}/{len(queries)} "
               f"(same {k} candidates {same_set}/{len(queries)}: a different set is the index's, a different "

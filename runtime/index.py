@@ -24,6 +24,7 @@ image re-scored exactly (max over its Nq features) so that scores and order are 
   vector scoring at least the k-th best image's score belongs to one of the k best images (at most Nq each).
 """
 import importlib.util
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,25 @@ RECALL_TARGET = 0.99  # probe queries' top-k images found by IVF against exact s
 PROBE_QUERIES = 64
 PROBE_KS = (16, 32, 64, 128, 256)  # top-k sizes an IVF index is tuned for at build time (larger: on first use)
 MOST_LISTS = 4  # an IVF index that must probe more than 1/4 of its lists is slower than exact numpy search
+
+
+_controller = None
+
+
+def one_blas_thread():
+    """A context in which numpy's BLAS and FAISS's OpenMP run on the calling thread only (threadpoolctl, when
+    installed; the `scale` extra has it). A query's ITC search is followed at once by the ITM graph on ONNX
+    Runtime's threads, and BLAS's and OpenMP's worker threads keep spinning for a while after each call: on 2
+    cores they took one of the two cores from ONNX Runtime, and a query over 2,000 images took 124 ms instead of
+    76 (`bench/bench_retrieval.py`, which prints the search step's own cost)."""
+    global _controller
+    if _controller is None:
+        if importlib.util.find_spec("threadpoolctl") is None:
+            return nullcontext()
+        from threadpoolctl import ThreadpoolController
+
+        _controller = ThreadpoolController()  # (scans the loaded libraries once: ~6 ms)
+    return _controller.limit(limits=1)
 
 
 def similarity(image_feats: np.ndarray, text_feats: np.ndarray) -> np.ndarray:
@@ -70,7 +90,8 @@ class ExactIndex:
     kind = "exact"
 
     def search(self, text_feat: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return exact_top_images(self.feats, text_feat, k)
+        with one_blas_thread():
+            return exact_top_images(self.feats, text_feat, k)
 
     def describe(self) -> dict:
         return {"kind": self.kind, **({"why": self.why} if self.why else {})}
@@ -160,9 +181,10 @@ class FaissIndex:
         tuned number (benchmarks: what fewer lists buy and miss)."""
         if nprobe is None:
             nprobe = self.nprobe_for(k)
+        with one_blas_thread():
             if self.exact_is_faster(nprobe):
                 return exact_top_images(self.feats, text_feat, k)  # a k needing most lists: exact is faster
-        return self._search(text_feat, k, nprobe)
+            return self._search(text_feat, k, nprobe)
 
     def _search(self, text_feat: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
         import faiss
