@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import Blip2EdgeError, PromptError
-from runtime.index import FaissIndex, build_index, faiss_available, similarity, top_k
+from runtime.index import FaissIndex, build_index, faiss_available, one_blas_thread, similarity, top_k
 from runtime.text import QFormerTokenizer
 from runtime.vision import chunks
 
@@ -206,7 +206,8 @@ class QFormerText:
     def search_texts(self, image, texts: TextGallery, k: int, rerank: bool) -> list[Match]:
         k = check_k(k, len(texts), "text gallery")
         query = self.encode_gallery([image])
-        itc = similarity(query.feats, texts.feats)[0]
+        with one_blas_thread():  # (as an image search: the ITM step follows on ONNX Runtime's threads)
+            itc = similarity(query.feats, texts.feats)[0]
         top = top_k(itc, k)
         probs = (lambda idx: self.itm_probs(np.repeat(query.embeds, len(idx), 0), [texts.texts[i] for i in idx])
                  ) if rerank else None
