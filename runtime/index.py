@@ -37,23 +37,23 @@ PROBE_KS = (16, 32, 64, 128, 256)  # top-k sizes an IVF index is tuned for at bu
 MOST_LISTS = 4  # an IVF index that must probe more than 1/4 of its lists is slower than exact numpy search
 
 
-_controller = None
+_controller = None  # threadpoolctl's view of the loaded thread pools (False: threadpoolctl is not installed)
 
 
 def one_blas_thread():
     """A context in which numpy's BLAS and FAISS's OpenMP run on the calling thread only (threadpoolctl, when
-    installed; the `scale` extra has it). A query's ITC search is followed at once by the ITM graph on ONNX
-    Runtime's threads, and BLAS's and OpenMP's worker threads keep spinning for a while after each call: on 2
-    cores they took one of the two cores from ONNX Runtime: a query over 2,000 images took 124 ms instead of 76
-    (the README's bench_retrieval figures: a k = 16 query over 10,000 images 133 ms before, 60 after)."""
+    installed; the `scale` extra has it). Their worker threads keep spinning for a while after each call: where
+    ONNX Runtime runs next, as the ITM step after a retrieval query's search (`runtime.retrieval`), they take its
+    cores (`bench/bench_retrieval.py`, 2 cores: a k = 16 query over 10,000 images took 133 ms before, 60 after).
+    The pools known are those loaded at the first call (~6 ms to scan)."""
     global _controller
     if _controller is None:
-        if importlib.util.find_spec("threadpoolctl") is None:
-            return nullcontext()
-        from threadpoolctl import ThreadpoolController
+        _controller = False
+        if importlib.util.find_spec("threadpoolctl") is not None:
+            from threadpoolctl import ThreadpoolController
 
-        _controller = ThreadpoolController()  # (scans the loaded libraries once: ~6 ms)
-    return _controller.limit(limits=1)
+            _controller = ThreadpoolController()
+    return _controller.limit(limits=1) if _controller else nullcontext()
 
 
 def similarity(image_feats: np.ndarray, text_feats: np.ndarray) -> np.ndarray:
@@ -90,8 +90,7 @@ class ExactIndex:
     kind = "exact"
 
     def search(self, text_feat: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        with one_blas_thread():
-            return exact_top_images(self.feats, text_feat, k)
+        return exact_top_images(self.feats, text_feat, k)
 
     def describe(self) -> dict:
         return {"kind": self.kind, **({"why": self.why} if self.why else {})}
@@ -181,10 +180,9 @@ class FaissIndex:
         tuned number (benchmarks: what fewer lists buy and miss)."""
         if nprobe is None:
             nprobe = self.nprobe_for(k)
-        with one_blas_thread():
             if self.exact_is_faster(nprobe):
                 return exact_top_images(self.feats, text_feat, k)  # a k needing most lists: exact is faster
-            return self._search(text_feat, k, nprobe)
+        return self._search(text_feat, k, nprobe)
 
     def _search(self, text_feat: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
         import faiss

@@ -198,7 +198,9 @@ class QFormerText:
 
     def search_images(self, text: str, gallery: ImageGallery, k: int, rerank: bool) -> list[Match]:
         k = check_k(k, len(gallery), "image gallery")
-        top, itc = gallery.search(self.embed_texts([text])[0], k)
+        text_feat = self.embed_texts([text])[0]
+        with one_blas_thread():  # (the ITM step follows at once on ONNX Runtime's threads)
+            top, itc = gallery.search(text_feat, k)
         probs = (lambda idx: self.itm_probs(np.asarray(gallery.embeds[idx], dtype=np.float32), [text] * len(idx))
                  ) if rerank else None
         return rank(top, itc, probs)
@@ -206,7 +208,7 @@ class QFormerText:
     def search_texts(self, image, texts: TextGallery, k: int, rerank: bool) -> list[Match]:
         k = check_k(k, len(texts), "text gallery")
         query = self.encode_gallery([image])
-        with one_blas_thread():  # (as an image search: the ITM step follows on ONNX Runtime's threads)
+        with one_blas_thread():  # (as in search_images)
             itc = similarity(query.feats, texts.feats)[0]
         top = top_k(itc, k)
         probs = (lambda idx: self.itm_probs(np.repeat(query.embeds, len(idx), 0), [texts.texts[i] for i in idx])

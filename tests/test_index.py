@@ -38,28 +38,6 @@ def test_exact_index_is_the_max_over_queries():
         np.testing.assert_allclose(scores, want_scores, atol=1e-6)
 
 
-def test_a_search_runs_blas_and_openmp_on_one_thread(monkeypatch):
-    """numpy's BLAS and FAISS's OpenMP run on the calling thread during a search (their worker threads spin after
-    a call, on the cores ONNX Runtime's ITM step needs next), and get their threads back afterwards."""
-    threadpoolctl = pytest.importorskip("threadpoolctl", reason="threadpoolctl is in the scale extra")
-    np.ones((64, 64)) @ np.ones((64, 64))  # (BLAS loaded)
-    before = {p["filepath"]: p["num_threads"] for p in threadpoolctl.threadpool_info()}
-    assert any(n > 1 for n in before.values()), "this check needs a BLAS with more than one thread"
-    seen = []
-    exact = index_module.exact_top_images
-
-    def spying(*args, **kw):
-        seen.append({p["filepath"]: p["num_threads"] for p in threadpoolctl.threadpool_info()})
-        return exact(*args, **kw)
-
-    monkeypatch.setattr(index_module, "exact_top_images", spying)
-    feats, texts = _gallery(images=200)
-    ids, _ = ExactIndex(feats).search(texts[0], 7)
-    np.testing.assert_array_equal(ids, _brute_force(feats, texts[0], 7)[0])
-    assert seen and all(n == 1 for n in seen[0].values()), seen
-    assert {p["filepath"]: p["num_threads"] for p in threadpoolctl.threadpool_info()} == before
-
-
 @pytest.mark.parametrize("kind", ["flat", "ivf"])
 def test_faiss_index_finds_the_exact_top_k(kind):
     pytest.importorskip("faiss")

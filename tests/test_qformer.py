@@ -240,6 +240,42 @@ def test_gallery_is_encoded_once_and_reusable(stage1, tmp_path):
     assert [h.itc for h in itc_only] == sorted((h.itc for h in itc_only), reverse=True)
 
 
+def test_a_retrieval_search_runs_blas_on_one_thread(stage1, monkeypatch):
+    """During a retrieval query's ITC step (both ways) numpy's BLAS and FAISS's OpenMP run on the calling thread:
+    their worker threads spin after a call, on the cores the ITM graph needs next. The index's own search, used
+    alone, keeps the libraries' threads, and a query gives them back."""
+    threadpoolctl = pytest.importorskip("threadpoolctl", reason="threadpoolctl is in the scale extra")
+    from runtime import index as index_module
+
+    _, _, pipe = stage1
+    np.ones((64, 64)) @ np.ones((64, 64))  # (BLAS loaded)
+
+    def pools():
+        return {p["filepath"]: p["num_threads"] for p in threadpoolctl.threadpool_info()}
+
+    before = pools()
+    assert any(n > 1 for n in before.values()), "this check needs a BLAS with more than one thread"
+    seen = []
+    for name in ("exact_top_images", "similarity"):
+        def spying(*args, _f=getattr(index_module, name), **kw):
+            seen.append(pools())
+            return _f(*args, **kw)
+
+        monkeypatch.setattr(index_module, name, spying)
+    import runtime.retrieval as retrieval_module
+    monkeypatch.setattr(retrieval_module, "similarity", index_module.similarity)
+    images = probe_images(32, count=5, seed=4)
+    gallery = pipe.encode_gallery(images)
+    seen.clear()
+    gallery.search(pipe.embed_texts(["a red circle"])[0], 2)
+    assert seen and seen[-1] == before  # the index alone: untouched
+    for query, candidates in (("a red circle", gallery), (np.asarray(images[0]), TEXTS)):
+        seen.clear()
+        pipe.retrieve(query, candidates, k=2)
+        assert seen and all(n == 1 for n in seen[0].values()), seen
+        assert pools() == before
+
+
 class _TorchItg:
     """A runtime.search StepModel over the uncached PyTorch ITG pass (for beam-search parity)."""
 
