@@ -5,19 +5,21 @@ two-step procedure written in PyTorch on the same model.
     python bench/bench_retrieval.py --checkpoint assets/demo   # the trained demo model (64x64 images)
     python bench/bench_retrieval.py --gallery 2000 --queries 10 --ks 16
 
-The gallery is encoded once (vision + Q-Former queries: ITC features and image embeddings kept for
-ITM) by the pipeline, saved and loaded as a user does (its index built: FAISS IVF at this size when the
-`scale` extra is installed, exact numpy search without it; image embeddings float16, memory-mapped); the PyTorch side computes its own ITC features from the same image embeddings
-(the image tower is not part of a query's cost, and running it twice over 10,000 images would only
-double the set-up). That cost is printed, not counted per query. A query then costs: the
-text's ITC feature (qformer_text), the ITC similarity against every gallery image (max over
-queries), the top k, and ITM on those k (qformer_itm, in chunks of the engine's max batch; PyTorch
-gets the same chunk size, and ITM reads the same stored embeddings). The pipeline's ITC step goes through the
-gallery's index; PyTorch's is exact, so identical rankings also show that the index found the exact top k. The
-image tower never runs per query. Both sides must return the same top-k ranking; the agreement is printed with the
-queries per second and their ratio. Each side answers all queries in a block of its own (two rounds, the order of
-the blocks alternating): thread pools that keep spinning after a call would otherwise slow the other side's next
-query.
+The gallery is encoded once (vision + Q-Former queries: ITC features and image embeddings kept for ITM) by the
+pipeline, saved and loaded as a user does (its index built: FAISS IVF at this size when the `scale` extra is
+installed, exact numpy search without it; image embeddings float16, memory-mapped); the PyTorch side computes its
+own ITC features from the same image embeddings (the image tower is not part of a query's cost, and running it
+twice over 10,000 images would only double the set-up). That cost is printed, not counted per query. A query then
+costs: the text's ITC feature (qformer_text), the ITC similarity against every gallery image (max over queries),
+the top k, and ITM on those k (the pipeline: qformer_rerank, one text against the k images; PyTorch:
+Blip2Edge.itm_forward on the k (image, text) pairs, as Hugging Face computes ITM; both in chunks of the engine's
+max batch, reading the same stored embeddings). The pipeline's ITC step goes through the gallery's index; PyTorch's
+is exact, so identical rankings also show that the index found the exact top k. The image tower never runs per
+query. Both sides must return the same top-k ranking; the agreement is printed with the queries per second and
+their ratio. A third side, PyTorch with the pipeline's re-rank written in PyTorch (`Blip2Edge.itm_one_text`), shows
+how much of the ratio is that algorithm and how much the runtime. Each side answers all queries in a block of its
+own (two rounds, the order of the blocks alternating): thread pools that keep spinning after a call would otherwise
+slow the other side's next query.
 """
 import argparse
 import sys
@@ -55,10 +57,13 @@ def prepare(preset: str, work: Path, max_batch: int, checkpoint: Path | None = N
 
 
 class TorchRetrieval:
-    """The same two-step retrieval in PyTorch (train.model.Blip2Edge), gallery encoded once."""
+    """The same two-step retrieval in PyTorch (train.model.Blip2Edge), gallery encoded once. ITM re-ranks the k
+    (image, text) pairs as Hugging Face computes them (`itm_forward`), or with `shared=True` through
+    `itm_one_text`, the pipeline's re-rank written in PyTorch (the work every image shares done once)."""
 
-    def __init__(self, ck, chunk: int):
+    def __init__(self, ck, chunk: int, shared: bool = False):
         self.model, self.chunk, self.tokens = ck.model, chunk, HfReference(ck).qformer_tokens
+        self.shared = shared
 
     @torch.no_grad()
     def encode_gallery(self, image_embeds: np.ndarray):
@@ -77,7 +82,10 @@ class TorchRetrieval:
         for s in range(0, k, self.chunk):
             idx = top[s:s + self.chunk]
             n = len(idx)
-            logits, _ = self.model.itm_forward(self.embeds[idx], ids.expand(n, -1), mask.expand(n, -1))
+            if self.shared:
+                logits = self.model.itm_one_text(self.embeds[idx], ids, mask)
+            else:
+                logits, _ = self.model.itm_forward(self.embeds[idx], ids.expand(n, -1), mask.expand(n, -1))
             probs.append(logits.softmax(-1)[:, 1])
         probs = torch.cat(probs)
         order = torch.argsort(probs, descending=True, stable=True)
@@ -107,6 +115,7 @@ def main(argv=None):
     ck = load_checkpoint(ck_dir)
     pipe = Blip2Pipeline.from_dir(engine, shared_pool=True)  # (this process runs nothing else on ONNX Runtime)
     reference = TorchRetrieval(ck, args.max_batch)
+    shared = TorchRetrieval(ck, args.max_batch, shared=True)
     images = gallery_images(args.gallery, ck.config.vision_config.image_size)
     queries = [c for i in range(args.queries) for c in ShapesCaps("val", n=args.queries, seed=2)[i].captions[:1]]
 
@@ -129,7 +138,8 @@ def main(argv=None):
         print(f"index: {gallery.index.describe()} (built and saved with the gallery in "
               f"{time.perf_counter() - t0:.1f}s); image embeddings kept as {gallery.embeds.dtype}, memory-mapped")
         reference.embeds = torch.from_numpy(np.asarray(gallery.embeds, dtype=np.float32))  # ITM reads the same
-        run_queries(pipe, reference, gallery, queries, args.ks)
+        shared.feats, shared.embeds = reference.feats, reference.embeds
+        run_queries(pipe, reference, shared, gallery, queries, args.ks)
 
 
 def timed(fn, queries) -> tuple[float, list]:
@@ -139,22 +149,23 @@ def timed(fn, queries) -> tuple[float, list]:
     return time.perf_counter() - t0, results
 
 
-def run_queries(pipe, reference, gallery, queries, ks, rounds: int = 2):
-    """Each side answers every query in a block of its own, the order of the blocks alternating over `rounds`:
+def run_queries(pipe, reference, shared, gallery, queries, ks, rounds: int = 2):
+    """Each side answers every query in a block of its own, the order of the blocks reversed every other round:
     interleaving single queries let each side's thread pools, which keep spinning for a while after a call
     (ONNX Runtime's shared pool, PyTorch's OpenMP), take a core from the other side's next query."""
     for k in ks:
-        ours = lambda q: [h.index for h in pipe.retrieve(q, gallery, k=k)]  # noqa: E731
-        theirs = lambda q: reference.retrieve(q, k)  # noqa: E731
-        ours(queries[0]), theirs(queries[0])  # warm-up
-        t_ort = t_torch = 0.0
+        sides = {"onnxruntime": lambda q: [h.index for h in pipe.retrieve(q, gallery, k=k)],
+                 "pytorch": lambda q: reference.retrieve(q, k),
+                 "pytorch shared": lambda q: shared.retrieve(q, k)}
+        for side in sides.values():
+            side(queries[0])  # warm-up
+        seconds, results = dict.fromkeys(sides, 0.0), {}
+        names = list(sides)
         for r in range(rounds):
-            for side in ((ours, theirs) if r % 2 == 0 else (theirs, ours)):
-                seconds, results = timed(side, queries)
-                if side is ours:
-                    t_ort, got = t_ort + seconds, results
-                else:
-                    t_torch, ref = t_torch + seconds, results
+            for name in names if r % 2 == 0 else names[::-1]:
+                took, results[name] = timed(sides[name], queries)
+                seconds[name] += took
+        got, ref = results["onnxruntime"], results["pytorch"]
         same = same_set = 0
         for g, (r, p) in zip(got, ref):
             same += g == r
@@ -164,11 +175,15 @@ def run_queries(pipe, reference, gallery, queries, ks, rounds: int = 2):
                 dup = sum(np.array_equal(gallery.embeds[a], gallery.embeds[b]) for a, b in swapped)
                 print(f"   differs at {len(swapped)} places; max |ITM prob difference| there "
                       f"{max(abs(p[a] - p[b]) for a, b in swapped):.2g}; identical stored images {dup}/{len(swapped)}")
-        qps_ort, qps_torch = rounds * len(queries) / t_ort, rounds * len(queries) / t_torch
-        print(f"k={k:4d}: onnxruntime {qps_ort:7.2f} queries/s | pytorch {qps_torch:7.2f} queries/s | "
-              f"ratio {qps_ort / qps_torch:.2f}x | identical top-{k} rankings {same}/{len(queries)} "
+        qps = {name: rounds * len(queries) / t for name, t in seconds.items()}
+        print(f"k={k:4d}: onnxruntime {qps['onnxruntime']:7.2f} queries/s | pytorch {qps['pytorch']:7.2f} queries/s | "
+              f"ratio {qps['onnxruntime'] / qps['pytorch']:.2f}x | identical top-{k} rankings {same}/{len(queries)} "
               f"(same {k} candidates {same_set}/{len(queries)}: a different set is the index's, a different "
               f"order of the same set is ITM's)", flush=True)
+        same_shared = sum(a[0] == b[0] for a, b in zip(results["pytorch shared"], ref))
+        print(f"        pytorch with the pipeline's re-rank (itm_one_text) {qps['pytorch shared']:7.2f} queries/s: "
+              f"onnxruntime {qps['onnxruntime'] / qps['pytorch shared']:.2f}x that; its rankings equal "
+              f"pytorch's {same_shared}/{len(queries)}", flush=True)
     text_feat = pipe.embed_texts(queries)
     exact = ExactIndex(np.asarray(gallery.feats))
     for name, index in (("exact (numpy)", exact), (gallery.index.kind, gallery.index)):

@@ -113,6 +113,10 @@ def _exercise(pipe, images: list, texts: list[str] | None, max_new_tokens: int) 
             if "llm_decoder" in pipe.runners:  # question-aware soft prompts
                 pipe.generate_ids(images[:pipe.max_batch], prompt=prompts[:pipe.max_batch],
                                   qformer_text=texts[:pipe.max_batch], max_new_tokens=2)
+        if "qformer_rerank" in pipe.runners:  # text -> image retrieval's re-rank
+            gallery = pipe.encode_gallery(images)
+            for text in dict.fromkeys(texts[:4]):
+                pipe.retrieve(text, gallery, k=len(images))
 
 
 def record_feeds(folder, images: list, texts: list[str] | None = None, max_new_tokens: int = 16) -> dict:

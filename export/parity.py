@@ -489,6 +489,8 @@ def qformer_reference(ck, limits, images: list, graphs) -> dict:
     if "qformer_itm" in graphs:
         want["itm_texts"] = [GATE_TEXTS[i % len(GATE_TEXTS)] for i in range(len(images))]
         want["itm"] = ref.itm(images, want["itm_texts"]).numpy()
+    if "qformer_rerank" in graphs:  # one text against every image, as retrieval re-ranks
+        want["rerank"] = {text: ref.itm(images, [text] * len(images)).numpy() for text in GATE_TEXTS[:2]}
     if "qformer_itg" in graphs:
         want["itg_new"] = min(16, limits.max_qformer_tokens - 1)
         want["itg"] = itg_greedy(ck.model, ck.model.encode_image(ref.pixel_values(images)), want["itg_new"])
@@ -510,12 +512,26 @@ def qformer_end_to_end(want: dict, pipe, required: EndToEnd) -> dict:
         err = float(np.abs(pipe.itm(images, want["itm_texts"]) - want["itm"]).max())
         report["itm"] = {"max_abs": err, "reference": "Blip2ForImageTextRetrieval (ITM)",
                          "passed": err <= required.prob_atol, "summary": f"match probability max abs err {err:.2g}"}
+    if "rerank" in want:
+        report["rerank"] = _rerank_case(want, pipe, required)
     if "itg" in want:
         got = _pipeline_tokens(pipe, images, None, want["itg"], required, "qformer", want["itg_new"])
         report["itg_caption"] = _result("Q-Former caption", token_agreement(got, want["itg"]), required,
                                         rows=len(images), max_new_tokens=want["itg_new"],
                                         reference="Blip2Edge.itg_logits, uncached greedy")
     return report
+
+
+def _rerank_case(want: dict, pipe, required: EndToEnd) -> dict:
+    """Text -> image retrieval over the images as a gallery (ITM re-rank of all of them, qformer_rerank):
+    each image's match probability against Hugging Face's ITM of that (image, text) pair."""
+    gallery, err = pipe.encode_gallery(want["images"]), 0.0
+    for text, ref in want["rerank"].items():
+        got = {m.index: m.itm for m in pipe.retrieve(text, gallery, k=len(gallery))}
+        err = max(err, float(np.abs(np.array([got[i] for i in range(len(ref))]) - ref).max()))
+    return {"max_abs": err, "reference": "Blip2ForImageTextRetrieval (ITM), one text against each image",
+            "passed": err <= required.prob_atol,
+            "summary": f"re-rank match probability max abs err {err:.2g} ({len(want['rerank'])} texts)"}
 
 
 def as_images(images: list) -> list[Image.Image]:

@@ -82,6 +82,19 @@ class QFormerItmWrapper(nn.Module):
         return itm_logits, query_output
 
 
+class QFormerRerankWrapper(nn.Module):
+    """Bi-directional mode, one text against many images (text -> image re-ranking): image_embeds [B,Np,Dv],
+    input_ids [1,T], attention_mask [1,T] -> itm_logits [B,2], qformer_itm's logits for the B pairs with the
+    work every image shares done once (train.model.Blip2Edge.itm_one_text)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image_embeds, input_ids, attention_mask):
+        return self.model.itm_one_text(image_embeds, input_ids, attention_mask)
+
+
 class QFormerItgWrapper(nn.Module):
     """Multimodal causal mode with a KV cache (Q-Former captioning): input_ids [B,T], attention_mask
     [B,P+T], position_ids [B,T], past_key_i / past_value_i [B,H,P,d] (P counts the queries, whose

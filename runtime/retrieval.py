@@ -162,12 +162,15 @@ def _softmax_match(logits: np.ndarray) -> np.ndarray:
 
 
 class QFormerText:
-    """ITC text features (unimodal graph), ITM and question-aware queries (bi-directional graph), retrieval."""
+    """ITC text features (unimodal graph), ITM and question-aware queries (bi-directional graph), retrieval.
+    Text -> image re-ranking goes through qformer_rerank (one text, many images: the work every image shares done
+    once) where the folder has it; folders built before it re-rank with qformer_itm, to the same probabilities."""
 
     def __init__(self, manifest, runners: dict, encoder):
         self.encoder, self.max_batch = encoder, manifest.limits.max_batch
         self.tokenizer = QFormerTokenizer.from_manifest(manifest)
         self.text, self.itm = runners.get("qformer_text"), runners.get("qformer_itm")
+        self.rerank = runners.get("qformer_rerank")
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """[T, D] unit vectors: the normalised [CLS] projection of each text."""
@@ -189,6 +192,15 @@ class QFormerText:
     def itm_probs(self, image_embeds: np.ndarray, texts: list[str]) -> np.ndarray:
         return _softmax_match(self.itm_outputs(image_embeds, texts)["itm_logits"])
 
+    def itm_probs_one_text(self, image_embeds: np.ndarray, text: str) -> np.ndarray:
+        """ITM probability of `text` against each image: itm_probs(image_embeds, [text] * N), faster."""
+        if self.rerank is None:
+            return self.itm_probs(image_embeds, [text] * len(image_embeds))
+        ids, mask = self.tokenizer.encode_texts([text])
+        logits = [self.rerank.run({"image_embeds": image_embeds[part], "input_ids": ids, "attention_mask": mask}
+                                  )["itm_logits"] for part in chunks(len(image_embeds), self.max_batch)]
+        return _softmax_match(np.concatenate(logits))
+
     def encode_gallery(self, images: list) -> ImageGallery:
         embeds = self.encoder.embed_images(images)
         return ImageGallery(self.encoder.queries(embeds, ["image_feats"])["image_feats"], embeds)
@@ -201,7 +213,7 @@ class QFormerText:
         text_feat = self.embed_texts([text])[0]
         with one_blas_thread():  # (the ITM step follows at once on ONNX Runtime's threads)
             top, itc = gallery.search(text_feat, k)
-        probs = (lambda idx: self.itm_probs(np.asarray(gallery.embeds[idx], dtype=np.float32), [text] * len(idx))
+        probs = (lambda idx: self.itm_probs_one_text(np.asarray(gallery.embeds[idx], dtype=np.float32), text)
                  ) if rerank else None
         return rank(top, itc, probs)
 

@@ -96,6 +96,12 @@ def test_model_matches_hf_retrieval_model(model):
     image_embeds = model.encode_image(pixels)
     itm = hf(pixel_values=pixels, input_ids=ids, attention_mask=mask, use_image_text_matching_head=True)
     assert torch.allclose(model.itm_forward(image_embeds, ids, mask)[0], itm.logits_per_image, atol=1e-5)
+    # one text against both images (retrieval's re-rank), the text right-padded as a batch would pad it
+    for row in (0, 1):
+        one = hf(pixel_values=pixels, input_ids=ids[row:row + 1].expand(2, -1),
+                 attention_mask=mask[row:row + 1].expand(2, -1), use_image_text_matching_head=True)
+        got = model.itm_one_text(image_embeds, ids[row:row + 1], mask[row:row + 1])
+        assert torch.allclose(got, one.logits_per_image, atol=1e-5)
     itc = hf(pixel_values=pixels, input_ids=ids, attention_mask=mask, use_image_text_matching_head=False)
     feats = model.image_feats(model.query_forward(image_embeds)[0])
     assert torch.allclose(feats, itc.image_embeds, atol=1e-6)
@@ -240,6 +246,29 @@ def test_gallery_is_encoded_once_and_reusable(stage1, tmp_path):
     assert [h.itc for h in itc_only] == sorted((h.itc for h in itc_only), reverse=True)
 
 
+def test_a_folder_without_the_rerank_graph_reranks_with_itm(stage1, tmp_path):
+    """Engine folders built before qformer_rerank existed: retrieval re-ranks through qformer_itm, and both graphs
+    give the same probabilities."""
+    import json
+    import shutil
+
+    _, engine, pipe = stage1
+    old = tmp_path / "old"
+    shutil.copytree(engine, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["graphs"]["qformer_rerank"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    (old / "qformer_rerank.onnx").unlink()
+    before = Blip2Pipeline.from_dir(old)
+    assert "qformer_rerank" not in before.runners and "qformer_rerank" in pipe.runners
+    images = probe_images(32, count=11, seed=3)  # more than the folder's max batch (8): two runs per re-rank
+    gallery = pipe.encode_gallery(images)
+    for text in TEXTS:
+        new, old_hits = pipe.retrieve(text, gallery, k=11), before.retrieve(text, gallery, k=11)
+        np.testing.assert_allclose(sorted((h.index, h.itm) for h in new), sorted((h.index, h.itm) for h in old_hits),
+                                   atol=1e-6)
+
+
 def test_a_retrieval_search_runs_blas_on_one_thread(stage1, monkeypatch):
     """During a retrieval query's ITC step (both ways) numpy's BLAS and FAISS's OpenMP run on the calling thread:
     their worker threads spin after a call, on the cores the ITM graph needs next. The index's own search, used
@@ -359,8 +388,8 @@ def test_hf_retrieval_folder_exports(tmp_path):
     tok.save_pretrained(folder)
     BlipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
     engine = build(folder, "onnx", tmp_path / "engines", say=lambda *_: None)
-    assert {p.name for p in engine.glob("*.onnx")} == {f"{g}.onnx" for g in
-                                                        ("vision", "qformer_query", "qformer_text", "qformer_itm")}
+    assert {p.name for p in engine.glob("*.onnx")} == {
+        f"{g}.onnx" for g in ("vision", "qformer_query", "qformer_text", "qformer_itm", "qformer_rerank")}
     pipe = Blip2Pipeline.from_dir(engine)
     images = probe_images(32, count=2, seed=6)
     enc = tok(["a red circle", "a red circle"], return_tensors="pt")
@@ -369,6 +398,8 @@ def test_hf_retrieval_folder_exports(tmp_path):
         ref = hf(pixel_values=pixels, input_ids=enc.input_ids, attention_mask=enc.attention_mask,
                  use_image_text_matching_head=True).logits_per_image.softmax(-1)[:, 1].numpy()
     np.testing.assert_allclose(pipe.itm(images, "a red circle"), ref, atol=1e-5)
+    hits = pipe.retrieve("a red circle", images, k=2)  # the re-rank graph: one text, both images
+    np.testing.assert_allclose([h.itm for h in sorted(hits, key=lambda h: h.index)], ref, atol=1e-5)
     with pytest.raises(EngineFolderError, match="qformer_itg"):
         pipe.caption(images, decoder="qformer")
 

@@ -121,15 +121,19 @@ def _attend(att, q, k, v, mask):
     return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)  # [B, Tq, D]
 
 
-def self_attention(block, x, mask, past=None):
-    """Self-attention + output (dense, residual, LayerNorm). past: (k, v) [B,H,P,d] prepended to the keys."""
+def self_attention(block, x, mask, past=None, rows=None):
+    """Self-attention + output (dense, residual, LayerNorm). past: (k, v) [B,H,P,d] prepended to the keys.
+    rows: compute the output of the first `rows` positions only (keys and values still come from all)."""
     att = block.attention
-    q = _split_heads(att.query(x), att.attention_head_size)
+    asking = x if rows is None else x[:, :rows]
+    q = _split_heads(att.query(asking), att.attention_head_size)
     k = _split_heads(att.key(x), att.attention_head_size)
     v = _split_heads(att.value(x), att.attention_head_size)
     if past is not None:
         k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
-    return block.output(_attend(att, q, k, v, mask), x), (k, v)
+    if rows is not None and mask is not None:
+        mask = mask[:, :, :rows]
+    return block.output(_attend(att, q, k, v, mask), asking), (k, v)
 
 
 def cross_attention(block, x, image_embeds):
@@ -141,10 +145,11 @@ def cross_attention(block, x, image_embeds):
     return block.output(_attend(att, q, k, v, None), x)
 
 
-def qformer_layer(layer, x, mask, image_embeds, num_queries: int, has_text: bool, past=None):
+def qformer_layer(layer, x, mask, image_embeds, num_queries: int, has_text: bool, past=None, rows=None):
     """One Q-Former layer over [queries; text]: queries go through cross-attention and the query FFN,
-    text through the text FFN. Returns the new hidden states and this layer's self-attention (k, v)."""
-    h, kv = self_attention(layer.attention, x, mask, past)
+    text through the text FFN. Returns the new hidden states and this layer's self-attention (k, v).
+    rows (with has_text=False): the queries' outputs only, though they still attend to the text."""
+    h, kv = self_attention(layer.attention, x, mask, past, rows)
     parts = []
     if num_queries:
         q = h[:, :num_queries]
@@ -244,6 +249,26 @@ class Blip2Edge(nn.Module):
         hidden, _ = self.qformer_forward(embeds, mask, image_embeds, self.num_queries, has_text=True)
         query_output = hidden[:, : self.num_queries]
         return self.itm_head(query_output).mean(1), query_output
+
+    def itm_one_text(self, image_embeds, input_ids, attention_mask):
+        """ITM of one text (input_ids, attention_mask [1, T]) against each of B images: itm_forward's logits
+        [B, 2] for the B pairs, with less work per image (text -> image re-ranking). The first layer's
+        self-attention sees no image, so it and the first layer's text rows are computed once, at batch 1; the
+        last layer computes only the query rows, the only ones ITM reads."""
+        batch, nq = image_embeds.shape[0], self.num_queries
+        first, *middle, last = self.qformer.encoder.layer  # (a Q-Former has two layers or more)
+        embeds = torch.cat([self.query_tokens, self.text_embeds(input_ids)], 1)  # [1, Nq+T, Dq]
+        mask = qformer_mask("bidirectional", attention_mask, nq, embeds.dtype)  # [1, 1, S, S]: every image
+        h, _ = self_attention(first.attention, self.qformer.dropout(self.qformer.layernorm(embeds)), mask)
+        queries = h[:, :nq]  # [1, Nq, Dq]; cross-attention broadcasts it (and its query projection) over the images
+        if first.has_cross_attention:
+            queries = cross_attention(first.crossattention, queries, image_embeds)
+        queries = first.feed_forward_chunk_query(queries).expand(batch, -1, -1)
+        x = torch.cat([queries, first.feed_forward_chunk(h[:, nq:]).expand(batch, -1, -1)], 1)
+        for layer in middle:
+            x, _ = qformer_layer(layer, x, mask, image_embeds, nq, has_text=True)
+        query_output, _ = qformer_layer(last, x, mask, image_embeds, nq, has_text=False, rows=nq)
+        return self.itm_head(query_output).mean(1)
 
     def itg_logits(self, image_embeds, input_ids, attention_mask):
         """Multimodal causal (ITG), whole sequence at once (training): -> logits [B, T, V] for the next token."""
