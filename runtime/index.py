@@ -24,6 +24,7 @@ image re-scored exactly (max over its Nq features) so that scores and order are 
   vector scoring at least the k-th best image's score belongs to one of the k best images (at most Nq each).
 """
 import importlib.util
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ PROBE_KS = (16, 32, 64, 128, 256)  # top-k sizes an IVF index is tuned for at bu
 MOST_LISTS = 4  # an IVF index that must probe more than 1/4 of its lists is slower than exact numpy search
 
 
-_controller = None  # threadpoolctl's view of the loaded thread pools (False: threadpoolctl is not installed)
+_controller = None  # (threadpoolctl's view of the loaded thread pools, FAISS loaded then); False: no threadpoolctl
 
 
 def one_blas_thread():
@@ -45,15 +46,19 @@ def one_blas_thread():
     installed; the `scale` extra has it). Their worker threads keep spinning for a while after each call: where
     ONNX Runtime runs next, as the ITM step after a retrieval query's search (`runtime.retrieval`), they take its
     cores (`bench/bench_retrieval.py`, 2 cores: a k = 16 query over 10,000 images took 133 ms before, 60 after).
-    The pools known are those loaded at the first call (~6 ms to scan)."""
+    The thread pools are scanned (~6 ms) at the first call and again once FAISS, imported only when a gallery
+    first needs it, has been loaded."""
     global _controller
-    if _controller is None:
+    if _controller is None and importlib.util.find_spec("threadpoolctl") is None:
         _controller = False
-        if importlib.util.find_spec("threadpoolctl") is not None:
-            from threadpoolctl import ThreadpoolController
+    if _controller is False:
+        return nullcontext()
+    faiss_loaded = "faiss" in sys.modules
+    if _controller is None or _controller[1] != faiss_loaded:
+        from threadpoolctl import ThreadpoolController
 
-            _controller = ThreadpoolController()
-    return _controller.limit(limits=1) if _controller else nullcontext()
+        _controller = (ThreadpoolController(), faiss_loaded)
+    return _controller[0].limit(limits=1)
 
 
 def similarity(image_feats: np.ndarray, text_feats: np.ndarray) -> np.ndarray:

@@ -1,5 +1,6 @@
 """Q-Former modes: mask semantics (in PyTorch and in the exported graphs), parity of every mode,
 ITM / ITC / retrieval / ITG captioning through the runtime, and their bad input."""
+import importlib.util
 import subprocess
 import sys
 import warnings
@@ -278,6 +279,11 @@ def test_a_retrieval_search_runs_blas_on_one_thread(stage1, monkeypatch):
 
     _, _, pipe = stage1
     np.ones((64, 64)) @ np.ones((64, 64))  # (BLAS loaded)
+    if importlib.util.find_spec("faiss") is not None:  # a scan made before FAISS (and its OpenMP) was loaded
+        import faiss  # noqa: F401
+
+        stale = threadpoolctl.ThreadpoolController().select(internal_api=["openblas", "mkl", "blis"])
+        monkeypatch.setattr(index_module, "_controller", (stale, False))
 
     def pools():
         return {p["filepath"]: p["num_threads"] for p in threadpoolctl.threadpool_info()}
