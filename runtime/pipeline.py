@@ -225,12 +225,13 @@ class Blip2Pipeline:
         """Probability that each image matches its text (pairs; one image or one text is broadcast): [N]."""
         self._need("qformer_itm", "ITM")
         images, texts = _as_list(images), check_texts(_as_list(texts), "texts")
-        if len(texts) == 1 and len(images) > 1:
-            texts = texts * len(images)
-        if len(images) not in (1, len(texts)):
+        one_text = len(texts) == 1 and len(images) > 1
+        if not one_text and len(images) not in (1, len(texts)):
             raise PromptError(f"got {len(images)} images but {len(texts)} texts; pass pairs of equal length, "
                               f"or one image (or one text) to compare against all")
         embeds = self.encoder.embed_images(images)
+        if one_text:  # (qformer_rerank where the folder has it)
+            return self.text.itm_probs_one_text(embeds, texts[0])
         return self.text.itm_probs(np.repeat(embeds, len(texts) // len(images), axis=0), texts)
 
     def retrieve(self, query, candidates, k: int = 16, rerank: bool = True) -> list[Match]:

@@ -163,8 +163,9 @@ def _softmax_match(logits: np.ndarray) -> np.ndarray:
 
 class QFormerText:
     """ITC text features (unimodal graph), ITM and question-aware queries (bi-directional graph), retrieval.
-    Text -> image re-ranking goes through qformer_rerank (one text, many images: the work every image shares done
-    once) where the folder has it; folders built before it re-rank with qformer_itm, to the same probabilities."""
+    Text -> image re-ranking, and ITM of one text against many images, go through qformer_rerank (the work every
+    image shares done once) where the folder has it; folders built before it use qformer_itm, to the same
+    probabilities."""
 
     def __init__(self, manifest, runners: dict, encoder):
         self.encoder, self.max_batch = encoder, manifest.limits.max_batch
