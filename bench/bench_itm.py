@@ -6,7 +6,9 @@ Runtime's `quantize_dynamic`, and PyTorch (`Blip2Edge.itm_forward`), with the sa
     python bench/bench_itm.py --batch 32 --threads 2
 
 Prints ms per batch, the ratio against PyTorch, the largest ITM-probability difference from PyTorch, and
-whether the candidates' order by probability is PyTorch's.
+whether the candidates' order by probability is PyTorch's. Then the same pairs with one text against the batch's
+images (`qformer_itm_one_text`, text -> image re-ranking) and one image against the batch's texts
+(`qformer_itm_one_image`), against `qformer_itm` and PyTorch on those pairs.
 """
 import argparse
 import sys
@@ -92,6 +94,40 @@ def main(argv=None):
                 same = np.array_equal(np.argsort(-got, kind="stable"), np.argsort(-ref, kind="stable"))
                 line += f"  max |probability - PyTorch's| {np.abs(got - ref).max():.2g}, same order: {same}"
             print(line)
+    shared_pairs(engine, model, feeds, args.threads, args.rounds)
+
+
+def shared_pairs(engine: Path, model, feeds: dict, threads: int, rounds: int) -> None:
+    """One text against the batch's images (qformer_itm_one_text) and one image against the batch's texts
+    (qformer_itm_one_image), each against qformer_itm and PyTorch's itm_forward on the same pairs."""
+    n = len(feeds["input_ids"])
+    pairs = {"qformer_itm_one_text": (feeds["image_embeds"], feeds["input_ids"][:1], feeds["attention_mask"][:1]),
+             "qformer_itm_one_image": (feeds["image_embeds"][:1], feeds["input_ids"], feeds["attention_mask"])}
+    itm = session(engine / "qformer_itm.onnx", threads)
+    for graph, (embeds, ids, mask) in pairs.items():
+        if not (engine / f"{graph}.onnx").exists():
+            print(f"{graph}: not in {engine} (built before it; remove the folder to rebuild)")
+            continue
+        shared = {"image_embeds": embeds, "input_ids": ids, "attention_mask": mask}
+        expanded = {name: np.repeat(a, n // len(a), 0) for name, a in shared.items()}
+        tensors = [torch.from_numpy(expanded[k]) for k in ("image_embeds", "input_ids", "attention_mask")]
+        one = session(engine / f"{graph}.onnx", threads)
+        sides = {graph: lambda: one.run(None, shared), "qformer_itm": lambda: itm.run(None, expanded),
+                 "pytorch fp32": lambda: model.itm_forward(*tensors)}
+        seconds = {}
+        with torch.no_grad():
+            for name, run in sides.items():  # each side in a block: spinning thread pools would slow the next side
+                run()
+                t0 = time.perf_counter()
+                for _ in range(rounds):
+                    run()
+                seconds[name] = time.perf_counter() - t0
+            ref = match_probability(model.itm_forward(*tensors)[0].numpy())
+        got = match_probability(one.run(["itm_logits"], shared)[0])
+        print(f"{graph} ({n} pairs): {seconds[graph] / rounds * 1000:.1f} ms, qformer_itm "
+              f"{seconds['qformer_itm'] / rounds * 1000:.1f} ms ({seconds['qformer_itm'] / seconds[graph]:.2f}x), "
+              f"pytorch {seconds['pytorch fp32'] / rounds * 1000:.1f} ms ({seconds['pytorch fp32'] / seconds[graph]:.2f}x); "
+              f"max |probability - PyTorch's| {np.abs(got - ref).max():.2g}")
 
 
 if __name__ == "__main__":

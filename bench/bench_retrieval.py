@@ -11,7 +11,7 @@ installed, exact numpy search without it; image embeddings float16, memory-mappe
 own ITC features from the same image embeddings (the image tower is not part of a query's cost, and running it
 twice over 10,000 images would only double the set-up). That cost is printed, not counted per query. A query then
 costs: the text's ITC feature (qformer_text), the ITC similarity against every gallery image (max over queries),
-the top k, and ITM on those k (the pipeline: qformer_rerank, one text against the k images; PyTorch:
+the top k, and ITM on those k (the pipeline: qformer_itm_one_text, one text against the k images; PyTorch:
 Blip2Edge.itm_forward on the k (image, text) pairs, as Hugging Face computes ITM; both in chunks of the engine's
 max batch, reading the same stored embeddings). The pipeline's ITC step goes through the gallery's index; PyTorch's
 is exact, so identical rankings also show that the index found the exact top k. The image tower never runs per
@@ -127,8 +127,8 @@ def main(argv=None):
     torch_encode = time.perf_counter() - t0
     del images
     print(f"model {ck_dir}, gallery {args.gallery} images, {len(queries)} queries")
-    print("the pipeline re-ranks with " + ("qformer_rerank" if "qformer_rerank" in pipe.runners else
-                                          f"qformer_itm ({engine} was built before qformer_rerank: remove it to rebuild)"))
+    print("the pipeline re-ranks with " + ("qformer_itm_one_text" if "qformer_itm_one_text" in pipe.runners else
+                                          f"qformer_itm ({engine} was built before qformer_itm_one_text: remove it to rebuild)"))
     print(f"gallery encoding (once): onnxruntime vision + Q-Former {ort_encode:.1f}s; pytorch Q-Former on the same "
           f"image embeddings {torch_encode:.1f}s; ITC features max abs diff "
           f"{float(np.abs(encoded.feats - reference.feats.numpy()).max()):.2g}")

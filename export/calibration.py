@@ -113,10 +113,13 @@ def _exercise(pipe, images: list, texts: list[str] | None, max_new_tokens: int) 
             if "llm_decoder" in pipe.runners:  # question-aware soft prompts
                 pipe.generate_ids(images[:pipe.max_batch], prompt=prompts[:pipe.max_batch],
                                   qformer_text=texts[:pipe.max_batch], max_new_tokens=2)
-        if "qformer_rerank" in pipe.runners:  # text -> image retrieval's re-rank
+        if "qformer_itm_one_text" in pipe.runners:  # text -> image retrieval's re-rank
             gallery = pipe.encode_gallery(images)
             for text in dict.fromkeys(texts[:4]):
                 pipe.retrieve(text, gallery, k=len(images))
+        if "qformer_itm_one_image" in pipe.runners:  # image -> text
+            for image in images[:4]:
+                pipe.itm(image, list(dict.fromkeys(texts)) * 2)
 
 
 def record_feeds(folder, images: list, texts: list[str] | None = None, max_new_tokens: int = 16) -> dict:

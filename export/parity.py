@@ -489,8 +489,10 @@ def qformer_reference(ck, limits, images: list, graphs) -> dict:
     if "qformer_itm" in graphs:
         want["itm_texts"] = [GATE_TEXTS[i % len(GATE_TEXTS)] for i in range(len(images))]
         want["itm"] = ref.itm(images, want["itm_texts"]).numpy()
-    if "qformer_rerank" in graphs:  # one text against every image, as retrieval re-ranks
-        want["rerank"] = {text: ref.itm(images, [text] * len(images)).numpy() for text in GATE_TEXTS[:2]}
+    if "qformer_itm_one_text" in graphs:  # one text against every image, as text -> image retrieval re-ranks
+        want["one_text"] = {text: ref.itm(images, [text] * len(images)).numpy() for text in GATE_TEXTS[:2]}
+    if "qformer_itm_one_image" in graphs:  # one image against every text (image -> text)
+        want["one_image"] = {i: ref.itm([images[i]] * len(GATE_TEXTS), GATE_TEXTS).numpy() for i in range(2)}
     if "qformer_itg" in graphs:
         want["itg_new"] = min(16, limits.max_qformer_tokens - 1)
         want["itg"] = itg_greedy(ck.model, ck.model.encode_image(ref.pixel_values(images)), want["itg_new"])
@@ -512,7 +514,7 @@ def qformer_end_to_end(want: dict, pipe, required: EndToEnd) -> dict:
         err = float(np.abs(pipe.itm(images, want["itm_texts"]) - want["itm"]).max())
         report["itm"] = {"max_abs": err, "reference": "Blip2ForImageTextRetrieval (ITM)",
                          "passed": err <= required.prob_atol, "summary": f"match probability max abs err {err:.2g}"}
-    if "rerank" in want:
+    if "one_text" in want or "one_image" in want:
         report["rerank"] = _rerank_case(want, pipe, required)
     if "itg" in want:
         got = _pipeline_tokens(pipe, images, None, want["itg"], required, "qformer", want["itg_new"])
@@ -523,15 +525,25 @@ def qformer_end_to_end(want: dict, pipe, required: EndToEnd) -> dict:
 
 
 def _rerank_case(want: dict, pipe, required: EndToEnd) -> dict:
-    """Text -> image retrieval over the images as a gallery (ITM re-rank of all of them, qformer_rerank):
-    each image's match probability against Hugging Face's ITM of that (image, text) pair."""
-    gallery, err = pipe.encode_gallery(want["images"]), 0.0
-    for text, ref in want["rerank"].items():
-        got = {m.index: m.itm for m in pipe.retrieve(text, gallery, k=len(gallery))}
-        err = max(err, float(np.abs(np.array([got[i] for i in range(len(ref))]) - ref).max()))
-    return {"max_abs": err, "reference": "Blip2ForImageTextRetrieval (ITM), one text against each image",
-            "passed": err <= required.prob_atol,
-            "summary": f"re-rank match probability max abs err {err:.2g} ({len(want['rerank'])} texts)"}
+    """Two-step retrieval's re-rank over every candidate, both ways (qformer_itm_one_text: a text against the
+    images as a gallery; qformer_itm_one_image: an image against the gate texts): each candidate's match probability
+    against Hugging Face's ITM of that (image, text) pair."""
+    images, err, parts = want["images"], 0.0, []
+
+    def worst(hits, ref) -> float:
+        got = {m.index: m.itm for m in hits}
+        return float(np.abs(np.array([got[i] for i in range(len(ref))]) - ref).max())
+
+    if "one_text" in want:
+        gallery = pipe.encode_gallery(images)
+        err = max(worst(pipe.retrieve(text, gallery, k=len(gallery)), ref) for text, ref in want["one_text"].items())
+        parts.append(f"{len(want['one_text'])} texts x {len(images)} images")
+    if "one_image" in want:
+        err = max([err] + [worst(pipe.retrieve(images[i], GATE_TEXTS, k=len(GATE_TEXTS)), ref)
+                           for i, ref in want["one_image"].items()])
+        parts.append(f"{len(want['one_image'])} images x {len(GATE_TEXTS)} texts")
+    return {"max_abs": err, "reference": "Blip2ForImageTextRetrieval (ITM), pair by pair",
+            "passed": err <= required.prob_atol, "summary": f"re-rank match probability max abs err {err:.2g} ({', '.join(parts)})"}
 
 
 def as_images(images: list) -> list[Image.Image]:

@@ -3,7 +3,8 @@ limits that bound their dynamic axes.
 
     >>> from export.specs import graph_specs
     >>> [s.name for s in graph_specs(model)]          # model: train.model.Blip2Edge with OPT
-    ['vision', 'qformer_query', 'qformer_text', 'qformer_itm', 'qformer_rerank', 'qformer_itg', 'llm_decoder']
+    ['vision', 'qformer_query', 'qformer_text', 'qformer_itm', 'qformer_itm_one_text', 'qformer_itm_one_image',
+     'qformer_itg', 'llm_decoder']
 
 A graph is exported when the weights it needs exist (`@needs`): a stage-1 checkpoint has no LLM graphs, a
 plain HF stage-2 one no Q-Former text graphs. The LLM's graphs depend on its family (export/llm_specs.py):
@@ -17,8 +18,8 @@ import numpy as np
 from export.graph_spec import AxisRange, GraphSpec, TensorSpec, needs
 from export.llm_specs import llm_specs
 from export.wrappers import (
-    QFormerItgWrapper, QFormerItmWrapper, QFormerQueryWrapper, QFormerRerankWrapper, QFormerTextWrapper, VisionWrapper,
-    query_outputs,
+    QFormerItgWrapper, QFormerItmOneImageWrapper, QFormerItmOneTextWrapper, QFormerItmWrapper, QFormerQueryWrapper,
+    QFormerTextWrapper, VisionWrapper, query_outputs,
 )
 from runtime.manifest import Limits, kv_names
 from train.families import family
@@ -183,7 +184,7 @@ def qformer_itm_spec(model, limits: Limits) -> GraphSpec:
 
 
 @needs("embeddings", "itm_head")
-def qformer_rerank_spec(model, limits: Limits) -> list[GraphSpec]:
+def qformer_itm_one_text_spec(model, limits: Limits) -> list[GraphSpec]:
     """ITM of one text against a batch of images (text -> image retrieval); a one-layer Q-Former has no work
     to share and uses qformer_itm."""
     cfg = model.config
@@ -195,8 +196,8 @@ def qformer_rerank_spec(model, limits: Limits) -> list[GraphSpec]:
         return {"image_embeds": _random_image_embeds(cfg, sizes["batch"], rng), "input_ids": ids, "attention_mask": mask}
 
     return [GraphSpec(
-        name="qformer_rerank",
-        build=QFormerRerankWrapper,
+        name="qformer_itm_one_text",
+        build=QFormerItmOneTextWrapper,
         inputs=[_image_embeds(cfg), TensorSpec("input_ids", "int64", (1, "text")),
                 TensorSpec("attention_mask", "int64", (1, "text"))],
         outputs=[TensorSpec("itm_logits", "float32", ("batch", 2))],
@@ -205,6 +206,30 @@ def qformer_rerank_spec(model, limits: Limits) -> list[GraphSpec]:
         export_sizes={"batch": 2, "text": 7},
         check_sizes=[{"batch": 1, "text": 4}, {"batch": 3, "text": 11}],
     )]
+
+
+@needs("embeddings", "itm_head")
+def qformer_itm_one_image_spec(model, limits: Limits) -> GraphSpec:
+    """ITM of one image against a batch of texts (image -> text retrieval, zero-shot labels)."""
+    cfg = model.config
+
+    def make_inputs(sizes, rng):
+        ids, mask = _random_text(model, sizes["batch"], sizes["text"], rng, model.edge.cls_token_id)
+        return {"image_embeds": _random_image_embeds(cfg, 1, rng), "input_ids": ids, "attention_mask": mask}
+
+    image = _image_embeds(cfg)
+    return GraphSpec(
+        name="qformer_itm_one_image",
+        build=QFormerItmOneImageWrapper,
+        inputs=[TensorSpec(image.name, image.dtype, (1, *image.shape[1:])),
+                TensorSpec("input_ids", "int64", ("batch", "text")),
+                TensorSpec("attention_mask", "int64", ("batch", "text"))],
+        outputs=[TensorSpec("itm_logits", "float32", ("batch", 2))],
+        make_inputs=make_inputs,
+        profiles=[{"batch": AxisRange(1, 1, limits.max_batch), "text": AxisRange(2, 12, limits.max_qformer_tokens)}],
+        export_sizes={"batch": 2, "text": 7},
+        check_sizes=[{"batch": 1, "text": 4}, {"batch": 3, "text": 11}],
+    )
 
 
 @needs("itg_head")
@@ -249,8 +274,8 @@ def qformer_itg_spec(model, limits: Limits) -> GraphSpec:
     )
 
 
-SPEC_BUILDERS = [vision_spec, qformer_query_spec, qformer_text_spec, qformer_itm_spec, qformer_rerank_spec, qformer_itg_spec,
-                 llm_specs]
+SPEC_BUILDERS = [vision_spec, qformer_query_spec, qformer_text_spec, qformer_itm_spec, qformer_itm_one_text_spec,
+                 qformer_itm_one_image_spec, qformer_itg_spec, llm_specs]
 
 
 def graph_specs(model, limits: Limits | None = None) -> list[GraphSpec]:

@@ -230,9 +230,11 @@ class Blip2Pipeline:
             raise PromptError(f"got {len(images)} images but {len(texts)} texts; pass pairs of equal length, "
                               f"or one image (or one text) to compare against all")
         embeds = self.encoder.embed_images(images)
-        if one_text:  # (qformer_rerank where the folder has it)
+        if one_text:  # (qformer_itm_one_text / _one_image where the folder has them)
             return self.text.itm_probs_one_text(embeds, texts[0])
-        return self.text.itm_probs(np.repeat(embeds, len(texts) // len(images), axis=0), texts)
+        if len(images) == 1 and len(texts) > 1:
+            return self.text.itm_probs_one_image(embeds, texts)
+        return self.text.itm_probs(embeds, texts)
 
     def retrieve(self, query, candidates, k: int = 16, rerank: bool = True) -> list[Match]:
         """Two-step retrieval, best match first: ITC similarity against every candidate, then the top k

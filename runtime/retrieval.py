@@ -163,15 +163,15 @@ def _softmax_match(logits: np.ndarray) -> np.ndarray:
 
 class QFormerText:
     """ITC text features (unimodal graph), ITM and question-aware queries (bi-directional graph), retrieval.
-    Text -> image re-ranking, and ITM of one text against many images, go through qformer_rerank (the work every
-    image shares done once) where the folder has it; folders built before it use qformer_itm, to the same
-    probabilities."""
+    ITM of one text against many images (text -> image re-ranking) and of one image against many texts (image ->
+    text) go through qformer_itm_one_text / qformer_itm_one_image, the work every pair shares done once, where the
+    folder has them; folders built before them use qformer_itm, to the same probabilities."""
 
     def __init__(self, manifest, runners: dict, encoder):
         self.encoder, self.max_batch = encoder, manifest.limits.max_batch
         self.tokenizer = QFormerTokenizer.from_manifest(manifest)
         self.text, self.itm = runners.get("qformer_text"), runners.get("qformer_itm")
-        self.rerank = runners.get("qformer_rerank")
+        self.one_text, self.one_image = runners.get("qformer_itm_one_text"), runners.get("qformer_itm_one_image")
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """[T, D] unit vectors: the normalised [CLS] projection of each text."""
@@ -195,11 +195,22 @@ class QFormerText:
 
     def itm_probs_one_text(self, image_embeds: np.ndarray, text: str) -> np.ndarray:
         """ITM probability of `text` against each image: itm_probs(image_embeds, [text] * N), faster."""
-        if self.rerank is None:
+        if self.one_text is None:
             return self.itm_probs(image_embeds, [text] * len(image_embeds))
         ids, mask = self.tokenizer.encode_texts([text])
-        logits = [self.rerank.run({"image_embeds": image_embeds[part], "input_ids": ids, "attention_mask": mask}
-                                  )["itm_logits"] for part in chunks(len(image_embeds), self.max_batch)]
+        logits = [self.one_text.run({"image_embeds": image_embeds[part], "input_ids": ids, "attention_mask": mask}
+                                    )["itm_logits"] for part in chunks(len(image_embeds), self.max_batch)]
+        return _softmax_match(np.concatenate(logits))
+
+    def itm_probs_one_image(self, image_embeds: np.ndarray, texts: list[str]) -> np.ndarray:
+        """ITM probability of one image (image_embeds [1, Np, Dv]) against each text, faster than itm_probs."""
+        if self.one_image is None:
+            return self.itm_probs(np.repeat(image_embeds, len(texts), 0), texts)
+        logits = []
+        for part in chunks(len(texts), self.max_batch):
+            ids, mask = self.tokenizer.encode_texts(texts[part])
+            logits.append(self.one_image.run({"image_embeds": image_embeds, "input_ids": ids,
+                                              "attention_mask": mask})["itm_logits"])
         return _softmax_match(np.concatenate(logits))
 
     def encode_gallery(self, images: list) -> ImageGallery:
@@ -224,6 +235,6 @@ class QFormerText:
         with one_blas_thread():  # (as in search_images)
             itc = similarity(query.feats, texts.feats)[0]
         top = top_k(itc, k)
-        probs = (lambda idx: self.itm_probs(np.repeat(query.embeds, len(idx), 0), [texts.texts[i] for i in idx])
+        probs = (lambda idx: self.itm_probs_one_image(query.embeds, [texts.texts[i] for i in idx])
                  ) if rerank else None
         return rank(top, itc[top], probs)

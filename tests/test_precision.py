@@ -26,8 +26,8 @@ from runtime.runners import make_runner
 from train.checkpoint import load_checkpoint
 
 VARIANT = "stage2text"
-ALL_GRAPHS = {"vision", "qformer_query", "qformer_text", "qformer_itm", "qformer_rerank", "qformer_itg",
-              "llm_decoder"}
+ALL_GRAPHS = {"vision", "qformer_query", "qformer_text", "qformer_itm", "qformer_itm_one_text", "qformer_itm_one_image",
+              "qformer_itg", "llm_decoder"}
 
 
 @pytest.fixture(scope="module", params=["onnx-fp16", "onnx-int8", "onnx-int4"])

@@ -103,6 +103,12 @@ def test_model_matches_hf_retrieval_model(model):
                  attention_mask=mask[row:row + 1].expand(2, -1), use_image_text_matching_head=True)
         got = model.itm_one_text(image_embeds, ids[row:row + 1], mask[row:row + 1])
         assert torch.allclose(got, one.logits_per_image, atol=1e-5)
+    # one image against both texts (image -> text), one of them padded
+    for image in (0, 1):
+        one = hf(pixel_values=pixels[image:image + 1].expand(2, -1, -1, -1), input_ids=ids, attention_mask=mask,
+                 use_image_text_matching_head=True)
+        got = model.itm_one_image(image_embeds[image:image + 1], ids, mask)
+        assert torch.allclose(got, one.logits_per_image, atol=1e-5)
     itc = hf(pixel_values=pixels, input_ids=ids, attention_mask=mask, use_image_text_matching_head=False)
     feats = model.image_feats(model.query_forward(image_embeds)[0])
     assert torch.allclose(feats, itc.image_embeds, atol=1e-6)
@@ -247,9 +253,9 @@ def test_gallery_is_encoded_once_and_reusable(stage1, tmp_path):
     assert [h.itc for h in itc_only] == sorted((h.itc for h in itc_only), reverse=True)
 
 
-def test_a_folder_without_the_rerank_graph_reranks_with_itm(stage1, tmp_path):
-    """Engine folders built before qformer_rerank existed: retrieval re-ranks through qformer_itm, and both graphs
-    give the same probabilities."""
+def test_a_folder_without_the_one_text_or_one_image_graphs_reranks_with_itm(stage1, tmp_path):
+    """Engine folders built before qformer_itm_one_text / _one_image existed: ITM of one text against many images
+    and of one image against many texts go through qformer_itm, and give the same probabilities."""
     import json
     import shutil
 
@@ -257,17 +263,28 @@ def test_a_folder_without_the_rerank_graph_reranks_with_itm(stage1, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(engine, old)
     manifest = json.loads((old / "manifest.json").read_text())
-    del manifest["graphs"]["qformer_rerank"]
+    for graph in ("qformer_itm_one_text", "qformer_itm_one_image"):
+        del manifest["graphs"][graph]
+        (old / f"{graph}.onnx").unlink()
     (old / "manifest.json").write_text(json.dumps(manifest))
-    (old / "qformer_rerank.onnx").unlink()
     before = Blip2Pipeline.from_dir(old)
-    assert "qformer_rerank" not in before.runners and "qformer_rerank" in pipe.runners
+    assert {"qformer_itm_one_text", "qformer_itm_one_image"} & set(before.runners) == set()
+    assert {"qformer_itm_one_text", "qformer_itm_one_image"} <= set(pipe.runners)
     images = probe_images(32, count=11, seed=3)  # more than the folder's max batch (8): two runs per re-rank
+    texts = [f"{t} {i}" for i in range(3) for t in TEXTS[:3]] + ["a photo", "red"]  # 11 texts, padded rows
     gallery = pipe.encode_gallery(images)
+
+    def by_index(hits):
+        return sorted((h.index, h.itm) for h in hits)
+
     for text in TEXTS:
-        new, old_hits = pipe.retrieve(text, gallery, k=11), before.retrieve(text, gallery, k=11)
-        np.testing.assert_allclose(sorted((h.index, h.itm) for h in new), sorted((h.index, h.itm) for h in old_hits),
-                                   atol=1e-6)
+        np.testing.assert_allclose(by_index(pipe.retrieve(text, gallery, k=11)),
+                                   by_index(before.retrieve(text, gallery, k=11)), atol=1e-6)
+    for image in images[:2]:
+        np.testing.assert_allclose(by_index(pipe.retrieve(image, texts, k=11)),
+                                   by_index(before.retrieve(image, texts, k=11)), atol=1e-6)
+        np.testing.assert_allclose(pipe.itm(image, texts), before.itm(image, texts), atol=1e-6)
+    np.testing.assert_allclose(pipe.itm(images, "a red circle"), before.itm(images, "a red circle"), atol=1e-6)
 
 
 def test_a_retrieval_search_runs_blas_on_one_thread(stage1, monkeypatch):
@@ -395,7 +412,8 @@ def test_hf_retrieval_folder_exports(tmp_path):
     BlipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
     engine = build(folder, "onnx", tmp_path / "engines", say=lambda *_: None)
     assert {p.name for p in engine.glob("*.onnx")} == {
-        f"{g}.onnx" for g in ("vision", "qformer_query", "qformer_text", "qformer_itm", "qformer_rerank")}
+        f"{g}.onnx" for g in ("vision", "qformer_query", "qformer_text", "qformer_itm", "qformer_itm_one_text",
+                              "qformer_itm_one_image")}
     pipe = Blip2Pipeline.from_dir(engine)
     images = probe_images(32, count=2, seed=6)
     enc = tok(["a red circle", "a red circle"], return_tensors="pt")
@@ -404,7 +422,15 @@ def test_hf_retrieval_folder_exports(tmp_path):
         ref = hf(pixel_values=pixels, input_ids=enc.input_ids, attention_mask=enc.attention_mask,
                  use_image_text_matching_head=True).logits_per_image.softmax(-1)[:, 1].numpy()
     np.testing.assert_allclose(pipe.itm(images, "a red circle"), ref, atol=1e-5)
-    hits = pipe.retrieve("a red circle", images, k=2)  # the re-rank graph: one text, both images
+    hits = pipe.retrieve("a red circle", images, k=2)  # qformer_itm_one_text: one text, both images
+    np.testing.assert_allclose([h.itm for h in sorted(hits, key=lambda h: h.index)], ref, atol=1e-5)
+    texts = ["a red circle", "a blue square on the left"]  # qformer_itm_one_image: one image, both texts (one padded)
+    enc = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = hf(pixel_values=pixels[:1].expand(2, -1, -1, -1), input_ids=enc.input_ids,
+                 attention_mask=enc.attention_mask, use_image_text_matching_head=True
+                 ).logits_per_image.softmax(-1)[:, 1].numpy()
+    hits = pipe.retrieve(images[0], texts, k=2)
     np.testing.assert_allclose([h.itm for h in sorted(hits, key=lambda h: h.index)], ref, atol=1e-5)
     with pytest.raises(EngineFolderError, match="qformer_itg"):
         pipe.caption(images, decoder="qformer")

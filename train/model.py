@@ -256,7 +256,7 @@ class Blip2Edge(nn.Module):
         self-attention sees no image, so it and the first layer's text rows are computed once, at batch 1; the
         last layer computes only the query rows, the only ones ITM reads."""
         batch, nq = image_embeds.shape[0], self.num_queries
-        first, *middle, last = self.qformer.encoder.layer  # (a Q-Former has two layers or more)
+        first, *rest = self.qformer.encoder.layer  # (a Q-Former has two layers or more)
         embeds = torch.cat([self.query_tokens, self.text_embeds(input_ids)], 1)  # [1, Nq+T, Dq]
         mask = qformer_mask("bidirectional", attention_mask, nq, embeds.dtype)  # [1, 1, S, S]: every image
         h, _ = self_attention(first.attention, self.qformer.dropout(self.qformer.layernorm(embeds)), mask)
@@ -265,6 +265,24 @@ class Blip2Edge(nn.Module):
             queries = cross_attention(first.crossattention, queries, image_embeds)
         queries = first.feed_forward_chunk_query(queries).expand(batch, -1, -1)
         x = torch.cat([queries, first.feed_forward_chunk(h[:, nq:]).expand(batch, -1, -1)], 1)
+        return self._itm_layers(rest, x, mask, image_embeds)
+
+    def itm_one_image(self, image_embeds, input_ids, attention_mask):
+        """ITM of one image (image_embeds [1, Np, Dv]) against each of B texts (input_ids, attention_mask
+        [B, T]): itm_forward's logits [B, 2] for the B pairs, with less work per text (image -> text
+        re-ranking): the image's cross-attention keys and values are computed once, at batch 1; the last layer
+        computes only the query rows."""
+        queries = self.query_tokens.expand(input_ids.shape[0], -1, -1)
+        embeds = torch.cat([queries, self.text_embeds(input_ids)], 1)  # [B, Nq+T, Dq]
+        mask = qformer_mask("bidirectional", attention_mask, self.num_queries, embeds.dtype)
+        x = self.qformer.dropout(self.qformer.layernorm(embeds))
+        return self._itm_layers(self.qformer.encoder.layer, x, mask, image_embeds)
+
+    def _itm_layers(self, layers, x, mask, image_embeds):
+        """The bi-directional pass through `layers` from hidden states x [B, Nq+T, Dq] -> itm_logits [B, 2]; the
+        last layer computes only the query rows (image_embeds may have batch 1: broadcast over the rows)."""
+        *middle, last = layers
+        nq = self.num_queries
         for layer in middle:
             x, _ = qformer_layer(layer, x, mask, image_embeds, nq, has_text=True)
         query_output, _ = qformer_layer(last, x, mask, image_embeds, nq, has_text=False, rows=nq)
