@@ -183,53 +183,44 @@ def qformer_itm_spec(model, limits: Limits) -> GraphSpec:
     )
 
 
-@needs("embeddings", "itm_head")
-def qformer_itm_one_text_spec(model, limits: Limits) -> list[GraphSpec]:
-    """ITM of one text against a batch of images (text -> image retrieval); a one-layer Q-Former has no work
-    to share and uses qformer_itm."""
+def _itm_one_against_many(model, limits: Limits, one: str, build) -> GraphSpec:
+    """ITM of one text (`one`="text") or one image against a batch of the other side: that side's axis is fixed
+    at 1, the other's is `batch`."""
     cfg = model.config
-    if cfg.qformer_config.num_hidden_layers < 2:
-        return []
+    image, texts = (("batch", 1) if one == "text" else (1, "batch"))
 
     def make_inputs(sizes, rng):
-        ids, mask = _random_text(model, 1, sizes["text"], rng, model.edge.cls_token_id)
-        return {"image_embeds": _random_image_embeds(cfg, sizes["batch"], rng), "input_ids": ids, "attention_mask": mask}
+        count = {1: 1, "batch": sizes["batch"]}
+        ids, mask = _random_text(model, count[texts], sizes["text"], rng, model.edge.cls_token_id)
+        embeds = _random_image_embeds(cfg, count[image], rng)
+        return {"image_embeds": embeds, "input_ids": ids, "attention_mask": mask}
 
-    return [GraphSpec(
-        name="qformer_itm_one_text",
-        build=QFormerItmOneTextWrapper,
-        inputs=[_image_embeds(cfg), TensorSpec("input_ids", "int64", (1, "text")),
-                TensorSpec("attention_mask", "int64", (1, "text"))],
-        outputs=[TensorSpec("itm_logits", "float32", ("batch", 2))],
-        make_inputs=make_inputs,
-        profiles=[{"batch": AxisRange(1, 1, limits.max_batch), "text": AxisRange(2, 12, limits.max_qformer_tokens)}],
-        export_sizes={"batch": 2, "text": 7},
-        check_sizes=[{"batch": 1, "text": 4}, {"batch": 3, "text": 11}],
-    )]
-
-
-@needs("embeddings", "itm_head")
-def qformer_itm_one_image_spec(model, limits: Limits) -> GraphSpec:
-    """ITM of one image against a batch of texts (image -> text retrieval, zero-shot labels)."""
-    cfg = model.config
-
-    def make_inputs(sizes, rng):
-        ids, mask = _random_text(model, sizes["batch"], sizes["text"], rng, model.edge.cls_token_id)
-        return {"image_embeds": _random_image_embeds(cfg, 1, rng), "input_ids": ids, "attention_mask": mask}
-
-    image = _image_embeds(cfg)
     return GraphSpec(
-        name="qformer_itm_one_image",
-        build=QFormerItmOneImageWrapper,
-        inputs=[TensorSpec(image.name, image.dtype, (1, *image.shape[1:])),
-                TensorSpec("input_ids", "int64", ("batch", "text")),
-                TensorSpec("attention_mask", "int64", ("batch", "text"))],
+        name=f"qformer_itm_one_{one}",
+        build=build,
+        inputs=[TensorSpec("image_embeds", "float32", (image, *_image_embeds(cfg).shape[1:])),
+                TensorSpec("input_ids", "int64", (texts, "text")), TensorSpec("attention_mask", "int64", (texts, "text"))],
         outputs=[TensorSpec("itm_logits", "float32", ("batch", 2))],
         make_inputs=make_inputs,
         profiles=[{"batch": AxisRange(1, 1, limits.max_batch), "text": AxisRange(2, 12, limits.max_qformer_tokens)}],
         export_sizes={"batch": 2, "text": 7},
         check_sizes=[{"batch": 1, "text": 4}, {"batch": 3, "text": 11}],
     )
+
+
+@needs("embeddings", "itm_head")
+def qformer_itm_one_text_spec(model, limits: Limits) -> list[GraphSpec]:
+    """ITM of one text against a batch of images (text -> image retrieval); a one-layer Q-Former has no work
+    to share and uses qformer_itm."""
+    if model.config.qformer_config.num_hidden_layers < 2:
+        return []
+    return [_itm_one_against_many(model, limits, "text", QFormerItmOneTextWrapper)]
+
+
+@needs("embeddings", "itm_head")
+def qformer_itm_one_image_spec(model, limits: Limits) -> GraphSpec:
+    """ITM of one image against a batch of texts (image -> text retrieval, zero-shot labels)."""
+    return _itm_one_against_many(model, limits, "image", QFormerItmOneImageWrapper)
 
 
 @needs("itg_head")
