@@ -1,6 +1,7 @@
 """The ITM re-rank step alone (a query's ~90% in bench_retrieval.py): one batch of candidates through the
 engine's `qformer_itm` graph in ONNX Runtime fp32, the same graph dynamically quantized to int8 by ONNX
-Runtime's `quantize_dynamic`, and PyTorch (`Blip2Edge.itm_forward`), with the same thread count.
+Runtime's `quantize_dynamic`, and PyTorch (`Blip2Edge.itm_forward`), with the same thread count, each side's
+rounds back to back.
 
     python bench/bench_itm.py                     # the small preset's stage-1 engine of bench_retrieval.py
     python bench/bench_itm.py --batch 32 --threads 2
@@ -41,6 +42,20 @@ def match_probability(logits: np.ndarray) -> np.ndarray:
     return e[:, 1] / e.sum(1)
 
 
+@torch.no_grad()
+def timed_blocks(sides: dict, rounds: int) -> dict[str, float]:
+    """{name: seconds of `rounds` calls}, each side's calls back to back after one warm-up call: interleaving the
+    sides would let one side's thread pools, which keep spinning after a call, slow the next side."""
+    seconds = {}
+    for name, run in sides.items():
+        run()
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            run()
+        seconds[name] = time.perf_counter() - t0
+    return seconds
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small")
@@ -73,18 +88,9 @@ def main(argv=None):
                 "onnxruntime dynamic int8": session(int8, args.threads)}
         with torch.no_grad():
             ref = match_probability(model.itm_forward(*torch_feeds)[0].numpy())
-        seconds = dict.fromkeys([*runs, "pytorch fp32"], 0.0)
-        for _ in range(args.rounds + 1):  # the first round warms up and is not counted
-            for name, s in runs.items():
-                t0 = time.perf_counter()
-                s.run(None, feeds)
-                seconds[name] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                model.itm_forward(*torch_feeds)
-            seconds["pytorch fp32"] += time.perf_counter() - t0
-            if _ == 0:
-                seconds = dict.fromkeys(seconds, 0.0)
+        sides = {name: (lambda s=s: s.run(None, feeds)) for name, s in runs.items()}
+        sides["pytorch fp32"] = lambda: model.itm_forward(*torch_feeds)
+        seconds = timed_blocks(sides, args.rounds)
         print(f"ITM, {args.batch} candidates x {args.text_tokens} text tokens, {args.threads} thread(s), "
               f"{args.rounds} rounds; PyTorch's probabilities spread over {np.ptp(ref):.2g}")
         for name, total in seconds.items():
@@ -114,14 +120,8 @@ def shared_pairs(engine: Path, model, feeds: dict, threads: int, rounds: int) ->
         one = session(engine / f"{graph}.onnx", threads)
         sides = {graph: lambda: one.run(None, shared), "qformer_itm": lambda: itm.run(None, expanded),
                  "pytorch fp32": lambda: model.itm_forward(*tensors)}
-        seconds = {}
+        seconds = timed_blocks(sides, rounds)
         with torch.no_grad():
-            for name, run in sides.items():  # each side in a block: spinning thread pools would slow the next side
-                run()
-                t0 = time.perf_counter()
-                for _ in range(rounds):
-                    run()
-                seconds[name] = time.perf_counter() - t0
             ref = match_probability(model.itm_forward(*tensors)[0].numpy())
         got = match_probability(one.run(["itm_logits"], shared)[0])
         print(f"{graph} ({n} pairs): {seconds[graph] / rounds * 1000:.1f} ms, qformer_itm "
