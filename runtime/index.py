@@ -182,11 +182,13 @@ class FaissIndex:
 
     def search(self, text_feat: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(image indices, exact ITC scores), best first. `nprobe` (IVF) searches that many lists instead of the
-        tuned number (benchmarks: what fewer lists buy and miss)."""
-        if nprobe is None:
-            nprobe = self.nprobe_for(k)
-            if self.exact_is_faster(nprobe):
-                return exact_top_images(self.feats, text_feat, k)  # a k needing most lists: exact is faster
+        tuned number, as asked (benchmarks: what fewer lists buy and miss); the tuned number falls back to exact
+        search where that is faster."""
+        if nprobe is not None:
+            return self._search(text_feat, k, nprobe)
+        nprobe = self.nprobe_for(k)
+        if self.exact_is_faster(nprobe):
+            return exact_top_images(self.feats, text_feat, k)  # a k needing most lists: exact is faster
         return self._search(text_feat, k, nprobe)
 
     def _search(self, text_feat: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
