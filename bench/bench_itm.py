@@ -124,10 +124,10 @@ def shared_pairs(engine: Path, model, feeds: dict, threads: int, rounds: int) ->
         with torch.no_grad():
             ref = match_probability(model.itm_forward(*tensors)[0].numpy())
         got = match_probability(one.run(["itm_logits"], shared)[0])
-        print(f"{graph} ({n} pairs): {seconds[graph] / rounds * 1000:.1f} ms, qformer_itm "
-              f"{seconds['qformer_itm'] / rounds * 1000:.1f} ms ({seconds['qformer_itm'] / seconds[graph]:.2f}x), "
-              f"pytorch {seconds['pytorch fp32'] / rounds * 1000:.1f} ms ({seconds['pytorch fp32'] / seconds[graph]:.2f}x); "
-              f"max |probability - PyTorch's| {np.abs(got - ref).max():.2g}")
+        ms = {name: t / rounds * 1000 for name, t in seconds.items()}
+        print(f"{graph} ({n} pairs): {ms[graph]:.1f} ms, qformer_itm {ms['qformer_itm']:.1f} ms "
+              f"({ms['qformer_itm'] / ms[graph]:.2f}x), pytorch {ms['pytorch fp32']:.1f} ms "
+              f"({ms['pytorch fp32'] / ms[graph]:.2f}x); max |probability - PyTorch's| {np.abs(got - ref).max():.2g}")
 
 
 if __name__ == "__main__":

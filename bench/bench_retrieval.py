@@ -127,8 +127,9 @@ def main(argv=None):
     torch_encode = time.perf_counter() - t0
     del images
     print(f"model {ck_dir}, gallery {args.gallery} images, {len(queries)} queries")
-    print("the pipeline re-ranks with " + ("qformer_itm_one_text" if "qformer_itm_one_text" in pipe.runners else
-                                          f"qformer_itm ({engine} was built before qformer_itm_one_text: remove it to rebuild)"))
+    print("the pipeline re-ranks with " + (
+        "qformer_itm_one_text" if "qformer_itm_one_text" in pipe.runners
+        else f"qformer_itm ({engine} was built before qformer_itm_one_text: remove it to rebuild)"))
     print(f"gallery encoding (once): onnxruntime vision + Q-Former {ort_encode:.1f}s; pytorch Q-Former on the same "
           f"image embeddings {torch_encode:.1f}s; ITC features max abs diff "
           f"{float(np.abs(encoded.feats - reference.feats.numpy()).max()):.2g}")

@@ -365,8 +365,8 @@ def _part_parameters(model_dir: Path) -> tuple[int, int, int, int]:
 def _output_bytes(model_dir: Path, precision: str) -> float:
     """Bytes a build writes at most, from the parameter counts in the checkpoint's safetensors headers: the float32
     graphs (kept while a reduced build converts and checks), each Q-Former graph with its own copy of the Q-Former
-    (up to 6 with the Q-Former's text side: query, text, itm, itm_one_text, itm_one_image, itg), plus the reduced graphs (int4 applies to the LLM only), with 2% and
-    16 MB for the graphs' structure."""
+    (up to 6 with the Q-Former's text side: query, text, itm, itm_one_text, itm_one_image, itg), plus the reduced
+    graphs (int4 applies to the LLM only), with 2% and 16 MB for the graphs' structure."""
     from transformers import Blip2Config
 
     from train.model import EdgeConfig

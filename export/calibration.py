@@ -118,7 +118,7 @@ def _exercise(pipe, images: list, texts: list[str] | None, max_new_tokens: int) 
             for text in dict.fromkeys(texts[:4]):
                 pipe.retrieve(text, gallery, k=len(images))
         if "qformer_itm_one_image" in pipe.runners:  # image -> text
-            for image in images[:4]:
+            for image in images[:4]:  # (each text twice: one image against at least two texts)
                 pipe.itm(image, list(dict.fromkeys(texts)) * 2)
 
 

@@ -543,7 +543,8 @@ def _rerank_case(want: dict, pipe, required: EndToEnd) -> dict:
                            for i, ref in want["one_image"].items()])
         parts.append(f"{len(want['one_image'])} images x {len(GATE_TEXTS)} texts")
     return {"max_abs": err, "reference": "Blip2ForImageTextRetrieval (ITM), pair by pair",
-            "passed": err <= required.prob_atol, "summary": f"re-rank match probability max abs err {err:.2g} ({', '.join(parts)})"}
+            "passed": err <= required.prob_atol,
+            "summary": f"re-rank match probability max abs err {err:.2g} ({', '.join(parts)})"}
 
 
 def as_images(images: list) -> list[Image.Image]:

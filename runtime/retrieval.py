@@ -181,14 +181,16 @@ class QFormerText:
             out.append(self.text.run({"input_ids": ids, "attention_mask": mask})["text_feat"])
         return np.concatenate(out)
 
-    def itm_outputs(self, image_embeds: np.ndarray, texts: list[str]) -> dict[str, np.ndarray]:
+    def itm_outputs(self, image_embeds: np.ndarray, texts: list[str], one_image: bool = False) -> dict[str, np.ndarray]:
         """The bi-directional graph on (image, text) pairs: itm_logits, text-conditioned query_output and, for
-        stage 2, llm_prompt."""
-        parts = []
+        stage 2, llm_prompt. one_image: image_embeds [1, Np, Dv] against every text, through qformer_itm_one_image
+        (itm_logits only)."""
+        runner, parts = (self.one_image if one_image else self.itm), []
         for part in chunks(len(texts), self.max_batch):
             ids, mask = self.tokenizer.encode_texts(texts[part])
-            parts.append(self.itm.run({"image_embeds": image_embeds[part], "input_ids": ids, "attention_mask": mask}))
-        return {n: np.concatenate([p[n] for p in parts]) for n in self.itm.output_names}
+            images = image_embeds if one_image else image_embeds[part]
+            parts.append(runner.run({"image_embeds": images, "input_ids": ids, "attention_mask": mask}))
+        return {n: np.concatenate([p[n] for p in parts]) for n in runner.output_names}
 
     def itm_probs(self, image_embeds: np.ndarray, texts: list[str]) -> np.ndarray:
         return _softmax_match(self.itm_outputs(image_embeds, texts)["itm_logits"])
@@ -206,12 +208,7 @@ class QFormerText:
         """ITM probability of one image (image_embeds [1, Np, Dv]) against each text, faster than itm_probs."""
         if self.one_image is None:
             return self.itm_probs(np.repeat(image_embeds, len(texts), 0), texts)
-        logits = []
-        for part in chunks(len(texts), self.max_batch):
-            ids, mask = self.tokenizer.encode_texts(texts[part])
-            logits.append(self.one_image.run({"image_embeds": image_embeds, "input_ids": ids,
-                                              "attention_mask": mask})["itm_logits"])
-        return _softmax_match(np.concatenate(logits))
+        return _softmax_match(self.itm_outputs(image_embeds, texts, one_image=True)["itm_logits"])
 
     def encode_gallery(self, images: list) -> ImageGallery:
         embeds = self.encoder.embed_images(images)
