@@ -145,16 +145,37 @@ def cross_attention(block, x, image_embeds):
     return block.output(_attend(att, q, k, v, None), x)
 
 
-def qformer_layer(layer, x, mask, image_embeds, num_queries: int, has_text: bool, past=None, rows=None):
+def cross_attention_absorbed(block, x, image_embeds):
+    """cross_attention in fewer operations when every image has its own queries (inference: no dropout).
+    The key and value projections are folded into the queries' side ("weight absorption"): each head's
+    queries are mapped into the image's space (q W_k), score the image embeddings directly, read a weighted
+    sum of them, and only that sum goes through W_v. Per image this costs about heads x Nq / hidden of the
+    key/value projections it replaces (128/256 for the small preset, 384/768 for BLIP-2's Q-Former). The same
+    output up to float rounding: the key bias adds one constant to each query's scores, which softmax ignores,
+    and the attention weights of a query sum to 1, so the value bias passes through unchanged. x may have batch
+    1 (shared queries): its projections are then computed once and broadcast over the images."""
+    att = block.attention
+    heads, d = att.num_attention_heads, att.attention_head_size
+    q = _split_heads(att.query(x), d)  # [B, H, Nq, d]
+    q_image = (q @ att.key.weight.view(heads, d, -1)).flatten(1, 2)  # [B, H*Nq, Dv]
+    probs = (q_image @ image_embeds.transpose(1, 2) * att.scaling).softmax(-1)  # [B, H*Nq, Np]
+    read = (probs @ image_embeds).unflatten(1, (heads, -1))  # [B, H, Nq, Dv]
+    out = read @ att.value.weight.view(heads, d, -1).transpose(1, 2) + att.value.bias.view(heads, 1, d)
+    return block.output(out.transpose(1, 2).flatten(2), x)  # [B, Nq, Dq]
+
+
+def qformer_layer(layer, x, mask, image_embeds, num_queries: int, has_text: bool, past=None, rows=None,
+                  cross=cross_attention):
     """One Q-Former layer over [queries; text]: queries go through cross-attention and the query FFN,
     text through the text FFN. Returns the new hidden states and this layer's self-attention (k, v).
-    rows (with has_text=False): the queries' outputs only, though they still attend to the text."""
+    rows (with has_text=False): the queries' outputs only, though they still attend to the text.
+    cross: cross_attention, or cross_attention_absorbed (the same in fewer operations, inference only)."""
     h, kv = self_attention(layer.attention, x, mask, past, rows)
     parts = []
     if num_queries:
         q = h[:, :num_queries]
         if layer.has_cross_attention:
-            q = cross_attention(layer.crossattention, q, image_embeds)
+            q = cross(layer.crossattention, q, image_embeds)
         parts.append(layer.feed_forward_chunk_query(q))
     if has_text:
         parts.append(layer.feed_forward_chunk(h[:, num_queries:]))
@@ -262,10 +283,10 @@ class Blip2Edge(nn.Module):
         h, _ = self_attention(first.attention, self.qformer.dropout(self.qformer.layernorm(embeds)), mask)
         queries = h[:, :nq]  # [1, Nq, Dq]; cross-attention broadcasts it (and its query projection) over the images
         if first.has_cross_attention:
-            queries = cross_attention(first.crossattention, queries, image_embeds)
+            queries = cross_attention_absorbed(first.crossattention, queries, image_embeds)
         queries = first.feed_forward_chunk_query(queries).expand(batch, -1, -1)
         x = torch.cat([queries, first.feed_forward_chunk(h[:, nq:]).expand(batch, -1, -1)], 1)
-        return self._itm_layers(rest, x, mask, image_embeds)
+        return self._itm_layers(rest, x, mask, image_embeds, cross_attention_absorbed)
 
     def itm_one_image(self, image_embeds, input_ids, attention_mask):
         """ITM of one image (image_embeds [1, Np, Dv]) against each of B texts (input_ids, attention_mask
@@ -278,14 +299,14 @@ class Blip2Edge(nn.Module):
         x = self.qformer.dropout(self.qformer.layernorm(embeds))
         return self._itm_layers(self.qformer.encoder.layer, x, mask, image_embeds)
 
-    def _itm_layers(self, layers, x, mask, image_embeds):
+    def _itm_layers(self, layers, x, mask, image_embeds, cross=cross_attention):
         """The bi-directional pass through `layers` from hidden states x [B, Nq+T, Dq] -> itm_logits [B, 2]; the
         last layer computes only the query rows (image_embeds may have batch 1: broadcast over the rows)."""
         *middle, last = layers
         nq = self.num_queries
         for layer in middle:
-            x, _ = qformer_layer(layer, x, mask, image_embeds, nq, has_text=True)
-        query_output, _ = qformer_layer(last, x, mask, image_embeds, nq, has_text=False, rows=nq)
+            x, _ = qformer_layer(layer, x, mask, image_embeds, nq, has_text=True, cross=cross)
+        query_output, _ = qformer_layer(last, x, mask, image_embeds, nq, has_text=False, rows=nq, cross=cross)
         return self.itm_head(query_output).mean(1)
 
     def itg_logits(self, image_embeds, input_ids, attention_mask):
