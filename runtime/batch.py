@@ -16,6 +16,7 @@ Rows: `path` (as listed), then `caption` (caption), `answer` (ask) or `features`
 features, [num_queries][dim] float32 unit vectors), and `error` (null when the image was done).
 """
 import json
+import logging
 import os
 import sys
 import time
@@ -188,8 +189,10 @@ def run(job: Job, say=print) -> dict:
 
     started = time.perf_counter()
     _start_ray(job.ray_address)
-    dataset = ray.data.from_items([{"path": p} for p in todo],
-                                  override_num_blocks=max(1, min(len(todo) // job.batch_size, 4 * job.workers * 8)))
+    # a block per batch (up to 32 per worker), and at least one per worker: fewer images than workers x batch
+    # size still reach every worker (and Ray does not warn that its actor pool cannot be used)
+    blocks = max(min(len(todo), job.workers), min(len(todo) // job.batch_size, 4 * job.workers * 8))
+    dataset = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=blocks)
     threads = max(1, (os.cpu_count() or 1) // job.workers) if job.ray_address is None else None
     results = dataset.map_batches(
         Worker, fn_constructor_args=(job.engines, job.task, job.prompt, job.options, threads, job.backend),
@@ -216,6 +219,7 @@ def _start_ray(address: str | None) -> None:
                  configure_logging=True)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the job prints its own images/s line
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # (not a warning that it is off)
     context.print_on_execution_start = False
 
 
