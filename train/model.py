@@ -146,14 +146,16 @@ def cross_attention(block, x, image_embeds):
 
 
 def cross_attention_absorbed(block, x, image_embeds):
-    """cross_attention in fewer operations when every image has its own queries (inference: no dropout).
-    The key and value projections are folded into the queries' side ("weight absorption"): each head's
-    queries are mapped into the image's space (q W_k), score the image embeddings directly, read a weighted
-    sum of them, and only that sum goes through W_v. Per image this costs about heads x Nq / hidden of the
-    key/value projections it replaces (128/256 for the small preset, 384/768 for BLIP-2's Q-Former). The same
-    output up to float rounding: the key bias adds one constant to each query's scores, which softmax ignores,
-    and the attention weights of a query sum to 1, so the value bias passes through unchanged. x may have batch
-    1 (shared queries): its projections are then computed once and broadcast over the images."""
+    """cross_attention in fewer operations where each image meets one set of queries (one text against many
+    images; where one image meets many, as in itm_one_image, its keys/values computed once cost less). Inference
+    only: no attention dropout. The key and value projections are folded into the queries' side ("weight
+    absorption"): each head's queries are mapped into the image's space (q W_k), score the image embeddings
+    directly, read a weighted sum of them, and only that sum goes through W_v. Per image this costs about
+    heads x Nq / hidden of the key/value projections it replaces (128/256 for the small preset, 384/768 for
+    BLIP-2's Q-Former). The same output up to float rounding: the key bias adds one constant to each query's
+    scores, which softmax ignores, and the attention weights of a query sum to 1, so the value bias passes
+    through unchanged. x may have batch 1 (shared queries): its projections are then computed once and
+    broadcast over the images."""
     att = block.attention
     heads, d = att.num_attention_heads, att.attention_head_size
     q = _split_heads(att.query(x), d)  # [B, H, Nq, d]
@@ -274,8 +276,9 @@ class Blip2Edge(nn.Module):
     def itm_one_text(self, image_embeds, input_ids, attention_mask):
         """ITM of one text (input_ids, attention_mask [1, T]) against each of B images: itm_forward's logits
         [B, 2] for the B pairs, with less work per image (text -> image re-ranking). The first layer's
-        self-attention sees no image, so it and the first layer's text rows are computed once, at batch 1; the
-        last layer computes only the query rows, the only ones ITM reads."""
+        self-attention sees no image, so it and the first layer's text rows are computed once, at batch 1; every
+        cross-attention is cross_attention_absorbed; the last layer computes only the query rows, the only ones
+        ITM reads."""
         batch, nq = image_embeds.shape[0], self.num_queries
         first, *rest = self.qformer.encoder.layer  # (a Q-Former has two layers or more)
         embeds = torch.cat([self.query_tokens, self.text_embeds(input_ids)], 1)  # [1, Nq+T, Dq]
