@@ -18,8 +18,8 @@ import numpy as np
 from export.graph_spec import AxisRange, GraphSpec, TensorSpec, needs
 from export.llm_specs import llm_specs
 from export.wrappers import (
-    QFormerItgWrapper, QFormerItmOneImageWrapper, QFormerItmOneTextWrapper, QFormerItmWrapper, QFormerQueryWrapper,
-    QFormerTextWrapper, VisionWrapper, query_outputs,
+    QFormerItgWrapper, QFormerItmOneWrapper, QFormerItmWrapper, QFormerQueryWrapper, QFormerTextWrapper, VisionWrapper,
+    query_outputs,
 )
 from runtime.manifest import Limits, kv_names
 from train.families import family
@@ -183,7 +183,7 @@ def qformer_itm_spec(model, limits: Limits) -> GraphSpec:
     )
 
 
-def _itm_one_against_many(model, limits: Limits, one: str, build) -> GraphSpec:
+def _itm_one_against_many(model, limits: Limits, one: str) -> GraphSpec:
     """ITM of one text (`one`="text") or one image against a batch of the other side: that side's axis is fixed
     at 1, the other's is `batch`."""
     cfg = model.config
@@ -197,7 +197,7 @@ def _itm_one_against_many(model, limits: Limits, one: str, build) -> GraphSpec:
 
     return GraphSpec(
         name=f"qformer_itm_one_{one}",
-        build=build,
+        build=lambda m: QFormerItmOneWrapper(m, one),
         inputs=[TensorSpec("image_embeds", "float32", (image, *_image_embeds(cfg).shape[1:])),
                 TensorSpec("input_ids", "int64", (texts, "text")),
                 TensorSpec("attention_mask", "int64", (texts, "text"))],
@@ -215,13 +215,13 @@ def qformer_itm_one_text_spec(model, limits: Limits) -> list[GraphSpec]:
     to share and uses qformer_itm."""
     if model.config.qformer_config.num_hidden_layers < 2:
         return []
-    return [_itm_one_against_many(model, limits, "text", QFormerItmOneTextWrapper)]
+    return [_itm_one_against_many(model, limits, "text")]
 
 
 @needs("embeddings", "itm_head")
 def qformer_itm_one_image_spec(model, limits: Limits) -> GraphSpec:
     """ITM of one image against a batch of texts (image -> text retrieval, zero-shot labels)."""
-    return _itm_one_against_many(model, limits, "image", QFormerItmOneImageWrapper)
+    return _itm_one_against_many(model, limits, "image")
 
 
 @needs("itg_head")

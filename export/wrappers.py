@@ -82,30 +82,18 @@ class QFormerItmWrapper(nn.Module):
         return itm_logits, query_output
 
 
-class QFormerItmOneTextWrapper(nn.Module):
-    """Bi-directional mode, one text against many images (text -> image re-ranking): image_embeds [B,Np,Dv],
-    input_ids [1,T], attention_mask [1,T] -> itm_logits [B,2], qformer_itm's logits for the B pairs with the
-    work every image shares done once (train.model.Blip2Edge.itm_one_text)."""
+class QFormerItmOneWrapper(nn.Module):
+    """Bi-directional mode, one side against a batch of the other (retrieval's re-rank) -> itm_logits [B,2],
+    qformer_itm's logits for the B pairs with the work they share done once. one="text": image_embeds [B,Np,Dv],
+    input_ids / attention_mask [1,T] (text -> image; train.model.Blip2Edge.itm_one_text); one="image":
+    image_embeds [1,Np,Dv], input_ids / attention_mask [B,T] (image -> text; Blip2Edge.itm_one_image)."""
 
-    def __init__(self, model):
+    def __init__(self, model, one: str):
         super().__init__()
-        self.model = model
+        self.model, self.one = model, one
 
     def forward(self, image_embeds, input_ids, attention_mask):
-        return self.model.itm_one_text(image_embeds, input_ids, attention_mask)
-
-
-class QFormerItmOneImageWrapper(nn.Module):
-    """Bi-directional mode, one image against many texts (image -> text re-ranking): image_embeds [1,Np,Dv],
-    input_ids [B,T], attention_mask [B,T] -> itm_logits [B,2], qformer_itm's logits for the B pairs with the
-    image's cross-attention keys/values computed once (train.model.Blip2Edge.itm_one_image)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, image_embeds, input_ids, attention_mask):
-        return self.model.itm_one_image(image_embeds, input_ids, attention_mask)
+        return getattr(self.model, f"itm_one_{self.one}")(image_embeds, input_ids, attention_mask)
 
 
 class QFormerItgWrapper(nn.Module):

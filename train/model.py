@@ -264,11 +264,15 @@ class Blip2Edge(nn.Module):
         hidden, _ = self.qformer_forward(self.text_embeds(input_ids), mask, None, 0, has_text=True)
         return F.normalize(self.text_projection(hidden[:, 0]), dim=-1)
 
+    def _joint_inputs(self, mode: str, input_ids, attention_mask, batch: int):
+        """The input of a mode where queries and text meet (input_ids, attention_mask [batch, T]): embeddings
+        [batch, Nq+T, Dq] of [queries; text] and the mode's additive mask (train.masks.qformer_mask)."""
+        embeds = torch.cat([self.query_tokens.expand(batch, -1, -1), self.text_embeds(input_ids)], 1)
+        return embeds, qformer_mask(mode, attention_mask, self.num_queries, embeds.dtype)
+
     def itm_forward(self, image_embeds, input_ids, attention_mask):
         """Bi-directional (ITM): -> itm_logits [B, 2] (mean over queries), text-conditioned query_output."""
-        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        embeds = torch.cat([queries, self.text_embeds(input_ids)], 1)  # [B, Nq+T, Dq]
-        mask = qformer_mask("bidirectional", attention_mask, self.num_queries, embeds.dtype)
+        embeds, mask = self._joint_inputs("bidirectional", input_ids, attention_mask, image_embeds.shape[0])
         hidden, _ = self.qformer_forward(embeds, mask, image_embeds, self.num_queries, has_text=True)
         query_output = hidden[:, : self.num_queries]
         return self.itm_head(query_output).mean(1), query_output
@@ -281,8 +285,7 @@ class Blip2Edge(nn.Module):
         ITM reads."""
         batch, nq = image_embeds.shape[0], self.num_queries
         first, *rest = self.qformer.encoder.layer  # (a Q-Former has two layers or more)
-        embeds = torch.cat([self.query_tokens, self.text_embeds(input_ids)], 1)  # [1, Nq+T, Dq]
-        mask = qformer_mask("bidirectional", attention_mask, nq, embeds.dtype)  # [1, 1, S, S]: every image
+        embeds, mask = self._joint_inputs("bidirectional", input_ids, attention_mask, 1)  # mask [1,1,S,S]: all images
         h, _ = self_attention(first.attention, self.qformer.dropout(self.qformer.layernorm(embeds)), mask)
         queries = h[:, :nq]  # [1, Nq, Dq]; cross-attention broadcasts it (and its query projection) over the images
         if first.has_cross_attention:
@@ -296,9 +299,7 @@ class Blip2Edge(nn.Module):
         [B, T]): itm_forward's logits [B, 2] for the B pairs, with less work per text (image -> text
         re-ranking): the image's cross-attention keys and values are computed once, at batch 1; the last layer
         computes only the query rows."""
-        queries = self.query_tokens.expand(input_ids.shape[0], -1, -1)
-        embeds = torch.cat([queries, self.text_embeds(input_ids)], 1)  # [B, Nq+T, Dq]
-        mask = qformer_mask("bidirectional", attention_mask, self.num_queries, embeds.dtype)
+        embeds, mask = self._joint_inputs("bidirectional", input_ids, attention_mask, input_ids.shape[0])
         x = self.qformer.dropout(self.qformer.layernorm(embeds))
         return self._itm_layers(self.qformer.encoder.layer, x, mask, image_embeds)
 
@@ -314,9 +315,7 @@ class Blip2Edge(nn.Module):
 
     def itg_logits(self, image_embeds, input_ids, attention_mask):
         """Multimodal causal (ITG), whole sequence at once (training): -> logits [B, T, V] for the next token."""
-        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        embeds = torch.cat([queries, self.text_embeds(input_ids)], 1)
-        mask = qformer_mask("causal", attention_mask, self.num_queries, embeds.dtype)
+        embeds, mask = self._joint_inputs("causal", input_ids, attention_mask, image_embeds.shape[0])
         hidden, _ = self.qformer_forward(embeds, mask, image_embeds, self.num_queries, has_text=True)
         return self.itg_head(hidden[:, self.num_queries:])
 
