@@ -5,11 +5,14 @@ rounds back to back.
 
     python bench/bench_itm.py                     # the small preset's stage-1 engine of bench_retrieval.py
     python bench/bench_itm.py --batch 32 --threads 2
+    python bench/bench_itm.py --count-only --preset blip2-opt-2.7b   # multiply-adds per pair at BLIP-2's size
 
 Prints ms per batch, the ratio against PyTorch, the largest ITM-probability difference from PyTorch, and
 whether the candidates' order by probability is PyTorch's. Then the same pairs with one text against the batch's
 images (`qformer_itm_one_text`, text -> image re-ranking) and one image against the batch's texts
-(`qformer_itm_one_image`), against `qformer_itm` and PyTorch on those pairs.
+(`qformer_itm_one_image`), against `qformer_itm` and PyTorch on those pairs. First, the multiply-adds per pair
+of each computation (PyTorch's FlopCounterMode on meta tensors: shapes only, no weights; `--count-only` stops there,
+for any preset of train/presets.py).
 """
 import argparse
 import sys
@@ -56,6 +59,39 @@ def timed_blocks(sides: dict, rounds: int) -> dict[str, float]:
     return seconds
 
 
+def multiply_adds(preset: str, text_tokens: int, batch: int) -> dict[str, float]:
+    """Multiply-adds per (image, text) pair of Blip2Edge.itm_forward (pair by pair, as Hugging Face computes ITM),
+    itm_one_text and itm_one_image (their shared work spread over the `batch` pairs), counted by PyTorch's
+    FlopCounterMode on meta tensors (no weights, nothing run)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from train.model import Blip2Edge, EdgeConfig
+    from train.presets import blip2_config
+
+    config = blip2_config(preset)
+    vision = config.vision_config
+    with torch.device("meta"), torch.no_grad():
+        model = Blip2Edge(config, EdgeConfig(stage=1)).eval()
+        embeds = torch.empty(batch, (vision.image_size // vision.patch_size) ** 2 + 1, vision.hidden_size)
+        ids = torch.zeros(batch, text_tokens, dtype=torch.long)
+        mask = torch.ones_like(ids)
+        runs = {"itm_forward": lambda: model.itm_forward(embeds, ids, mask),
+                "itm_one_text": lambda: model.itm_one_text(embeds, ids[:1], mask[:1]),
+                "itm_one_image": lambda: model.itm_one_image(embeds[:1], ids, mask)}
+        counts = {}
+        for name, run in runs.items():
+            with FlopCounterMode(display=False) as counter:
+                run()
+            counts[name] = counter.get_total_flops() / 2 / batch
+    return counts
+
+
+def print_multiply_adds(preset: str, text_tokens: int, batch: int) -> None:
+    counts = multiply_adds(preset, text_tokens, batch)
+    print(f"multiply-adds per pair ({preset}, {batch} pairs x {text_tokens} text tokens): "
+          + ", ".join(f"{name} {n / 1e6:,.0f}M" for name, n in counts.items()))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small")
@@ -64,8 +100,12 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work")
+    ap.add_argument("--count-only", action="store_true", help="print the multiply-adds per pair and stop (no engine)")
     args = ap.parse_args(argv)
     quiet_libraries()
+    print_multiply_adds(args.preset, args.text_tokens, args.batch)
+    if args.count_only:
+        return
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     from onnxruntime.quantization import QuantType, quantize_dynamic
