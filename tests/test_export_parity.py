@@ -161,3 +161,45 @@ def test_gate_fails_on_a_wrong_graph(tiny_engine, checkpoint):
     failed = {(f.output, f.case) for f in err.value.failures}
     assert failed == {("llm_prompt", "batch=1"), ("llm_prompt", "batch=3")}
     assert "llm_prompt" in str(err.value)
+
+
+def _erf_left_by_onnx_runtime(model: onnx.ModelProto, tmp_path) -> int:
+    """How many Erf nodes ONNX Runtime's CPU optimizer leaves in `model` (each an unfused GELU)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    opts.log_severity_level = 3
+    ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return sum(n.op_type == "Erf" for n in onnx.load(opts.optimized_model_filepath).graph.node)
+
+
+def test_gelu_is_exported_in_the_form_onnx_runtime_fuses(tiny_engine, tmp_path):
+    """torch writes GELU in a form ONNX Runtime runs as five kernels; the export rewrites it to one it fuses,
+    computing the same values."""
+    from export.onnx_export import gelu_for_fusion
+
+    module = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU()).eval()
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        program = torch.onnx.export(module, (x,), dynamo=True, opset_version=18, verbose=False,
+                                    dynamic_shapes=({0: torch.export.Dim("b"), 1: torch.export.Dim("t")},))
+    torch_form = program.model_proto
+    rewritten = onnx.ModelProto.FromString(torch_form.SerializeToString())
+    assert _erf_left_by_onnx_runtime(torch_form, tmp_path) == 1  # (if this fails, ONNX Runtime now fuses torch's form)
+    assert gelu_for_fusion(rewritten.graph) == 1
+    assert _erf_left_by_onnx_runtime(rewritten, tmp_path) == 0
+    feeds = {torch_form.graph.input[0].name: np.random.default_rng(0).standard_normal((4, 7, 16)).astype(np.float32)}
+    import onnxruntime as ort
+
+    no_fusion = ort.SessionOptions()
+    no_fusion.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    before, after = (ort.InferenceSession(m.SerializeToString(), no_fusion, providers=["CPUExecutionProvider"])
+                     .run(None, feeds)[0] for m in (torch_form, rewritten))
+    np.testing.assert_array_equal(before, after)
+    with torch.no_grad():
+        np.testing.assert_allclose(after, module(torch.from_numpy(next(iter(feeds.values())))).numpy(), atol=1e-6)
+    # every GELU of an exported engine is in the fused form already
+    vision = onnx.load(str(tiny_engine[1] / "vision.onnx"))
+    assert any(n.op_type == "Erf" for n in vision.graph.node) and gelu_for_fusion(vision.graph) == 0
+    assert _erf_left_by_onnx_runtime(vision, tmp_path) == 0
