@@ -28,16 +28,15 @@ import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
 from bench.bench_retrieval import prepare  # noqa: E402
+from runtime.runners import OrtRunner  # noqa: E402
 from train.checkpoint import load_checkpoint  # noqa: E402
 from train.logs import quiet_libraries  # noqa: E402
 
 
 def session(path: Path, threads: int) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.add_session_config_entry("session.set_denormal_as_zero", "1")
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # (spinning threads would slow PyTorch's)
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    """The session the runtime opens (runtime.runners.OrtRunner: its options, with threads that sleep between
+    runs rather than spin, which would slow PyTorch's)."""
+    return OrtRunner(path, threads=threads).session
 
 
 def match_probability(logits: np.ndarray) -> np.ndarray:

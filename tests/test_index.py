@@ -114,3 +114,19 @@ def test_gallery_saves_loads_memory_mapped_and_extends(tmp_path, monkeypatch):
         ImageGallery.load(tmp_path / "missing")
     with pytest.raises(RetrievalError, match="1200 feature rows but 3 image embeddings"):
         ImageGallery(feats, embeds[:3])
+
+
+def test_rows_float32_reads_the_rows_a_query_reranks(tmp_path):
+    """The re-rank's read of k image embeddings (float16, memory-mapped; split over the cores when large) equals
+    numpy's plain conversion, in the order asked for."""
+    from runtime.retrieval import rows_float32
+
+    rng = np.random.default_rng(0)
+    stored = rng.standard_normal((300, 65, 128)).astype(np.float16)
+    np.save(tmp_path / "embeds.npy", stored)
+    mapped = np.load(tmp_path / "embeds.npy", mmap_mode="r")
+    for rows in (rng.choice(300, 7, replace=False), rng.choice(300, 200, replace=False)):  # 58k, 1.7M values
+        got = rows_float32(mapped, rows)
+        assert got.dtype == np.float32 and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, stored[rows].astype(np.float32))
+    np.testing.assert_array_equal(rows_float32(stored.astype(np.float32), rows), stored[rows].astype(np.float32))
