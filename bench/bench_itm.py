@@ -58,6 +58,12 @@ def timed_blocks(sides: dict, rounds: int) -> dict[str, float]:
     return seconds
 
 
+def image_embeds_shape(config, batch: int) -> tuple[int, int, int]:
+    """[batch, patches + class token, width]: the vision tower's output, what ITM reads of an image."""
+    v = config.vision_config
+    return batch, (v.image_size // v.patch_size) ** 2 + 1, v.hidden_size
+
+
 def multiply_adds(preset: str, text_tokens: int, batch: int) -> dict[str, float]:
     """Multiply-adds per (image, text) pair of Blip2Edge.itm_forward (pair by pair, as Hugging Face computes ITM),
     itm_one_text and itm_one_image (their shared work spread over the `batch` pairs), counted by PyTorch's
@@ -68,10 +74,9 @@ def multiply_adds(preset: str, text_tokens: int, batch: int) -> dict[str, float]
     from train.presets import blip2_config
 
     config = blip2_config(preset)
-    vision = config.vision_config
     with torch.device("meta"), torch.no_grad():
         model = Blip2Edge(config, EdgeConfig(stage=1)).eval()
-        embeds = torch.empty(batch, (vision.image_size // vision.patch_size) ** 2 + 1, vision.hidden_size)
+        embeds = torch.empty(image_embeds_shape(config, batch))
         ids = torch.zeros(batch, text_tokens, dtype=torch.long)
         mask = torch.ones_like(ids)
         runs = {"itm_forward": lambda: model.itm_forward(embeds, ids, mask),
@@ -112,9 +117,7 @@ def main(argv=None):
     ck_dir, engine = prepare(args.preset, args.work, max(32, args.batch))
     model = load_checkpoint(ck_dir).model
     rng = np.random.default_rng(0)
-    vision = model.config.vision_config
-    tokens = (vision.image_size // vision.patch_size) ** 2 + 1
-    feeds = {"image_embeds": rng.standard_normal((args.batch, tokens, vision.hidden_size)).astype(np.float32),
+    feeds = {"image_embeds": rng.standard_normal(image_embeds_shape(model.config, args.batch)).astype(np.float32),
              "input_ids": rng.integers(5, 1000, (args.batch, args.text_tokens)).astype(np.int64),
              "attention_mask": np.ones((args.batch, args.text_tokens), np.int64)}
     feeds["input_ids"][:, 0] = 101
