@@ -8,11 +8,31 @@
 TensorRT's runner lives in `runtime.trt_runner`, imported only when a TensorRT folder is opened (the module
 itself imports without TensorRT).
 """
+import functools
 import os
 from pathlib import Path
 
 from runtime.errors import BackendError, EngineFolderError
 from runtime.runner import Runner
+
+
+@functools.cache
+def int8_products_saturate(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether ONNX Runtime's fast int8 products may saturate on this CPU, so that its sessions must ask for
+    exact ones (`session.x64quantprecision`). On x86 CPUs without AVX-512 VNNI (AVX2, AVX-512 before Cascade
+    Lake, AMD before Zen 4) its uint8 x int8 kernels add pairs of products in int16 (VPMADDUBSW), which
+    saturates: on such a CPU the tiny preset's int8 vision graph was off by 0.13 of its output range instead of
+    0.016. The option makes it compute those products as uint8 x uint8 instead, which costs time even where
+    nothing saturates: on a Zen 4 CPU (AVX-512 VNNI, whose VPDPBUSD adds the products in int32) int8 ITM took
+    56 ms instead of 32. So it is asked for unless the CPU is known to have AVX-512 VNNI (read from
+    /proc/cpuinfo; elsewhere, and when that file cannot be read, it is asked for: exact first; on ARM CPUs
+    it changes nothing)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return True
+    return "avx512_vnni" not in flags.split()
 
 
 class OrtRunner(Runner):
@@ -66,12 +86,8 @@ class OrtRunner(Runner):
         # run through the CPU's slow microcode path; the values involved are below 1e-38.
         opts.add_session_config_entry("session.set_denormal_as_zero", "1")
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # int8 graphs: on x86 CPUs without VNNI (AVX2, AVX-512 before Cascade Lake, AMD before Zen 4) ONNX
-        # Runtime's uint8 x int8 kernels add pairs of products in int16 (VPMADDUBSW), which saturates: on such
-        # a CPU the tiny preset's int8 vision graph was off by 0.13 of its output range instead of 0.016. This
-        # option makes ONNX Runtime compute those products as uint8 x uint8 where the CPU and the weights need
-        # it; on VNNI and ARM CPUs it changes nothing.
-        opts.add_session_config_entry("session.x64quantprecision", "1")
+        if int8_products_saturate():
+            opts.add_session_config_entry("session.x64quantprecision", "1")
         if (self.shared_pool and self._create_shared_pool(self.threads)) or OrtRunner._global_pool:
             opts.use_per_session_threads = False  # (once the shared pool exists, no session may have its own)
         elif self.threads:

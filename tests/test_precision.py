@@ -22,7 +22,7 @@ from hf_calls import hf_generate
 from runtime import Blip2Pipeline
 from runtime.errors import ImageInputError
 from runtime.manifest import load_manifest
-from runtime.runners import make_runner
+from runtime.runners import int8_products_saturate, make_runner
 from train.checkpoint import load_checkpoint
 
 VARIANT = "stage2text"
@@ -454,6 +454,20 @@ def test_int8_products_do_not_saturate_on_any_cpu(tmp_path):
     expected = np.clip(np.round((xq * scale_x) @ (w8 * scale_w) / 0.2), -128, 127) * 0.2
     got = make_runner(tmp_path / "mm.onnx").run({"x": x})["y"]
     np.testing.assert_allclose(got, expected, atol=0.2 + 1e-5)  # one output step
+
+
+@pytest.mark.parametrize("text, exact", [
+    ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni avx512_bf16\n", False),  # Zen 4, Ice Lake
+    ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n", True),  # Skylake-SP: saturates
+    ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx_vnni\n", True),  # 256-bit VNNI: not relied on
+    ("processor\t: 0\nFeatures\t: fp asimd asimddp\n", True),  # ARM: the option changes nothing there
+    (None, True),  # no /proc/cpuinfo (not Linux)
+])
+def test_exact_int8_products_are_asked_for_unless_the_cpu_has_avx512_vnni(tmp_path, text, exact):
+    path = tmp_path / "cpuinfo"
+    if text is not None:
+        path.write_text(text)
+    assert int8_products_saturate(str(path)) is exact
 
 
 def _weight_products(path) -> list[str]:
