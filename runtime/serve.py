@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from runtime.errors import Blip2EdgeError, ImageInputError, PromptError
 
+APP_NAME = "blip2"  # the Ray Serve application's name (serve run / serve status / serve.delete)
 ROUTES = {"/caption": "caption", "/ask": "answer", "/match": "probability", "/embed": "features"}
 OPTIONS = ("max_new_tokens", "min_new_tokens", "num_beams", "do_sample", "temperature", "top_k", "top_p",
            "repetition_penalty", "length_penalty", "early_stopping", "seed", "decoder")
@@ -221,12 +222,15 @@ def start(engines: str, host: str = "127.0.0.1", port: int = 8000, **app_options
         ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # (its INFO lines: started, connecting, ready)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(app, name="blip2", route_prefix="/")
+    serve.run(app, name=APP_NAME, route_prefix="/")
 
 
 def stop() -> None:
-    """Shut the application and Ray down, ignoring a second Ctrl-C meanwhile (a terminal's Ctrl-C reaches Ray's
-    processes too, and its own shutdown would print a traceback when interrupted)."""
+    """Delete the application and leave Ray, ignoring a second Ctrl-C meanwhile (a terminal's Ctrl-C reaches Ray's
+    processes too, and its own shutdown would print a traceback when interrupted). A Ray instance that `start`
+    started ends with this process; on a cluster that was already running, Ray Serve and any other application
+    stay. (`serve.shutdown()` would stop Serve for the whole cluster, and here it printed a raylet line about its
+    controller's interrupted shutdown task.)"""
     import signal
 
     import ray
@@ -234,6 +238,6 @@ def stop() -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        serve.shutdown()
+        serve.delete(APP_NAME)
     finally:
         ray.shutdown()

@@ -134,3 +134,50 @@ def test_one_failing_request_fails_alone_and_internal_errors_are_500():
     assert isinstance(out[1], RuntimeError)
     assert reply("/caption", out[1]) == (500, {"error": "internal error: RuntimeError: boom"})
     assert reply("/caption", PromptError("empty"))[0] == 400 and reply("/caption", "x") == (200, {"caption": "x"})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ctrl_c_stops_the_service_in_one_line_and_ends_its_ray_instance(make_engine):
+    """`python -m runtime serve` on a Ray instance of its own (RAY_ADDRESS=local): Ctrl-C prints one line after
+    the serving line, nothing from Ray (serve.shutdown() made the raylet print one about its controller), exits 0
+    and leaves none of that instance's processes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    _, engine = make_engine("stage2text")
+    port = _free_port()
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    proc = subprocess.Popen([sys.executable, "-m", "runtime", "serve", "--engines", str(engine), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    assert json.loads(r.read()) == {"status": "ok"}
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert proc.poll() is None, proc.communicate()[0]
+                time.sleep(1)
+        else:
+            pytest.fail("the service did not answer /health within 180 s")
+        time.sleep(1)  # (the serving line is printed after serve.run returns)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == 2 and lines[0].startswith(f"serving {engine} on http://127.0.0.1:{port}"), out
+    assert lines[1] == "stopped", out
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
