@@ -31,6 +31,7 @@ from bench.bench_retrieval import prepare  # noqa: E402
 from runtime.runners import OrtRunner  # noqa: E402
 from train.checkpoint import load_checkpoint  # noqa: E402
 from train.logs import quiet_libraries  # noqa: E402
+from train.presets import image_tokens  # noqa: E402
 
 
 def session(path: Path, threads: int) -> ort.InferenceSession:
@@ -61,7 +62,7 @@ def timed_blocks(sides: dict, rounds: int) -> dict[str, float]:
 def image_embeds_shape(config, batch: int) -> tuple[int, int, int]:
     """[batch, patches + class token, width]: the vision tower's output, what ITM reads of an image."""
     v = config.vision_config
-    return batch, (v.image_size // v.patch_size) ** 2 + 1, v.hidden_size
+    return batch, image_tokens(v), v.hidden_size
 
 
 def multiply_adds(preset: str, text_tokens: int, batch: int) -> dict[str, float]:

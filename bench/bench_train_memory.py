@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -74,6 +75,7 @@ def run_and_sample(cmd: list[str]) -> tuple[int, int, float, int]:
 def main(argv=None) -> int:
     from train.data import write_files
     from train.demo import make_bert
+    from train.presets import image_tokens
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[2000, 20000])
@@ -88,7 +90,7 @@ def main(argv=None) -> int:
     if not (bert / "config.json").is_file():
         make_bert(bert)
     vision = json.loads((ROOT / "models" / "demo" / "config.json").read_text())["vision_config"]
-    tokens = (vision["image_size"] // vision["patch_size"]) ** 2 + 1
+    tokens = image_tokens(SimpleNamespace(**vision))
     rows = []
     for n in args.sizes:
         data = root / f"shapes-{n}"

@@ -23,6 +23,7 @@ from export.wrappers import (
 )
 from runtime.manifest import Limits, kv_names
 from train.families import family
+from train.presets import image_tokens
 
 
 class LimitError(ValueError):
@@ -71,7 +72,6 @@ def resolve_limits(model, max_batch: int = 8, max_prompt_tokens: int | None = No
 # ---------------------------------------------------------------- vision
 def vision_spec(model, limits: Limits) -> GraphSpec:
     v = model.config.vision_config
-    patches = (v.image_size // v.patch_size) ** 2 + 1  # + class token
 
     def make_inputs(sizes, rng):
         return {"pixel_values": rng.standard_normal((sizes["batch"], 3, v.image_size, v.image_size), dtype=np.float32)}
@@ -80,7 +80,7 @@ def vision_spec(model, limits: Limits) -> GraphSpec:
         name="vision",
         build=VisionWrapper,
         inputs=[TensorSpec("pixel_values", "float32", ("batch", 3, v.image_size, v.image_size))],
-        outputs=[TensorSpec("image_embeds", "float32", ("batch", patches, v.hidden_size))],
+        outputs=[_image_embeds(model.config)],
         make_inputs=make_inputs,
         profiles=[{"batch": AxisRange(1, 1, limits.max_batch)}],
         export_sizes={"batch": 2},
@@ -91,7 +91,7 @@ def vision_spec(model, limits: Limits) -> GraphSpec:
 # ---------------------------------------------------------------- Q-Former
 def _image_embeds(cfg) -> TensorSpec:
     v = cfg.vision_config
-    return TensorSpec("image_embeds", "float32", ("batch", (v.image_size // v.patch_size) ** 2 + 1, v.hidden_size))
+    return TensorSpec("image_embeds", "float32", ("batch", image_tokens(v), v.hidden_size))
 
 
 def _random_image_embeds(cfg, batch: int, rng) -> np.ndarray:

@@ -117,6 +117,12 @@ PRESETS = {
 }
 
 
+def image_tokens(vision_config) -> int:
+    """Tokens the vision tower puts out per image (what the Q-Former's cross-attention reads): one per patch, plus
+    the class token."""
+    return (vision_config.image_size // vision_config.patch_size) ** 2 + 1
+
+
 def blip2_config(preset: str | Preset = "tiny", **overrides) -> Blip2Config:
     """Build a Blip2Config from a preset name (or Preset) with keyword overrides."""
     if isinstance(preset, str):

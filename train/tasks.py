@@ -34,6 +34,7 @@ from train.families import family
 from train.losses import stage1_losses, world
 from train.stages import lm_batch, qformer_batch, trainable
 from train.options import Options, options_from
+from train.presets import image_tokens
 from train.trainer import TrainConfig, fit
 
 
@@ -243,8 +244,7 @@ def run_command(command: str, task: str | None, args, opts: Options, say=print) 
     cache = None
     if opts.feature_cache:
         v = model.config.vision_config
-        tokens = (v.image_size // v.patch_size) ** 2 + 1
-        cache = FeatureCache(run / f"features-rank{rank}", len(data), (tokens, v.hidden_size), str(args.data))
+        cache = FeatureCache(run / f"features-rank{rank}", len(data), (image_tokens(v), v.hidden_size), str(args.data))
     stream = ImageStream(data, preprocessor(model), opts.batch_size, opts.seed, opts.workers, rank, size,
                          opts.max_bad - len(data.skipped), cache)
     if command == "stage1" or task == "retrieval":
