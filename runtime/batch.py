@@ -199,13 +199,16 @@ def run(job: Job, say=print) -> dict:
         batch_size=job.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=job.workers),
         num_cpus=1)
     written = 0
-    for batch in results.iter_batches(batch_size=None, batch_format="pyarrow"):
-        if batch.num_rows:
-            _write_part(output, batch)
-            written += batch.num_rows
-            rate = written / (time.perf_counter() - started)
-            print(f"\r{written}/{len(todo)} images, {rate:.1f} images/s", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
+    try:
+        for batch in results.iter_batches(batch_size=None, batch_format="pyarrow"):
+            if batch.num_rows:
+                _write_part(output, batch)
+                written += batch.num_rows
+                rate = written / (time.perf_counter() - started)
+                print(f"\r{written}/{len(todo)} images, {rate:.1f} images/s", end="", file=sys.stderr, flush=True)
+    finally:  # (ends the progress line, also when Ctrl-C stops the job: its message goes on a line of its own)
+        if written:
+            print(file=sys.stderr)
     return {"written": written, "skipped": len(paths) - len(todo), "errors": _count_errors(output),
             "seconds": time.perf_counter() - started}
 

@@ -69,24 +69,34 @@ def test_rows_equal_each_image_alone_and_bad_images_become_errors(local_ray, col
     np.testing.assert_allclose(np.array(feats[path]), pipe.embed_images(path)[0], atol=1e-5)
 
 
+def _six_copies(folder: Path, dest: Path) -> Path:
+    """60 images: the collection's 10 files six times over (one broken each time)."""
+    dest.mkdir()
+    for i in range(6):
+        for src in list_images(str(folder)):
+            (dest / f"{i}-{Path(src).name}").write_bytes(Path(src).read_bytes())
+    return dest
+
+
+def _one_by_one(engine, source, out) -> list[str]:
+    """The command line of a caption job that writes one part per image (so that a stop lands part-way)."""
+    return [sys.executable, "-m", "runtime", "batch", "--engines", str(engine), "--task", "caption", "--input",
+            str(source), "--output", str(out), "--workers", "1", "--batch-size", "1", "--max-new-tokens", "8",
+            "--min-new-tokens", "4"]
+
+
 def test_a_killed_job_rerun_finishes_every_image_once(local_ray, collection, tmp_path):
     engine, folder = collection
     # 60 images, written one part per image: the kill below lands part-way (with the collection's 10, Ray Data
     # ran the actor ahead and the driver wrote every part before the kill on a loaded machine)
-    images = tmp_path / "images"
-    images.mkdir()
-    for i in range(6):
-        for src in list_images(str(folder)):
-            (images / f"{i}-{Path(src).name}").write_bytes(Path(src).read_bytes())
+    images = _six_copies(folder, tmp_path / "images")
     listing = tmp_path / "list.txt"
     paths = list_images(str(images))
     listing.write_text("\n".join(paths * 3) + "\n")  # (a path listed twice is done once)
     many = tmp_path / "many.txt"
     many.write_text("\n".join(f"{p}" for p in paths) + "\n")
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "runtime", "batch", "--engines", str(engine), "--task", "caption", "--input",
-               str(many), "--output", str(out), "--workers", "1", "--batch-size", "1", "--max-new-tokens", "8", "--min-new-tokens", "4"]
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(_one_by_one(engine, many, out), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and not list(out.glob("part-*.parquet")) and proc.poll() is None:
@@ -146,3 +156,32 @@ def test_inputs_from_text_parquet_and_jsonl_lists(collection, tmp_path):
     assert list_images(str(tmp_path / "l.jsonl")) == want
     with pytest.raises(BatchInputError, match="has no column 'path' \\(it has: file\\)"):
         list_images(str(tmp_path / "l.parquet"))
+
+
+def test_ctrl_c_keeps_what_is_written_in_one_line(local_ray, collection, tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) part-way through a job: exit 130, the
+    progress line ends and one line says how to finish, no traceback; the parts written are whole, and the rerun
+    finishes the rest."""
+    engine, folder = collection
+    images = _six_copies(folder, tmp_path / "images")
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_one_by_one(engine, images, out), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(out.glob("part-*.parquet")) and proc.poll() is None:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    lines = err.replace("\r", "\n").splitlines()
+    assert proc.returncode == 130, err
+    assert lines[-1] == f"interrupted; rerun the same command to finish (what is in {out} is kept)", err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    done = len(read_output(out))
+    assert 0 < done < len(list_images(str(images)))
+    result = run(Job(engines=str(engine), task="caption", input=str(images), output=str(out), workers=1,
+                     options=GENERATE), say=lambda *_: None)
+    assert result["skipped"] == done and len(read_output(out)) == len(list_images(str(images)))

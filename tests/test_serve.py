@@ -156,7 +156,7 @@ def test_ctrl_c_stops_the_service_in_one_line_and_ends_its_ray_instance(make_eng
     port = _free_port()
     env = {**os.environ, "RAY_ADDRESS": "local"}
     proc = subprocess.Popen([sys.executable, "-m", "runtime", "serve", "--engines", str(engine), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
@@ -170,11 +170,11 @@ def test_ctrl_c_stops_the_service_in_one_line_and_ends_its_ray_instance(make_eng
         else:
             pytest.fail("the service did not answer /health within 180 s")
         time.sleep(1)  # (the serving line is printed after serve.run returns)
-        proc.send_signal(signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to every process of the group
         out, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, out
     lines = [line for line in out.splitlines() if line.strip()]
     assert len(lines) == 2 and lines[0].startswith(f"serving {engine} on http://127.0.0.1:{port}"), out
