@@ -71,7 +71,7 @@ def main(argv=None):
     from ray import serve
 
     from runtime.manifest import load_manifest
-    from runtime.serve import build_app, start
+    from runtime.serve import APP_NAME, build_app, start, stop
 
     data = payloads(args.requests)
     pipe = Blip2Pipeline.from_dir(args.engines)
@@ -86,7 +86,7 @@ def main(argv=None):
         if not ray.is_initialized():
             start(args.engines, port=port, max_batch_size=batch)
         else:
-            serve.run(build_app(args.engines, max_batch_size=batch), name="blip2", route_prefix="/")
+            serve.run(build_app(args.engines, max_batch_size=batch), name=APP_NAME, route_prefix="/")
         one(url, data[0][0])  # warm-up
         seconds, results = load(url, [b for b, _ in data], args.clients)
         latency = np.array([r[0] for r in results]) * 1000
@@ -95,8 +95,7 @@ def main(argv=None):
         print(f"{label:40s} {len(results) / seconds:6.1f} requests/s | latency p50 {np.percentile(latency, 50):6.0f} "
               f"ms, p99 {np.percentile(latency, 99):6.0f} ms | failed {failed} | answers differing from the "
               f"Python API {differ}", flush=True)
-    serve.shutdown()
-    ray.shutdown()
+    stop()
 
 
 if __name__ == "__main__":
