@@ -229,15 +229,20 @@ def stop() -> None:
     """Delete the application and leave Ray, ignoring a second Ctrl-C meanwhile (a terminal's Ctrl-C reaches Ray's
     processes too, and its own shutdown would print a traceback when interrupted). A Ray instance that `start`
     started ends with this process; on a cluster that was already running, Ray Serve and any other application
-    stay. (`serve.shutdown()` would stop Serve for the whole cluster, and here it printed a raylet line about its
-    controller's interrupted shutdown task.)"""
+    stay. Safe at any point of `start`, Ray still starting included. (`serve.shutdown()` would stop Serve for the
+    whole cluster, and here it printed a raylet line about its controller's interrupted shutdown task.)"""
     import signal
 
     import ray
     from ray import serve
 
+    from ray.serve.exceptions import RayServeException
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        serve.delete(APP_NAME)
+        if ray.is_initialized():
+            serve.delete(APP_NAME)
+    except RayServeException:  # Ctrl-C before Serve had started: there is nothing to delete
+        pass
     finally:
         ray.shutdown()

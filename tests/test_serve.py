@@ -145,7 +145,8 @@ def _free_port() -> int:
 def test_ctrl_c_stops_the_service_in_one_line_and_ends_its_ray_instance(make_engine):
     """`python -m runtime serve` on a Ray instance of its own (RAY_ADDRESS=local): Ctrl-C prints one line after
     the serving line, nothing from Ray (serve.shutdown() made the raylet print one about its controller), exits 0
-    and leaves none of that instance's processes."""
+    and the port stops answering; Ctrl-C while Ray is still starting prints the same line (serve.delete() raised
+    there, with no Serve yet)."""
     import os
     import signal
     import subprocess
@@ -155,8 +156,15 @@ def test_ctrl_c_stops_the_service_in_one_line_and_ends_its_ray_instance(make_eng
     _, engine = make_engine("stage2text")
     port = _free_port()
     env = {**os.environ, "RAY_ADDRESS": "local"}
-    proc = subprocess.Popen([sys.executable, "-m", "runtime", "serve", "--engines", str(engine), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    command = [sys.executable, "-m", "runtime", "serve", "--engines", str(engine), "--port", str(port)]
+    early = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                             start_new_session=True)
+    time.sleep(2)  # Ctrl-C while Ray is still starting: the same one line, no traceback
+    os.killpg(early.pid, signal.SIGINT)
+    out = early.communicate(timeout=120)[0]
+    assert early.returncode == 0 and out.splitlines()[-1:] == ["stopped"] and "Traceback" not in out, out
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
