@@ -24,9 +24,9 @@ def int8_products_saturate(cpuinfo: str = "/proc/cpuinfo") -> bool:
     saturates: on such a CPU the tiny preset's int8 vision graph was off by 0.13 of its output range instead of
     0.016. The option makes it compute those products as uint8 x uint8 instead, which costs time even where
     nothing saturates: on a Zen 4 CPU (AVX-512 VNNI, whose VPDPBUSD adds the products in int32) dynamic int8 ITM
-    took 53.6 ms instead of 30.6 (16 pairs, 1 thread). So it is asked for unless the CPU is known to have AVX-512 VNNI (read from
-    /proc/cpuinfo; elsewhere, and when that file cannot be read, it is asked for: exact first; on ARM CPUs
-    it changes nothing)."""
+    took 53.6 ms instead of 30.6 (16 pairs, 1 thread). So it is asked for unless the CPU is known to have AVX-512
+    VNNI (read from /proc/cpuinfo; elsewhere, and when that file cannot be read, it is asked for: exact first; on
+    ARM CPUs it changes nothing)."""
     try:
         with open(cpuinfo, encoding="utf-8", errors="replace") as f:
             flags = next((line for line in f if line.startswith("flags")), "")

@@ -235,7 +235,6 @@ def stop() -> None:
 
     import ray
     from ray import serve
-
     from ray.serve.exceptions import RayServeException
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)

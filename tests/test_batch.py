@@ -96,8 +96,8 @@ def test_a_killed_job_rerun_finishes_every_image_once(local_ray, collection, tmp
     many = tmp_path / "many.txt"
     many.write_text("\n".join(f"{p}" for p in paths) + "\n")
     out = tmp_path / "out"
-    proc = subprocess.Popen(_one_by_one(engine, many, out), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    proc = subprocess.Popen(_one_by_one(engine, many, out), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and not list(out.glob("part-*.parquet")) and proc.poll() is None:
         time.sleep(0.05)
@@ -165,8 +165,8 @@ def test_ctrl_c_keeps_what_is_written_in_one_line(local_ray, collection, tmp_pat
     engine, folder = collection
     images = _six_copies(folder, tmp_path / "images")
     out = tmp_path / "out"
-    proc = subprocess.Popen(_one_by_one(engine, images, out), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(_one_by_one(engine, images, out), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.time() + 120
         while time.time() < deadline and not list(out.glob("part-*.parquet")) and proc.poll() is None:

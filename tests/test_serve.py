@@ -4,7 +4,12 @@ answer alone, bad requests get 400 with the Python API's message, internal failu
 import base64
 import io
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +31,12 @@ def _png(image) -> bytes:
     return buf.getvalue()
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def service(make_engine):
     import ray
@@ -35,9 +46,7 @@ def service(make_engine):
     from runtime.serve import start
 
     _, engine = make_engine("stage2text")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     start(str(engine), port=port, batch_wait_ms=200)  # a long wait: concurrent requests surely batch
     yield f"http://127.0.0.1:{port}", Blip2Pipeline.from_dir(engine)
@@ -136,23 +145,11 @@ def test_one_failing_request_fails_alone_and_internal_errors_are_500():
     assert reply("/caption", PromptError("empty"))[0] == 400 and reply("/caption", "x") == (200, {"caption": "x"})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ctrl_c_stops_the_service_in_one_line_and_ends_its_ray_instance(make_engine):
     """`python -m runtime serve` on a Ray instance of its own (RAY_ADDRESS=local): Ctrl-C prints one line after
     the serving line, nothing from Ray (serve.shutdown() made the raylet print one about its controller), exits 0
     and the port stops answering; Ctrl-C while Ray is still starting prints the same line (serve.delete() raised
     there, with no Serve yet)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     _, engine = make_engine("stage2text")
     port = _free_port()
     env = {**os.environ, "RAY_ADDRESS": "local"}
