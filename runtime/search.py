@@ -404,87 +404,111 @@ def _greedy_or_sample(model: StepModel, logits: np.ndarray, present: np.ndarray 
     return [out[i, : lengths[i]].tolist() for i in range(b)]
 
 
+@dataclass
+class _Beams:
+    """_beam_search's state for a batch of b items: per item `num_beams` running beams (their tokens so far and
+    accumulated log-probs) and `num_beams` finished hypotheses (tokens, length-normalised score, length)."""
+
+    run_tok: np.ndarray  # [b, nb, max_new] int64
+    run_score: np.ndarray  # [b, nb] float32
+    fin_tok: np.ndarray  # [b, nb, max_new] int64
+    fin_score: np.ndarray  # [b, nb] float32
+    fin_len: np.ndarray  # [b, nb] int64
+    is_fin: np.ndarray  # [b, nb] bool: the slot holds a real hypothesis
+    improvable: np.ndarray  # [b] bool: transformers' is_early_stop_heuristic_unsatisfied
+
+    @classmethod
+    def start(cls, b: int, cfg: GenerationConfig) -> "_Beams":
+        nb, shape = cfg.num_beams, (b, cfg.num_beams, cfg.max_new_tokens)
+        run_score = np.zeros((b, nb), dtype=np.float32)
+        run_score[:, 1:] = _NEG  # only beam 0 is live at the start: no duplicate candidates
+        return cls(np.full(shape, cfg.pad_token_id, dtype=np.int64), run_score,
+                   np.full(shape, cfg.pad_token_id, dtype=np.int64), np.full((b, nb), _NEG, dtype=np.float32),
+                   np.zeros((b, nb), dtype=np.int64), np.zeros((b, nb), dtype=bool), np.ones(b, dtype=bool))
+
+    def candidates(self, logp: np.ndarray, t: int, cfg: GenerationConfig):
+        """The top 2 * num_beams continuations over all beams of each item (logp [b * nb, V], step t): their
+        accumulated scores, token rows, source beams and whether each stops here (EOS or the length limit)."""
+        b, nb = self.run_score.shape
+        v = logp.shape[-1]
+        acc = (logp.reshape(b, nb, v) + self.run_score[:, :, None]).reshape(b, nb * v)
+        cand = _topk_indices(acc, 2 * nb)
+        score = np.take_along_axis(acc, cand, axis=1)
+        src, token = cand // v, cand % v
+        tok = np.take_along_axis(self.run_tok, src[:, :, None], axis=1)
+        tok[:, :, t] = token
+        return score, tok, src, (token == cfg.eos_token_id) | (t + 1 >= cfg.max_new_tokens)
+
+    def keep_running(self, score, tok, src, hits) -> np.ndarray:
+        """The best num_beams continuations that did not stop become the running beams; -> their source beams."""
+        keep_score = score + hits.astype(np.float32) * _NEG
+        keep = _topk_indices(keep_score, self.run_score.shape[1])
+        self.run_tok = np.take_along_axis(tok, keep[:, :, None], axis=1)
+        self.run_score = np.take_along_axis(keep_score, keep, axis=1)
+        return np.take_along_axis(src, keep, axis=1)
+
+    def finish(self, score, tok, hits, t: int, cfg: GenerationConfig) -> None:
+        """Stopped continuations among the top num_beams compete for the finished slots, scored
+        sum_logprobs / n_new_tokens ** length_penalty."""
+        b, nb = self.run_score.shape
+        just_fin = hits & (np.arange(2 * nb) < nb)[None, :]
+        new_score = score / np.float32((t + 1) ** cfg.length_penalty)
+        if cfg.early_stopping is True:
+            new_score = new_score + self.is_fin.all(axis=1, keepdims=True).astype(np.float32) * _NEG
+        new_score = new_score + (~self.improvable)[:, None].astype(np.float32) * _NEG
+        new_score = new_score + (~just_fin).astype(np.float32) * _NEG
+        merged = np.concatenate([self.fin_score, new_score], axis=1)
+        sel = _topk_indices(merged, nb)
+        self.fin_score = np.take_along_axis(merged, sel, axis=1)
+        self.fin_tok = np.take_along_axis(np.concatenate([self.fin_tok, tok], axis=1), sel[:, :, None], axis=1)
+        lengths = np.concatenate([self.fin_len, np.full((b, 2 * nb), t + 1)], axis=1)
+        self.fin_len = np.take_along_axis(lengths, sel, axis=1)
+        self.is_fin = np.take_along_axis(np.concatenate([self.is_fin, just_fin], axis=1), sel, axis=1)
+
+    def done(self, hits, t: int, cfg: GenerationConfig) -> bool:
+        """Whether nothing can change any more: no running beam can beat a finished hypothesis of its item."""
+        lp, es = cfg.length_penalty, cfg.early_stopping
+        best_len = cfg.max_new_tokens if (es == "never" and lp > 0.0) else t + 1
+        best_possible = self.run_score[:, :1] / np.float32(best_len**lp)
+        worst_fin = np.where(self.is_fin, self.fin_score.min(axis=1, keepdims=True), _NEG)
+        self.improvable &= (best_possible > worst_fin).any(axis=1)
+        return not self.improvable.any() or (es is True and self.is_fin.all()) or bool(hits.all())
+
+    def best(self) -> list[list[int]]:
+        return [self.fin_tok[i, 0, : self.fin_len[i, 0]].tolist() for i in range(len(self.fin_tok))]
+
+
 def _beam_search(model: StepModel, logits: np.ndarray, present: np.ndarray | None, cfg: GenerationConfig) -> list[list[int]]:
     """transformers' ``_beam_search`` (vectorised, static-shape variant), step for step.
 
-    Per batch item it keeps ``num_beams`` running beams and ``num_beams`` finished hypotheses.
+    Per batch item it keeps ``num_beams`` running beams and ``num_beams`` finished hypotheses (:class:`_Beams`).
     Each step takes the top ``2 * num_beams`` continuations of the accumulated log-probs; the
     best ``num_beams`` that did not just stop keep running; those among the top ``num_beams``
     that stopped (EOS, or max_new_tokens reached) compete for the finished slots with score
     ``sum_logprobs / n_new_tokens ** length_penalty``.
     """
     b, v = logits.shape
-    nb, k, max_new = cfg.num_beams, 2 * cfg.num_beams, cfg.max_new_tokens
-    eos, pad, lp, es = cfg.eos_token_id, cfg.pad_token_id, cfg.length_penalty, cfg.early_stopping
-    f32 = np.float32
-
+    nb = cfg.num_beams
     logits = np.repeat(logits, nb, axis=0)  # the cache is expanded lazily, at the first reorder
     if present is not None:
         present = np.repeat(present, nb, axis=0)
-    run_tok = np.full((b, nb, max_new), pad, dtype=np.int64)
-    run_score = np.zeros((b, nb), dtype=f32)
-    run_score[:, 1:] = _NEG  # only beam 0 is live at the start: no duplicate candidates
-    fin_tok = np.full((b, nb, max_new), pad, dtype=np.int64)
-    fin_score = np.full((b, nb), _NEG, dtype=f32)
-    fin_len = np.zeros((b, nb), dtype=np.int64)
-    is_fin = np.zeros((b, nb), dtype=bool)
-    improvable = np.ones(b, dtype=bool)  # transformers' is_early_stop_heuristic_unsatisfied
-    top_nb = np.arange(k) < nb
-    row_base = (np.arange(b) * nb)[:, None]
-    flat_rows = np.arange(b * nb)
-
-    for t in range(max_new):
+    beams = _Beams.start(b, cfg)
+    row_base, flat_rows = (np.arange(b) * nb)[:, None], np.arange(b * nb)
+    for t in range(cfg.max_new_tokens):
         if t:
-            logits = _as_logits(model.step(run_tok[:, :, t - 1].reshape(-1)), b * nb, v, "model.step() output")
-        logp = _process(log_softmax(logits), present, t, cfg)
-        acc = (logp.reshape(b, nb, v) + run_score[:, :, None]).reshape(b, nb * v)
-
-        # c. top 2*num_beams continuations over all beams of each batch item
-        cand = _topk_indices(acc, k)
-        cand_score = np.take_along_axis(acc, cand, axis=1)
-        cand_src, cand_id = cand // v, cand % v
-        cand_tok = np.take_along_axis(run_tok, cand_src[:, :, None], axis=1)
-        cand_tok[:, :, t] = cand_id
-        # d. which continuations stop here (EOS or length limit)
-        hits = (cand_id == eos) | (t + 1 >= max_new)
-
-        # e. the best num_beams continuations that did not stop keep running
-        keep_score = cand_score + hits.astype(f32) * _NEG
-        keep = _topk_indices(keep_score, nb)
-        run_tok = np.take_along_axis(cand_tok, keep[:, :, None], axis=1)
-        run_score = np.take_along_axis(keep_score, keep, axis=1)
-        run_src = np.take_along_axis(cand_src, keep, axis=1)
-
-        # f. stopped continuations among the top num_beams may replace finished hypotheses
-        just_fin = hits & top_nb[None, :]
-        new_score = cand_score / f32((t + 1) ** lp)
-        if es is True:
-            new_score = new_score + is_fin.all(axis=1, keepdims=True).astype(f32) * _NEG
-        new_score = new_score + (~improvable)[:, None].astype(f32) * _NEG
-        new_score = new_score + (~just_fin).astype(f32) * _NEG
-        m_score = np.concatenate([fin_score, new_score], axis=1)
-        sel = _topk_indices(m_score, nb)
-        fin_score = np.take_along_axis(m_score, sel, axis=1)
-        fin_tok = np.take_along_axis(np.concatenate([fin_tok, cand_tok], axis=1), sel[:, :, None], axis=1)
-        fin_len = np.take_along_axis(np.concatenate([fin_len, np.full((b, k), t + 1)], axis=1), sel, axis=1)
-        is_fin = np.take_along_axis(np.concatenate([is_fin, just_fin], axis=1), sel, axis=1)
-
-        # g. can anything still change?
-        best_len = max_new if (es == "never" and lp > 0.0) else t + 1
-        best_possible = run_score[:, :1] / f32(best_len**lp)
-        worst_fin = np.where(is_fin, fin_score.min(axis=1, keepdims=True), _NEG)
-        improvable &= (best_possible > worst_fin).any(axis=1)
-        if not improvable.any() or (es is True and is_fin.all()) or hits.all():
+            logits = _as_logits(model.step(beams.run_tok[:, :, t - 1].reshape(-1)), b * nb, v, "model.step() output")
+        score, tok, src, hits = beams.candidates(_process(log_softmax(logits), present, t, cfg), t, cfg)
+        run_src = beams.keep_running(score, tok, src, hits)
+        beams.finish(score, tok, hits, t, cfg)
+        if beams.done(hits, t, cfg):
             break
-
         # follow the surviving beams: cache row i <- old row of its parent beam
         src_rows = (row_base + run_src).reshape(-1)
         model.reorder(src_rows // nb if t == 0 else src_rows)
         if present is not None:
             present = present[src_rows]
-            present[flat_rows, np.minimum(run_tok[:, :, t].reshape(-1), v)] = True
-
-    return [fin_tok[i, 0, : fin_len[i, 0]].tolist() for i in range(b)]
+            present[flat_rows, np.minimum(beams.run_tok[:, :, t].reshape(-1), v)] = True
+    return beams.best()
 
 
 # --------------------------------------------------------------------------- teacher forcing
