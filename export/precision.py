@@ -715,50 +715,21 @@ def to_int4(src, dst, block_size: int = INT4_BLOCK_SIZE, symmetric: bool = True,
     computing `logits`) gets `head_bits`-bit blocks, or stays float with None (always for TensorRT, whose
     block quantization is int4 only); the weight products of the first `eight_bit_layers` of the layers get
     8-bit blocks (for TensorRT, int4 like the others)."""
-    from onnxruntime.quantization import QuantFormat
-
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
-                                                                 DefaultWeightOnlyQuantizer)
-
-    root.handlers[:], root.level = handlers, level  # (its import turns the process's root logger to INFO)
     model, weights = load_graph(src)
     graph = model.graph
     _ensure_names(graph)
     _gemms_as_matmuls(graph, weights)
     _transposed_weights_as_kn(graph, weights)
     with_weight, _ = weight_matmuls(graph)
-    inits = {t.name: t for t in graph.initializer}
-    nodes = {n.name: n for n in graph.node}
-    # MatMulNBits needs a 2-D weight [K, N] whose K is a multiple of 2 (packing); Gemm/Conv are left as they are
-    targets = {name for name in with_weight if nodes[name].op_type == "MatMul" and nodes[name].input[1] in inits
-               and len(inits[nodes[name].input[1]].dims) == 2}
+    targets = _int4_targets(graph, with_weight)
     head = _logits_product(graph)
     head_bits = None if for_tensorrt else head_bits
     if head_bits is None:
         targets.discard(head)
     eight, first, layers = first_layers(graph, targets - {head}, 0 if for_tensorrt else eight_bit_layers)
-
-    def quantizer(bits):
-        return DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(
-            block_size=block_size, is_symmetric=symmetric, accuracy_level=accuracy_level, bits=bits,
-            op_types_to_quantize=("MatMul",), quant_format=QuantFormat.QDQ if for_tensorrt else QuantFormat.QOperator))
-    int4, int8, head_quantizer = quantizer(4), quantizer(8), quantizer(head_bits or 4)
-    body, quantized = [], 0
-    with _quiet_logging():
-        for node in graph.node:  # one weight at a time: read, quantized by ONNX Runtime, its output held
-            if node.name not in targets:
-                body.append(node)
-                continue
-            scratch = onnx.GraphProto(initializer=[numpy_helper.from_array(weights.array(node.input[1]), node.input[1])])
-            chosen = head_quantizer if node.name == head else int8 if node.name in eight else int4
-            replaced = chosen.quantize(node, [scratch])
-            quantized += replaced != [node]
-            body += replaced
-            graph.initializer.extend(weights.put(t) for t in scratch.initializer[1:])
-    del graph.node[:]
-    graph.node.extend(body)
+    quantizer = _nbits_quantizer(block_size, symmetric, accuracy_level, for_tensorrt)
+    bits = {name: (head_bits or 4) if name == head else 8 if name in eight else 4 for name in targets}
+    quantized = _quantize_weight_matmuls(graph, weights, bits, quantizer)
     _drop_unused_initializers(graph)
     _int4_opsets(model, for_tensorrt)
     weights.save(model, dst)
@@ -776,3 +747,52 @@ def to_int4(src, dst, block_size: int = INT4_BLOCK_SIZE, symmetric: bool = True,
             "accuracy_level": None if for_tensorrt else accuracy_level,
             "logits_product": None if head is None else {"node": head, "bits": head_bits},
             "eight_bit_layers": {"layers": first, "of": layers, "weight_products": len(eight)}}
+
+
+def _int4_targets(graph, with_weight) -> set[str]:
+    """The weight MatMuls MatMulNBits can take: a 2-D initializer weight [K, N] (Gemm/Conv stay as they are)."""
+    inits = {t.name: t for t in graph.initializer}
+    nodes = {n.name: n for n in graph.node}
+    return {name for name in with_weight if nodes[name].op_type == "MatMul" and nodes[name].input[1] in inits
+            and len(inits[nodes[name].input[1]].dims) == 2}
+
+
+def _nbits_quantizer(block_size: int, symmetric: bool, accuracy_level: int, for_tensorrt: bool):
+    """bits -> ONNX Runtime's weight-only quantizer for that many bits (MatMulNBits, or QDQ for TensorRT)."""
+    from onnxruntime.quantization import QuantFormat
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                 DefaultWeightOnlyQuantizer)
+
+    root.handlers[:], root.level = handlers, level  # (its import turns the process's root logger to INFO)
+    made = {}
+
+    def quantizer(bits: int):
+        if bits not in made:
+            made[bits] = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(
+                block_size=block_size, is_symmetric=symmetric, accuracy_level=accuracy_level, bits=bits,
+                op_types_to_quantize=("MatMul",),
+                quant_format=QuantFormat.QDQ if for_tensorrt else QuantFormat.QOperator))
+        return made[bits]
+    return quantizer
+
+
+def _quantize_weight_matmuls(graph, weights, bits: dict[str, int], quantizer) -> int:
+    """Replace each MatMul named in `bits` by its quantized form, one weight at a time (read, quantized by ONNX
+    Runtime, its output held); -> how many were replaced."""
+    body, quantized = [], 0
+    with _quiet_logging():
+        for node in graph.node:
+            if node.name not in bits:
+                body.append(node)
+                continue
+            scratch = onnx.GraphProto(initializer=[numpy_helper.from_array(weights.array(node.input[1]), node.input[1])])
+            replaced = quantizer(bits[node.name]).quantize(node, [scratch])
+            quantized += replaced != [node]
+            body += replaced
+            graph.initializer.extend(weights.put(t) for t in scratch.initializer[1:])
+    del graph.node[:]
+    graph.node.extend(body)
+    return quantized
