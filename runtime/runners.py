@@ -12,6 +12,8 @@ import functools
 import os
 from pathlib import Path
 
+import numpy as np
+
 from runtime.errors import BackendError, EngineFolderError
 from runtime.runner import Runner
 
@@ -113,6 +115,38 @@ class OrtRunner(Runner):
 
     def _infer(self, feeds, keep=frozenset()):
         return self.session.run(self.output_names, feeds)
+
+
+# A whole ONNX model: one Cast, float16 [n] -> float32 [n] (77 bytes, opset 13; tests/test_index.py rebuilds it
+# with onnx.helper and checks it against numpy on every float16 value).
+FLOAT16_CAST_MODEL = bytes.fromhex(
+    "08073a430a170a01781201792204436173742a090a02746f1801a001021204636173745a100a0178120b0a09080a12050a0312016e"
+    "62100a0179120b0a09080112050a0312016e42040a00100d")
+
+
+@functools.cache
+def _float16_cast():
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # (the ITM graph runs next)
+    if OrtRunner._global_pool:
+        opts.use_per_session_threads = False
+    return ort.InferenceSession(FLOAT16_CAST_MODEL, opts, providers=["CPUExecutionProvider"])
+
+
+def float16_to_float32(array: np.ndarray) -> np.ndarray:
+    """array (float16) in float32, through ONNX Runtime's vectorised conversion where ONNX Runtime is installed:
+    numpy converts float16 one value at a time, about 1.9 ns each on this 2-core machine, ONNX Runtime's Cast
+    in 0.27 ns on one thread: 12.1 ms against 1.8 (0.8 on 2 threads) for the 128 x 197 x 256 image embeddings
+    that a k = 128 query re-ranks (small preset). Both are exact (every float16 value is a float32 value)."""
+    try:
+        session = _float16_cast()
+    except ImportError:  # (a TensorRT-only device)
+        return array.astype(np.float32)
+    flat = np.ascontiguousarray(array, dtype=np.float16).reshape(-1)
+    return session.run(None, {"x": flat})[0].reshape(array.shape)
 
 
 def shared_pool_active() -> bool:

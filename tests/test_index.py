@@ -114,11 +114,14 @@ def test_gallery_saves_loads_memory_mapped_and_extends(tmp_path, monkeypatch):
         ImageGallery.load(tmp_path / "missing")
     with pytest.raises(RetrievalError, match="1200 feature rows but 3 image embeddings"):
         ImageGallery(feats, embeds[:3])
+    with pytest.raises(RetrievalError, match="extend takes an ImageGallery, not list; encode the images first"):
+        whole.extend(["more.png"])
+    assert len(first) == 1000  # extend returned a new gallery; this one is as it was
 
 
 def test_rows_float32_reads_the_rows_a_query_reranks(tmp_path):
-    """The re-rank's read of k image embeddings (float16, memory-mapped; split over the cores when large) equals
-    numpy's plain conversion, in the order asked for."""
+    """The re-rank's read of k image embeddings (float16, memory-mapped, converted by ONNX Runtime) equals
+    numpy's plain conversion, in the order asked for; float32 rows come back as they are."""
     from runtime.retrieval import rows_float32
 
     rng = np.random.default_rng(0)
@@ -127,6 +130,28 @@ def test_rows_float32_reads_the_rows_a_query_reranks(tmp_path):
     mapped = np.load(tmp_path / "embeds.npy", mmap_mode="r")
     for rows in (rng.choice(300, 7, replace=False), rng.choice(300, 200, replace=False)):  # 58k, 1.7M values
         got = rows_float32(mapped, rows)
-        assert got.dtype == np.float32 and got.flags.c_contiguous
+        assert got.dtype == np.float32 and got.flags.c_contiguous and got.shape == (len(rows), 65, 128)
         np.testing.assert_array_equal(got, stored[rows].astype(np.float32))
     np.testing.assert_array_equal(rows_float32(stored.astype(np.float32), rows), stored[rows].astype(np.float32))
+
+
+def test_float16_cast_model_is_one_cast_and_converts_every_float16_value_as_numpy_does():
+    """runtime.runners' 77-byte model is what onnx.helper builds for one Cast float16 -> float32, and ONNX
+    Runtime's conversion through it equals numpy's for all 65,536 float16 bit patterns (subnormals, infinities;
+    NaNs stay NaN)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from runtime.runners import FLOAT16_CAST_MODEL, float16_to_float32
+
+    graph = helper.make_graph([helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)], "cast",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["n"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+    onnx.checker.check_model(model)
+    assert onnx.load_from_string(FLOAT16_CAST_MODEL) == model
+    every = np.arange(1 << 16, dtype=np.uint16).view(np.float16).reshape(256, 16, 16)
+    got, want = float16_to_float32(every), every.astype(np.float32)
+    assert got.dtype == np.float32 and got.shape == every.shape
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan) and np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
