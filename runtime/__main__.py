@@ -80,7 +80,8 @@ def _retrieve(pipe, args) -> list[str]:
         raise PromptError("retrieve needs exactly one query: --text (search the images given) or --image "
                           "(search the texts given)")
     query = args.text if args.text is not None else Path(args.image)  # a str query is a text
-    hits = pipe.retrieve(query, args.candidates, k=args.k, rerank=not args.no_rerank)
+    k = min(10, len(args.candidates)) if args.k is None else args.k
+    hits = pipe.retrieve(query, args.candidates, k=k, rerank=not args.no_rerank)
     header = "rank\titm_probability\titc_similarity\t" + ("image" if args.text is not None else "text")
     return [header] + [f"{r}\t{'-' if h.itm is None else f'{h.itm:.4f}'}\t{h.itc:.4f}\t{args.candidates[h.index]}"
                        for r, h in enumerate(hits, 1)]
@@ -127,7 +128,7 @@ def _batch(args) -> int:
         return 130
     print(f"{result['written']} images written to {args.output} in {result['seconds']:.1f}s"
           f" ({result['written'] / max(result['seconds'], 1e-9):.1f} images/s), {result['skipped']} already there,"
-          f" {result['errors']} rows with an error", file=sys.stderr)
+          f" {result['errors']} {'row' if result['errors'] == 1 else 'rows'} with an error", file=sys.stderr)
     return 0
 
 
@@ -160,6 +161,9 @@ def _serve(args) -> int:
         while True:
             time.sleep(3600)
     except Blip2EdgeError as e:
+        from runtime.serve import stop
+
+        stop()  # (a Ray instance the command started ends with it)
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -167,7 +171,7 @@ def _serve(args) -> int:
 
         stop()
         print("stopped", file=sys.stderr)
-        return 0
+        return 130
 
 
 def main(argv=None) -> int:
@@ -188,13 +192,14 @@ def main(argv=None) -> int:
     _folder_args(ret)
     ret.add_argument("--text", help="text query: the candidates are image files")
     ret.add_argument("--image", help="image query: the candidates are texts")
-    ret.add_argument("--k", type=int, default=10, help="how many candidates to re-rank and print (default 10)")
+    ret.add_argument("--k", type=int, help="how many candidates to re-rank and print (default 10, or all of them "
+                     "when there are fewer)")
     ret.add_argument("--no-rerank", action="store_true", help="ITC ranking only, no ITM")
     ret.add_argument("candidates", nargs="+", help="image files (with --text) or texts (with --image)")
     _batch_args(sub.add_parser("batch", help="caption, ask or embed a whole image collection with Ray Data into "
                                "a Parquet dataset (resumable; needs the scale extra)"))
-    _serve_args(sub.add_parser("serve", help="an HTTP service (POST /caption /ask /match /embed) on Ray Serve "
-                               "(needs the scale extra)"))
+    _serve_args(sub.add_parser("serve", help="an HTTP service (POST /caption /ask /match /embed, GET /health "
+                               "/metrics) on Ray Serve (needs the scale extra)"))
     args = ap.parse_args(argv)
     if args.command == "batch":
         return _batch(args)

@@ -6,12 +6,12 @@
     POST /embed    {"image": ...}                                                 -> {"features": [[...], ...]}
     GET  /health   -> {"status": "ok"};   GET /metrics -> Prometheus text (this replica's counters)
 
-A body may also be a multipart upload with the file in field `image` (and the other fields as form fields;
-numbers and true/false are read as such). Requests that arrive together are batched (`serve.batch`) up to
+`image` may also be a data URL (`data:image/png;base64,...`), and a body a multipart upload with the file in
+field `image` (and the other fields as form fields; numbers and true/false are read as such). Requests that arrive together are batched (`serve.batch`) up to
 the engine's max batch, grouped by task and options (one `Blip2Pipeline` call per group, prompts one per
 image); a batched answer equals the answer to the same request alone. A bad image, an empty or too-long prompt,
 an unknown or out-of-range option answer 400 with the message the Python API gives; anything else 500, and the
-replica keeps serving.
+replica keeps serving. A path the service does not have answers 404, a method a path does not take 405.
 """
 import asyncio
 import base64
@@ -28,6 +28,11 @@ ROUTES = {"/caption": "caption", "/ask": "answer", "/match": "probability", "/em
 OPTIONS = ("max_new_tokens", "min_new_tokens", "num_beams", "do_sample", "temperature", "top_k", "top_p",
            "repetition_penalty", "length_penalty", "early_stopping", "seed", "decoder")
 FIELDS = {"/caption": (), "/ask": ("prompt",), "/match": ("text",), "/embed": ()}  # besides image and options
+GETS = ("/health", "/metrics")
+
+
+class ServeOptionError(Blip2EdgeError, ValueError):
+    """The service cannot start with these options (port, replicas, batching) or on this port."""
 
 
 @dataclass
@@ -65,6 +70,8 @@ def parse(route: str, body: dict) -> Item:
         raise ImageInputError("the request has no 'image'; send {\"image\": \"<base64 of the file>\"} or a "
                               "multipart upload with the file in field 'image'")
     if isinstance(image, str):
+        if image.startswith("data:") and ";base64," in image[:100]:  # a data URL: data:image/png;base64,...
+            image = image.split(",", 1)[1]
         try:
             image = base64.b64decode(image, validate=True)
         except ValueError:
@@ -115,6 +122,16 @@ def answer_batch(pipe, items: list[Item]) -> list:
     return out
 
 
+def misrouted(method: str, route: str) -> tuple[int, dict, dict] | None:
+    """(404 or 405, JSON answer, headers) for a request the service has no handler for; None where it has."""
+    if (method == "POST" and route in ROUTES) or (method == "GET" and route in GETS):
+        return None
+    if route in ROUTES or route in GETS:
+        allowed = "POST" if route in ROUTES else "GET"
+        return 405, {"error": f"{route} takes {allowed}, not {method}"}, {"Allow": allowed}
+    return 404, {"error": f"no {route} here; POST to one of {', '.join(ROUTES)}, or GET {' or '.join(GETS)}"}, {}
+
+
 def reply(route: str, value) -> tuple[int, dict]:
     """(HTTP status, JSON answer) for a request's value: its result, or the exception it raised."""
     if isinstance(value, Blip2EdgeError):
@@ -161,8 +178,12 @@ def build_app(engines: str, max_batch_size: int | None = None, batch_wait_ms: fl
     limit = load_manifest(engines).limits.max_batch
     batch = max_batch_size or limit
     if not 1 <= batch <= limit:
-        raise PromptError(f"--max-batch-size {batch} is outside 1..{limit}, the engine folder's max batch; rebuild "
-                          f"with `python -m export.build --max-batch {batch}` for larger batches")
+        raise ServeOptionError(f"--max-batch-size {batch} is outside 1..{limit}, the engine folder's max batch; "
+                               f"rebuild with `python -m export.build --max-batch {batch}` for larger batches")
+    if not (isinstance(replicas, int) and replicas >= 1):
+        raise ServeOptionError(f"--replicas {replicas!r}: give 1 or more copies of the pipeline")
+    if not batch_wait_ms >= 0:
+        raise ServeOptionError(f"--batch-wait-ms {batch_wait_ms!r}: give 0 or more milliseconds")
 
     @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": 1}, max_ongoing_requests=4 * batch)
     class Blip2Service:
@@ -185,14 +206,15 @@ def build_app(engines: str, max_batch_size: int | None = None, batch_wait_ms: fl
 
         async def __call__(self, request):
             route, started = request.url.path.rstrip("/") or "/", time.perf_counter()
-            if request.method == "GET" and route == "/health":
+            wrong = misrouted(request.method, route)
+            if wrong:  # (counted under one label: any path a client sends would otherwise add a series)
+                self.requests.labels("other", str(wrong[0])).inc()
+                return JSONResponse(wrong[1], status_code=wrong[0], headers=wrong[2])
+            if route == "/health":
                 return JSONResponse({"status": "ok"})
-            if request.method == "GET" and route == "/metrics":
+            if route == "/metrics":
                 return Response(generate_latest(self.registry), media_type="text/plain; version=0.0.4")
             try:
-                if request.method != "POST" or route not in ROUTES:
-                    raise PromptError(f"no {request.method} {route}; POST to one of {', '.join(ROUTES)}, or GET "
-                                      f"/health or /metrics")
                 value = await self.answer(parse(route, await read_body(request)))
             except Exception as e:  # noqa: BLE001 (answered below: 400 or 500, and the replica goes on)
                 value = e
@@ -204,9 +226,29 @@ def build_app(engines: str, max_batch_size: int | None = None, batch_wait_ms: fl
     return Blip2Service.bind()
 
 
+def app(args: dict):
+    """The application for `serve run` and Serve config files, options as strings:
+    `serve run runtime.serve:app engines=engines/demo/onnx max_batch_size=8 batch_wait_ms=10 replicas=2`."""
+    kinds = {"engines": str, "max_batch_size": int, "batch_wait_ms": float, "replicas": int, "threads": int,
+             "backend": str}
+    unknown = sorted(set(args) - set(kinds))
+    if unknown or "engines" not in args:
+        raise ServeOptionError(f"runtime.serve:app takes engines=DIR and optionally {', '.join(list(kinds)[1:])}"
+                               + (f"; not {', '.join(unknown)}" if unknown else "; engines is missing"))
+    try:
+        return build_app(**{k: kinds[k](v) for k, v in args.items()})
+    except (TypeError, ValueError) as e:
+        if isinstance(e, Blip2EdgeError):
+            raise
+        raise ServeOptionError(f"runtime.serve:app: {e}") from None
+
+
 def start(engines: str, host: str = "127.0.0.1", port: int = 8000, **app_options) -> None:
     """Start Ray (local unless RAY_ADDRESS is set), Ray Serve's HTTP proxy on host:port and the application."""
     import os
+
+    if not (isinstance(port, int) and 1 <= port <= 65535):
+        raise ServeOptionError(f"--port {port!r} is not a TCP port; give one in 1..65535 (default 8000)")
 
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
     # Ray Serve marks its HTTP proxy dead when it is not ready within 5 s, three times: on a small machine that
@@ -217,12 +259,18 @@ def start(engines: str, host: str = "127.0.0.1", port: int = 8000, **app_options
     import ray
     from ray import serve
 
-    app = build_app(engines, **app_options)  # (checks the folder and options before Ray starts)
+    application = build_app(engines, **app_options)  # (checks the folder and options before Ray starts)
     if not ray.is_initialized():
         ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # (its INFO lines: started, connecting, ready)
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(app, name=APP_NAME, route_prefix="/")
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(application, name=APP_NAME, route_prefix="/")
+    except Exception as e:  # noqa: BLE001 (Ray raises its task error wrapping the proxy's RuntimeError)
+        if "Failed to bind to address" in str(e):
+            raise ServeOptionError(f"could not listen on {host}:{port}: the port is in use (another server, or a "
+                                   f"service still running); choose another with --port") from None
+        raise
 
 
 def stop() -> None:

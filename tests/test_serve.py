@@ -22,7 +22,7 @@ pytest.importorskip("multipart")
 
 from export.parity import probe_images  # noqa: E402
 from runtime.errors import PromptError  # noqa: E402
-from runtime.serve import Item, answer_batch, reply  # noqa: E402
+from runtime.serve import Item, ServeOptionError, answer_batch, app, misrouted, reply  # noqa: E402
 
 
 def _png(image) -> bytes:
@@ -121,9 +121,16 @@ def test_bad_requests_get_400_with_the_python_api_message(service):
         pipe.generate(probe_images(32, count=1)[0], num_beams=0)
     assert _post(f"{url}/caption", {"image": image, "num_beams": 0}) == (400, {"error": str(beams.value)})
     assert _post(f"{url}/caption", {"prompt": "x"})[0] == 400
-    assert _post(f"{url}/nothing", {"image": image})[0] == 400
     assert _post(f"{url}/caption", data=b"{not json")[0] == 400
-    assert _post(f"{url}/caption", {"image": image, **GEN})[0] == 200  # and it goes on serving
+    status, body = _post(f"{url}/nothing", {"image": image})
+    assert status == 404 and body["error"].startswith("no /nothing here; POST to one of /caption")
+    with pytest.raises(urllib.error.HTTPError) as get:
+        urllib.request.urlopen(f"{url}/caption", timeout=30)
+    assert get.value.code == 405 and get.value.headers["Allow"] == "POST"
+    metrics = urllib.request.urlopen(f"{url}/metrics", timeout=30).read().decode()
+    assert 'route="other",status="404"' in metrics and "/nothing" not in metrics  # one series for every stray path
+    status, body = _post(f"{url}/caption", {"image": "data:image/png;base64," + image, **GEN})  # a data URL
+    assert status == 200 and body["caption"] == pipe.caption(probe_images(32, count=1, seed=1)[0], **GEN)[0]
 
 
 class _Pipe:
@@ -145,11 +152,46 @@ def test_one_failing_request_fails_alone_and_internal_errors_are_500():
     assert reply("/caption", PromptError("empty"))[0] == 400 and reply("/caption", "x") == (200, {"caption": "x"})
 
 
+def test_routes_options_and_the_serve_run_builder_are_checked_before_ray_starts(make_engine):
+    """404 / 405 for requests the service has no handler for; replicas, batch wait and port checked by build_app
+    and start, before any Ray; `serve run runtime.serve:app engines=...` (string options) builds the app."""
+    from runtime.serve import start
+
+    assert misrouted("POST", "/caption") is None and misrouted("GET", "/health") is None
+    assert misrouted("GET", "/ask")[0::2] == (405, {"Allow": "POST"})
+    assert misrouted("POST", "/metrics")[0::2] == (405, {"Allow": "GET"})
+    assert misrouted("POST", "/caption/x")[0] == 404
+    _, engine = make_engine("stage2text")
+    for options, message in (({"replicas": 0}, "--replicas 0"), ({"batch_wait_ms": -1.0}, "--batch-wait-ms"),
+                             ({"max_batch_size": 999}, "--max-batch-size 999 is outside")):
+        with pytest.raises(ServeOptionError, match=message):
+            start(str(engine), **options)
+    with pytest.raises(ServeOptionError, match="--port 99999 is not a TCP port"):
+        start(str(engine), port=99999)
+    assert type(app({"engines": str(engine), "max_batch_size": "2", "batch_wait_ms": "5"})).__name__ == "Application"
+    with pytest.raises(ServeOptionError, match="not port"):
+        app({"engines": str(engine), "port": "8000"})
+    with pytest.raises(ServeOptionError, match="invalid literal"):
+        app({"engines": str(engine), "replicas": "two"})
+
+
+def test_a_port_in_use_is_one_error_line(make_engine):
+    _, engine = make_engine("stage2text")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "runtime", "serve", "--engines", str(engine), "--port", str(port)],
+                             capture_output=True, text=True, timeout=180, env={**os.environ, "RAY_ADDRESS": "local"})
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert f"error: could not listen on 127.0.0.1:{port}: the port is in use" in out.stderr
+
+
 def test_ctrl_c_stops_the_service_in_one_line_and_ends_its_ray_instance(make_engine):
     """`python -m runtime serve` on a Ray instance of its own (RAY_ADDRESS=local): Ctrl-C prints one line after
-    the serving line, nothing from Ray (serve.shutdown() made the raylet print one about its controller), exits 0
-    and the port stops answering; Ctrl-C while Ray is still starting prints the same line (serve.delete() raised
-    there, with no Serve yet)."""
+    the serving line, nothing from Ray (serve.shutdown() made the raylet print one about its controller), exits
+    130 as the other commands do, and the port stops answering; Ctrl-C while Ray is still starting prints the
+    same line (serve.delete() raised there, with no Serve yet)."""
     _, engine = make_engine("stage2text")
     port = _free_port()
     env = {**os.environ, "RAY_ADDRESS": "local"}
@@ -159,7 +201,7 @@ def test_ctrl_c_stops_the_service_in_one_line_and_ends_its_ray_instance(make_eng
     time.sleep(2)  # Ctrl-C while Ray is still starting: the same one line, no traceback
     os.killpg(early.pid, signal.SIGINT)
     out = early.communicate(timeout=120)[0]
-    assert early.returncode == 0 and out.splitlines()[-1:] == ["stopped"] and "Traceback" not in out, out
+    assert early.returncode == 130 and out.splitlines()[-1:] == ["stopped"] and "Traceback" not in out, out
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
     try:
@@ -180,7 +222,7 @@ def test_ctrl_c_stops_the_service_in_one_line_and_ends_its_ray_instance(make_eng
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, out
+    assert proc.returncode == 130, out
     lines = [line for line in out.splitlines() if line.strip()]
     assert len(lines) == 2 and lines[0].startswith(f"serving {engine} on http://127.0.0.1:{port}"), out
     assert lines[1] == "stopped", out
