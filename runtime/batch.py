@@ -198,19 +198,40 @@ def run(job: Job, say=print) -> dict:
         Worker, fn_constructor_args=(job.engines, job.task, job.prompt, job.options, threads, job.backend),
         batch_size=job.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=job.workers),
         num_cpus=1)
-    written = 0
-    try:
-        for batch in results.iter_batches(batch_size=None, batch_format="pyarrow"):
+    written, progress = 0, Progress(len(todo), started)
+    try:  # (batches of --batch-size rows, whatever blocks Ray's actors returned them in: one file each)
+        for batch in results.iter_batches(batch_size=job.batch_size, batch_format="pyarrow"):
             if batch.num_rows:
                 _write_part(output, batch)
                 written += batch.num_rows
-                rate = written / (time.perf_counter() - started)
-                print(f"\r{written}/{len(todo)} images, {rate:.1f} images/s", end="", file=sys.stderr, flush=True)
+                progress.show(written)
     finally:  # (ends the progress line, also when Ctrl-C stops the job: its message goes on a line of its own)
-        if written:
-            print(file=sys.stderr)
+        progress.end()
     return {"written": written, "skipped": len(paths) - len(todo), "errors": _count_errors(output),
             "seconds": time.perf_counter() - started}
+
+
+class Progress:
+    """The images/s line on stderr: rewritten in place on a terminal; where stderr is a file or a pipe (a log),
+    a line every 10 s and at the end instead of one line of carriage returns."""
+
+    def __init__(self, total: int, started: float, every_s: float = 10.0):
+        self.total, self.started, self.every_s = total, started, every_s
+        self.tty, self.shown, self.last = sys.stderr.isatty(), False, started
+
+    def show(self, done: int) -> None:
+        now = time.perf_counter()
+        line = f"{done}/{self.total} images, {done / max(now - self.started, 1e-9):.1f} images/s"
+        if self.tty:
+            print(f"\r{line}", end="", file=sys.stderr, flush=True)
+            self.shown = True
+        elif now - self.last >= self.every_s or done == self.total:
+            print(line, file=sys.stderr, flush=True)
+            self.last = now
+
+    def end(self) -> None:
+        if self.shown:
+            print(file=sys.stderr)
 
 
 def _start_ray(address: str | None) -> None:

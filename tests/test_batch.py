@@ -54,6 +54,9 @@ def test_rows_equal_each_image_alone_and_bad_images_become_errors(local_ray, col
                      batch_size=3, options=GENERATE), say=lambda *_: None)
     rows = {r["path"]: r for r in read_output(out)}
     assert len(rows) == 10 and result["written"] == 10 and result["errors"] == 1
+    import pyarrow.parquet as pq  # one file per --batch-size rows (the last one the rest), as the README says
+
+    assert sorted(pq.read_metadata(p).num_rows for p in out.glob("part-*.parquet")) == [1, 3, 3, 3]
     pipe = Blip2Pipeline.from_dir(engine)
     for path, row in rows.items():
         if path.endswith("broken.png"):
@@ -185,3 +188,16 @@ def test_ctrl_c_keeps_what_is_written_in_one_line(local_ray, collection, tmp_pat
     result = run(Job(engines=str(engine), task="caption", input=str(images), output=str(out), workers=1,
                      options=GENERATE), say=lambda *_: None)
     assert result["skipped"] == done and len(read_output(out)) == len(list_images(str(images)))
+
+
+def test_progress_in_a_log_is_a_line_every_10_s_not_carriage_returns(capsys, monkeypatch):
+    from runtime import batch
+
+    clock = iter([1.0, 2.0, 11.0, 12.0])
+    monkeypatch.setattr(batch.time, "perf_counter", lambda: next(clock))
+    progress = batch.Progress(total=4, started=0.0)  # (stderr is captured here: not a terminal)
+    for done in (1, 2, 3, 4):
+        progress.show(done)
+    progress.end()
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.splitlines() == ["3/4 images, 0.3 images/s", "4/4 images, 0.3 images/s"]
