@@ -122,10 +122,8 @@ def _read_file(path: str) -> Image.Image:
             image.load()
     except FileNotFoundError:
         hint = " (URLs are not fetched: download the file first)" if "://" in path else ""
-        raise ImageInputError(
-            f"no such file: {path}{hint}; check the path "
-            f"(relative paths are resolved against {os.getcwd()})"
-        ) from None
+        where = "" if os.path.isabs(path) else f" (relative paths are resolved against {os.getcwd()})"
+        raise ImageInputError(f"no such file: {path}{hint}; check the path{where}") from None
     except IsADirectoryError:
         raise ImageInputError(f"is a directory, not an image file: {path}; pass the path of one image") from None
     except PermissionError:

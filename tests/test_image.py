@@ -304,10 +304,14 @@ def bad_files(tmp_path):
     }
 
 
-def test_missing_file(tmp_path):
+def test_missing_file(tmp_path, monkeypatch):
+    """The message names the path, and the folder a relative path was read from (only for a relative path)."""
     missing = tmp_path / "missing.png"
-    with pytest.raises(ImageInputError, match=f"no such file: {missing}.*check the path"):
+    with pytest.raises(ImageInputError, match=f"no such file: {missing}; check the path$"):
         load_image(missing)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ImageInputError, match=f"no such file: sub/missing.png; .*resolved against {tmp_path}"):
+        load_image("sub/missing.png")
     with pytest.raises(ImageInputError, match="URLs are not fetched"):
         load_image("https://example.com/cat.jpg")
 
