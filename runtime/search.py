@@ -119,7 +119,9 @@ class GenerationConfig:
         """
 
         def bad(key: str, allowed: str) -> PromptError:
-            return PromptError(f"generation setting {key}={getattr(self, key)!r} is out of range: {allowed}.")
+            value = getattr(self, key)
+            what = "out of range" if isinstance(value, (int, float, np.number, np.bool_)) else "not valid"
+            return PromptError(f"generation setting {key}={value!r} is {what}: {allowed}.")
 
         limit = "" if max_total_new is None else f" and <= {max_total_new} (what the engine can hold for this prompt)"
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:

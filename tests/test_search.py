@@ -480,13 +480,17 @@ def test_beam_search_reorders_and_expands_cache():
         ({"early_stopping": "sometimes"}, "early_stopping"),
         ({"seed": -3}, "seed"),
         ({"eos_token_id": -1}, "eos_token_id"),
+        ({"num_beams": "three"}, "num_beams"),
+        ({"temperature": None}, "temperature"),
     ],
 )
 def test_validate_rejects_bad_settings(kw, key):
     with pytest.raises(PromptError, match=rf"\b{key}=") as info:
         GenerationConfig(**kw).validate()
     msg = str(info.value)
-    assert ("out of range" in msg or "not supported" in msg) and "must" in msg
+    assert ("out of range" in msg or "not supported" in msg or "not valid" in msg) and "must" in msg
+    number = isinstance(kw[key], (int, float))
+    assert ("not valid" in msg) != number or "not supported" in msg  # a wrong type is not called out of range
     assert isinstance(info.value, ValueError)
 
 
