@@ -492,5 +492,9 @@ def test_cli_match_and_retrieve(stage1, tmp_path):
     assert out.stdout.splitlines()[1].split("\t")[3] in ("a red circle", "a square")
     out = run("retrieve", "--engines", str(engine), "--text", "x", "--k", "9", *paths)
     assert out.returncode == 2 and "k=9 is larger than the image gallery (3 candidates)" in out.stderr
+    out = run("retrieve", "--engines", str(engine), "--text", "x", *paths)  # the default k: 10, or every candidate
+    assert out.returncode == 0 and len(out.stdout.splitlines()) == 1 + len(paths), out.stderr
+    out = run("retrieve", "--engines", str(engine), "--image", str(tmp_path / "nope.png"), "a", "b")
+    assert out.returncode == 2 and "no such file" in out.stderr
     out = run("caption", "--engines", str(engine), "--decoder", "qformer", "--max-new-tokens", "5", paths[0])
     assert out.returncode == 0 and out.stdout.startswith(paths[0] + "\t")
