@@ -7,9 +7,10 @@
     GET  /health   -> {"status": "ok"};   GET /metrics -> Prometheus text (this replica's counters)
 
 `image` may also be a data URL (`data:image/png;base64,...`), and a body a multipart upload with the file in
-field `image` (and the other fields as form fields; numbers and true/false are read as such). Requests that arrive together are batched (`serve.batch`) up to
-the engine's max batch, grouped by task and options (one `Blip2Pipeline` call per group, prompts one per
-image); a batched answer equals the answer to the same request alone. A bad image, an empty or too-long prompt,
+field `image` (and the other fields as form fields; numbers and true/false are read as such). Requests that
+arrive together are batched (`serve.batch`) up to the engine's max batch, grouped by task and options (one
+`Blip2Pipeline` call per group, prompts one per image); a batched answer equals the answer to the same request
+alone. A bad image, an empty or too-long prompt,
 an unknown or out-of-range option answer 400 with the message the Python API gives; anything else 500, and the
 replica keeps serving. A path the service does not have answers 404, a method a path does not take 405.
 """
@@ -235,12 +236,14 @@ def app(args: dict):
     if unknown or "engines" not in args:
         raise ServeOptionError(f"runtime.serve:app takes engines=DIR and optionally {', '.join(list(kinds)[1:])}"
                                + (f"; not {', '.join(unknown)}" if unknown else "; engines is missing"))
-    try:
-        return build_app(**{k: kinds[k](v) for k, v in args.items()})
-    except (TypeError, ValueError) as e:
-        if isinstance(e, Blip2EdgeError):
-            raise
-        raise ServeOptionError(f"runtime.serve:app: {e}") from None
+    options = {}
+    for key, value in args.items():
+        try:
+            options[key] = kinds[key](value)
+        except (TypeError, ValueError):
+            raise ServeOptionError(f"runtime.serve:app: {key}={value!r} is not a{'n' * (kinds[key] is int)} "
+                                   f"{kinds[key].__name__}") from None
+    return build_app(**options)
 
 
 def start(engines: str, host: str = "127.0.0.1", port: int = 8000, **app_options) -> None:

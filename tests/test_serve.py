@@ -171,7 +171,7 @@ def test_routes_options_and_the_serve_run_builder_are_checked_before_ray_starts(
     assert type(app({"engines": str(engine), "max_batch_size": "2", "batch_wait_ms": "5"})).__name__ == "Application"
     with pytest.raises(ServeOptionError, match="not port"):
         app({"engines": str(engine), "port": "8000"})
-    with pytest.raises(ServeOptionError, match="invalid literal"):
+    with pytest.raises(ServeOptionError, match="replicas='two' is not an int"):
         app({"engines": str(engine), "replicas": "two"})
 
 
