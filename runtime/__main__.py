@@ -104,6 +104,7 @@ def _batch_args(p: argparse.ArgumentParser) -> None:
                    "at most the engine's max batch is run at once)")
     p.add_argument("--ray-address", help="an existing Ray cluster (e.g. ray://head:10001 or auto); default: a "
                    "local Ray instance")
+    _gpus_arg(p, "worker")
     _generation_options(p)
 
 
@@ -116,7 +117,7 @@ def _batch(args) -> int:
         return 2
     job = Job(engines=args.engines, task=args.task, input=args.input, output=args.output, prompt=args.prompt,
               workers=args.workers, batch_size=args.batch_size, ray_address=args.ray_address, column=args.column,
-              backend=args.backend,
+              backend=args.backend, gpus=args.gpus,
               options={} if args.task == "embed" else _options(args))
     try:
         result = run(job, say=lambda m: print(m, file=sys.stderr))
@@ -142,6 +143,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    "the engine folder's max batch)")
     p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a request waits for others to "
                    "batch with (default 10 ms)")
+    _gpus_arg(p, "replica")
+
+
+def _gpus_arg(p: argparse.ArgumentParser, actor: str) -> None:
+    p.add_argument("--gpus", type=float, metavar="G", help=f"GPUs each {actor} asks Ray for (default: 1 with a "
+                   f"TensorRT engine folder, 0 with ONNX Runtime's; 0.5 puts two {actor}s on one GPU)")
 
 
 def _serve(args) -> int:
@@ -155,7 +162,8 @@ def _serve(args) -> int:
         return 2
     try:
         start(args.engines, host=args.host, port=args.port, replicas=args.replicas,
-              max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, backend=args.backend)
+              max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, backend=args.backend,
+              gpus=args.gpus)
         print(f"serving {args.engines} on http://{args.host}:{args.port} (POST /caption /ask /match /embed, "
               f"GET /health /metrics); Ctrl-C stops", file=sys.stderr, flush=True)
         while True:

@@ -24,6 +24,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runtime.actors import check_cluster_gpus, gpus_per_actor
 from runtime.errors import Blip2EdgeError, ImageInputError
 
 TASKS = {"caption": "caption", "ask": "answer", "embed": "features"}  # task -> its result column
@@ -47,6 +48,7 @@ class Job:
     column: str = "path"
     backend: str = "auto"
     options: dict = field(default_factory=dict)  # generation options, as Blip2Pipeline.generate takes them
+    gpus: float | None = None  # per worker; None: 1 for a TensorRT engine folder, else 0 (runtime.actors)
 
 
 # ------------------------------------------------------------------ inputs and what is done already
@@ -153,9 +155,9 @@ class Worker:
 
 
 # ------------------------------------------------------------------ the job
-def check_job(job: Job) -> list[str]:
+def check_job(job: Job) -> tuple[list[str], float]:
     """Everything that can be checked before Ray starts: the engine folder has what the task needs, the options
-    fit the task, the input lists images. Returns the image paths."""
+    fit the task, the input lists images. Returns the image paths and the GPUs each worker asks for."""
     from runtime.manifest import load_manifest
 
     if job.task not in TASKS:
@@ -172,15 +174,15 @@ def check_job(job: Job) -> list[str]:
                               f"has: {', '.join(manifest.graphs)})")
     if Path(job.output).exists() and not Path(job.output).is_dir():
         raise BatchInputError(f"--output {job.output} is a file; give a folder for the Parquet dataset")
-    return list_images(job.input, job.column)
+    return list_images(job.input, job.column), gpus_per_actor(manifest, job.gpus)
 
 
 def run(job: Job, say=print) -> dict:
     """Run `job` to the end (or continue it); returns {"written", "skipped", "errors", "seconds"}."""
-    paths = list(dict.fromkeys(check_job(job)))  # (a path listed twice is done once)
+    listed, gpus = check_job(job)
+    paths = list(dict.fromkeys(listed))  # (a path listed twice is done once)
     output = Path(job.output)
-    output.mkdir(parents=True, exist_ok=True)
-    done = written_paths(output)
+    done = written_paths(output) if output.is_dir() else set()
     todo = [p for p in paths if p not in done]
     say(f"{len(paths)} images listed, {len(paths) - len(todo)} already in {output}, {len(todo)} to do")
     if not todo:
@@ -189,6 +191,9 @@ def run(job: Job, say=print) -> dict:
 
     started = time.perf_counter()
     _start_ray(job.ray_address)
+    if job.ray_address is None:  # (a cluster may add GPU nodes on demand)
+        check_cluster_gpus(gpus, job.workers, "worker")
+    output.mkdir(parents=True, exist_ok=True)
     # a block per batch (up to 32 per worker), and at least one per worker: fewer images than workers x batch
     # size still reach every worker (and Ray does not warn that its actor pool cannot be used)
     blocks = max(min(len(todo), job.workers), min(len(todo) // job.batch_size, 4 * job.workers * 8))
@@ -197,7 +202,7 @@ def run(job: Job, say=print) -> dict:
     results = dataset.map_batches(
         Worker, fn_constructor_args=(job.engines, job.task, job.prompt, job.options, threads, job.backend),
         batch_size=job.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=job.workers),
-        num_cpus=1)
+        num_cpus=1, num_gpus=gpus)
     written, progress = 0, Progress(len(todo), started)
     try:  # (batches of --batch-size rows, whatever blocks Ray's actors returned them in: one file each)
         for batch in results.iter_batches(batch_size=job.batch_size, batch_format="pyarrow"):

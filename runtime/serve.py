@@ -22,6 +22,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from runtime.actors import check_cluster_gpus, gpus_per_actor
 from runtime.errors import Blip2EdgeError, ImageInputError, PromptError
 
 APP_NAME = "blip2"  # the Ray Serve application's name (serve run / serve status / serve.delete)
@@ -168,15 +169,17 @@ async def read_body(request) -> dict:
 
 
 def build_app(engines: str, max_batch_size: int | None = None, batch_wait_ms: float = 10.0, replicas: int = 1,
-              threads: int | None = None, backend: str = "auto"):
-    """The Ray Serve application (bind()-ed deployment) for `engines`."""
+              threads: int | None = None, backend: str = "auto", gpus: float | None = None):
+    """The Ray Serve application (bind()-ed deployment) for `engines`; each replica asks Ray for one CPU and
+    `gpus` GPUs (default: 1 for a TensorRT engine folder, else 0; `runtime.actors`)."""
     from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
     from ray import serve
     from starlette.responses import JSONResponse, Response
 
     from runtime.manifest import load_manifest
 
-    limit = load_manifest(engines).limits.max_batch
+    manifest = load_manifest(engines)
+    limit, per_replica = manifest.limits.max_batch, gpus_per_actor(manifest, gpus)
     batch = max_batch_size or limit
     if not 1 <= batch <= limit:
         raise ServeOptionError(f"--max-batch-size {batch} is outside 1..{limit}, the engine folder's max batch; "
@@ -186,7 +189,8 @@ def build_app(engines: str, max_batch_size: int | None = None, batch_wait_ms: fl
     if not batch_wait_ms >= 0:
         raise ServeOptionError(f"--batch-wait-ms {batch_wait_ms!r}: give 0 or more milliseconds")
 
-    @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": 1}, max_ongoing_requests=4 * batch)
+    @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": 1, "num_gpus": per_replica},
+                      max_ongoing_requests=4 * batch)
     class Blip2Service:
         def __init__(self):
             from runtime import Blip2Pipeline
@@ -231,7 +235,7 @@ def app(args: dict):
     """The application for `serve run` and Serve config files, options as strings:
     `serve run runtime.serve:app engines=engines/demo/onnx max_batch_size=8 batch_wait_ms=10 replicas=2`."""
     kinds = {"engines": str, "max_batch_size": int, "batch_wait_ms": float, "replicas": int, "threads": int,
-             "backend": str}
+             "backend": str, "gpus": float}
     unknown = sorted(set(args) - set(kinds))
     if unknown or "engines" not in args:
         raise ServeOptionError(f"runtime.serve:app takes engines=DIR and optionally {', '.join(list(kinds)[1:])}"
@@ -263,8 +267,14 @@ def start(engines: str, host: str = "127.0.0.1", port: int = 8000, **app_options
     from ray import serve
 
     application = build_app(engines, **app_options)  # (checks the folder and options before Ray starts)
+    on_cluster = ray.is_initialized() or os.environ.get("RAY_ADDRESS", "local") != "local"
     if not ray.is_initialized():
         ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    if not on_cluster:  # (a cluster may add GPU nodes on demand)
+        from runtime.manifest import load_manifest
+
+        check_cluster_gpus(gpus_per_actor(load_manifest(engines), app_options.get("gpus")),
+                           app_options.get("replicas", 1), "replica")
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # (its INFO lines: started, connecting, ready)
     try:
         serve.start(http_options={"host": host, "port": port})
