@@ -49,7 +49,8 @@ def test_batch_on_a_machine_without_a_gpu_says_so_and_writes_nothing(folders, tm
     probe_images(32, count=1)[0].save(tmp_path / "a.png")
     ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
-        with pytest.raises(ActorResourceError, match=r"2 workers ask for 2 GPUs \(1 each\) but Ray sees 0 on this machine.*--gpus 0 runs"):
+        refusal = r"2 workers ask for 2 GPUs \(1 each\) but Ray sees 0 on this machine.*--gpus 0 runs"
+        with pytest.raises(ActorResourceError, match=refusal):
             run(Job(engines=str(trt), task="caption", input=str(tmp_path), output=str(tmp_path / "out"), workers=2),
                 say=lambda *_: None)
     finally:
