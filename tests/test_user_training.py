@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import tarfile
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -229,15 +230,12 @@ def test_a_killed_run_resumes_to_the_same_weights(files, tmp_path):
     from train.checkpoint import load_checkpoint
     from train.tasks import Options, run_command
 
-    class Args:
-        data, images, vision, qformer_init, num_queries, cross_attention_every = (
-            files / "train" / "train.jsonl", None, DEMO, files / "bert", 4, 2)
-        init = None
+    def args(out, run, data=files / "train" / "train.jsonl"):  # as the command line gives them
+        return SimpleNamespace(data=data, images=None, vision=DEMO, qformer_init=files / "bert", num_queries=4,
+                               cross_attention_every=2, init=None, out=tmp_path / out, run=tmp_path / run)
 
     opts = Options(steps=4, batch_size=4, workers=0, log_every=3, save_every=2)
-    whole, killed = Args(), Args()
-    whole.out, whole.run = tmp_path / "whole", tmp_path / "run-whole"
-    killed.out, killed.run = tmp_path / "killed", tmp_path / "run-killed"
+    whole, killed = args("whole", "run-whole"), args("killed", "run-killed")
     run_command("stage1", None, whole, opts, say=lambda *_: None)
 
     def stop_at_step_3(line):
@@ -247,8 +245,19 @@ def test_a_killed_run_resumes_to_the_same_weights(files, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run_command("stage1", None, killed, opts, say=stop_at_step_3)
     assert not killed.out.exists()  # nothing half-written
+    from dataclasses import replace
+
+    from train.tasks import RunFolderError
+
+    other = args("other", "run-killed", files / "train" / "other.jsonl")  # the same run folder, other data
+    rows = (files / "train" / "train.jsonl").read_text().splitlines()
+    other.data.write_text("\n".join(rows[::-1]) + "\n")  # (the same images, another order)
+    with pytest.raises(RunFolderError, match=r"holds a run with other settings \(data: .*train.jsonl' -> .*other"):
+        run_command("stage1", None, other, opts, say=lambda *_: None)
+    with pytest.raises(RunFolderError, match="lr: 0.0001 -> 0.0002; steps: 4 -> 6"):  # nor another schedule
+        run_command("stage1", None, killed, replace(opts, steps=6, lr=2e-4), say=lambda *_: None)
     lines = []
-    run_command("stage1", None, killed, opts, say=lines.append)
+    run_command("stage1", None, killed, replace(opts, workers=0, log_every=1), say=lines.append)  # may change
     assert any("resuming" in line and "at step 2/4" in line for line in lines)
     a, b = load_checkpoint(whole.out).model.state_dict(), load_checkpoint(killed.out).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -204,6 +204,32 @@ def _config(opts: Options, steps: int) -> TrainConfig:
                        save_every=opts.save_every, grad_accum=opts.grad_accum, autocast=autocast)
 
 
+class RunFolderError(ValueError):
+    """The run folder holds a run that the command cannot continue."""
+
+
+# settings a run may resume with changed: where the result goes, and how it is read or logged, not what it computes
+RESUMABLE = frozenset({"out", "run", "workers", "log_every", "save_every", "max_bad", "feature_cache",
+                       "trained_parameters"})
+
+
+def check_resume(run: Path, settings: dict) -> None:
+    """A run folder with a saved state resumes only the run that wrote it: the same data and settings (its
+    train_args.json). Otherwise the new command would carry on from weights trained on other data, or change the
+    learning-rate schedule part-way, and write a checkpoint whose train_args.json describes neither."""
+    saved = run / "train_args.json"
+    if not (run / "state.pt").is_file() or not saved.is_file():
+        return
+    before, now = json.loads(saved.read_text()), json.loads(json.dumps(settings))
+    changed = [k for k in sorted(set(before) | set(now)) if k not in RESUMABLE and before.get(k) != now.get(k)]
+    if changed:
+        shown = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
+        raise RunFolderError(
+            f"{run} holds a run with other settings ({shown}{'; ...' if len(changed) > 4 else ''}), which this "
+            f"command would resume; give another run folder (--run-dir NEW) to start afresh, delete {run} to discard "
+            f"it, or rerun the command that started it to finish it")
+
+
 def run_command(command: str, task: str | None, args, opts: Options, say=print) -> Path:
     """Train `command` (stage1 | stage2 | finetune with `task`) on args.data; write the checkpoint args.out."""
     from train.datasets import open_dataset
@@ -224,19 +250,20 @@ def run_command(command: str, task: str | None, args, opts: Options, say=print) 
     out, run = Path(args.out), Path(args.run or Path("runs") / Path(args.out).name)
     say(f"data: {data!r}" + (f"; {len(data.skipped)} missing images skipped (first: {data.skipped[0]})"
                              if data.skipped else ""))
-    torch.manual_seed(opts.seed)  # the new parts' initial weights: a function of the seed
-    model, tok, qtok = start_model(command, task, args, say)
     steps_per_epoch = len(data) // (opts.batch_size * opts.grad_accum * size)
     steps = opts.steps or max(1, round(opts.epochs * steps_per_epoch))
     cfg = _config(opts, steps)
     frozen = frozen_prefixes(command, task, opts.train_vit)
+    settings = {"command": command, "task": task, **{k: (str(v) if isinstance(v, Path) else v)
+                                                     for k, v in vars(args).items() if k not in ("func",)},
+                **asdict(opts), "steps": steps, "processes": size, "frozen": list(frozen)}
+    check_resume(run, settings)  # (before the model is loaded)
+    torch.manual_seed(opts.seed)  # the new parts' initial weights: a function of the seed
+    model, tok, qtok = start_model(command, task, args, say)
     params = trainable(model, frozen)
     if opts.precision != "fp32":
         hold_frozen_in(model, frozen, getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[opts.precision]))
-    settings = {"command": command, "task": task, **{k: (str(v) if isinstance(v, Path) else v)
-                                                     for k, v in vars(args).items() if k not in ("func",)},
-                **asdict(opts), "steps": steps, "processes": size,
-                "trained_parameters": sum(p.numel() for p in params), "frozen": list(frozen)}
+    settings["trained_parameters"] = sum(p.numel() for p in params)
     say("settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
     run.mkdir(parents=True, exist_ok=True)
     if rank == 0:
@@ -270,7 +297,7 @@ def main(command: str, args) -> int:
     init_distributed()
     try:
         path = run_command(command, getattr(args, "task", None), args, options_from(args))
-    except (DataError, CheckpointError, NonFiniteLoss) as e:
+    except (DataError, CheckpointError, NonFiniteLoss, RunFolderError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if world()[0] == 0:
