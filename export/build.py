@@ -416,6 +416,11 @@ def build(model_dir, target: str = "onnx", out_root="engines", name: str | None 
     LimitError (a ValueError) or ParityError, and then leaves nothing under `out_root`."""
     out_root, source = Path(out_root), model_dir
     _check_request(target, out_root)
+    if TARGETS[target].precision != "fp32":
+        from export.calibration import check_calibration
+
+        cal = calibration or Calibration()
+        check_calibration(cal.images, cal.count, cal.report_images)
     model_dir = resolve_source(source)  # a hub id ('Salesforce/blip2-opt-2.7b'): its snapshot in the local cache
     precision, tensorrt = TARGETS[target].precision, TARGETS[target].tensorrt
     default_name = model_dir.resolve().name if model_dir == Path(source) else str(source).split("/")[-1]

@@ -51,10 +51,33 @@ class ImageSet:
 HELD_OUT = 4  # images kept out of calibration for the parity gate (batch 3, then batch 1)
 
 
+def check_calibration(folder, count: int, report: int) -> list[Path]:
+    """What calibration_images refuses, checked by export.build before any export starts: a count and report size
+    of 1 or more, and a folder (where given) with enough images. Returns the folder's images, sorted by name."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ImageInputError(f"--calib-count {count!r}: give 1 or more calibration images (default 64)")
+    if isinstance(report, bool) or not isinstance(report, int) or report < 1:
+        raise ImageInputError(f"--report-images {report!r}: give 1 or more images for the accuracy report "
+                              f"(default 16)")
+    if folder is None:
+        return []
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ImageInputError(f"--calib-images {folder} is not a folder; pass a folder of .png/.jpg images like the "
+                              f"ones the model will see in deployment")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if len(paths) < HELD_OUT + 1:
+        raise ImageInputError(f"--calib-images {folder} holds {len(paths)} images ({', '.join(IMAGE_SUFFIXES)}); "
+                              f"give at least {HELD_OUT + 1} (a few dozen is better) like the ones the model will see "
+                              f"in deployment: {HELD_OUT} are held out to check the INT8 graphs")
+    return paths
+
+
 def calibration_images(folder, image_size: int, count: int, seed: int = 0, report: int = 16) -> ImageSet:
     """`count` calibration images and HELD_OUT others from the same source: the ShapesCaps train and val
     splits by default (`report` val images for the accuracy report), else the folder's images (the last
     HELD_OUT of it, sorted by name, are held out, and are the report's images)."""
+    paths = check_calibration(folder, count, report)
     if folder is None:
         from train.data import ShapesCaps
 
@@ -66,14 +89,6 @@ def calibration_images(folder, image_size: int, count: int, seed: int = 0, repor
                          "held_out": f"{HELD_OUT} images of the ShapesCaps val split",
                          "report": f"{report} images of the ShapesCaps val split"})
     folder = Path(folder)
-    if not folder.is_dir():
-        raise ImageInputError(f"--calib-images {folder} is not a folder; pass a folder of .png/.jpg images like the "
-                              f"ones the model will see in deployment")
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if len(paths) < HELD_OUT + 1:
-        raise ImageInputError(f"--calib-images {folder} holds {len(paths)} images ({', '.join(IMAGE_SUFFIXES)}); "
-                              f"give at least {HELD_OUT + 1} (a few dozen is better) like the ones the model will see "
-                              f"in deployment: {HELD_OUT} are held out to check the INT8 graphs")
     held_out, paths = paths[-HELD_OUT:], paths[:-HELD_OUT][:count]
     return ImageSet(paths, None, held_out, None, held_out,
                     {"source": str(folder.resolve()), "count": len(paths), "seed": None,

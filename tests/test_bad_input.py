@@ -150,6 +150,22 @@ def test_limits_are_checked_before_any_export(tiny_engine, tmp_path):
     assert not (tmp_path / "engines").exists()
 
 
+def test_calibration_options_are_checked_before_the_checkpoint_is_read(tiny_engine, tmp_path):
+    from export.build import Calibration, build
+    from runtime.errors import ImageInputError
+
+    (tmp_path / "few").mkdir()
+    for calibration, message in ((Calibration(images=str(tmp_path / "none")), "--calib-images .* is not a folder"),
+                                 (Calibration(images=str(tmp_path / "few")), "holds 0 images"),
+                                 (Calibration(count=0), "--calib-count 0: give 1 or more"),
+                                 (Calibration(report_images=-1), "--report-images -1: give 1 or more")):
+        said = []
+        with pytest.raises(ImageInputError, match=message):
+            build(tiny_engine[0], "onnx-int8", tmp_path / "engines", say=said.append, calibration=calibration)
+        assert said == []  # (nothing loaded: "loading checkpoint ..." is the build's first line)
+    assert not (tmp_path / "engines").exists()
+
+
 def test_ill_defined_projection_is_refused(tmp_path):
     """language_projection outputs hidden_size values but OPT embeds word_embed_proj_dim wide: HF would stream
     one image's projection into the next row, so the build refuses before writing anything."""
