@@ -326,3 +326,13 @@ def test_too_little_disk_is_refused_before_anything_is_written(tiny_engine, tmp_
     assert list(tmp_path.iterdir()) == []
     # the estimate covers what the built graphs take (at full size: tests/test_full_size.py)
     assert sum(f.stat().st_size for f in tiny_engine[1].glob("*.onnx*")) <= b._output_bytes(tiny_engine[0], "fp32")
+
+
+def test_a_mistyped_model_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    """`--model models/nope` where models/ exists: a path error, not advice to download 'models/nope'."""
+    from train.checkpoint import CheckpointError, resolve_source
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    with pytest.raises(CheckpointError, match=r"checkpoint folder not found: models/nope \(models has no 'nope'"):
+        resolve_source("models/nope")

@@ -176,6 +176,10 @@ def resolve_source(source) -> Path:
         return Path(snapshot_download(str(source), local_files_only=True))
     except LocalEntryNotFoundError:
         pass
+    parent = Path(source).parent
+    if parent.is_dir():  # models/nope with a models/ folder here: a mistyped path rather than a hub id
+        raise CheckpointError(f"checkpoint folder not found: {source} ({parent} has no '{Path(source).name}'; it "
+                              f"is not a Hugging Face model in the local cache either); check the path")
     missing = f"{source} is neither a folder nor in the Hugging Face cache ({constants.HF_HUB_CACHE})"
     fetch = (f"fetch it on a machine with internet (`hf download {source}`) and copy the cache folder "
              f"({constants.HF_HUB_CACHE}) here, or pass --model a folder written by save_pretrained")
