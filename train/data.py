@@ -637,7 +637,8 @@ def write_files(out_dir: str | Path, n: int, split: str = "train", seed: int = 0
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m train.data", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preview", metavar="DIR", help="write the first --n ShapesCaps samples as PNGs + captions.txt")
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--split", default="train", choices=sorted(SPLITS))

@@ -1,14 +1,15 @@
-"""Make a randomly initialised BLIP-2 checkpoint folder from a preset (the embedded demo model until
-`train/` ships a trained one).
+"""Make a randomly initialised BLIP-2 checkpoint folder from a preset: for tests, benchmarks and checks at the
+size users deploy. (The trained demo model, models/demo, comes from `python -m train demo`, with a space; this
+module makes random ones.)
 
-    python -m train.demo --out checkpoints/demo              # tiny preset, seed 0, stage 2
+    python -m train.demo --out checkpoints/tiny              # tiny preset, seed 0, stage 2
     python -m train.demo --preset small --out checkpoints/small
     python -m train.demo --stage 1 --out checkpoints/stage1  # Q-Former with ITC/ITM/ITG heads, no LLM
     python -m train.demo --qformer-text --out checkpoints/demo   # stage 2 that also keeps ITC/ITM/ITG
     python -m train.demo --bert --out checkpoints/bert   # a small random BERT-style folder (stage1 --qformer-init)
     python -m train.demo --preset blip2-opt-2.7b --dtype float16 --out checkpoints/blip2-opt-2.7b-random
                                                    # Salesforce/blip2-opt-2.7b's architecture, 3.8B random weights
-    python -m train.demo --preset blip2-opt-2.7b --dtype float16 --vision-layers 2 --qformer-layers 2 --llm-layers 6 \
+    python -m train.demo --preset blip2-opt-2.7b --dtype float16 --vision-layers 2 --qformer-layers 2 --llm-layers 6 \\
         --out checkpoints/blip2-opt-2.7b-6l        # the same widths, fewer layers (677M parameters)
 
 The folder is a regular Hugging Face `save_pretrained` folder (config.json,
@@ -113,7 +114,8 @@ def make_bert(out: str | Path, hidden: int = 128, layers: int = 2, heads: int = 
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m train.demo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="checkpoints/demo", help="folder to write (replaced if it exists)")
     ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     ap.add_argument("--seed", type=int, default=0)

@@ -65,7 +65,7 @@ def add_arguments(ap, command: str) -> None:
         else:
             kind = _type(f)
             ap.add_argument(flag, type=kind, default=None, metavar={int: "N", float: "X"}.get(kind, "TEXT"),
-                            help=f"{_HELP.get(f.name, '')} (default {f.default})")
+                            help=_HELP.get(f.name, "") + ("" if f.default is None else f" (default {f.default})"))
 
 
 def _type(f):

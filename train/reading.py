@@ -70,7 +70,8 @@ def main(argv=None) -> None:
 
     from train.model import Blip2Edge
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m train.reading", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="stage-2 checkpoint folder (with an LLM)")
     ap.add_argument("--n", type=int, default=200, help="held-out scenes (default 200)")
     args = ap.parse_args(argv)
