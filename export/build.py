@@ -435,6 +435,9 @@ def build(model_dir, target: str = "onnx", out_root="engines", name: str | None 
 
 def _build(model_dir, target, final, precision, tensorrt, say, calibration, max_batch, max_prompt_tokens,
            max_new_tokens, started) -> Path:
+    if final.exists():
+        say(f"{final} exists: the new folder replaces it once it has passed its checks (a failed or interrupted "
+            f"build leaves it as it is)")
     say(f"loading checkpoint {model_dir}")
     ck = load_checkpoint(model_dir)
     limits = resolve_limits(ck.model, max_batch, max_prompt_tokens, max_new_tokens)

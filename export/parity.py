@@ -428,7 +428,7 @@ def _generation_case(want: dict, pipe, required: EndToEnd) -> dict:
                       "(pixel_values) without input ids" if prompts[0] is None else " on Blip2Processor's input ids"))
     out["passed"] &= batch_vs_single >= required.token_agreement
     if tie:
-        out["summary"] += f" ({exact:.3f} without near-ties)"
+        out["summary"] += f" (exact: {exact:.3f}, near-ties counted as disagreements)"
     out["summary"] += f", runtime batch vs single {batch_vs_single:.3f}"
     return out
 

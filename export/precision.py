@@ -329,7 +329,7 @@ def int8_plan(graph, exclude: tuple[str, ...] = (), fp32_scopes: tuple[str, ...]
                                  + ([] if name in float_outputs else nodes[name].output[:1])))
     return Int8Plan(quantized, {"activation x activation products (attention)": len(activations),
                                 "attention output projections": len(projections),
-                                "excluded by name": sorted(set(exclude)),
+                                **({"excluded by name": sorted(set(exclude))} if exclude else {}),
                                 **({f"in {', '.join(fp32_scopes)}": len(set(scoped) & set(with_weight))}
                                    if fp32_scopes else {})}, tensors, float_outputs)
 
