@@ -64,6 +64,9 @@ def _options(args) -> dict:
 
 
 def _generate(pipe, args) -> list[str]:
+    if args.decoder is None and "llm_decoder" not in pipe.runners:
+        print(f"note: {args.engines} has no LLM (a stage-1 folder): the Q-Former's own text decoder (ITG) writes the "
+              f"text" + (", continuing the prompt" if getattr(args, "prompt", None) else ""), file=sys.stderr)
     return pipe.generate(args.images, prompt=getattr(args, "prompt", None),
                          qformer_text=getattr(args, "qformer_text", None), **_options(args))
 

@@ -497,4 +497,8 @@ def test_cli_match_and_retrieve(stage1, tmp_path):
     out = run("retrieve", "--engines", str(engine), "--image", str(tmp_path / "nope.png"), "a", "b")
     assert out.returncode == 2 and "no such file" in out.stderr
     out = run("caption", "--engines", str(engine), "--decoder", "qformer", "--max-new-tokens", "5", paths[0])
+    assert out.returncode == 0 and out.stdout.startswith(paths[0] + "\t") and "note:" not in out.stderr
+    out = run("ask", "--engines", str(engine), "--prompt", "a picture of", "--max-new-tokens", "5", paths[0])
     assert out.returncode == 0 and out.stdout.startswith(paths[0] + "\t")
+    assert "has no LLM (a stage-1 folder): the Q-Former's own text decoder (ITG) writes the text, continuing" in \
+        out.stderr
