@@ -331,3 +331,22 @@ def test_demo_recipe_runs_end_to_end_quick(tmp_path):
     # a second run resumes every phase from its saved state and trains nothing more
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("resuming from") == 4
+
+
+def test_a_run_folder_resumes_only_the_run_that_wrote_it(tmp_path):
+    """check_resume (train demo's recipe.json, the commands' train_args.json): settings that differ from the saved
+    run's are refused, naming them, once there is training state to resume; the same settings, or keys allowed to
+    change, or no state yet, go on."""
+    import json
+
+    from train.trainer import RunFolderError, check_resume
+
+    saved = {"preset": "demo", "stage1_steps": 1500, "seed": 0, "workers": 2}
+    (tmp_path / "recipe.json").write_text(json.dumps(saved))
+    check_resume(tmp_path, {**saved, "preset": "demo-t5"}, "recipe.json")  # no state yet: a fresh start
+    (tmp_path / "stage1.state").write_bytes(b"")
+    check_resume(tmp_path, dict(saved), "recipe.json")
+    check_resume(tmp_path, {**saved, "workers": 4}, "recipe.json", may_change={"workers"})
+    with pytest.raises(RunFolderError, match=r"preset: 'demo' -> 'demo-t5'; stage1_steps: 1500 -> 5\), which this "
+                                             r"command would resume; give another run folder \(--run NEW\)"):
+        check_resume(tmp_path, {**saved, "preset": "demo-t5", "stage1_steps": 5}, "recipe.json", flag="--run")

@@ -247,7 +247,7 @@ def test_a_killed_run_resumes_to_the_same_weights(files, tmp_path):
     assert not killed.out.exists()  # nothing half-written
     from dataclasses import replace
 
-    from train.tasks import RunFolderError
+    from train.trainer import RunFolderError
 
     other = args("other", "run-killed", files / "train" / "other.jsonl")  # the same run folder, other data
     rows = (files / "train" / "train.jsonl").read_text().splitlines()

@@ -36,14 +36,14 @@ def recipe_from(args):
 
 def _demo(args) -> int:
     from train.recipe import run_demo
-    from train.trainer import NonFiniteLoss, init_distributed
+    from train.trainer import NonFiniteLoss, RunFolderError, init_distributed
 
     init_distributed()
     recipe = recipe_from(args)
     run = args.run or Path("runs") / (Path(args.out).name + ("-quick" if args.quick else ""))
     try:
         path = run_demo(Path(args.out), Path(run), recipe)
-    except NonFiniteLoss as e:
+    except (NonFiniteLoss, RunFolderError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {path}")

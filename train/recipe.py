@@ -103,7 +103,9 @@ def run_demo(out: Path, run: Path, recipe: Recipe, say=print) -> Path:
     from train.backbones import pretrain_llm, pretrain_vision
     from train.demo import write_checkpoint
     from train.stages import run_stage1, run_stage2, shapescaps_set
+    from train.trainer import check_resume
 
+    check_resume(run, asdict(recipe), "recipe.json", flag="--run")  # (another preset or steps: not this run's)
     run.mkdir(parents=True, exist_ok=True)
     (run / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
     say(f"[1/5] tokenizers (ShapesCaps texts, {recipe.corpus_texts} samples)")

@@ -35,7 +35,7 @@ from train.losses import stage1_losses, world
 from train.stages import lm_batch, qformer_batch, trainable
 from train.options import Options, options_from
 from train.presets import image_tokens
-from train.trainer import TrainConfig, fit
+from train.trainer import RunFolderError, TrainConfig, check_resume, fit
 
 
 
@@ -204,30 +204,9 @@ def _config(opts: Options, steps: int) -> TrainConfig:
                        save_every=opts.save_every, grad_accum=opts.grad_accum, autocast=autocast)
 
 
-class RunFolderError(ValueError):
-    """The run folder holds a run that the command cannot continue."""
-
-
 # settings a run may resume with changed: where the result goes, and how it is read or logged, not what it computes
 RESUMABLE = frozenset({"out", "run", "workers", "log_every", "save_every", "max_bad", "feature_cache",
                        "trained_parameters"})
-
-
-def check_resume(run: Path, settings: dict) -> None:
-    """A run folder with a saved state resumes only the run that wrote it: the same data and settings (its
-    train_args.json). Otherwise the new command would carry on from weights trained on other data, or change the
-    learning-rate schedule part-way, and write a checkpoint whose train_args.json describes neither."""
-    saved = run / "train_args.json"
-    if not (run / "state.pt").is_file() or not saved.is_file():
-        return
-    before, now = json.loads(saved.read_text()), json.loads(json.dumps(settings))
-    changed = [k for k in sorted(set(before) | set(now)) if k not in RESUMABLE and before.get(k) != now.get(k)]
-    if changed:
-        shown = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
-        raise RunFolderError(
-            f"{run} holds a run with other settings ({shown}{'; ...' if len(changed) > 4 else ''}), which this "
-            f"command would resume; give another run folder (--run-dir NEW) to start afresh, delete {run} to discard "
-            f"it, or rerun the command that started it to finish it")
 
 
 def run_command(command: str, task: str | None, args, opts: Options, say=print) -> Path:
@@ -257,7 +236,7 @@ def run_command(command: str, task: str | None, args, opts: Options, say=print) 
     settings = {"command": command, "task": task, **{k: (str(v) if isinstance(v, Path) else v)
                                                      for k, v in vars(args).items() if k not in ("func",)},
                 **asdict(opts), "steps": steps, "processes": size, "frozen": list(frozen)}
-    check_resume(run, settings)  # (before the model is loaded)
+    check_resume(run, settings, "train_args.json", RESUMABLE)  # (before the model is loaded)
     torch.manual_seed(opts.seed)  # the new parts' initial weights: a function of the seed
     model, tok, qtok = start_model(command, task, args, say)
     params = trainable(model, frozen)

@@ -13,6 +13,7 @@ compute their own batch; gradients are averaged across processes after every bac
 DistributedDataParallel does, without its wrapper, since the objectives call several model
 methods). ITC gathers features from every process itself (train.losses.gather).
 """
+import json
 import math
 import os
 import time
@@ -75,6 +76,28 @@ def _all_finite(losses: dict) -> bool:
     if world()[1] > 1:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     return bool(finite.item())
+
+
+class RunFolderError(ValueError):
+    """A run folder holds a run that the command cannot continue."""
+
+
+def check_resume(run: Path, settings: dict, saved: str, may_change=frozenset(), flag: str = "--run-dir") -> None:
+    """A run folder with saved training state resumes only the run that wrote it: `settings` must equal the ones
+    saved in `run/saved` (train_args.json, recipe.json) but for the keys in `may_change`. Otherwise the command
+    would carry on from weights trained on other data or another model, or change the learning-rate schedule
+    part-way, and write a checkpoint whose settings describe neither run."""
+    path = run / saved
+    if not path.is_file() or not ((run / "state.pt").is_file() or any(run.glob("*.state"))):
+        return
+    before, now = json.loads(path.read_text()), json.loads(json.dumps(settings))
+    changed = [k for k in sorted(set(before) | set(now)) if k not in may_change and before.get(k) != now.get(k)]
+    if changed:
+        shown = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
+        raise RunFolderError(
+            f"{run} holds a run with other settings ({shown}{'; ...' if len(changed) > 4 else ''}), which this "
+            f"command would resume; give another run folder ({flag} NEW) to start afresh, delete {run} to discard "
+            f"it, or rerun the command that started it to finish it")
 
 
 def save_state(path: Path, module, optimizer, step: int) -> None:
