@@ -788,7 +788,8 @@ def _quantize_weight_matmuls(graph, weights, bits: dict[str, int], quantizer) ->
             if node.name not in bits:
                 body.append(node)
                 continue
-            scratch = onnx.GraphProto(initializer=[numpy_helper.from_array(weights.array(node.input[1]), node.input[1])])
+            weight = numpy_helper.from_array(weights.array(node.input[1]), node.input[1])
+            scratch = onnx.GraphProto(initializer=[weight])
             replaced = quantizer(bits[node.name]).quantize(node, [scratch])
             quantized += replaced != [node]
             body += replaced

@@ -228,7 +228,8 @@ def read_webdataset(path: Path) -> tuple[list[Example], dict[str, _Member]]:
 def _existing(examples: list[Example], members: dict, max_bad: int, source: str) -> tuple[list[Example], list[str]]:
     missing = sorted({e.image for e in examples if e.image not in members and not Path(e.image).is_file()})
     if len(missing) > max_bad:
-        raise DataError(f"{len(missing)} image{'s' * (len(missing) != 1)} named by {source} {'are' if len(missing) != 1 else 'is'} missing (first: {', '.join(missing[:3])}); "
+        are = "images named by {} are" if len(missing) != 1 else "image named by {} is"
+        raise DataError(f"{len(missing)} {are.format(source)} missing (first: {', '.join(missing[:3])}); "
                         f"fix the paths (JSONL paths are relative to the file; COCO's to --images), or allow up to "
                         f"that many with --max-bad {len(missing)}")
     gone = set(missing)
