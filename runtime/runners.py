@@ -78,22 +78,8 @@ class OrtRunner(Runner):
     def _load(self):
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
-        opts.enable_cpu_mem_arena = self.memory_arena
-        if self.priority_order:
-            opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
-        # Flush denormals to zero: tiny activations (common in small or freshly initialised models) otherwise
-        # run through the CPU's slow microcode path; the values involved are below 1e-38.
-        opts.add_session_config_entry("session.set_denormal_as_zero", "1")
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if int8_products_saturate():
-            opts.add_session_config_entry("session.x64quantprecision", "1")
-        if (self.shared_pool and self._create_shared_pool(self.threads)) or OrtRunner._global_pool:
-            opts.use_per_session_threads = False  # (once the shared pool exists, no session may have its own)
-        elif self.threads:
-            opts.intra_op_num_threads = self.threads
+        shared = bool(self.shared_pool and self._create_shared_pool(self.threads))
+        opts = session_options(self.threads, shared, self.memory_arena, self.priority_order)
         # ONNX Runtime's CPU kernel for the residual + LayerNorm it fuses into SkipLayerNormalization is 2.5-4x
         # slower than the Add and LayerNormalization it replaces (1.32, 2 cores: 1.07 against 0.28 ms for
         # 1024 x 256 rows, 7.4 against 1.9 ms for ViT-g's 2056 x 1408), so on the CPU the fusion is left off
@@ -128,12 +114,7 @@ FLOAT16_CAST_MODEL = bytes.fromhex(
 def _float16_cast():
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # (the ITM graph runs next)
-    if OrtRunner._global_pool:
-        opts.use_per_session_threads = False
-    return ort.InferenceSession(FLOAT16_CAST_MODEL, opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(FLOAT16_CAST_MODEL, session_options(), providers=["CPUExecutionProvider"])
 
 
 def float16_to_float32(array: np.ndarray) -> np.ndarray:
@@ -147,6 +128,30 @@ def float16_to_float32(array: np.ndarray) -> np.ndarray:
         return array.astype(np.float32)
     flat = np.ascontiguousarray(array, dtype=np.float16).reshape(-1)
     return session.run(None, {"x": flat})[0].reshape(array.shape)
+
+
+def session_options(threads: int | None = None, shared_pool: bool = False, memory_arena: bool = True,
+                    priority_order: bool = False):
+    """The ONNX Runtime session options of every session the runtime opens (see OrtRunner)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    opts.enable_cpu_mem_arena = memory_arena
+    if priority_order:
+        opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    # Flush denormals to zero: tiny activations (common in small or freshly initialised models) otherwise
+    # run through the CPU's slow microcode path; the values involved are below 1e-38.
+    opts.add_session_config_entry("session.set_denormal_as_zero", "1")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if int8_products_saturate():
+        opts.add_session_config_entry("session.x64quantprecision", "1")
+    if shared_pool or OrtRunner._global_pool:
+        opts.use_per_session_threads = False  # (once the shared pool exists, no session may have its own)
+    elif threads:
+        opts.intra_op_num_threads = threads
+    return opts
 
 
 def shared_pool_active() -> bool:
