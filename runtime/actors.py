@@ -9,6 +9,8 @@ whose GPUs Ray does not see, the command would hang, so it checks first. (A Jets
 does not detect: there, `--gpus 0` runs the actors without asking Ray, all on that GPU. Ray 2.60 leaves
 CUDA_VISIBLE_DEVICES alone for actors that ask for no GPU; older Ray emptied it.)
 """
+import os
+
 from runtime.errors import Blip2EdgeError
 
 
@@ -26,10 +28,12 @@ def gpus_per_actor(manifest, gpus: float | None = None) -> float:
     return float(gpus)
 
 
-def check_cluster_gpus(per_actor: float, actors: int, what: str) -> None:
+def check_cluster_gpus(per_actor: float, actors: int, what: str, address: str | None = None) -> None:
     """After ray.init: the cluster has the GPUs that `actors` actors of `per_actor` GPUs each ask for (Ray would
-    otherwise wait for them for ever). `what`: an actor as the user names it ("worker", "replica")."""
-    if per_actor <= 0:
+    otherwise wait for them for ever). `what`: an actor as the user names it ("worker", "replica"). Not checked
+    on a cluster named by `address` or RAY_ADDRESS (other than "local"), which may add GPU nodes on demand."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if per_actor <= 0 or (address and address != "local"):
         return
     import ray
 

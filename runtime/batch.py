@@ -191,8 +191,7 @@ def run(job: Job, say=print) -> dict:
 
     started = time.perf_counter()
     _start_ray(job.ray_address)
-    if job.ray_address is None:  # (a cluster may add GPU nodes on demand)
-        check_cluster_gpus(gpus, job.workers, "worker")
+    check_cluster_gpus(gpus, job.workers, "worker", job.ray_address)
     output.mkdir(parents=True, exist_ok=True)
     # a block per batch (up to 32 per worker), and at least one per worker: fewer images than workers x batch
     # size still reach every worker (and Ray does not warn that its actor pool cannot be used)

@@ -10,9 +10,9 @@
 field `image` (and the other fields as form fields; numbers and true/false are read as such). Requests that
 arrive together are batched (`serve.batch`) up to the engine's max batch, grouped by task and options (one
 `Blip2Pipeline` call per group, prompts one per image); a batched answer equals the answer to the same request
-alone. A bad image, an empty or too-long prompt,
-an unknown or out-of-range option answer 400 with the message the Python API gives; anything else 500, and the
-replica keeps serving. A path the service does not have answers 404, a method a path does not take 405.
+alone. A bad image, an empty or too-long prompt, an unknown or out-of-range option answer 400 with the message
+the Python API gives; anything else 500, and the replica keeps serving. A path the service does not have answers
+404, a method a path does not take 405.
 """
 import asyncio
 import base64
@@ -267,12 +267,11 @@ def start(engines: str, host: str = "127.0.0.1", port: int = 8000, **app_options
     from ray import serve
 
     application = build_app(engines, **app_options)  # (checks the folder and options before Ray starts)
-    on_cluster = ray.is_initialized() or os.environ.get("RAY_ADDRESS", "local") != "local"
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    if not on_cluster:  # (a cluster may add GPU nodes on demand)
+    own_ray = not ray.is_initialized()  # (else the caller's Ray, which may be a cluster's)
+    if own_ray:
         from runtime.manifest import load_manifest
 
+        ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         check_cluster_gpus(gpus_per_actor(load_manifest(engines), app_options.get("gpus")),
                            app_options.get("replicas", 1), "replica")
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # (its INFO lines: started, connecting, ready)
