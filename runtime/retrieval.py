@@ -161,7 +161,7 @@ def check_texts(texts: list, what: str) -> list[str]:
 
 def rows_float32(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """array[rows] in float32: the ITM re-rank's image embeddings, read from a gallery's float16 (memory-mapped)
-    ones (converted by ONNX Runtime, 7x faster than numpy on one thread: `runtime.runners.float16_to_float32`)."""
+    ones (converted by ONNX Runtime, 5-7x faster than numpy: `runtime.runners.float16_to_float32`)."""
     picked = np.asarray(array[rows])
     if picked.dtype == np.float16:
         return float16_to_float32(picked)
