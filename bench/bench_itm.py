@@ -10,9 +10,10 @@ rounds back to back.
 Prints ms per batch, the ratio against PyTorch, the largest ITM-probability difference from PyTorch, and
 whether the candidates' order by probability is PyTorch's. Then the same pairs with one text against the batch's
 images (`qformer_itm_one_text`, text -> image re-ranking) and one image against the batch's texts
-(`qformer_itm_one_image`), against `qformer_itm` and PyTorch on those pairs. First, the multiply-adds per pair
-of each computation (PyTorch's FlopCounterMode on meta tensors: shapes only, no weights; `--count-only` stops there,
-for any preset of train/presets.py).
+(`qformer_itm_one_image`), against `qformer_itm` and PyTorch on those pairs, with the share of this machine's fp32
+matmul peak (bench/ceiling.py) each reaches. First, the multiply-adds per pair
+of each computation (PyTorch's FlopCounterMode on meta tensors: shapes only, no weights; also the re-rank with each image's cross-attention
+keys/values stored in the gallery; `--count-only` stops there, for any preset of train/presets.py).
 """
 import argparse
 import sys
@@ -27,6 +28,7 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
+from bench import ceiling  # noqa: E402
 from bench.bench_retrieval import prepare  # noqa: E402
 from runtime.runners import OrtRunner  # noqa: E402
 from train.checkpoint import load_checkpoint  # noqa: E402
@@ -67,10 +69,9 @@ def image_embeds_shape(config, batch: int) -> tuple[int, int, int]:
 
 def multiply_adds(preset: str, text_tokens: int, batch: int) -> dict[str, float]:
     """Multiply-adds per (image, text) pair of Blip2Edge.itm_forward (pair by pair, as Hugging Face computes ITM),
-    itm_one_text and itm_one_image (their shared work spread over the `batch` pairs), counted by PyTorch's
+    itm_one_text and itm_one_image (their shared work spread over the `batch` pairs), and of itm_one_text with
+    each image's cross-attention keys/values read from the gallery (bench/ceiling.py), counted by PyTorch's
     FlopCounterMode on meta tensors (no weights, nothing run)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from train.model import Blip2Edge, EdgeConfig
     from train.presets import blip2_config
 
@@ -83,11 +84,9 @@ def multiply_adds(preset: str, text_tokens: int, batch: int) -> dict[str, float]
         runs = {"itm_forward": lambda: model.itm_forward(embeds, ids, mask),
                 "itm_one_text": lambda: model.itm_one_text(embeds, ids[:1], mask[:1]),
                 "itm_one_image": lambda: model.itm_one_image(embeds[:1], ids, mask)}
-        counts = {}
-        for name, run in runs.items():
-            with FlopCounterMode(display=False) as counter:
-                run()
-            counts[name] = counter.get_total_flops() / 2 / batch
+        counts = {name: ceiling.multiply_adds(run) / batch for name, run in runs.items()}
+        counts["itm_one_text with stored keys/values"] = ceiling.stored_keys_values_multiply_adds(
+            model, embeds, ids[:1], mask[:1]) / batch
     return counts
 
 
@@ -144,6 +143,7 @@ def main(argv=None):
                 line += f"  max |probability - PyTorch's| {np.abs(got - ref).max():.2g}, same order: {same}"
             print(line)
     shared_pairs(engine, model, feeds, args.threads, args.rounds)
+    stored_pairs(engine, model, feeds, args.threads, args.rounds)
 
 
 def shared_pairs(engine: Path, model, feeds: dict, threads: int, rounds: int) -> None:
@@ -153,6 +153,7 @@ def shared_pairs(engine: Path, model, feeds: dict, threads: int, rounds: int) ->
     pairs = {"qformer_itm_one_text": (feeds["image_embeds"], feeds["input_ids"][:1], feeds["attention_mask"][:1]),
              "qformer_itm_one_image": (feeds["image_embeds"][:1], feeds["input_ids"], feeds["attention_mask"])}
     itm = session(engine / "qformer_itm.onnx", threads)
+    peak = ceiling.matmul_peak(threads)
     for graph, (embeds, ids, mask) in pairs.items():
         if not (engine / f"{graph}.onnx").exists():
             print(f"{graph}: not in {engine} (built before it; remove the folder to rebuild)")
@@ -171,6 +172,38 @@ def shared_pairs(engine: Path, model, feeds: dict, threads: int, rounds: int) ->
         print(f"{graph} ({n} pairs): {ms[graph]:.1f} ms, qformer_itm {ms['qformer_itm']:.1f} ms "
               f"({ms['qformer_itm'] / ms[graph]:.2f}x), pytorch {ms['pytorch fp32']:.1f} ms "
               f"({ms['pytorch fp32'] / ms[graph]:.2f}x); max |probability - PyTorch's| {np.abs(got - ref).max():.2g}")
+        one_side = getattr(model, graph.removeprefix("qformer_"))
+        work = {graph: ceiling.multiply_adds(lambda: one_side(*(torch.from_numpy(a) for a in (embeds, ids, mask)))),
+                "pytorch fp32": ceiling.multiply_adds(lambda: model.itm_forward(*tensors))}
+        print("    share of this machine's fp32 matmul peak (" + f"{peak / 1e9:.1f}G multiply-adds/s): " + ", ".join(
+            f"{name} {work[name] / (ms[name] / 1000) / peak:.0%} of it" for name in work))
+
+
+def stored_pairs(engine: Path, model, feeds: dict, threads: int, rounds: int) -> None:
+    """One text against the batch's images as the engine re-ranks (qformer_itm_one_text, keys/values folded into
+    the queries' side) and with each image's cross-attention keys/values read from the gallery instead
+    (bench/ceiling.py, exported here at static shapes), both in ONNX Runtime: what storing them would gain."""
+    graph = engine / "qformer_itm_one_text.onnx"
+    if not graph.exists():
+        return
+    embeds, ids, mask = feeds["image_embeds"], feeds["input_ids"][:1], feeds["attention_mask"][:1]
+    tensors = [torch.from_numpy(a) for a in (embeds, ids, mask)]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "itm_stored_keys_values.onnx"
+        stored = ceiling.export_stored_keys_values(model, *tensors, path)
+        runs = {"qformer_itm_one_text": session(graph, threads), "stored keys/values": session(path, threads)}
+        inputs = {"qformer_itm_one_text": {"image_embeds": embeds, "input_ids": ids, "attention_mask": mask},
+                  "stored keys/values": dict(zip((i.name for i in runs["stored keys/values"].get_inputs()),
+                                                 (ids, mask, *stored)))}
+        seconds = timed_blocks({name: lambda s=s, f=inputs[name]: s.run(None, f) for name, s in runs.items()}, rounds)
+        with torch.no_grad():
+            ref = match_probability(model.itm_forward(*(t.expand(len(embeds), *t.shape[1:]) for t in tensors))[0].numpy())
+        ms = {name: t / rounds * 1000 for name, t in seconds.items()}
+        diff = {name: np.abs(match_probability(runs[name].run(None, inputs[name])[0]) - ref).max() for name in runs}
+        print(f"one text x {len(embeds)} images, keys/values stored in the gallery: {ms['stored keys/values']:.1f} ms "
+              f"against qformer_itm_one_text's {ms['qformer_itm_one_text']:.1f} "
+              f"({ms['qformer_itm_one_text'] / ms['stored keys/values']:.2f}x); max |probability - PyTorch's| "
+              + ", ".join(f"{name} {d:.2g}" for name, d in diff.items()))
 
 
 if __name__ == "__main__":

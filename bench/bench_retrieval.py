@@ -19,7 +19,9 @@ query. Both sides must return the same top-k ranking; the agreement is printed w
 their ratio. A third side, PyTorch with the pipeline's re-rank written in PyTorch (`Blip2Edge.itm_one_text`), shows
 how much of the ratio is that algorithm and how much the runtime. Each side answers all queries in a block of its
 own (two rounds, the order of the blocks alternating): thread pools that keep spinning after a call would otherwise
-slow the other side's next query.
+slow the other side's next query. Last, for each k, the most exact fp32 could gain on this machine: the re-rank's
+multiply-adds over this machine's fp32 matmul peak (bench/ceiling.py) against PyTorch's measured time per query, for
+the re-rank as built and with each image's cross-attention keys/values stored in the gallery.
 """
 import argparse
 import sys
@@ -33,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench import ceiling  # noqa: E402
 from export.build import build  # noqa: E402
 from runtime import Blip2Pipeline  # noqa: E402
 from runtime.index import ExactIndex  # noqa: E402
@@ -152,10 +155,32 @@ def timed(fn, queries) -> tuple[float, list]:
     return time.perf_counter() - t0, results
 
 
+def rerank_ceiling(shared, queries, k: int, peak: float, pytorch_seconds: float) -> str:
+    """The most the pipeline could gain over PyTorch (`pytorch_seconds` per query, measured) in exact fp32 on this
+    machine: its re-rank alone, the multiply-adds of Blip2Edge.itm_one_text over k images in the engine's
+    chunks, cannot take less than that count over this machine's matmul peak; nor the same with each image's
+    cross-attention keys/values stored (bench/ceiling.py). The counts depend on the shapes only: any k images."""
+    counts = {"as built (itm_one_text)": 0.0, "with stored cross-attention keys/values": 0.0}
+    by_length = {}
+    for text in queries:
+        ids, mask = shared.tokens([text])
+        if ids.shape[1] not in by_length:
+            chunks = [shared.embeds[s:min(k, s + shared.chunk)] for s in range(0, k, shared.chunk)]
+            by_length[ids.shape[1]] = [
+                sum(ceiling.multiply_adds(lambda: shared.model.itm_one_text(c, ids, mask)) for c in chunks),
+                sum(ceiling.stored_keys_values_multiply_adds(shared.model, c, ids, mask) for c in chunks)]
+        for name, n in zip(counts, by_length[ids.shape[1]]):
+            counts[name] += n / len(queries)
+    return (f"        exact fp32 ceiling at this machine's matmul peak ({peak / 1e9:.1f}G multiply-adds/s): the re-rank "
+            + "; ".join(f"{name} {n / 1e9:.1f}G multiply-adds per query, >= {n / peak * 1000:.0f} ms, at most "
+                        f"{pytorch_seconds / (n / peak):.2f}x pytorch" for name, n in counts.items()))
+
+
 def run_queries(pipe, reference, shared, gallery, queries, ks, rounds: int = 2):
     """Each side answers every query in a block of its own, the order of the blocks reversed every other round:
     interleaving single queries let each side's thread pools, which keep spinning for a while after a call
     (ONNX Runtime's shared pool, PyTorch's OpenMP), take a core from the other side's next query."""
+    peak = ceiling.matmul_peak(threads=2)
     for k in ks:
         sides = {"onnxruntime": lambda q: [h.index for h in pipe.retrieve(q, gallery, k=k)],
                  "pytorch": lambda q: reference.retrieve(q, k),
@@ -187,6 +212,7 @@ def run_queries(pipe, reference, shared, gallery, queries, ks, rounds: int = 2):
         print(f"        pytorch with the pipeline's re-rank (itm_one_text) {qps['pytorch shared']:7.2f} queries/s: "
               f"onnxruntime {qps['onnxruntime'] / qps['pytorch shared']:.2f}x that; its rankings equal "
               f"pytorch's {same_shared}/{len(queries)}", flush=True)
+        print(rerank_ceiling(shared, queries, k, peak, seconds["pytorch"] / (rounds * len(queries))), flush=True)
     text_feat = pipe.embed_texts(queries)
     exact = ExactIndex(np.asarray(gallery.feats))
     for name, index in (("exact (numpy)", exact), (gallery.index.kind, gallery.index)):
