@@ -1,6 +1,7 @@
 """How fast exact fp32 ITM could be on this machine: its fp32 matrix-product peak, and the multiply-adds of the
 re-rank, as computed and with each image's cross-attention keys/values stored in the gallery instead of its ViT
-output. bench_retrieval.py and bench_itm.py print the bounds these give; nothing here is timed per query.
+output. bench_retrieval.py and bench_itm.py print the bounds these give; bench_itm.py also times the
+stored-keys/values re-rank, exported here (export_stored_keys_values).
 
 A re-rank that does M multiply-adds cannot take less than M / peak seconds, so against a reference measured at
 T seconds it is at most T / (M / peak) times faster, whatever the runtime does around the matrix products.
