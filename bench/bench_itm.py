@@ -11,9 +11,10 @@ Prints ms per batch, the ratio against PyTorch, the largest ITM-probability diff
 whether the candidates' order by probability is PyTorch's. Then the same pairs with one text against the batch's
 images (`qformer_itm_one_text`, text -> image re-ranking) and one image against the batch's texts
 (`qformer_itm_one_image`), against `qformer_itm` and PyTorch on those pairs, with the share of this machine's fp32
-matmul peak (bench/ceiling.py) each reaches. First, the multiply-adds per pair
-of each computation (PyTorch's FlopCounterMode on meta tensors: shapes only, no weights; also the re-rank with each image's cross-attention
-keys/values stored in the gallery; `--count-only` stops there, for any preset of train/presets.py).
+matmul peak (bench/ceiling.py) each reaches; last, one text against the batch's images with each image's
+cross-attention keys/values stored in the gallery instead (exported here, timed against qformer_itm_one_text).
+First, the multiply-adds per pair of each computation (PyTorch's FlopCounterMode on meta tensors: shapes only, no
+weights; `--count-only` stops there, for any preset of train/presets.py).
 """
 import argparse
 import sys
@@ -197,7 +198,8 @@ def stored_pairs(engine: Path, model, feeds: dict, threads: int, rounds: int) ->
                                                  (ids, mask, *stored)))}
         seconds = timed_blocks({name: lambda s=s, f=inputs[name]: s.run(None, f) for name, s in runs.items()}, rounds)
         with torch.no_grad():
-            ref = match_probability(model.itm_forward(*(t.expand(len(embeds), *t.shape[1:]) for t in tensors))[0].numpy())
+            pairs = (t.expand(len(embeds), *t.shape[1:]) for t in tensors)
+            ref = match_probability(model.itm_forward(*pairs)[0].numpy())
         ms = {name: t / rounds * 1000 for name, t in seconds.items()}
         diff = {name: np.abs(match_probability(runs[name].run(None, inputs[name])[0]) - ref).max() for name in runs}
         print(f"one text x {len(embeds)} images, keys/values stored in the gallery: {ms['stored keys/values']:.1f} ms "

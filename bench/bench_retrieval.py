@@ -171,7 +171,8 @@ def rerank_ceiling(shared, queries, k: int, peak: float, pytorch_seconds: float)
                 sum(ceiling.stored_keys_values_multiply_adds(shared.model, c, ids, mask) for c in chunks)]
         for name, n in zip(counts, by_length[ids.shape[1]]):
             counts[name] += n / len(queries)
-    return (f"        exact fp32 ceiling at this machine's matmul peak ({peak / 1e9:.1f}G multiply-adds/s): the re-rank "
+    return (f"        exact fp32 ceiling at this machine's matmul peak ({peak / 1e9:.1f}G multiply-adds/s): "
+            "the re-rank "
             + "; ".join(f"{name} {n / 1e9:.1f}G multiply-adds per query, >= {n / peak * 1000:.0f} ms, at most "
                         f"{pytorch_seconds / (n / peak):.2f}x pytorch" for name, n in counts.items()))
 

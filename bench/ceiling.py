@@ -22,12 +22,12 @@ from runtime.runners import session_options
 
 def matmul_peak(threads: int, n: int = 2048, rounds: int = 5) -> float:
     """This machine's fp32 matrix-product rate in multiply-adds per second: ONNX Runtime's MatMul of two n x n
-    matrices on `threads` threads with the runtime's session options, the best of `rounds` (the rate BLAS-sized products reach; the re-rank's
-    products are smaller, so this is an upper bound on what they can reach)."""
+    matrices on `threads` threads with the runtime's session options, the best of `rounds` (the rate BLAS-sized
+    products reach; the re-rank's products are smaller, so this is an upper bound on what they can reach)."""
     spec = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [n, n]) for name in "abc"]
     graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "matmul", spec[:2], spec[2:])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    options = session_options(threads)  # the runtime's (its shared pool's threads once a pipeline opened it)
+    options = session_options(threads)  # the runtime's (the shared pool's threads once a pipeline opened it)
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     feeds = {name: np.random.default_rng(0).random((n, n), np.float32) for name in "ab"}
     session.run(None, feeds)
