@@ -172,6 +172,12 @@ def build_app(engines: str, max_batch_size: int | None = None, batch_wait_ms: fl
               threads: int | None = None, backend: str = "auto", gpus: float | None = None):
     """The Ray Serve application (bind()-ed deployment) for `engines`; each replica asks Ray for one CPU and
     `gpus` GPUs (default: 1 for a TensorRT engine folder, else 0; `runtime.actors`)."""
+    return _application(engines, max_batch_size, batch_wait_ms, replicas, threads, backend, gpus)[0]
+
+
+def _application(engines: str, max_batch_size: int | None = None, batch_wait_ms: float = 10.0, replicas: int = 1,
+                 threads: int | None = None, backend: str = "auto", gpus: float | None = None) -> tuple:
+    """build_app's application, and the GPUs each replica asks for (start checks the cluster has them)."""
     from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
     from ray import serve
     from starlette.responses import JSONResponse, Response
@@ -228,7 +234,7 @@ def build_app(engines: str, max_batch_size: int | None = None, batch_wait_ms: fl
             self.latency.labels(route).observe(time.perf_counter() - started)
             return JSONResponse(payload, status_code=status)
 
-    return Blip2Service.bind()
+    return Blip2Service.bind(), per_replica
 
 
 def app(args: dict):
@@ -266,14 +272,10 @@ def start(engines: str, host: str = "127.0.0.1", port: int = 8000, **app_options
     import ray
     from ray import serve
 
-    application = build_app(engines, **app_options)  # (checks the folder and options before Ray starts)
-    own_ray = not ray.is_initialized()  # (else the caller's Ray, which may be a cluster's)
-    if own_ray:
-        from runtime.manifest import load_manifest
-
+    application, per_replica = _application(engines, **app_options)  # (folder and options checked before Ray)
+    if not ray.is_initialized():  # (else the caller's Ray, which may be a cluster's: not checked)
         ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-        check_cluster_gpus(gpus_per_actor(load_manifest(engines), app_options.get("gpus")),
-                           app_options.get("replicas", 1), "replica")
+        check_cluster_gpus(per_replica, app_options.get("replicas", 1), "replica")
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # (its INFO lines: started, connecting, ready)
     try:
         serve.start(http_options={"host": host, "port": port})
