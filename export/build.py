@@ -185,15 +185,16 @@ def _export_fp32(ck, specs, folder: Path, say, reuse: Manifest | None = None) ->
     return graphs
 
 
-def _references(ck, specs, limits, say, feeds: dict | None = None, large_input: bool = False,
+def _references(ck, specs, limits, say, precision: str, feeds: dict | None = None, large_input: bool = False,
                 images: list | None = None, end_to_end: bool = True):
     """PyTorch's outputs for every graph's check cases and Hugging Face's for the end-to-end gate, computed with
     the weights loaded; the PyTorch weights are released afterwards, so that the checks against ONNX Runtime
     never hold both copies (peak memory about the float32 weights once)."""
     ck.reload_weights()
     say("reference outputs with PyTorch and Hugging Face ...")
-    graphs = graph_references(specs, ck.model, feeds, large_input)
-    e2e = end_to_end_reference(ck, limits, [s.name for s in specs], images) if end_to_end else None
+    graphs = graph_references(specs, ck.model, feeds, large_input, precision)
+    e2e = (end_to_end_reference(ck, limits, [s.name for s in specs], images, float64=precision == "fp32")
+           if end_to_end else None)
     ck.release_weights()
     return graphs, e2e
 
@@ -449,7 +450,7 @@ def _build(model_dir, target, final, precision, tensorrt, say, calibration, max_
                                                                 limits, specs)
         graphs = _export_fp32(ck, specs, fp32_dir, say, reuse)
         fp32 = _manifest(ck, final.parent.name, "onnx", graphs, limits, Precision("fp32"))
-        references, want = _references(ck, specs, limits, say, end_to_end=precision == "fp32")
+        references, want = _references(ck, specs, limits, say, "fp32", end_to_end=precision == "fp32")
         say("parity of the fp32 ONNX graphs against PyTorch:")
         results = compare_graphs(references, lambda g: check_runner(fp32_dir / graphs[g].file), TOLERANCES["fp32"],
                                  say)
@@ -465,7 +466,7 @@ def _build(model_dir, target, final, precision, tensorrt, say, calibration, max_
             hardware = _engines(specs, tmp, graphs, say) if tensorrt else None
             manifest = _manifest(ck, final.parent.name, target, graphs, limits, details, hardware)
             _write_folder(ck, tmp, manifest)
-            references, want = _references(ck, specs, limits, say, feeds, large_input=precision == "fp16",
+            references, want = _references(ck, specs, limits, say, precision, feeds, large_input=precision == "fp16",
                                            images=data.held_out)
             say(f"parity of the {target} graphs against PyTorch ({precision} tolerances):")
             results = compare_graphs(references, _open_runners(manifest, tmp), precision, say)

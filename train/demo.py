@@ -34,7 +34,8 @@ from train.text_tokenizer import IMAGE_TOKEN, build_qformer_tokenizer, llm_token
 
 def make_random_checkpoint(out: str | Path, preset: str = "tiny", seed: int = 0, stage: int = 2,
                            qformer_text: bool | None = None, tokenizer_adds_bos: bool = True,
-                           dtype: torch.dtype = torch.float32, **overrides) -> Path:
+                           dtype: torch.dtype = torch.float32, scales: str = "init", outliers: int = 0,
+                           **overrides) -> Path:
     """Build tokenizers + model from `preset` (keyword overrides allowed) and save them to `out`.
 
     stage 1: Q-Former with its text side, ITC/ITM heads and our ITG head (no LLM).
@@ -42,7 +43,8 @@ def make_random_checkpoint(out: str | Path, preset: str = "tiny", seed: int = 0,
     side and heads.
     tokenizer_adds_bos=False: the LLM's tokenizer puts no BOS before a prompt (the model still has one).
     dtype: the weights' type, in memory while they are drawn and in the folder (float16 halves both: the 3.8B
-    preset needs 7.6 GB instead of 15). The tokenizers are small stand-ins trained on ShapesCaps texts (at most
+    preset needs 7.6 GB instead of 15). scales="trained": weights at the scales of a trained model
+    (`trained_like`); outliers=N: N of its hidden dimensions carry OPT's outlier features. The tokenizers are small stand-ins trained on ShapesCaps texts (at most
     512 ids, `<image>` the last), whatever the model's vocabulary.
     """
     out = Path(out)
@@ -64,7 +66,46 @@ def make_random_checkpoint(out: str | Path, preset: str = "tiny", seed: int = 0,
         model = Blip2Edge(config, EdgeConfig(stage=stage, qformer_text=qformer_text, itg_head=qformer_text)).eval()
     finally:
         torch.set_default_dtype(default)
+    if scales == "trained" or outliers:
+        trained_like(model, outliers, scales=scales == "trained")
     return write_checkpoint(model, out, tokenizer, qtok, stage)
+
+
+@torch.no_grad()
+def trained_like(model, outliers: int = 0, seed: int = 0, scales: bool = True) -> None:
+    """Give a random model the activations a trained one has, in place (a random initialisation has neither T5's
+    large activations nor OPT's outlier features, and a gate tested on it proves little):
+
+    * every linear weight drawn at 3 / sqrt(fan_in) (std), the LLM's embeddings x2: each product then grows its
+      input's scale, T5's unscaled attention gets sharp softmaxes and its residual stream large values, as trained
+      Flan-T5 has (Hugging Face keeps T5's `wo` in fp32 for this reason);
+    * `outliers` > 0: that many hidden dimensions of every LayerNorm's output in the LLM x20..x60 (each
+      LayerNorm's gain and bias in those dimensions), the outlier features real OPT checkpoints have from 6.7B on
+      (LLM.int8(), SmoothQuant): every product that reads a LayerNorm's output has a few input channels 20-60x
+      the rest, and the residual stream carries them on.
+    `scales=False`: the outlier features alone, on Hugging Face's initialisation.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    lm = getattr(model, "language_model", None)
+    tied = lm.get_input_embeddings().weight if lm is not None else None
+    for module in model.modules() if scales else ():
+        if isinstance(module, torch.nn.Linear) and module.weight is not tied:  # (a tied head: the embeddings)
+            fan_in = module.weight.shape[1]
+            module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * (3 / fan_in ** 0.5))
+    if lm is None:
+        return
+    for module in lm.modules() if scales else ():
+        if isinstance(module, torch.nn.Embedding):
+            module.weight.mul_(2)
+    if outliers:
+        width = tied.shape[1]
+        dims = torch.randperm(width, generator=gen)[:outliers]
+        factors = torch.linspace(20, 60, outliers)
+        for module in lm.modules():
+            if isinstance(module, torch.nn.LayerNorm) and module.weight.shape[0] == width:
+                module.weight[dims] *= factors
+                if module.bias is not None:
+                    module.bias[dims] *= factors
 
 
 def write_checkpoint(model, out: str | Path, tokenizer, qformer_tokenizer, stage: int | None = None,
@@ -126,6 +167,12 @@ def main(argv=None):
                     help="the weights' type in memory and in the folder (float16: half the memory and disk)")
     ap.add_argument("--bert", action="store_true", help="write a small random BERT-style folder instead (a stand-in "
                     "for bert-base-uncased as `python -m train stage1 --qformer-init`)")
+    ap.add_argument("--scales", default="init", choices=["init", "trained"],
+                    help="init: Hugging Face's initialisation; trained: weights at a trained model's scales "
+                    "(3/sqrt(fan_in), the LLM's embeddings x2): T5's large activations")
+    ap.add_argument("--outliers", type=int, default=0, metavar="N",
+                    help="N hidden dimensions of the LLM's LayerNorm outputs x20..x60 "
+                    "(the outlier features of OPT from 6.7B on), at either --scales")
     for part in ("vision", "qformer", "llm"):
         ap.add_argument(f"--{part}-layers", type=int, help=f"{part} layers instead of the preset's")
     args = ap.parse_args(argv)
@@ -136,7 +183,8 @@ def main(argv=None):
               if (n := getattr(args, f"{part}_layers")) is not None}
     path = make_random_checkpoint(args.out, args.preset, args.seed, stage=args.stage,
                                   qformer_text=True if args.stage == 1 else args.qformer_text,
-                                  dtype=getattr(torch, args.dtype), **layers)
+                                  dtype=getattr(torch, args.dtype), scales=args.scales, outliers=args.outliers,
+                                  **layers)
     print(f"wrote {path}")
 
 

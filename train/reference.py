@@ -6,6 +6,7 @@ of PyTorch evaluation (`python -m train eval --model`) and of the benchmarks.
     ref.generate(images)                                # captions: generate(pixel_values=...), no input ids
     ref.generate(images, ["Question: what is it? Answer:", ...], num_beams=3)   # through Blip2Processor
     ref.generate(images, prompts, force={2: token_id})  # ... with the token at step 2 forced (a logits processor)
+    ref.generate(images, force={0: [7, 9]})             # ... per row
     ref.itm(images, texts), ref.itc(images, texts)      # Blip2ForImageTextRetrieval
     ref.pixel_values(images)                            # the checkpoint's image processor (PIL backend)
 
@@ -30,19 +31,24 @@ class Generated:
 
 
 class _Force:
-    """A logits processor that makes step t (0: the first new token) choose `force[t]`; generate calls it once
-    per step."""
+    """A logits processor that makes step t (0: the first new token) choose `force[t]`: one id for every row, or a
+    list of one per row (None: that row chooses freely); generate calls it once per step."""
 
-    def __init__(self, force: dict[int, int]):
+    def __init__(self, force: dict[int, int | list]):
         self.force, self.step = force, 0
 
     def __call__(self, input_ids, scores):
-        token = self.force.get(self.step)
+        tokens = self.force.get(self.step)
         self.step += 1
-        if token is not None:
-            scores = torch.full_like(scores, float("-inf"))
-            scores[:, token] = 0.0
-        return scores
+        if tokens is None:
+            return scores
+        tokens = tokens if isinstance(tokens, list) else [tokens] * scores.shape[0]
+        forced = scores.clone()
+        for row, token in enumerate(tokens):
+            if token is not None:
+                forced[row] = float("-inf")
+                forced[row, token] = 0.0
+        return forced
 
 
 class HfReference:
@@ -85,7 +91,7 @@ class HfReference:
         logits = [torch.stack([s[b] for s in out.logits])[: len(t)] for b, t in enumerate(tokens)]
         return Generated(tokens, logits if output_logits else None)
 
-    def generate(self, images, prompts=None, force: dict[int, int] | None = None, output_logits: bool = False,
+    def generate(self, images, prompts=None, force: dict[int, int | list] | None = None, output_logits: bool = False,
                  **options) -> Generated:
         """Greedy or beam search (`options` as for Hugging Face generate: max_new_tokens, num_beams, ...) for
         each image, with its prompt (None: a caption). Rows with and without a prompt go through separate
@@ -97,8 +103,10 @@ class HfReference:
             rows = [i for i, p in enumerate(prompts) if (p is None) == captions]
             if not rows:
                 continue
+            part_force = force and {t: [tokens[i] for i in rows] if isinstance(tokens, list) else tokens
+                                    for t, tokens in force.items()}  # (per-row forcing: this call's rows)
             part = self._generate([images[i] for i in rows], None if captions else [prompts[i] for i in rows],
-                                  force, output_logits, options)
+                                  part_force, output_logits, options)
             for j, i in enumerate(rows):
                 out.tokens[i] = part.tokens[j]
                 if output_logits:

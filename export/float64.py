@@ -1,0 +1,77 @@
+"""PyTorch's float32 modules computed in float64, without a float64 copy of their weights: the truth the fp32 gate
+measures rounding against.
+
+    from export.float64 import float64
+    with float64():
+        logits = model(pixel_values=...)       # every float32 operand widened to float64, op by op
+
+A float32 run and a float64 run of the same module differ by PyTorch's own float32 rounding; the fp32 gate
+(`export/parity.py`) allows an exported graph that much error, times a stated margin, because that rounding grows
+with the width, depth and activations of the model (a 2048-wide product rounds more than a 32-wide one) and no
+fixed bound fits every model users deploy. `model.double()` would hold a second, twice as large copy of the
+weights: at Flan-T5-XL's or OPT-6.7B's size that is more memory than the build has. Here each weight is widened
+while the operation that reads it runs and is dropped after it, so the extra memory is one operation's operands.
+"""
+import contextlib
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+
+_aten = torch.ops.aten
+# Operations that only move values (a row gather of the embedding table): exact in float32, widened after, so the
+# table itself is never copied.
+_EXACT = {_aten.embedding.default}
+
+
+def _widen(value):
+    if isinstance(value, torch.Tensor) and value.dtype == torch.float32:
+        return value.to(torch.float64)
+    if value is torch.float32:  # a dtype argument: what the module casts to or creates
+        return torch.float64
+    return value
+
+
+class _Float64Functions(TorchFunctionMode):
+    """Python-level calls (F.conv2d, F.linear, Tensor methods): their float32 operands widened before PyTorch's
+    composite operations check that input and weight types agree."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name == "__setitem__" or (name.endswith("_") and not name.startswith("__")) or name.startswith("__i"):
+            first, (rest, kwargs) = args[0], tree_map(_widen, (args[1:], kwargs))
+            return func(first, *rest, **kwargs)  # in place: the first operand stays the caller's tensor
+        args, kwargs = tree_map(_widen, (args, kwargs))
+        return func(*args, **kwargs)
+
+
+class _Float64(TorchDispatchMode):
+    """Operations inside PyTorch's composites and tensors made there."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _EXACT:
+            return tree_map(_widen, func(*args, **kwargs))
+        schema = func._schema
+        mutated = bool(schema.arguments) and schema.arguments[0].alias_info is not None \
+            and schema.arguments[0].alias_info.is_write
+        if mutated:  # an in-place op writes into its first operand: that one must stay the caller's tensor
+            first, rest = args[0], tree_map(_widen, (args[1:], kwargs))
+            return func(first, *rest[0], **rest[1])
+        args, kwargs = tree_map(_widen, (args, kwargs))
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def float64():
+    """Run PyTorch in float64 inside the block: float32 operands widened per operation, tensors created without a
+    type or as float32 made float64. Outputs are float64."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with torch.no_grad(), _Float64Functions(), _Float64():
+            yield
+    finally:
+        torch.set_default_dtype(default)

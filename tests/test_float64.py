@@ -1,0 +1,56 @@
+"""export.float64 computes PyTorch modules in float64 without widening their weights beforehand: what the fp32
+gate's bound is measured against."""
+import torch
+import torch.nn.functional as F
+
+from export.float64 import float64
+
+
+class Casts(torch.nn.Module):
+    """What Hugging Face's models do: explicit float32 casts (T5's RMS norm), softmax in float32 (OPT), a
+    convolution (the ViT's patches), an embedding, LayerNorm, GELU, an in-place update of a fresh tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 16, 4, stride=4)
+        self.embed = torch.nn.Embedding(50, 16)
+        self.norm = torch.nn.LayerNorm(16)
+        self.fc = torch.nn.Linear(16, 16)
+
+    def forward(self, pixels, ids):
+        x = self.conv(pixels).flatten(2).transpose(1, 2) + self.embed(ids)
+        x = x * torch.rsqrt(x.to(torch.float32).pow(2).mean(-1, keepdim=True) + 1e-6)
+        x = F.gelu(self.fc(self.norm(x)))
+        scores = F.softmax(x @ x.transpose(1, 2), dim=-1, dtype=torch.float32)
+        out = torch.zeros_like(x)
+        out += scores @ x.float()
+        return out
+
+
+def _exact(model, pixels, ids):
+    """The same maths written out in float64 from float64 copies of the weights."""
+    w = {k: v.double() for k, v in model.state_dict().items()}
+    x = F.conv2d(pixels.double(), w["conv.weight"], w["conv.bias"], stride=4).flatten(2).transpose(1, 2)
+    x = x + w["embed.weight"][ids]
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    x = F.gelu(F.linear(F.layer_norm(x, (16,), w["norm.weight"], w["norm.bias"]), w["fc.weight"], w["fc.bias"]))
+    return F.softmax(x @ x.transpose(1, 2), dim=-1) @ x
+
+
+def test_float64_is_the_float64_computation():
+    torch.manual_seed(0)
+    model = Casts().eval()
+    with torch.no_grad():
+        model.fc.weight.mul_(30)  # large activations: float32's rounding shows
+    pixels, ids = torch.randn(2, 3, 16, 16), torch.randint(0, 50, (2, 16))
+    exact = _exact(model, pixels, ids)
+    with torch.no_grad():
+        fp32 = model(pixels, ids)
+    with float64():
+        wide = model(pixels, ids)
+    assert wide.dtype == torch.float64 and all(p.dtype == torch.float32 for p in model.parameters())
+    fp32_err, wide_err = (fp32.double() - exact).abs().max(), (wide - exact).abs().max()
+    # float32 is off by about its last bit (~1e-7 of the range), the float64 mode by float64's: an operation left in
+    # float32 (a cast or a softmax dtype kept) would put it at float32's
+    assert wide_err < 1e-12 * exact.abs().max() and fp32_err > 1e4 * wide_err
+    assert torch.get_default_dtype() == torch.float32
