@@ -497,16 +497,22 @@ def _pipeline_tokens(pipe, images, prompts, ref: list[list[int]], required: EndT
     return [list(map(int, s.argmax(-1))) for s in pipe.score(images, ref, prompt=prompts, decoder=decoder)]
 
 
-def _float64_logits(ref: HfReference, images, prompts, tokens: list[list[int]], logits32: list) -> tuple[list, list]:
-    """Hugging Face's float64 logits along its own float32 `tokens` (forced at every step, export/float64.py), and
-    per row and position its float32 error against them (max over the vocabulary)."""
-    steps = max(len(t) for t in tokens)
-    force = {t: [row[t] if t < len(row) else None for row in tokens] for t in range(steps)}
+def _float64_logits(ref: HfReference, images, prompts, generated, logits32: list) -> tuple[list, list]:
+    """Hugging Face's float64 logits along its own float32 tokens (export/float64.py), and per row and position its
+    float32 error against them (max over the vocabulary). One forward pass over the tokens (`teacher_forced`:
+    every weight widened once, not once per step); rows with a generated image placeholder id go through generate
+    with every token forced instead (a forward pass would put image features there)."""
+    tokens, image_id = generated.tokens, ref.ck.config.image_token_index
     with in_float64():
-        out = ref.generate(images, prompts, force=force, output_logits=True, max_new_tokens=steps)
-    if out.tokens != tokens:
-        raise RuntimeError("Hugging Face's float64 run did not follow the forced tokens of its float32 run")
-    logits64 = [lg.numpy() for lg in out.logits]
+        if generated.inputs is not None and not any(image_id in t for t in tokens):
+            logits64 = [lg.numpy() for lg in ref.teacher_forced(images, generated)]
+        else:
+            steps = max(len(t) for t in tokens)
+            force = {t: [row[t] if t < len(row) else None for row in tokens] for t in range(steps)}
+            out = ref.generate(images, prompts, force=force, output_logits=True, max_new_tokens=steps)
+            if out.tokens != tokens:
+                raise RuntimeError("Hugging Face's float64 run did not follow the forced tokens of its float32 run")
+            logits64 = [lg.numpy() for lg in out.logits]
     return logits64, [np.abs(a - b).max(-1) for a, b in zip(logits32, logits64)]
 
 
@@ -519,10 +525,10 @@ def _generation_reference(ref: HfReference, images, prompts, new: int, float64: 
             "batch_logits": [lg.float().numpy() for lg in batch.logits], "singles": [s.tokens[0] for s in singles],
             "singles_logits": [s.logits[0].float().numpy() for s in singles]}
     if float64:
-        want["batch_logits64"], want["batch_noise"] = _float64_logits(ref, images, prompts, want["batch"],
+        want["batch_logits64"], want["batch_noise"] = _float64_logits(ref, images, prompts, batch,
                                                                       want["batch_logits"])
-        pairs = [_float64_logits(ref, [im], [p], [t], [lg]) for im, p, t, lg in
-                 zip(images, prompts, want["singles"], want["singles_logits"])]
+        pairs = [_float64_logits(ref, [im], [p], s, [lg]) for im, p, s, lg in
+                 zip(images, prompts, singles, want["singles_logits"])]
         want["singles_logits64"], want["singles_noise"] = [a[0] for a, _ in pairs], [b[0] for _, b in pairs]
     return want
 
@@ -580,7 +586,7 @@ def _placeholder_step_reference(ck, ref: HfReference, images, prompts, new: int,
     want = {"images": images, "prompts": prompts, "tokens": expected.tokens,
             "logits": [t.numpy() for t in expected.logits]}
     if float64:
-        want["logits64"], want["noise"] = _float64_logits(ref, images, prompts, want["tokens"], want["logits"])
+        want["logits64"], want["noise"] = _float64_logits(ref, images, prompts, expected, want["logits"])
     return want
 
 

@@ -1,5 +1,6 @@
 """export.float64 computes PyTorch modules in float64 without widening their weights beforehand: what the fp32
 gate's bound is measured against."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -54,3 +55,22 @@ def test_float64_is_the_float64_computation():
     # float32 (a cast or a softmax dtype kept) would put it at float32's
     assert wide_err < 1e-12 * exact.abs().max() and fp32_err > 1e4 * wide_err
     assert torch.get_default_dtype() == torch.float32
+
+
+@pytest.mark.parametrize("variant,prompted", [("tiny", False), ("tiny", True), ("t5", False), ("t5", True)])
+def test_teacher_forced_logits_are_those_generate_chose_from(make_engine, variant, prompted):
+    """The gate's float64 reference is one forward pass over Hugging Face's generated tokens (HfReference.
+    teacher_forced, fed the ids generate() laid out itself); in float32 it gives generate's own step logits, within
+    float32 rounding, for captions and prompts, OPT and T5."""
+    from export.parity import GATE_PROMPTS, probe_images
+    from train.checkpoint import load_checkpoint
+    from train.reference import HfReference
+
+    ck = load_checkpoint(make_engine(variant)[0])
+    ref = HfReference(ck)
+    images = probe_images(ck.config.vision_config.image_size, count=3, seed=2)
+    generated = ref.generate(images, GATE_PROMPTS[:3] if prompted else None, max_new_tokens=8, output_logits=True)
+    forced = ref.teacher_forced(images, generated)
+    for step_logits, one_pass in zip(generated.logits, forced):
+        assert one_pass.shape == step_logits.shape
+        assert (one_pass - step_logits).abs().max() <= 1e-5 * step_logits.abs().max()

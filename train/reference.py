@@ -7,6 +7,7 @@ of PyTorch evaluation (`python -m train eval --model`) and of the benchmarks.
     ref.generate(images, ["Question: what is it? Answer:", ...], num_beams=3)   # through Blip2Processor
     ref.generate(images, prompts, force={2: token_id})  # ... with the token at step 2 forced (a logits processor)
     ref.generate(images, force={0: [7, 9]})             # ... per row
+    ref.teacher_forced(images, generated)               # the logits of one forward pass over generated tokens
     ref.itm(images, texts), ref.itc(images, texts)      # Blip2ForImageTextRetrieval
     ref.pixel_values(images)                            # the checkpoint's image processor (PIL backend)
 
@@ -28,6 +29,9 @@ from train.families import family
 class Generated:
     tokens: list[list[int]]  # new token ids per row, up to and including EOS
     logits: list[torch.Tensor] | None = None  # per row [steps, V]: the raw logits of each step (output_logits)
+    # the language model's input ids and attention mask as generate() laid them out (placeholders included): what
+    # `teacher_forced` feeds again; None when the rows went through more than one generate call
+    inputs: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class _Force:
@@ -84,12 +88,42 @@ class HfReference:
             inputs = dict(self.processor(images=list(images), text=list(prompts), return_tensors="pt", padding=True))
         if output_logits and options.get("num_beams", 1) > 1:
             raise ValueError("output_logits follows greedy rows; beam search reorders them")
-        out = self.model.generate(**inputs, do_sample=False, return_dict_in_generate=True, output_logits=True,
-                                  **options, **({"logits_processor": [_Force(force)]} if force else {}))
+        laid_out = []  # the first ids the LLM embeds: the prompt generate() built (later calls embed new tokens)
+        hook = self.model.get_input_embeddings().register_forward_pre_hook(
+            lambda module, args: laid_out.append(args[0]) if not laid_out else None)
+        try:
+            out = self.model.generate(**inputs, do_sample=False, return_dict_in_generate=True, output_logits=True,
+                                      **options, **({"logits_processor": [_Force(force)]} if force else {}))
+        finally:
+            hook.remove()
         steps = len(out.logits)  # the new tokens are the last `steps` of every sequence
         tokens = [_until_eos(row[-steps:].tolist(), self.ck.config.text_config.eos_token_id) for row in out.sequences]
         logits = [torch.stack([s[b] for s in out.logits])[: len(t)] for b, t in enumerate(tokens)]
-        return Generated(tokens, logits if output_logits else None)
+        ids = laid_out[0]
+        return Generated(tokens, logits if output_logits else None,
+                         (ids, inputs.get("attention_mask", torch.ones_like(ids))))
+
+    @torch.no_grad()
+    def teacher_forced(self, images, generated: Generated) -> list[torch.Tensor]:
+        """Per row [tokens, V]: the logits Hugging Face's forward pass gives each of `generated`'s tokens when fed
+        the ones before it (one pass, no cache; the steps of a generate call computed at once). Not for tokens
+        equal to the image placeholder id: the forward pass puts image features at every placeholder."""
+        if generated.inputs is None:
+            raise ValueError("teacher_forced needs the rows of one generate call (all captions or all prompted)")
+        cfg, (ids, mask) = self.ck.config, generated.inputs
+        n = max(len(t) for t in generated.tokens)
+        pad = cfg.text_config.pad_token_id
+        new = torch.tensor([t + [pad] * (n - len(t)) for t in generated.tokens], dtype=torch.long)
+        pixels = self.pixel_values(images)
+        if cfg.use_decoder_only_language_model:  # the prompt, then every new token but the last
+            full, ones = torch.cat([ids, new[:, :-1]], 1), torch.ones(len(new), n - 1, dtype=mask.dtype)
+            logits = self.model(pixel_values=pixels, input_ids=full, attention_mask=torch.cat([mask, ones], 1)).logits
+            logits = logits[:, -n:]
+        else:  # the encoder reads the prompt, the decoder starts from decoder_start_token_id
+            start = torch.full((len(new), 1), cfg.text_config.decoder_start_token_id, dtype=torch.long)
+            logits = self.model(pixel_values=pixels, input_ids=ids, attention_mask=mask,
+                                decoder_input_ids=torch.cat([start, new[:, :-1]], 1)).logits
+        return [logits[b, :len(t)] for b, t in enumerate(generated.tokens)]
 
     def generate(self, images, prompts=None, force: dict[int, int | list] | None = None, output_logits: bool = False,
                  **options) -> Generated:
@@ -99,6 +133,7 @@ class HfReference:
         images = list(images)
         prompts = [None] * len(images) if prompts is None else list(prompts)
         out = Generated([None] * len(images), [None] * len(images) if output_logits else None)
+        parts = 0
         for captions in (True, False):
             rows = [i for i, p in enumerate(prompts) if (p is None) == captions]
             if not rows:
@@ -107,6 +142,7 @@ class HfReference:
                                     for t, tokens in force.items()}  # (per-row forcing: this call's rows)
             part = self._generate([images[i] for i in rows], None if captions else [prompts[i] for i in rows],
                                   part_force, output_logits, options)
+            parts, out.inputs = parts + 1, part.inputs if not parts else None
             for j, i in enumerate(rows):
                 out.tokens[i] = part.tokens[j]
                 if output_logits:
