@@ -20,7 +20,7 @@ from export.specs import graph_specs
 from train.checkpoint import load_checkpoint, parameter_count, safetensors_headers
 from train.demo import make_random_checkpoint
 from train.model import HF_CLASS, Blip2Edge
-from train.presets import blip2_config
+from train.presets import PRESETS, blip2_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,6 +36,33 @@ def test_full_size_preset_has_the_published_parameter_count():
     with torch.device("meta"):
         model = Blip2ForConditionalGeneration(config)
     assert round(sum(p.numel() for p in model.parameters()) / 1e6) == 677
+
+
+@pytest.mark.parametrize("preset,total,llm,few_layers", [
+    # Salesforce/blip2-opt-6.7b: 7.75B on its model card; its LLM is facebook/opt-6.7b's 6,658,473,984
+    ("blip2-opt-6.7b", 7_752_738_304, 6_658_473_984, 689),
+    # Salesforce/blip2-flan-t5-xl: 3.94B on its model card; its LLM is google/flan-t5-xl's 2,849,757,184 (the
+    # untied LM head counted: transformers builds T5 tied until the checkpoint's head is loaded)
+    ("blip2-flan-t5-xl", 3_942_446_592, 2_849_757_184, 429),
+])
+def test_full_width_presets_have_the_published_parameter_counts(preset, total, llm, few_layers):
+    """The other presets users deploy, counted on the meta device; their few-layer variants (2 ViT, 2 Q-Former and
+    2 LLM layers, the widths kept) are what the full-width figures are measured on."""
+    untied_head = not PRESETS[preset].tie_word_embeddings
+
+    def count(config) -> tuple[int, int]:
+        with torch.device("meta"):
+            model = Blip2ForConditionalGeneration(config)
+        lm = model.language_model
+        counted = dict(lm.named_parameters())  # (a tied head's weight is listed once, under the embeddings' name)
+        untied = lm.get_output_embeddings().weight.numel() if (
+            untied_head and "lm_head.weight" not in counted) else 0
+        return (sum(p.numel() for p in model.parameters()) + untied,
+                sum(p.numel() for p in lm.parameters()) + untied)
+
+    assert count(blip2_config(preset, image_token_index=100)) == (total, llm)
+    few = blip2_config(preset, image_token_index=100, vision_layers=2, qformer_layers=2, llm_layers=2)
+    assert round(count(few)[0] / 1e6) == few_layers
 
 
 @pytest.mark.parametrize("preset,options", [("tiny", {}), ("tiny-t5", {"qformer_text": True}), ("tiny", {"stage": 1})])

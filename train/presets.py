@@ -54,6 +54,7 @@ class Preset:
     word_embed_proj_dim: int | None = None  # None: same as llm_width
     llm_layers: int = 2
     llm_heads: int = 4
+    llm_ffn: int | None = None  # None: 4 * llm_width (Flan-T5-XL's is 5120 for width 2048)
     max_positions: int = 128
     do_layer_norm_before: bool = True
     tie_word_embeddings: bool = True
@@ -79,6 +80,24 @@ PRESETS = {
         num_query_tokens=32, qformer_width=768, qformer_layers=12, qformer_heads=12,
         qformer_vocab_size=30522, cross_attention_frequency=2, qformer_max_positions=512, itc_dim=256,
         vocab_size=50272, llm_width=2560, llm_layers=32, llm_heads=32, max_positions=2048, dropout=0.0,
+    ),
+    # Salesforce/blip2-opt-6.7b's (7.75B parameters): the same ViT-g and Q-Former, OPT-6.7B (32 layers, width 4096,
+    # 32 heads, FFN 16384, vocabulary 50272, 2048 positions; tied embeddings), whose trained activations have the
+    # outlier features of OPT from 6.7B on; `--vision-layers 2 --qformer-layers 2 --llm-layers 2` keeps the widths
+    "blip2-opt-6.7b": Preset(
+        image_size=224, patch_size=14, vision_width=1408, vision_layers=39, vision_heads=16, vision_mlp=6144,
+        num_query_tokens=32, qformer_width=768, qformer_layers=12, qformer_heads=12,
+        qformer_vocab_size=30522, cross_attention_frequency=2, qformer_max_positions=512, itc_dim=256,
+        vocab_size=50272, llm_width=4096, llm_layers=32, llm_heads=32, max_positions=2048, dropout=0.0,
+    ),
+    # Salesforce/blip2-flan-t5-xl's (3.94B parameters): the same ViT-g and Q-Former, Flan-T5-XL (24 encoder and 24
+    # decoder layers, d_model 2048, 32 heads of d_kv 64, gated-GELU FFN 5120, vocabulary 32128, untied head)
+    "blip2-flan-t5-xl": Preset(
+        image_size=224, patch_size=14, vision_width=1408, vision_layers=39, vision_heads=16, vision_mlp=6144,
+        num_query_tokens=32, qformer_width=768, qformer_layers=12, qformer_heads=12,
+        qformer_vocab_size=30522, cross_attention_frequency=2, qformer_max_positions=512, itc_dim=256,
+        llm="t5", vocab_size=32128, llm_width=2048, llm_layers=24, llm_heads=32, d_kv=64, llm_ffn=5120,
+        max_positions=512, tie_word_embeddings=False, dropout=0.0,
     ),
     # about 30M parameters: the benchmark's "small" model (ViT 224/16 4x256, Q-Former 4 layers 32 queries, OPT 6x512)
     "small": Preset(
@@ -153,7 +172,7 @@ def blip2_config(preset: str | Preset = "tiny", **overrides) -> Blip2Config:
 def opt_config(p: Preset) -> OPTConfig:
     return OPTConfig(
         vocab_size=p.vocab_size, hidden_size=p.llm_width, word_embed_proj_dim=p.word_embed_proj_dim or p.llm_width,
-        num_hidden_layers=p.llm_layers, ffn_dim=4 * p.llm_width, num_attention_heads=p.llm_heads,
+        num_hidden_layers=p.llm_layers, ffn_dim=p.llm_ffn or 4 * p.llm_width, num_attention_heads=p.llm_heads,
         max_position_embeddings=p.max_positions, do_layer_norm_before=p.do_layer_norm_before,
         tie_word_embeddings=p.tie_word_embeddings, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
         dropout=p.dropout, attention_dropout=p.dropout,
@@ -164,7 +183,7 @@ def t5_config(p: Preset) -> T5Config:
     """T5 as BLIP-2's conversion writes it: BOS = EOS = </s> (a caption's encoder input ends with it), exact GELU
     in the gated FFN; untied (and unscaled) LM head unless tie_word_embeddings."""
     return T5Config(
-        vocab_size=p.vocab_size, d_model=p.llm_width, d_kv=p.d_kv or p.llm_width // p.llm_heads, d_ff=4 * p.llm_width,
+        vocab_size=p.vocab_size, d_model=p.llm_width, d_kv=p.d_kv or p.llm_width // p.llm_heads, d_ff=p.llm_ffn or 4 * p.llm_width,
         num_layers=p.llm_layers, num_heads=p.llm_heads, feed_forward_proj=p.t5_ffn,
         dense_act_fn="gelu" if p.t5_ffn.endswith("gelu") else p.t5_ffn.split("-")[-1],
         tie_word_embeddings=p.tie_word_embeddings, dropout_rate=p.dropout, pad_token_id=T5_PAD_ID,
