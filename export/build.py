@@ -219,7 +219,10 @@ def _convert(specs, src: Path, dst: Path, precision: str, ranges: dict | None, s
             _copy_graph(src, dst, file)
             details[spec.name] = {"kept_fp32": "the whole graph (int4 is for the LLM's weights)"}
         return_freed_memory()
-        say(f"  {spec.name}: {precision} ({details[spec.name]['kept_fp32']} kept in float32)")
+        smoothing = details[spec.name].get("smoothing")
+        smoothed = (f"; {smoothing['layer_norms_smoothed']} LayerNorm(s) with outlier channels smoothed into the "
+                    f"weights, alpha {smoothing['alpha']:g}" if smoothing else "")
+        say(f"  {spec.name}: {precision} ({details[spec.name]['kept_fp32']} kept in float32{smoothed})")
     return details
 
 
@@ -236,9 +239,10 @@ def _reduce(ck, specs, fp32_dir: Path, out: Path, precision: str, calibration: C
     ranges, record = None, None
     if precision == "int8":
         say(f"calibrating on {data.source['count']} images from {data.source['source']} ...")
-        tensors = {spec.name: int8_plan_of(fp32_dir / f"{spec.name}.onnx", **spec.int8).tensors for spec in specs}
-        ranges = record_ranges(fp32_dir, tensors, data.images, data.texts)
-        record = {**data.source, "method": "minmax", "tensors": {g: len(r) for g, r in ranges.items()}}
+        plans = {spec.name: int8_plan_of(fp32_dir / f"{spec.name}.onnx", **spec.int8) for spec in specs}
+        ranges = record_ranges(fp32_dir, {g: p.tensors for g, p in plans.items()}, data.images, data.texts,
+                               channels={g: list(p.channels) for g, p in plans.items()})
+        record = {**data.source, "method": "minmax", "tensors": {g: len(p.tensors) for g, p in plans.items()}}
     # the gate's inputs: held-out images of the same kind, at batch 3 and batch 1
     texts = data.held_out_texts or GATE_TEXTS
     gate = record_feeds(fp32_dir, data.held_out[:3], texts[:3])

@@ -152,10 +152,11 @@ def record_feeds(folder, images: list, texts: list[str] | None = None, max_new_t
 
 
 def record_ranges(folder, tensors: dict[str, list[str]], images: list, texts: list[str] | None = None,
-                  max_new_tokens: int = 16) -> dict:
+                  max_new_tokens: int = 16, channels: dict[str, list[str]] | None = None) -> dict:
     """{graph name: {tensor: largest magnitude}} for the `tensors` of each graph (`export.precision.int8_plan_of`),
     measured while the fp32 pipeline of `folder` runs on `images`: each graph runs as a copy that also outputs
-    those tensors' min and max, so no feed is kept (a full-size LLM's recorded KV caches would need gigabytes)."""
+    those tensors' min and max, so no feed is kept (a full-size LLM's recorded KV caches would need gigabytes).
+    `channels`: per graph, tensors whose per-channel maxima are measured too (export/smoothing.py)."""
     from export.parity import check_runner
     from export.precision import RangeRunner
 
@@ -164,7 +165,7 @@ def record_ranges(folder, tensors: dict[str, list[str]], images: list, texts: li
     def measuring(path, graph):
         if not tensors.get(graph):
             return check_runner(path)
-        runners[graph] = RangeRunner(path, tensors[graph])
+        runners[graph] = RangeRunner(path, tensors[graph], (channels or {}).get(graph, ()))
         return runners[graph]
 
     _run_pipeline(folder, measuring, images, texts, max_new_tokens)

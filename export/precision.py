@@ -38,13 +38,14 @@ import logging
 import math
 import re
 from collections import defaultdict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from export.smoothing import CHANNEL_MAX, smooth, smoothable
 from export.weights import Weights, load_graph
 
 FP16_MAX = 65504.0
@@ -311,6 +312,8 @@ class Int8Plan:
     tensors: list[str]  # activations to calibrate
     float_outputs: set[str]  # quantized products whose output stays float (the LM head: one int8 scale for every
     # logit would put them on a grid of max|logit| / 127, which turns near-ties into exact ties)
+    channels: dict = field(default_factory=dict)  # LayerNorm outputs that may be smoothed (export/smoothing.py):
+    # the calibration also measures their per-channel maxima
 
 
 def int8_plan(graph, exclude: tuple[str, ...] = (), fp32_scopes: tuple[str, ...] = ()) -> Int8Plan:
@@ -331,7 +334,8 @@ def int8_plan(graph, exclude: tuple[str, ...] = (), fp32_scopes: tuple[str, ...]
                                 "attention output projections": len(projections),
                                 **({"excluded by name": sorted(set(exclude))} if exclude else {}),
                                 **({f"in {', '.join(fp32_scopes)}": len(set(scoped) & set(with_weight))}
-                                   if fp32_scopes else {})}, tensors, float_outputs)
+                                   if fp32_scopes else {})}, tensors, float_outputs,
+                    smoothable(graph, quantized))
 
 
 def _int8_graph(src) -> tuple[onnx.ModelProto, Weights]:
@@ -352,11 +356,11 @@ def int8_plan_of(src, exclude: tuple[str, ...] = (), fp32_scopes: tuple[str, ...
 RANGE_OUTPUT = "{}__int8_range_{}"  # the calibration graph's extra outputs: a tensor's min and max
 
 
-def write_calibration_graph(src, tensors: list[str]) -> Path:
+def write_calibration_graph(src, tensors: list[str], channels: list[str] = ()) -> Path:
     """Write, beside `src`, a copy of the graph that also outputs the min and max of each of `tensors` (ReduceMin
-    and ReduceMax nodes, as ONNX Runtime's MinMax calibrator adds them) and return its path; the caller removes
-    it (`RangeRunner` does both). Only the graph is written: its weights stay in `src`'s external data file, which
-    the copy reads."""
+    and ReduceMax nodes, as ONNX Runtime's MinMax calibrator adds them) and the largest magnitude of each last-axis
+    channel of `channels`, and return its path; the caller removes it (`RangeRunner` does both). Only the graph
+    is written: its weights stay in `src`'s external data file, which the copy reads."""
     src = Path(src)
     model = onnx.load(str(src), load_external_data=False)
     for t in tensors:
@@ -364,6 +368,16 @@ def write_calibration_graph(src, tensors: list[str]) -> Path:
             out = RANGE_OUTPUT.format(t, op)
             model.graph.node.append(helper.make_node(f"Reduce{op.title()}", [t], [out], keepdims=0, name=out))
             model.graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, []))
+    if channels:
+        axis = "__int8_channel_axis"
+        model.graph.initializer.append(numpy_helper.from_array(np.array([0], np.int64), axis))
+    for t in channels:
+        out = CHANNEL_MAX.format(t)
+        model.graph.node.extend([
+            helper.make_node("Abs", [t], [out + "_abs"], name=out + "_abs"),
+            helper.make_node("Flatten", [out + "_abs"], [out + "_rows"], axis=-1, name=out + "_rows"),
+            helper.make_node("ReduceMax", [out + "_rows", axis], [out], keepdims=0, name=out)])
+        model.graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, [None]))
     dst = src.with_name(f".{src.stem}.calibration.onnx")
     onnx.save(model, str(dst))
     return dst
@@ -376,11 +390,11 @@ class RangeRunner:
     order the reductions ran last and every calibrated tensor stayed alive until then (the full-size ViT-g at
     batch 8: 10.3 GB instead of 4.3)."""
 
-    def __init__(self, src, tensors: list[str]):
+    def __init__(self, src, tensors: list[str], channels: list[str] = ()):
         from runtime.runners import make_runner
 
-        self.ranges = ActivationRanges(tensors)
-        path = write_calibration_graph(src, self.ranges.tensors)
+        self.ranges = ActivationRanges(tensors, channels)
+        path = write_calibration_graph(src, self.ranges.tensors, self.ranges.channels)
         try:
             self.runner = make_runner(path, "onnxruntime", memory_arena=False, priority_order=True)
         finally:
@@ -396,25 +410,31 @@ class RangeRunner:
 
 class ActivationRanges:
     """The running min and max of each calibrated tensor over every call (what ONNX Runtime's MinMax calibrator
-    computes), read from the calibration graph's extra outputs."""
+    computes), and the running per-channel maxima of `channels`, read from the calibration graph's extra outputs."""
 
-    def __init__(self, tensors: list[str]):
-        self.tensors, self.low, self.high = list(tensors), {}, {}
-        self.outputs = {RANGE_OUTPUT.format(t, op) for t in tensors for op in ("min", "max")}
+    def __init__(self, tensors: list[str], channels: list[str] = ()):
+        self.tensors, self.channels, self.low, self.high, self.channel_max = list(tensors), list(channels), {}, {}, {}
+        self.outputs = {RANGE_OUTPUT.format(t, op) for t in tensors for op in ("min", "max")} | {
+            CHANNEL_MAX.format(t) for t in self.channels}
 
     def update(self, outputs: dict) -> None:
         for t in self.tensors:
             low, high = outputs[RANGE_OUTPUT.format(t, "min")], outputs[RANGE_OUTPUT.format(t, "max")]
             self.low[t] = np.minimum(self.low.get(t, low), low)
             self.high[t] = np.maximum(self.high.get(t, high), high)
+        for t in self.channels:
+            seen = outputs[CHANNEL_MAX.format(t)]
+            self.channel_max[t] = np.maximum(self.channel_max.get(t, seen), seen)
 
-    def symmetric(self) -> dict[str, float]:
-        """{tensor: the largest magnitude seen}; raises when a tensor was never computed."""
+    def symmetric(self) -> dict:
+        """{tensor: the largest magnitude seen}, and {CHANNEL_MAX.format(t): per-channel maxima} for `channels`;
+        raises when a tensor was never computed."""
         missing = [t for t in self.tensors if t not in self.low]
         if missing:
             raise ValueError(f"the calibration never computed {len(missing)} of the tensors to quantize "
                              f"(e.g. {missing[0]!r}): give calibration images the pipeline runs every graph on")
-        return {t: float(max(abs(self.low[t]), abs(self.high[t]))) for t in self.tensors}
+        return {**{t: float(max(abs(self.low[t]), abs(self.high[t]))) for t in self.tensors},
+                **{CHANNEL_MAX.format(t): m for t, m in self.channel_max.items()}}
 
 
 def int8_ranges(src, feeds: list[dict], exclude: tuple[str, ...] = (), fp32_scopes: tuple[str, ...] = ()) -> dict:
@@ -423,7 +443,8 @@ def int8_ranges(src, feeds: list[dict], exclude: tuple[str, ...] = (), fp32_scop
     holds no feeds; this is the same measurement over feeds at hand."""
     if not feeds:
         raise ValueError(f"no calibration feeds for {Path(src).name}: give calibration images (--calib-images DIR)")
-    runner = RangeRunner(src, int8_plan_of(src, exclude, fp32_scopes).tensors)
+    plan = int8_plan_of(src, exclude, fp32_scopes)
+    runner = RangeRunner(src, plan.tensors, list(plan.channels))
     for f in feeds:
         runner.run(f)
     return runner.ranges.symmetric()
@@ -546,6 +567,9 @@ def to_int8(src, dst, ranges: dict[str, float], exclude: tuple[str, ...] = (), u
     if missing:
         raise ValueError(f"no calibrated range for {len(missing)} activations of {Path(src).name} (e.g. "
                          f"{missing[0]!r}): measure them with int8_ranges on this graph")
+    smoothing = None
+    if plan.channels:  # outlier channels migrated into the weights first (export/smoothing.py)
+        ranges, smoothing = smooth(graph, weights, plan, ranges)
     targets, body, made, produced = set(plan.quantized), [], {t.name for t in graph.initializer}, set()
     with _quiet_logging():
         for node in graph.node:  # one weight at a time: read, quantized by ONNX Runtime, its output held
@@ -569,7 +593,9 @@ def to_int8(src, dst, ranges: dict[str, float], exclude: tuple[str, ...] = (), u
             "scheme": "QDQ, symmetric int8 activations (per tensor), symmetric int8 weights (per channel)" + (
                 "; the LM head's logits float" if plan.float_outputs else "") + (
                 "; activations stored as uint8 with zero point 128 (the same values) for ONNX Runtime"
-                if uint8_activations else "")}
+                if uint8_activations else ""),
+            **({"smoothing": smoothing} if smoothing and smoothing["layer_norms_smoothed"] else {})}
+
 
 
 # ---------------------------------------------------------------- INT4 (weight-only, block-wise)

@@ -100,6 +100,22 @@ class Weights:
         dtype = helper.tensor_dtype_to_np_dtype(data_type)
         return self._hold(stub, lambda: np.ascontiguousarray(fn(self.array(source)), dtype=dtype).tobytes())
 
+    def transform(self, t: TensorProto, fn: Callable[[np.ndarray], np.ndarray]) -> None:
+        """Replace the values of initializer `t` with fn(its values), of the same type and shape: computed when
+        read for a stub (no weight is held for it), now for a small one kept in the graph."""
+        data_type, dims = self._types[t.name]
+        dtype, get = helper.tensor_dtype_to_np_dtype(data_type), self._get[t.name]
+
+        def values() -> bytes:
+            return np.ascontiguousarray(fn(np.frombuffer(get(), dtype=dtype).reshape(dims)), dtype=dtype).tobytes()
+
+        if t.name in self._stubs:
+            self._get[t.name] = values
+            return
+        data = values()
+        t.CopyFrom(numpy_helper.from_array(np.frombuffer(data, dtype=dtype).reshape(dims), t.name))
+        self._get[t.name] = lambda: data
+
     def array(self, name: str) -> np.ndarray:
         """The values of stub `name` as a numpy array (read or computed now)."""
         data_type, dims = self._types[name]

@@ -21,11 +21,11 @@ VARIANTS = {
     "t5-orig": {"preset": "tiny-t5", "t5_ffn": "relu", "tie_word_embeddings": True, "num_query_tokens": 3},
     # what trained models have and random ones lack (train.demo.trained_like): weights at 3/sqrt(fan_in) and the
     # LLM's embeddings x2, T5's large activations and sharp softmaxes, in both T5 layouts; OPT's outlier features
-    # (3 hidden dimensions of every LayerNorm's output x20..x60)
+    # (3 hidden dimensions of the LayerNorm outputs every product reads x20..x60, the weights trained around them)
     "t5-trained": {"preset": "tiny-t5", "scales": "trained"},
     "t5-orig-trained": {"preset": "tiny-t5", "t5_ffn": "relu", "tie_word_embeddings": True, "num_query_tokens": 3,
                         "scales": "trained"},
-    "opt-outliers": {"scales": "trained", "outliers": 3},
+    "opt-outliers": {"outliers": 3},
 }
 # Variants whose tests run only under `pytest -m slow` (the default suite keeps to its time budget): OPT-350m's
 # post-layernorm layout is one switch inside OPT that Hugging Face's own modules compute for us.

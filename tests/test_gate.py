@@ -6,7 +6,7 @@ import pytest
 
 from export.build import BuildError, build
 from export.parity import END_TO_END, fp32_agreement, token_agreement
-from runtime.decoder import LlmDecoder
+from runtime.decoder import LlmDecoder, Seq2SeqDecoder
 from runtime.manifest import load_manifest
 from runtime.prompt import PromptLayout
 
@@ -30,12 +30,14 @@ def test_gate_catches_a_wrongly_embedded_generated_placeholder(make_engine, monk
     """A decode step fed the placeholder id that embeds something else (the runtime put zeros there), also on a
     Flan-T5 with trained-like activations, whose fp32 bound is ~1e3x looser than a random tiny model's."""
     ck_dir, engine = make_engine(variant)
-    image_id, step = load_manifest(engine).llm.image_token_id, LlmDecoder.step
+    image_id = load_manifest(engine).llm.image_token_id
+    decoder = Seq2SeqDecoder if variant.startswith("t5") else LlmDecoder
+    step = decoder.step
 
     def wrong_step(self, tokens):
-        return step(self, np.where(tokens == image_id, 1, tokens))  # the padding id's embedding instead
+        return step(self, np.where(tokens == image_id, 1, tokens))  # another id's embedding instead
 
-    monkeypatch.setattr(LlmDecoder, "step", wrong_step)
+    monkeypatch.setattr(decoder, "step", wrong_step)
     _build_fails(ck_dir, tmp_path, "placeholder_step")
 
 

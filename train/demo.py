@@ -79,10 +79,11 @@ def trained_like(model, outliers: int = 0, seed: int = 0, scales: bool = True) -
     * every linear weight drawn at 3 / sqrt(fan_in) (std), the LLM's embeddings x2: each product then grows its
       input's scale, T5's unscaled attention gets sharp softmaxes and its residual stream large values, as trained
       Flan-T5 has (Hugging Face keeps T5's `wo` in fp32 for this reason);
-    * `outliers` > 0: that many hidden dimensions of every LayerNorm's output in the LLM x20..x60 (each
-      LayerNorm's gain and bias in those dimensions), the outlier features real OPT checkpoints have from 6.7B on
-      (LLM.int8(), SmoothQuant): every product that reads a LayerNorm's output has a few input channels 20-60x
-      the rest, and the residual stream carries them on.
+    * `outliers` > 0 (OPT): that many hidden dimensions of the LayerNorm outputs inside each decoder layer x20..x60
+      (each LayerNorm's gain and bias in those dimensions), and the weights reading them /20..60 in the same input
+      channels, so the model computes what it did: the outlier features real OPT checkpoints have from 6.7B on
+      (LLM.int8(), SmoothQuant), a few input channels of every product 20-60x the rest, with the weights trained
+      around them. One int8 scale per activation tensor then leaves the other channels a few of its 8 bits.
     `scales=False`: the outlier features alone, on Hugging Face's initialisation.
     """
     gen = torch.Generator().manual_seed(seed)
@@ -101,11 +102,23 @@ def trained_like(model, outliers: int = 0, seed: int = 0, scales: bool = True) -
         width = tied.shape[1]
         dims = torch.randperm(width, generator=gen)[:outliers]
         factors = torch.linspace(20, 60, outliers)
-        for module in lm.modules():
-            if isinstance(module, torch.nn.LayerNorm) and module.weight.shape[0] == width:
-                module.weight[dims] *= factors
-                if module.bias is not None:
-                    module.bias[dims] *= factors
+        for norm, products in _norms_and_readers(lm):
+            norm.weight[dims] *= factors
+            if norm.bias is not None:
+                norm.bias[dims] *= factors
+            for linear in products:  # the weights absorb them: the model computes what it computed before
+                linear.weight[:, dims] /= factors
+
+
+def _norms_and_readers(lm) -> list[tuple[torch.nn.Module, list[torch.nn.Module]]]:
+    """(LayerNorm, the linear layers that read its output) inside each decoder layer of an OPT."""
+    pairs = []
+    for layer in lm.modules():
+        if all(hasattr(layer, a) for a in ("self_attn_layer_norm", "final_layer_norm", "fc1", "self_attn")):
+            attn = layer.self_attn
+            pairs += [(layer.self_attn_layer_norm, [attn.q_proj, attn.k_proj, attn.v_proj]),
+                      (layer.final_layer_norm, [layer.fc1])]
+    return pairs
 
 
 def write_checkpoint(model, out: str | Path, tokenizer, qformer_tokenizer, stage: int | None = None,
