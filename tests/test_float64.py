@@ -57,7 +57,7 @@ def test_float64_is_the_float64_computation():
     assert torch.get_default_dtype() == torch.float32
 
 
-@pytest.mark.parametrize("variant,prompted", [("tiny", False), ("tiny", True), ("t5", False), ("t5", True)])
+@pytest.mark.parametrize("variant,prompted", [("tiny", False), ("t5", True)])
 def test_teacher_forced_logits_are_those_generate_chose_from(make_engine, variant, prompted):
     """The gate's float64 reference is one forward pass over Hugging Face's generated tokens (HfReference.
     teacher_forced, fed the ids generate() laid out itself); in float32 it gives generate's own step logits, within
