@@ -11,6 +11,10 @@ module makes random ones.)
                                                    # Salesforce/blip2-opt-2.7b's architecture, 3.8B random weights
     python -m train.demo --preset blip2-opt-2.7b --dtype float16 --vision-layers 2 --qformer-layers 2 --llm-layers 6 \\
         --out checkpoints/blip2-opt-2.7b-6l        # the same widths, fewer layers (677M parameters)
+    python -m train.demo --preset tiny-t5 --scales trained --out checkpoints/t5-trained
+                                                   # trained-like weight scales: T5's large activations
+    python -m train.demo --preset tiny --outliers 3 --out checkpoints/opt-outliers
+                                                   # OPT's outlier features (3 LayerNorm channels x20..x60)
 
 The folder is a regular Hugging Face `save_pretrained` folder (config.json,
 model.safetensors, tokenizer files, preprocessor_config.json), loadable with
@@ -102,7 +106,11 @@ def trained_like(model, outliers: int = 0, seed: int = 0, scales: bool = True) -
         width = tied.shape[1]
         dims = torch.randperm(width, generator=gen)[:outliers]
         factors = torch.linspace(20, 60, outliers)
-        for norm, products in _norms_and_readers(lm):
+        pairs = _norms_and_readers(lm)
+        if not pairs:
+            raise ValueError(f"outliers={outliers}: outlier features are made for OPT's LayerNorms; this LLM is "
+                             f"{model.config.text_config.model_type}. Use --scales trained for T5's large activations")
+        for norm, products in pairs:
             norm.weight[dims] *= factors
             if norm.bias is not None:
                 norm.bias[dims] *= factors
@@ -184,8 +192,8 @@ def main(argv=None):
                     help="init: Hugging Face's initialisation; trained: weights at a trained model's scales "
                     "(3/sqrt(fan_in), the LLM's embeddings x2): T5's large activations")
     ap.add_argument("--outliers", type=int, default=0, metavar="N",
-                    help="N hidden dimensions of the LLM's LayerNorm outputs x20..x60 "
-                    "(the outlier features of OPT from 6.7B on), at either --scales")
+                    help="OPT: N hidden dimensions of its LayerNorm outputs x20..x60 and the weights reading them "
+                    "/20..60, the same model (the outlier features of OPT from 6.7B on); at either --scales")
     for part in ("vision", "qformer", "llm"):
         ap.add_argument(f"--{part}-layers", type=int, help=f"{part} layers instead of the preset's")
     args = ap.parse_args(argv)
