@@ -27,6 +27,9 @@ VARIANTS = {
                         "scales": "trained"},
     "opt-outliers": {"outliers": 3},
 }
+# The variants with real activations: their builds pass the fp32 gate and their greedy tokens are generate()'s
+# (tests/test_export_parity.py); beam search, the same code on every variant, runs on the others only.
+ACTIVATION_VARIANTS = {"t5-trained", "t5-orig-trained", "opt-outliers"}
 # Variants whose tests run only under `pytest -m slow` (the default suite keeps to its time budget): OPT-350m's
 # post-layernorm layout is one switch inside OPT that Hugging Face's own modules compute for us.
 SLOW_VARIANTS = {"postln"}

@@ -11,7 +11,7 @@ import onnx
 import pytest
 import torch
 
-from conftest import VARIANTS, variants
+from conftest import ACTIVATION_VARIANTS, SLOW_VARIANTS, VARIANTS, variants
 from hf_calls import ForceAt, hf_generate, hf_rows, processor
 from export.parity import TOLERANCES, ParityError, check_graph, probe_images, raise_on_failure
 from export.specs import graph_specs
@@ -22,8 +22,9 @@ from train.checkpoint import load_checkpoint
 PROMPTS = [None, "a photo of", "Question: what color is it? Answer:"]
 
 
-@pytest.mark.parametrize("variant", variants(VARIANTS))
-@pytest.mark.parametrize("num_beams", [1, 3])
+@pytest.mark.parametrize("variant,num_beams", [
+    pytest.param(v, beams, marks=[pytest.mark.slow] if v in SLOW_VARIANTS else [], id=f"{v}-{beams}")
+    for beams in (1, 3) for v in VARIANTS if beams == 1 or v not in ACTIVATION_VARIANTS])
 def test_pipeline_token_exact_with_hf_generate(make_engine, variant, num_beams):
     ck_dir, engine = make_engine(variant)
     ck = load_checkpoint(ck_dir)
