@@ -15,7 +15,9 @@ than the export shapes (prefills with an empty cache, single-token steps, other 
 for reduced precision on feeds recorded from the real pipeline (`select_cases`), since an INT8 graph is only
 right for inputs like its calibration data. A check passes when the output is finite and meets every bound
 its precision sets:
-  * element-wise |got - ref| <= atol + rtol * |ref| (numpy's allclose rule; fp32),
+  * max|got - ref64| <= 10 x max|ref32 - ref64| + 1e-6 x range: within ten times PyTorch's own float32 error,
+    measured on the same inputs against its float64 run (fp32; `export/float64.py`),
+  * element-wise |got - ref| <= atol + rtol * |ref| (numpy's allclose rule; a Tolerance may set it),
   * max_rel = max|got - ref| / max|ref| <= max_rel (error relative to the output's range; fp16, int8),
   * cosine(got, ref) >= min_cosine over the flattened output (direction; fp16, int8).
 
@@ -24,7 +26,8 @@ End to end, the runtime pipeline is compared with Hugging Face's public API call
 `generate(pixel_values=...)` without input ids, prompts against the ids `Blip2Processor` lays out, in a batch
 of four and image by image (and the runtime's batch against its own single-image results), a decode step fed
 the image placeholder id (Hugging Face forced to generate it), ITC/ITM against `Blip2ForImageTextRetrieval`,
-and Q-Former (ITG) captions against the model's uncached causal pass.
+and Q-Former (ITG) captions against the model's uncached causal pass. At fp32 Hugging Face's float64 logits along
+its own tokens (`HfReference.teacher_forced`) bound the logits and say which differing tokens are near-ties.
 """
 from dataclasses import asdict, dataclass
 
