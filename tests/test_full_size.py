@@ -93,6 +93,17 @@ def test_released_weights_are_freed_after_an_export(make_engine, tmp_path):
     assert ck.model is not None and ck.hf is not None
 
 
+def _build_peak(folder: Path, target: str, out: Path) -> float:
+    """`python -m export.build` of `folder` at `target` in a fresh process, which must succeed: its peak resident
+    set in bytes (its own rusage)."""
+    proc = subprocess.Popen([sys.executable, "-m", "export.build", "--model", str(folder), "--target", target,
+                             "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = proc.stdout.read().decode()
+    _, status, usage = os.wait4(proc.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, output[-3000:]
+    return usage.ru_maxrss * 1024
+
+
 @pytest.mark.slow
 def test_full_width_builds_stay_within_one_and_a_half_times_the_fp32_weights(tmp_path):
     """blip2-opt-2.7b's widths with 2 ViT, 2 Q-Former and 6 OPT layers (677M parameters; the LLM graph is 2.4 GB,
@@ -106,17 +117,11 @@ def test_full_width_builds_stay_within_one_and_a_half_times_the_fp32_weights(tmp
                     "--vision-layers", "2", "--qformer-layers", "2", "--llm-layers", "6", "--out", str(folder)],
                    cwd=ROOT, check=True, capture_output=True)
     for target, precision in (("onnx", "fp32"), ("onnx-fp16", "fp16"), ("onnx-int8", "int8"), ("onnx-int4", "int4")):
-        proc = subprocess.Popen([sys.executable, "-m", "export.build", "--model", str(folder), "--target", target,
-                                 "--out", str(tmp_path / "engines")], cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT)
-        output = proc.stdout.read().decode()
-        _, status, usage = os.wait4(proc.pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0, output[-3000:]
+        peak = _build_peak(folder, target, tmp_path / "engines")
         built = tmp_path / "engines" / "opt27-6l" / target
         assert (built / "llm_decoder.onnx.data").is_file()  # external data exercised (and kept by the conversions)
         if target == "onnx":
             assert (built / "llm_decoder.onnx.data").stat().st_size > 2 * 2**30
-        peak = usage.ru_maxrss * 1024
         assert peak <= 1.5 * 4 * parameter_count(folder), f"{target}: peak RSS {peak / 2**30:.2f} GiB"
         written = sum(f.stat().st_size for f in built.glob("*.onnx*"))
         assert written <= _output_bytes(folder, precision), target
@@ -143,13 +148,8 @@ def test_flan_t5_xl_and_opt_6_7b_widths_pass_their_gates_within_the_memory_bound
                     "--vision-layers", "2", "--qformer-layers", "2", "--llm-layers", "2", "--out", str(folder)],
                    cwd=ROOT, check=True, capture_output=True)
     for target in targets:
-        proc = subprocess.Popen([sys.executable, "-m", "export.build", "--model", str(folder), "--target", target,
-                                 "--out", str(tmp_path / "engines")], cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT)
-        output = proc.stdout.read().decode()
-        _, status, usage = os.wait4(proc.pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0, output[-3000:]
-        assert usage.ru_maxrss * 1024 <= 1.5 * 4 * parameter_count(folder), target
+        peak = _build_peak(folder, target, tmp_path / "engines")
+        assert peak <= 1.5 * 4 * parameter_count(folder), target
         if target == "onnx-int8" and "--outliers" in options:
             details = load_manifest(tmp_path / "engines" / preset / target).precision.details["llm_decoder"]
             assert details["smoothing"]["layer_norms_smoothed"] == 4
