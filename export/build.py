@@ -53,9 +53,9 @@ from runtime.manifest import (
     FORMAT, FORMAT_VERSION, Build, LanguageModel, Manifest, Model, Precision, QFormer, load_manifest,
 )
 from runtime.runners import make_runner
+from runtime.memory import map_large_allocations
 from train.checkpoint import (COLLECT_ABOVE_BYTES, CheckpointError, checkpoint_hash, collecting, load_checkpoint,
-                              map_large_allocations, parameter_count, resolve_source, return_freed_memory,
-                              safetensors_headers)
+                              parameter_count, resolve_source, return_freed_memory, safetensors_headers)
 from train.families import family
 from train.logs import quiet_libraries
 

@@ -146,6 +146,20 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    "the engine folder's max batch)")
     p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a request waits for others to "
                    "batch with (default 10 ms)")
+    p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body; larger ones get 413 "
+                   "before they are read (default 20)")
+    p.add_argument("--max-image-pixels", type=int, default=40_000_000, help="largest image, in pixels, read from "
+                   "its header before decoding; larger ones get 413 (default 40000000)")
+    p.add_argument("--max-queued", type=int, default=None, help="requests a replica holds waiting beside the "
+                   "running batch; past it, 503 with Retry-After (default 4 x the batch size)")
+    p.add_argument("--request-timeout-s", type=float, default=60.0, help="a request not answered within this gets "
+                   "504 (default 60)")
+    p.add_argument("--body-timeout-s", type=float, default=30.0, help="a body not received within this gets 408 "
+                   "(default 30)")
+    p.add_argument("--allowed-hosts", default=None, help="comma-separated names the Host header may carry (default: "
+                   "the loopback names with a loopback --host, any name otherwise); other hosts get 421")
+    p.add_argument("--ray-address", default=None, help="attach to this running Ray cluster (default: RAY_ADDRESS "
+                   "if set, else a Ray instance of this command's own, which ends with it)")
     _gpus_arg(p, "replica")
 
 
@@ -155,34 +169,53 @@ def _gpus_arg(p: argparse.ArgumentParser, actor: str) -> None:
 
 
 def _serve(args) -> int:
+    import signal
     import time
 
     try:
-        from runtime.serve import start
+        import fastapi  # noqa: F401
+        import ray
+        import ray.serve  # noqa: F401
+
+        if not hasattr(ray, "init"):  # a folder named ray/ (Ray's session folder) in the current directory
+            raise ImportError(f"`import ray` found {list(getattr(ray, '__path__', []))[:1]}, not Ray; run from "
+                              f"another directory")
     except ImportError as e:
-        print(f"error: `python -m runtime serve` needs Ray Serve ({e}); install it with pip install \".[scale]\"",
-              file=sys.stderr)
+        print(f"error: `python -m runtime serve` needs Ray Serve and FastAPI ({e}); install the scale extra: "
+              f"pip install \".[scale]\"", file=sys.stderr)
         return 2
+    from runtime.serve import ServiceLimits, start, stop
+
+    code = 130
+
+    def terminated(*_):  # `kill PID`, systemd, a container's stop: as Ctrl-C (Ray's handler dumps a stack), 143
+        nonlocal code
+        code = 143
+        raise KeyboardInterrupt
+
+    hosts = None if args.allowed_hosts is None else tuple(
+        h.strip().lower() for h in args.allowed_hosts.split(",") if h.strip())
+    limits = ServiceLimits(max_body_mb=args.max_body_mb, max_image_pixels=args.max_image_pixels,
+                           max_queued=args.max_queued, request_timeout_s=args.request_timeout_s,
+                           body_timeout_s=args.body_timeout_s, allowed_hosts=hosts)
+    signal.signal(signal.SIGTERM, terminated)
     try:
-        start(args.engines, host=args.host, port=args.port, replicas=args.replicas,
-              max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, backend=args.backend,
-              gpus=args.gpus)
-        print(f"serving {args.engines} on http://{args.host}:{args.port} (POST /caption /ask /match /embed, "
-              f"GET /health /metrics); Ctrl-C stops", file=sys.stderr, flush=True)
+        url = start(args.engines, host=args.host, port=args.port, ray_address=args.ray_address, limits=limits,
+                    replicas=args.replicas, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
+                    backend=args.backend, gpus=args.gpus)
+        signal.signal(signal.SIGTERM, terminated)  # (ray.init installs a handler of its own)
+        print(f"serving {args.engines} on {url} (POST /caption /ask /match /embed, GET /health /metrics /docs); "
+              f"Ctrl-C stops", file=sys.stderr, flush=True)
         while True:
             time.sleep(3600)
     except Blip2EdgeError as e:
-        from runtime.serve import stop
-
         stop()  # (a Ray instance the command started ends with it)
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        from runtime.serve import stop
-
-        stop()
+        stop()  # (the replicas finish the requests they hold first)
         print("stopped", file=sys.stderr)
-        return 130
+        return code
 
 
 def main(argv=None) -> int:

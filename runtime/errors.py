@@ -24,6 +24,14 @@ class ImageInputError(Blip2EdgeError, ValueError):
     """An image could not be read or is of a kind the pipeline cannot use."""
 
 
+class ImageTooLargeError(ImageInputError):
+    """An image has more pixels than the caller allows (checked from its header, before it is decoded)."""
+
+
+class ImageFormatError(ImageInputError):
+    """Bytes in a file format the caller does not take (services take PNG, JPEG, WebP, BMP and GIF)."""
+
+
 class PromptError(Blip2EdgeError, ValueError):
     """A prompt or a generation setting is out of range (empty, too long, ...)."""
 

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 import struct
 import zlib
 from dataclasses import asdict, dataclass, fields
@@ -56,19 +57,28 @@ from typing import Any, Sequence, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import EngineFolderError, ImageInputError
+from .errors import EngineFolderError, ImageFormatError, ImageInputError, ImageTooLargeError
 
 __all__ = [
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
     "ImageInput",
     "ImageProcessorConfig",
+    "decode_image",
     "load_image",
     "preprocess",
 ]
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Images with more pixels than this are refused from their header, before they are decoded: a 17 KB PNG can
+# declare 12000 x 12000 pixels, 432 MB once decoded to RGB (Pillow only warns below 179 Mpx). 40 Mpx is a 7300 x
+# 5500 photo; the vision encoder sees 224 x 224 (or 364 x 364) of it. Raise it with `max_image_pixels`
+# (Blip2Pipeline.from_dir, the CLI's --max-image-pixels); None turns the check off.
+DEFAULT_MAX_PIXELS = 40_000_000
+# What a service or a batch job reads from bytes it is sent: the formats people send (GIF: its first frame).
+UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 
 ImageInput = Union[str, "os.PathLike[str]", Image.Image, np.ndarray]
 
@@ -85,7 +95,50 @@ _PIL_RESAMPLE_NAMES = {0: "NEAREST", 1: "LANCZOS", 2: "BILINEAR", 3: "BICUBIC", 
 # --------------------------------------------------------------------------- loading
 
 
-def load_image(x: ImageInput) -> Image.Image:
+def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 formats: Sequence[str] | None = UPLOAD_FORMATS) -> Image.Image:
+    """An encoded image (the bytes of a file) as a new RGB PIL image: the format and the pixel count are checked
+    from the header before any pixel is decoded. Raises ImageFormatError (a format outside `formats`),
+    ImageTooLargeError (over `max_pixels`), or ImageInputError (not an image, truncated)."""
+    import io
+
+    try:
+        with warnings.catch_warnings():  # (Pillow's warning about the size: checked below, and refused)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=formats)
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(f"the image is too large to decode safely ({e}); downscale it") from None
+    except UnidentifiedImageError:
+        try:
+            other = Image.open(io.BytesIO(data)).format
+        except (UnidentifiedImageError, *_DECODE_ERRORS):
+            other = None
+        if other:
+            raise ImageFormatError(f"the image is a {other} file; send {', '.join(formats or ())} "
+                                   f"(convert it, e.g. to PNG)") from None
+        raise ImageInputError("the bytes are not an image Pillow can read; send the bytes of a PNG or JPEG "
+                              "file") from None
+    except _DECODE_ERRORS as e:
+        raise ImageInputError(f"truncated or corrupt image ({type(e).__name__}); send the whole file") from None
+    _check_pixels(image.size, max_pixels, "the image")
+    return load_image(image)
+
+
+def decode_resized(data: bytes, max_pixels: int | None, config: "ImageProcessorConfig",
+                   formats: Sequence[str] | None = UPLOAD_FORMATS) -> np.ndarray:
+    """decode_image, then resized to the model's input as `config` does (uint8 (height, width, 3)): what a
+    service's image decoder process returns (150 KB, whatever the photo's size)."""
+    return config.resized(decode_image(data, max_pixels, formats))
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int | None, what: str) -> None:
+    if max_pixels is not None and size[0] * size[1] > max_pixels:
+        raise ImageTooLargeError(f"{what} is {size[0]} x {size[1]} = {size[0] * size[1]:,} pixels, over the limit "
+                                 f"of {max_pixels:,} (max_image_pixels); downscale it (the model sees "
+                                 f"a few hundred pixels a side)")
+
+
+def load_image(x: ImageInput, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Return `x` as a new RGB PIL image, converted exactly as Hugging Face does.
 
     Accepts a path (str / os.PathLike), a PIL image (any mode) or a numpy array
@@ -94,8 +147,9 @@ def load_image(x: ImageInput) -> Image.Image:
     Raises `ImageInputError` saying what is wrong and how to fix it.
     """
     if isinstance(x, (str, os.PathLike)):
-        image = _read_file(os.fspath(x))
+        image = _read_file(os.fspath(x), max_pixels)
     elif isinstance(x, Image.Image):
+        _check_pixels(x.size, max_pixels, getattr(x, "filename", "") or "the PIL image")
         image = _load_pil(x)
     elif isinstance(x, np.ndarray):
         image = _array_to_pil(x)
@@ -115,10 +169,17 @@ def _unsupported_type_message(x: object) -> str:
     return message
 
 
-def _read_file(path: str) -> Image.Image:
-    """Open and fully decode the file at `path`, leaving no file handle open."""
+def _read_file(path: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open and fully decode the file at `path` (a regular file: a FIFO or a device would block), leaving no file
+    handle open."""
+    import stat
+
     try:
-        with Image.open(path) as image:
+        if not stat.S_ISREG(os.stat(path).st_mode) and not os.path.isdir(path):
+            raise ImageInputError(f"not a regular file: {path} (a pipe, socket or device); pass an image file")
+        with warnings.catch_warnings(), Image.open(path) as image:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            _check_pixels(image.size, max_pixels, path)
             image.load()
     except FileNotFoundError:
         hint = " (URLs are not fetched: download the file first)" if "://" in path else ""
@@ -131,7 +192,7 @@ def _read_file(path: str) -> Image.Image:
     except UnidentifiedImageError:
         raise ImageInputError(_not_an_image_message(path)) from None
     except Image.DecompressionBombError as e:
-        raise ImageInputError(
+        raise ImageTooLargeError(
             f"image too large to decode safely: {path} ({e}); downscale it before passing it in"
         ) from None
     except _DECODE_ERRORS as e:
@@ -332,16 +393,23 @@ class ImageProcessorConfig:
                 f"invalid image preprocessing settings in the manifest: {e}; re-export the engine"
             ) from e
 
-    def __call__(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
-        """Preprocess one image or a list of them into float32 [B, 3, height, width]."""
+    def __call__(self, images: ImageInput | Sequence[ImageInput],
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+        """Preprocess one image or a list of them into float32 [B, 3, height, width] (files and PIL images of
+        over `max_pixels` pixels are refused before they are decoded)."""
         items = _as_list(images)
         table = _value_table(self.mean, self.std, self.rescale_factor, self.do_rescale, self.do_normalize)
         out = np.empty((len(items), 3, self.height, self.width), dtype=np.float32)
         for i, item in enumerate(items):
-            pixels = self._resized_pixels(_load_item(item, i, len(items)))
+            pixels = self._resized_pixels(_load_item(item, i, len(items), max_pixels))
             for c in range(3):
                 np.take(table[c], pixels[..., c], out=out[i, c])
         return out
+
+    def resized(self, image: ImageInput) -> np.ndarray:
+        """uint8 (height, width, 3): `image` converted and resized as __call__ does before normalising. Passing the
+        result to __call__ gives the same pixel values as passing `image` (a resize to its own size is a copy)."""
+        return self._resized_pixels(load_image(image, None))
 
     def _resized_pixels(self, rgb: Image.Image) -> np.ndarray:
         """uint8 (height, width, 3) pixels of `rgb`, resized as HF does."""
@@ -410,10 +478,10 @@ def _value_table(
     return table
 
 
-def _load_item(item: ImageInput, index: int, count: int) -> Image.Image:
+def _load_item(item: ImageInput, index: int, count: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """load_image, naming the failing item when there are several."""
     try:
-        return load_image(item)
+        return load_image(item, max_pixels)
     except ImageInputError as e:
         if count == 1:
             raise

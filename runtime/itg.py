@@ -22,6 +22,7 @@ class ItgCaptioner:
 
     def config(self, generation: dict, prompt_tokens: int) -> search.GenerationConfig:
         cfg = search.config_from_options(generation, self.qformer.sep_token_id, self.qformer.pad_token_id)
+        search.check_beams(cfg, self.max_batch)
         room = self.max_tokens - prompt_tokens
         if cfg.max_new_tokens > room:
             raise PromptError(f"max_new_tokens={cfg.max_new_tokens} does not fit: the Q-Former takes "

@@ -15,7 +15,7 @@ from runtime.decoder import DECODERS
 from runtime.errors import PromptError
 from runtime.manifest import rebuild_hint
 from runtime.prompt import PromptLayout
-from runtime.text import LlmTokenizer
+from runtime.text import MAX_CHARS_PER_TOKEN, LlmTokenizer
 from runtime.vision import chunks
 
 
@@ -30,6 +30,7 @@ class LlmGenerator:
                                    self.decoder.padding)
         self.tokenizer = LlmTokenizer.from_manifest(manifest)
         self.build_command = rebuild_hint(manifest.folder, manifest.target)
+        self.max_prompt_chars = self.limits.max_prompt_tokens * MAX_CHARS_PER_TOKEN
 
     # ------------------------------------------------------------ checks, before any graph runs
     def _rebuild(self, new_tokens: int | None = None, prompt_tokens: int | None = None) -> str:
@@ -56,6 +57,10 @@ class LlmGenerator:
             if prompt is not None and not prompt.strip():
                 raise PromptError(f"{what} is empty; pass prompt=None (or call caption()) to caption without a "
                                   f"prompt")
+            if prompt is not None and len(prompt) > self.max_prompt_chars:
+                raise PromptError(f"{what} is {len(prompt)} characters long; the engine folder allows "
+                                  f"{self.limits.max_prompt_tokens} tokens (manifest limits.max_prompt_tokens), at "
+                                  f"most {self.max_prompt_chars} characters: shorten it")
             text = None if prompt is None else self.tokenizer.encode(prompt)
             if text is not None and self.layout.image_token_id in text:
                 raise PromptError(f"{what} contains the image placeholder token (id {self.layout.image_token_id}, "
@@ -70,6 +75,7 @@ class LlmGenerator:
 
     def config(self, generation: dict) -> search.GenerationConfig:
         cfg = search.config_from_options(generation, self.llm.eos_token_id, self.llm.pad_token_id)
+        search.check_beams(cfg, self.limits.max_batch)
         if cfg.max_new_tokens > self.limits.max_new_tokens:
             raise PromptError(
                 f"max_new_tokens={cfg.max_new_tokens} exceeds this engine folder's limit of "

@@ -29,6 +29,7 @@ import numpy as np
 
 from runtime import retrieval
 from runtime.errors import BackendError, EngineFolderError, PromptError
+from runtime.image import DEFAULT_MAX_PIXELS
 from runtime.itg import ItgCaptioner
 from runtime.llm import LlmGenerator
 from runtime.manifest import Manifest, load_manifest
@@ -79,11 +80,13 @@ def _open_largest_first(manifest: Manifest, factory: RunnerFactory) -> dict:
 
 class Blip2Pipeline:
     def __init__(self, manifest: Manifest, backend: str = "onnxruntime", threads: int | None = None,
-                 runner_factory: RunnerFactory | None = None, shared_pool: bool = False):
+                 runner_factory: RunnerFactory | None = None, shared_pool: bool = False,
+                 max_image_pixels: int | None = DEFAULT_MAX_PIXELS):
         self.manifest, self.backend = manifest, backend
         factory = runner_factory or self._default_factory(threads, shared_pool)
         self.runners = _open_largest_first(manifest, factory)
         self.encoder = ImageEncoder(manifest, self.runners)
+        self.encoder.max_image_pixels = max_image_pixels
         self.text = QFormerText(manifest, self.runners, self.encoder) if manifest.qformer else None
         self.llm = LlmGenerator(manifest, self.runners, self.encoder, self.text) if manifest.llm else None
         self.itg = ItgCaptioner(manifest, self.runners, self.encoder) if "qformer_itg" in self.runners else None
@@ -98,7 +101,8 @@ class Blip2Pipeline:
 
     @classmethod
     def from_dir(cls, folder, backend: str = "auto", threads: int | None = None,
-                 runner_factory: RunnerFactory | None = None, shared_pool: bool = False) -> "Blip2Pipeline":
+                 runner_factory: RunnerFactory | None = None, shared_pool: bool = False,
+                 max_image_pixels: int | None = DEFAULT_MAX_PIXELS) -> "Blip2Pipeline":
         """Open an engine folder written by `python -m export.build`.
 
         backend: "onnxruntime", "tensorrt", or "auto" (TensorRT for a TensorRT engine folder, else ONNX Runtime).
@@ -106,6 +110,8 @@ class Blip2Pipeline:
         shared_pool: every ONNX Runtime session of the process shares one thread pool: faster, but the process
         can then open no ONNX Runtime session with a pool of its own (see runtime.runners.OrtRunner).
         runner_factory: `factory(path, graph name) -> Runner` opens each graph instead of the backend's runner.
+        max_image_pixels: image files and PIL images with more pixels are refused from their header, before they
+        are decoded (default 40 Mpx; None: no limit).
         """
         manifest = load_manifest(folder)
         if backend == "auto":
@@ -115,7 +121,7 @@ class Blip2Pipeline:
                 f"{folder} holds ONNX graphs (target {manifest.target}); use backend='onnxruntime', or build "
                 f"TensorRT engines with `python -m export.build --target trt-fp16`"
             )
-        return cls(manifest, backend, threads, runner_factory, shared_pool)
+        return cls(manifest, backend, threads, runner_factory, shared_pool, max_image_pixels)
 
     def _need(self, graph: str, what: str) -> None:
         if graph not in self.runners:

@@ -176,6 +176,14 @@ def config_from_options(options: dict, eos_token_id: int, pad_token_id: int) -> 
 # Each takes float32 scores [N, V] and returns a new float32 array (inputs are never modified).
 
 
+def check_beams(cfg: GenerationConfig, max_batch: int) -> None:
+    """Every beam is a row of the graphs: more beams than the folder's max batch cannot run."""
+    if cfg.num_beams > max_batch:
+        raise PromptError(f"generation setting num_beams={cfg.num_beams} is out of range: each beam is a row of the "
+                          f"engine folder's batch, which holds {max_batch} (manifest limits.max_batch); use at most "
+                          f"{max_batch} beams, or rebuild with a larger --max-batch")
+
+
 def log_softmax(x: np.ndarray) -> np.ndarray:
     """Row-wise log-softmax in float32 (what beam search scores are made of)."""
     x = np.asarray(x, dtype=np.float32)
@@ -302,11 +310,11 @@ def _topk_indices(x: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(part, order, axis=-1)
 
 
-def _multinomial(scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One draw per row from softmax(scores); -inf scores are never drawn."""
+def _multinomial(scores: np.ndarray, rngs: list[np.random.Generator]) -> np.ndarray:
+    """One draw per row from softmax(scores), row i from rngs[i]; -inf scores are never drawn."""
     probs = _softmax64(scores)
     cdf = np.cumsum(probs, axis=-1)
-    u = rng.random(scores.shape[0]) * cdf[:, -1]
+    u = np.array([rng.random() for rng in rngs]) * cdf[:, -1]
     idx = (cdf <= u[:, None]).sum(axis=-1)
     last_possible = scores.shape[-1] - 1 - np.argmax((probs > 0)[:, ::-1], axis=-1)
     return np.minimum(idx, last_possible).astype(np.int64)
@@ -380,7 +388,9 @@ def _greedy_or_sample(model: StepModel, logits: np.ndarray, present: np.ndarray 
     """transformers' ``_sample``: finished rows keep being fed the pad token (and output pad)."""
     b, v = logits.shape
     max_new, eos, pad = cfg.max_new_tokens, cfg.eos_token_id, cfg.pad_token_id
-    rng = np.random.default_rng(cfg.seed) if cfg.do_sample else None
+    # A generator per row, each seeded with the request's seed: a row draws what it would draw alone, whatever
+    # it is batched with (one generator across the batch made a seeded answer depend on its batch neighbours).
+    rngs = [np.random.default_rng(cfg.seed) for _ in range(b)] if cfg.do_sample else None
     rows = np.arange(b)
     out = np.full((b, max_new), pad, dtype=np.int64)
     lengths = np.full(b, max_new, dtype=np.int64)
@@ -391,7 +401,7 @@ def _greedy_or_sample(model: StepModel, logits: np.ndarray, present: np.ndarray 
             logits = _as_logits(model.step(tokens), b, v, "model.step() output")
         scores = _process(logits, present, t, cfg)
         if cfg.do_sample:
-            tokens = _multinomial(_warp(scores, cfg), rng)
+            tokens = _multinomial(_warp(scores, cfg), rngs)
         else:
             tokens = np.argmax(scores, axis=-1).astype(np.int64)
         tokens = np.where(alive, tokens, pad)

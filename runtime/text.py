@@ -17,6 +17,12 @@ from tokenizers import Tokenizer
 from runtime.errors import EngineFolderError, PromptError
 from runtime.prompt import pad_rows
 
+# Texts are measured in characters before they are tokenized, so that an 8 MB prompt is refused in microseconds
+# rather than tokenized for seconds first. No token of BLIP-2's vocabularies spans this many characters (BERT's
+# WordPiece reads words of at most 100), so a text over max_tokens x this cannot fit in max_tokens tokens
+# (but for long runs of whitespace, which the tokenizers drop).
+MAX_CHARS_PER_TOKEN = 128
+
 
 def _read_tokenizer(path: Path) -> Tokenizer:
     try:
@@ -68,7 +74,8 @@ class QFormerTokenizer:
             raise PromptError(f"{what} must be a string, got {type(text).__name__}")
         if not text.strip():
             raise PromptError(f"{what} is empty; pass a non-empty text")
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        # (past this many characters the text is cut anyway: its first max_tokens tokens lie within them)
+        return self.tokenizer.encode(text[: self.max_tokens * MAX_CHARS_PER_TOKEN], add_special_tokens=False).ids
 
     def encode_texts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """[CLS] text [SEP] per row, right-padded -> input_ids, attention_mask [N, T] int64."""

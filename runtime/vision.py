@@ -7,7 +7,7 @@
 """
 import numpy as np
 
-from runtime.image import ImageProcessorConfig
+from runtime.image import DEFAULT_MAX_PIXELS, ImageProcessorConfig
 
 
 def chunks(n: int, size: int):
@@ -21,9 +21,10 @@ class ImageEncoder:
         self.preprocess: ImageProcessorConfig = manifest.image
         self.vision, self.query = runners["vision"], runners["qformer_query"]
         self.max_batch = manifest.limits.max_batch
+        self.max_image_pixels: int | None = DEFAULT_MAX_PIXELS  # (Blip2Pipeline's setting)
 
     def pixels(self, images: list) -> np.ndarray:
-        return self.preprocess(images)
+        return self.preprocess(images, self.max_image_pixels)
 
     def embed(self, pixel_values: np.ndarray) -> np.ndarray:
         """Vision-tower outputs, max_batch images per call: [N, Np, Dv]."""

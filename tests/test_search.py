@@ -384,10 +384,8 @@ def test_sampling_top_k_1_is_greedy(model_name):
 def test_sampling_frequencies_follow_softmax(temperature):
     row = _fixed_logits()
     n, t = 4000, 5
-    fake = FixedLogitsModel(row, n)
-    out = generate(fake, fake.first(), np.full((n, 1), BOS), GenerationConfig(max_new_tokens=t, do_sample=True, temperature=temperature, seed=0))
-    tokens = np.array(out).ravel()
-    assert tokens.size == n * t and fake.steps == t - 1
+    tokens = _requests(row, n, max_new_tokens=t, temperature=temperature).ravel()  # (a seed per request)
+    assert tokens.size == n * t
     freq = np.bincount(tokens, minlength=len(row)) / tokens.size
     p = np.exp((row - row.max()) / temperature)
     p /= p.sum()
@@ -395,17 +393,33 @@ def test_sampling_frequencies_follow_softmax(temperature):
     assert np.all(np.abs(freq - p) <= 5 * sigma + 1e-4), (freq, p)
 
 
+def _requests(row, n: int, **cfg) -> np.ndarray:
+    """n single-row sampling requests with seeds 0..n-1 over fixed logits: their tokens [n, max_new_tokens]."""
+    out = []
+    for seed in range(n):
+        fake = FixedLogitsModel(row, 1)
+        out += generate(fake, fake.first(), np.full((1, 1), BOS), GenerationConfig(do_sample=True, seed=seed, **cfg))
+    return np.array(out)
+
+
+def test_a_seeded_row_draws_what_it_draws_alone():
+    """A generator per row: rows of one batch with the request's seed each draw what the request draws alone."""
+    row = _fixed_logits()
+    alone = _requests(row, 1, max_new_tokens=6)[0].tolist()
+    fake = FixedLogitsModel(row, 5)
+    batch = generate(fake, fake.first(), np.full((5, 1), BOS), GenerationConfig(max_new_tokens=6, do_sample=True, seed=0))
+    assert batch == [alone] * 5
+
+
 def test_sampling_respects_top_k_and_top_p():
     row = _fixed_logits()
     n = 3000
     order = np.argsort(-row)
-    fake = FixedLogitsModel(row, n)
-    out = np.array(generate(fake, fake.first(), np.full((n, 1), BOS), GenerationConfig(max_new_tokens=2, do_sample=True, top_k=3, seed=1)))
+    out = _requests(row, n, max_new_tokens=2, top_k=3)
     assert set(np.unique(out)) == set(order[:3].tolist())
     p = np.exp(row - row.max())
     p /= p.sum()
-    fake = FixedLogitsModel(row, n)
-    out = np.array(generate(fake, fake.first(), np.full((n, 1), BOS), GenerationConfig(max_new_tokens=2, do_sample=True, top_p=0.6, seed=2)))
+    out = _requests(row, n, max_new_tokens=2, top_p=0.6)
     kept = apply_top_p(row[None], 0.6)[0] > -np.inf
     assert set(np.unique(out)) == set(np.flatnonzero(kept).tolist())
     freq = np.bincount(out.ravel(), minlength=len(row)) / out.size

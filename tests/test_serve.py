@@ -1,6 +1,8 @@
 """`python -m runtime serve` (runtime/serve.py): the Ray Serve application on a local Ray instance, answering
 on 127.0.0.1; answers equal the Python API's, requests that arrive together are batched and answer what they
-answer alone, bad requests get 400 with the Python API's message, internal failures 500."""
+answer alone, bad requests get a 4xx with the Python API's message before any expensive work, hostile ones
+(decompression bombs, huge bodies, deep JSON, foreign origins and hosts) a 4xx too, overload a 503, internal
+failures a 500 that says nothing of the server."""
 import base64
 import io
 import json
@@ -13,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,7 +126,7 @@ def test_bad_requests_get_400_with_the_python_api_message(service):
     assert _post(f"{url}/caption", {"prompt": "x"})[0] == 400
     assert _post(f"{url}/caption", data=b"{not json")[0] == 400
     status, body = _post(f"{url}/nothing", {"image": image})
-    assert status == 404 and body["error"].startswith("no /nothing here; POST to one of /caption")
+    assert status == 404 and body["error"].startswith("no such route here; POST to one of /caption")
     with pytest.raises(urllib.error.HTTPError) as get:
         urllib.request.urlopen(f"{url}/caption", timeout=30)
     assert get.value.code == 405 and get.value.headers["Allow"] == "POST"
@@ -131,6 +134,123 @@ def test_bad_requests_get_400_with_the_python_api_message(service):
     assert 'route="other",status="404"' in metrics and "/nothing" not in metrics  # one series for every stray path
     status, body = _post(f"{url}/caption", {"image": "data:image/png;base64," + image, **GEN})  # a data URL
     assert status == 200 and body["caption"] == pipe.caption(probe_images(32, count=1, seed=1)[0], **GEN)[0]
+
+
+def _raw(port: int, head: bytes, body: bytes = b"") -> bytes:
+    """Send `head` (and `body`) on a socket of its own and return the status line: for requests urllib cannot make
+    (a declared 48 MB body the server refuses before it is sent)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall(head + body)
+        return s.recv(200).split(b"\r\n", 1)[0]
+
+
+def _multipart(fields: dict, file: bytes) -> tuple[bytes, str]:
+    boundary = "x7boundary"
+    out = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+                   for k, v in fields.items())
+    out += (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+            f'Content-Type: image/png\r\n\r\n').encode() + file + f"\r\n--{boundary}--\r\n".encode()
+    return out, f"multipart/form-data; boundary={boundary}"
+
+
+def test_hostile_and_careless_requests_get_a_4xx_before_any_expensive_work(service):
+    """What an attacker or a careless client sends: each a 4xx naming the problem (never a 500), without the server's
+    paths; the decompression bomb and the oversized body are refused from their header; a stalled body does not
+    stop the replica answering."""
+    url, pipe = service
+    port = int(url.rsplit(":", 1)[1])
+    png = _png(probe_images(32, count=1, seed=1)[0])
+    image = base64.b64encode(png).decode()
+    answers = []
+
+    def post(body=None, data=None, headers=None, route="/caption"):
+        status, payload = _post(f"{url}{route}", body, data, headers)
+        answers.append(payload)
+        return status, payload
+
+    for bad in (-1, {}, 1.5, 2**50, [1, 2], None, True):
+        assert post({"image": bad})[0] == 400, bad
+    assert post(data=b"[" * 10_000)[0] == 400  # (json.loads: RecursionError, a 500 before)
+    assert post(data=b'{"image": ' * 5_000)[0] == 400
+    assert post({})[1]["error"].startswith("the request has no 'image'")
+    status, body = post({"image": image, "num_beams": 32})  # (more beams than the folder's batch)
+    assert status == 400 and "num_beams" in body["error"]
+    assert post({"image": image, "max_new_tokens": 10**6})[0] == 400
+    assert post({"image": image, "temperature": "hot"})[0] == 400
+    started = time.perf_counter()
+    status, body = post({"image": image, "prompt": "x" * 8_000_000}, route="/ask")  # refused by its length
+    assert status == 400 and "prompt" in body["error"] and time.perf_counter() - started < 10
+    from PIL import Image
+
+    bomb = io.BytesIO()
+    Image.new("1", (12000, 12000)).save(bomb, "PNG")  # 17 KB of PNG, 432 MB of RGB
+    status, body = post({"image": base64.b64encode(bomb.getvalue()).decode()})
+    assert status == 413 and "12000 x 12000" in body["error"] and "max_image_pixels" in body["error"]
+    tiff = io.BytesIO()
+    Image.new("RGB", (20, 20)).save(tiff, "TIFF")
+    status, body = post({"image": base64.b64encode(tiff.getvalue()).decode()})
+    assert status == 415 and "TIFF" in body["error"]
+    assert post(data=b"abc", headers={"content-type": "text/plain"})[0] == 415
+    data, kind = _multipart({f"f{i}": "1" for i in range(1100)}, png)
+    assert post(data=data, headers={"content-type": kind})[0] == 400
+    data, kind = _multipart({"prompt": "x" * (2 * 2**20)}, png)
+    assert post(data=data, headers={"content-type": kind}, route="/ask")[0] == 400
+    data, kind = _multipart({"prompt": "0", **GEN}, png)  # (a form field "0" is a prompt, not a number)
+    assert post(data=data, headers={"content-type": kind}, route="/ask")[0] == 200
+    assert _raw(port, b"POST /caption HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 50331648\r\n\r\n", b"x" * 65536).split()[1] == b"413"
+    assert post({"image": image}, headers={"content-type": "application/json", "Origin": "http://evil.example"})[0] == 403
+    assert post({"image": image}, headers={"content-type": "application/json", "Host": "attacker.example"})[0] == 421
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as stalled:  # a body that never comes
+        stalled.sendall(b"POST /caption HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 1000\r\n\r\n{")
+        started = time.perf_counter()
+        assert json.loads(urllib.request.urlopen(f"{url}/health", timeout=30).read()) == {"status": "ok"}
+        assert time.perf_counter() - started < 5
+    status, body = post({"image": image, "max_new_tokens": 999})  # (the limit's message names no server path)
+    assert status == 400
+    engine = str(Path(pipe.manifest.folder).resolve())
+    leaked = [a for a in answers if engine in json.dumps(a) or str(Path(engine).parent.parent) in json.dumps(a)]
+    assert not leaked and all(set(a) == {"error"} for a in answers if "caption" not in a and "answer" not in a)
+
+
+def test_overload_is_answered_503_and_the_service_recovers(service):
+    """96 concurrent clients against one replica: every request answered 200 or 503 (with Retry-After) within the
+    timeout, none hangs, /health answers meanwhile, and the service answers normally afterwards."""
+    url, pipe = service
+    image = _b64(probe_images(32, count=1, seed=3)[0])
+
+    def one(_):
+        request = urllib.request.Request(f"{url}/caption", data=json.dumps({"image": image, **GEN}).encode(),
+                                         headers={"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as r:
+                return r.status, None
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers.get("Retry-After")
+
+    with ThreadPoolExecutor(96) as pool:
+        answers = list(pool.map(one, range(96)))
+        started = time.perf_counter()
+        assert json.loads(urllib.request.urlopen(f"{url}/health", timeout=30).read()) == {"status": "ok"}
+        health = time.perf_counter() - started
+    assert {s for s, _ in answers} <= {200, 503}, answers
+    assert all(retry == "1" for s, retry in answers if s == 503)
+    assert health < 10
+    assert _post(f"{url}/caption", {"image": image, **GEN})[0] == 200
+
+
+def test_a_seeded_request_answers_the_same_batched_or_alone(service):
+    """Sampling draws from a generator per request: 8 concurrent copies of one seeded request (batched together)
+    answer what it answers alone, over HTTP and in the Python API."""
+    url, pipe = service
+    image = probe_images(32, count=1, seed=4)[0]
+    options = {"do_sample": True, "temperature": 1.5, "seed": 11, "max_new_tokens": 8}
+    alone = pipe.caption(image, **options)[0]
+    assert pipe.caption([image] * 4, **options) == [alone] * 4
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: _post(f"{url}/caption", {"image": _b64(image), **options}), range(8)))
+    assert answers == [(200, {"caption": alone})] * 8
 
 
 class _Pipe:
@@ -148,7 +268,8 @@ def test_one_failing_request_fails_alone_and_internal_errors_are_500():
     out = answer_batch(_Pipe(), items)
     assert out[0] == "caption of a" and out[2] == "caption of c" and out[3] == "caption of d"
     assert isinstance(out[1], RuntimeError)
-    assert reply("/caption", out[1]) == (500, {"error": "internal error: RuntimeError: boom"})
+    status, body = reply("/caption", out[1])
+    assert status == 500 and "boom" not in body["error"] and "RuntimeError" not in body["error"]
     assert reply("/caption", PromptError("empty"))[0] == 400 and reply("/caption", "x") == (200, {"caption": "x"})
 
 
@@ -187,7 +308,7 @@ def test_a_port_in_use_is_one_error_line(make_engine):
     assert f"error: could not listen on 127.0.0.1:{port}: the port is in use" in out.stderr
 
 
-def test_ctrl_c_stops_the_service_in_one_line_and_ends_its_ray_instance(make_engine):
+def test_ctrl_c_and_sigterm_stop_the_service_in_one_line_and_end_its_ray_instance(make_engine):
     """`python -m runtime serve` on a Ray instance of its own (RAY_ADDRESS=local): Ctrl-C prints one line after
     the serving line, nothing from Ray (serve.shutdown() made the raylet print one about its controller), exits
     130 as the other commands do, and the port stops answering; Ctrl-C while Ray is still starting prints the
@@ -217,12 +338,12 @@ def test_ctrl_c_stops_the_service_in_one_line_and_ends_its_ray_instance(make_eng
         else:
             pytest.fail("the service did not answer /health within 180 s")
         time.sleep(1)  # (the serving line is printed after serve.run returns)
-        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to every process of the group
+        os.kill(proc.pid, signal.SIGTERM)  # `kill PID`: as Ctrl-C, exit 143 (Ray's handler dumped a stack before)
         out, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, out
+    assert proc.returncode == 143, out
     lines = [line for line in out.splitlines() if line.strip()]
     assert len(lines) == 2 and lines[0].startswith(f"serving {engine} on http://127.0.0.1:{port}"), out
     assert lines[1] == "stopped", out

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from runtime.prompt import PromptLayout
+from runtime.memory import trim
 from train.families import family
 
 
@@ -253,27 +254,7 @@ def return_freed_memory() -> None:
 
     if _collecting[0]:
         gc.collect()
-    _libc_call("malloc_trim", 0)
-
-
-def _libc_call(function: str, *args) -> None:
-    """Call glibc's `function` (malloc_trim, mallopt); a no-op where the C library lacks it."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), function)(*args)
-    except (OSError, AttributeError):
-        pass
-
-
-def map_large_allocations(threshold: int = 4 * 2**20) -> None:
-    """For the rest of the process, serve every allocation above `threshold` bytes from a memory map of its own,
-    handed back to the system when freed. glibc otherwise raises this threshold as large blocks are freed (up to
-    32 MiB), after which the weights a build reads, converts and loads one by one (a 2560 x 2560 float32 matrix is
-    25 MiB) come from the heap, whose freed holes still count as the process's memory (the full-width onnx-fp16
-    build's peak, README "Full size"). Process-wide, so only a command that owns its process calls it."""
-    _libc_call("mallopt", -3, threshold)  # -3: M_MMAP_THRESHOLD
+    trim()
 
 
 def _load_model(path: Path, qformer_tokenizer):
