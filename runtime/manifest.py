@@ -291,6 +291,34 @@ def _check_is_engine_folder(folder: Path) -> None:
                                 f"`{rebuild_hint(folder)}`")
 
 
+def _outside_or_out_of_range(manifest: Manifest, folder: Path) -> str | None:
+    """What makes a parsed manifest unsafe or impossible to run: a file outside the folder (an absolute path, `..`,
+    a link out of it), a limit or a count below 1, a token id outside the vocabulary. None when there is nothing."""
+    root = folder.resolve()
+    for name in manifest.files():
+        where = Path(name)
+        if where.is_absolute() or ".." in where.parts or not (root / where).resolve().is_relative_to(root):
+            return f"the file {name!r} is not inside the engine folder (graphs and tokenizers are named relative to it)"
+    lim = manifest.limits
+    for key in ("max_batch", "max_prompt_tokens", "max_new_tokens", "max_qformer_tokens"):
+        value = getattr(lim, key)
+        if value is not None and not 1 <= value <= 1 << 20:
+            return f"limits.{key} is {value}, not in 1..{1 << 20}"
+    for section, name in ((manifest.llm, "llm"), (manifest.qformer, "qformer")):
+        if section is None:
+            continue
+        for key in ("vocab_size", "num_layers", "num_heads", "head_dim"):
+            if not 1 <= getattr(section, key) <= 1 << 24:
+                return f"{name}.{key} is {getattr(section, key)}, not in 1..{1 << 24}"
+        ids = {k: v for k, v in vars(section).items() if k.endswith("_token_id") and v is not None}
+        ids.update({f"{k}[{i}]": v for k in ("prompt_prefix_ids", "prompt_suffix_ids")
+                    for i, v in enumerate(getattr(section, k, []))})
+        for key, value in ids.items():
+            if not 0 <= value < section.vocab_size:
+                return f"{name}.{key} is {value}, outside the vocabulary of {section.vocab_size}"
+    return None
+
+
 def load_manifest(folder) -> Manifest:
     """Load and validate `folder/manifest.json`, and check that every file it names exists."""
     folder = Path(folder)
@@ -313,6 +341,10 @@ def load_manifest(folder) -> Manifest:
     except _Invalid as e:
         raise EngineFolderError(f"{path}: {e}; the manifest was written by another version of blip2-edge or "
                                 f"edited by hand: {rebuild}") from None
+    problem = _outside_or_out_of_range(manifest, folder)
+    if problem:
+        raise EngineFolderError(f"{path}: {problem}; a manifest written by `python -m export.build` never has this: "
+                                f"{rebuild}")
     for name in REQUIRED_GRAPHS:
         manifest.graph_path(name)
     missing = [f for f in manifest.files() if not (folder / f).is_file()]

@@ -12,6 +12,7 @@ BLIP-2's image-text similarity is the largest dot product between the text's
 """
 import json
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,9 +100,9 @@ class ImageGallery:
         folder = Path(folder)
         if folder.exists():
             raise RetrievalError(f"{folder} exists; save the gallery to a new folder (or remove that one)")
-        tmp = folder.with_name(f".{folder.name}.partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        # (a name of its own: two saves at once each write their own; the last complete one wins the rename)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
         try:
             np.save(tmp / "feats.npy", np.asarray(self.feats, dtype=np.float32))
             np.save(tmp / "embeds.npy", np.asarray(self.embeds, dtype=embeds_dtype))
@@ -109,22 +110,52 @@ class ImageGallery:
             if isinstance(self.index, FaissIndex):
                 self.index.save(tmp / "index.faiss")
             (tmp / "gallery.json").write_text(json.dumps(meta, indent=1))
-            tmp.rename(folder)
+            try:
+                tmp.rename(folder)
+            except OSError:  # another save got there first: replace its folder with this complete one
+                old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+                folder.rename(old / "gallery")
+                tmp.rename(folder)
+                shutil.rmtree(old, ignore_errors=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
     @classmethod
     def load(cls, folder) -> "ImageGallery":
+        """A gallery `save` wrote; RetrievalError naming the file for anything else (another format version, files
+        of different galleries, an index of other features, a corrupt file). Arrays are memory-mapped, never
+        unpickled."""
         folder = Path(folder)
-        try:
-            meta = json.loads((folder / "gallery.json").read_text())
-            feats = np.load(folder / "feats.npy", mmap_mode="r")
-            embeds = np.load(folder / "embeds.npy", mmap_mode="r")
-        except (OSError, KeyError, ValueError) as e:
-            raise RetrievalError(f"could not read the gallery {folder} ({e}); write it with ImageGallery.save") from None
+        fix = "encode the gallery again and write it with ImageGallery.save"
+        readers = {"gallery.json": lambda p: json.loads(p.read_text()), "feats.npy": lambda p: np.load(p, mmap_mode="r"),
+                   "embeds.npy": lambda p: np.load(p, mmap_mode="r")}
+        read = {}
+        for name, reader in readers.items():
+            try:
+                read[name] = reader(folder / name)
+            except (OSError, ValueError, RecursionError) as e:
+                raise RetrievalError(f"could not read {folder / name} ({type(e).__name__}: {e}); {fix}") from None
+        meta, feats, embeds = read.values()
+        if not isinstance(meta, dict) or meta.get("format") != GALLERY_FORMAT:
+            version = meta.get("format") if isinstance(meta, dict) else None
+            raise RetrievalError(f"{folder / 'gallery.json'} has format {version!r}, this runtime reads format "
+                                 f"{GALLERY_FORMAT}; {fix} with this version of blip2-edge")
+        if feats.ndim != 3 or embeds.ndim != 3 or len(feats) != len(embeds) or len(feats) != meta.get("images"):
+            raise RetrievalError(f"{folder}: feats.npy {list(feats.shape)} and embeds.npy {list(embeds.shape)} are "
+                                 f"not the [images, queries, width] arrays of the {meta.get('images')} images "
+                                 f"gallery.json lists; {fix}")
         index = None
         if (folder / "index.faiss").exists() and faiss_available():
-            index = FaissIndex.load(folder / "index.faiss", feats, meta["index"])
+            described = meta.get("index")
+            try:
+                index = FaissIndex.load(folder / "index.faiss", feats, described if isinstance(described, dict) else {})
+            except (RuntimeError, ValueError, TypeError, AttributeError) as e:
+                raise RetrievalError(f"{folder / 'index.faiss'} is not a FAISS index FAISS can read ({e}); "
+                                     f"{fix}") from None
+            if index.index.ntotal != feats.shape[0] * feats.shape[1] or index.index.d != feats.shape[2]:
+                raise RetrievalError(f"{folder / 'index.faiss'} holds {index.index.ntotal} vectors of width "
+                                     f"{index.index.d}, not the gallery's {feats.shape[0] * feats.shape[1]} of width "
+                                     f"{feats.shape[2]}: it belongs to another gallery; {fix}")
         return cls(feats, embeds, index)
 
 
