@@ -22,12 +22,22 @@ failed build leaves nothing behind, not even an empty folder.
 import signal
 import sys
 
-if __name__ == "__main__":  # Ctrl-C at any moment, the slow imports included: one line, exit 130, no traceback
-    def _interrupted(*_):
+if __name__ == "__main__":  # Ctrl-C or SIGTERM (a CI runner, `timeout`, systemd) at any moment, the slow imports
+    # included: one line, exit 130 or 143, no traceback
+    def _interrupted(number, _frame):
         print("interrupted: no engine folder was written", file=sys.stderr)
-        raise SystemExit(130)  # unwinds like an exception: _staging removes the partial folder on its way out
+        raise SystemExit(128 + number)  # unwinds like an exception: _staging removes the partial folder on its way
 
     signal.signal(signal.SIGINT, _interrupted)
+    signal.signal(signal.SIGTERM, _interrupted)
+    import importlib.util
+
+    _missing = [m for m in ("torch", "transformers", "onnx", "onnxruntime", "onnxscript")
+                if importlib.util.find_spec(m) is None]
+    if _missing:  # (a runtime-only install: one line naming the extra, not an ImportError's traceback)
+        print(f"error: `python -m export.build` needs {', '.join(_missing)}; install the export extra: "
+              f"pip install \".[export]\"", file=sys.stderr)
+        raise SystemExit(2)
 
 import argparse
 import contextlib
@@ -36,6 +46,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -217,13 +228,24 @@ def _convert(specs, src: Path, dst: Path, precision: str, ranges: dict | None, s
             details[spec.name] = to_int4(src / file, dst / file, for_tensorrt=for_tensorrt)
         else:
             _copy_graph(src, dst, file)
-            details[spec.name] = {"kept_fp32": "the whole graph (int4 is for the LLM's weights)"}
+            details[spec.name] = {"kept_fp32": "the whole graph"}
         return_freed_memory()
-        smoothing = details[spec.name].get("smoothing")
-        smoothed = (f"; {smoothing['layer_norms_smoothed']} LayerNorm(s) with outlier channels smoothed into the "
-                    f"weights, alpha {smoothing['alpha']:g}" if smoothing else "")
-        say(f"  {spec.name}: {precision} ({details[spec.name]['kept_fp32']} kept in float32{smoothed})")
+        say(f"  {spec.name}: {_conversion_line(precision, details[spec.name])}")
     return details
+
+
+def _conversion_line(precision: str, details: dict) -> str:
+    """One line of the build's output for a converted graph: what was converted and what kept in float32."""
+    kept, smoothing = details["kept_fp32"], details.get("smoothing")
+    if isinstance(kept, str):
+        line = f"float32 ({kept}: {precision} applies to the LLM's weights)"
+    else:
+        parts = [f"{n} {what}" for what, n in kept.items() if n]
+        line = precision + (f"; kept in float32: {', '.join(parts)}" if parts else "")
+    if smoothing:
+        line += (f"; {smoothing['layer_norms_smoothed']} LayerNorm(s) with outlier channels smoothed into the "
+                 f"weights (alpha {smoothing['alpha']:g})")
+    return line
 
 
 def _reduce(ck, specs, fp32_dir: Path, out: Path, precision: str, calibration: Calibration, say, for_tensorrt: bool):
@@ -312,6 +334,21 @@ def _check_and_record(ck, folder: Path, manifest: Manifest, results: list, want:
 
 
 # ---------------------------------------------------------------- the build
+def _check_calibration_fits(model_dir: Path, calibration: Calibration, target: str) -> None:
+    """INT8 ranges from synthetic ShapesCaps shapes fit a model trained on them (the demo recipe's checkpoints, which
+    hold recipe.json) or random weights (train.demo's, which hold random_weights.json), and nothing else: a model of
+    natural images calibrated on them gets ranges its inputs exceed, and its gate and accuracy report, which use the
+    same kind of images, would pass while saying nothing about its real inputs."""
+    from train.demo import RANDOM_MARK
+
+    if calibration.images is not None or any((model_dir / f).is_file() for f in ("recipe.json", RANDOM_MARK)):
+        return
+    raise BuildError(f"--target {target} calibrates INT8 ranges on images, and this checkpoint was not trained on the "
+                     f"synthetic ShapesCaps shapes that are the default: pass --calib-images DIR, a folder of 64 or "
+                     f"more images like the ones the deployment will see (photos for a model of photos), which also "
+                     f"give the gate and the accuracy report their held-out images")
+
+
 def _check_request(target: str, out_root: Path) -> None:
     """What can be refused before the checkpoint is even read."""
     if target not in TARGETS:
@@ -330,12 +367,13 @@ def _check_request(target: str, out_root: Path) -> None:
 
 
 @contextlib.contextmanager
-def _staging(final: Path):
+def _staging(final: Path, say=print):
     """A new folder beside `final` that becomes `final` when the block ends; on a failure or Ctrl-C it is
     removed, with every parent folder this build created. Folders get the umask's permissions, like any
     other output (tempfile.mkdtemp would make them private)."""
     created = [p for p in reversed(final.parents) if not p.exists()]
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(final, say)
     tmp = final.with_name(f".{final.name}.partial-{os.getpid()}-{time.time_ns()}")
     tmp.mkdir()
     try:
@@ -347,6 +385,27 @@ def _staging(final: Path):
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only if still empty
         raise
+
+
+def _remove_leftovers(final: Path, say=print) -> None:
+    """Remove what a killed build of `final` left (SIGKILL, the OOM killer: no handler runs): its
+    `.NAME.partial-PID-*` and `.NAME.old-PID-*` folders, only those whose process is gone."""
+    for path in final.parent.glob(f".{final.name}.*-*-*"):
+        match = re.fullmatch(rf"\.{re.escape(final.name)}\.(partial|old)-(\d+)-\d+", path.name)
+        if not (match and path.is_dir()) or _alive(int(match[2])):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        say(f"removed {path}, left by a build that was killed (process {match[2]} is gone)")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # (another user's process)
+        return True
+    return True
 
 
 # Bytes per weight of a graph at each precision, measured on the full-size blip2-opt-2.7b build (int8: 1 byte per
@@ -407,7 +466,7 @@ def _replace(tmp: Path, final: Path) -> None:
     """Move the finished folder into place; an older folder of the same name is removed only after that."""
     old = None
     if final.exists():
-        old = final.with_name(f".{final.name}.old-{time.time_ns()}")
+        old = final.with_name(f".{final.name}.old-{os.getpid()}-{time.time_ns()}")
         final.rename(old)
     tmp.rename(final)
     if old is not None:
@@ -427,6 +486,8 @@ def build(model_dir, target: str = "onnx", out_root="engines", name: str | None 
         cal = calibration or Calibration()
         check_calibration(cal.images, cal.count, cal.report_images)
     model_dir = resolve_source(source)  # a hub id ('Salesforce/blip2-opt-2.7b'): its snapshot in the local cache
+    if TARGETS[target].precision == "int8":
+        _check_calibration_fits(model_dir, calibration or Calibration(), target)
     precision, tensorrt = TARGETS[target].precision, TARGETS[target].tensorrt
     default_name = model_dir.resolve().name if model_dir == Path(source) else str(source).split("/")[-1]
     final = out_root / (name or default_name) / target
@@ -447,7 +508,7 @@ def _build(model_dir, target, final, precision, tensorrt, say, calibration, max_
     ck = load_checkpoint(model_dir)
     limits = resolve_limits(ck.model, max_batch, max_prompt_tokens, max_new_tokens)
     specs = graph_specs(ck.model, limits)
-    with _staging(final) as tmp:
+    with _staging(final, say) as tmp:
         fp32_dir = tmp / "fp32" if precision != "fp32" else tmp  # a reduced build starts from the checked fp32 graphs
         fp32_dir.mkdir(exist_ok=True)
         reuse = None if precision == "fp32" else _reusable_fp32(final.parent / "onnx", checkpoint_hash(ck.path),
@@ -526,6 +587,11 @@ def main(argv=None) -> int:
               max_batch=args.max_batch, max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens)
     except (BuildError, CheckpointError, ParityError, Blip2EdgeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # disk full, a folder removed under the build, a concurrent build into one --out
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}; no engine folder was written (free disk space, or give each build "
+              f"its own --out or --name)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: no engine folder was written", file=sys.stderr)

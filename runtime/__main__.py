@@ -37,7 +37,8 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
 
 def _generation_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation (as in Hugging Face generate)")
-    g.add_argument("--max-new-tokens", type=int, default=30, help="most tokens to generate per image (default 30)")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="most tokens to generate per image (default 30, "
+                   "or the engine folder's limit where it is lower)")
     g.add_argument("--min-new-tokens", type=int, default=0, help="generate at least this many before the end "
                    "token may end the text (default 0)")
     g.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (default 1: greedy)")

@@ -21,9 +21,9 @@ class ItgCaptioner:
         self.decoder = QFormerDecoder(runners["qformer_itg"], manifest.qformer, manifest.model.num_query_tokens)
 
     def config(self, generation: dict, prompt_tokens: int) -> search.GenerationConfig:
-        cfg = search.config_from_options(generation, self.qformer.sep_token_id, self.qformer.pad_token_id)
-        search.check_beams(cfg, self.max_batch)
         room = self.max_tokens - prompt_tokens
+        cfg = search.config_from_options(generation, self.qformer.sep_token_id, self.qformer.pad_token_id, room)
+        search.check_beams(cfg, self.max_batch)
         if cfg.max_new_tokens > room:
             raise PromptError(f"max_new_tokens={cfg.max_new_tokens} does not fit: the Q-Former takes "
                               f"{self.max_tokens} text tokens (manifest limits.max_qformer_tokens) and the "

@@ -74,7 +74,8 @@ class LlmGenerator:
         return rows
 
     def config(self, generation: dict) -> search.GenerationConfig:
-        cfg = search.config_from_options(generation, self.llm.eos_token_id, self.llm.pad_token_id)
+        cfg = search.config_from_options(generation, self.llm.eos_token_id, self.llm.pad_token_id,
+                                         self.limits.max_new_tokens)
         search.check_beams(cfg, self.limits.max_batch)
         if cfg.max_new_tokens > self.limits.max_new_tokens:
             raise PromptError(

@@ -148,10 +148,11 @@ class Blip2Pipeline:
         return check_texts(_per_image(qformer_text, batch, "qformer_text"), "qformer_text")
 
     # ------------------------------------------------------------------ text generation
-    def caption(self, images, max_new_tokens: int = 30, num_beams: int = 1, decoder: str | None = None,
+    def caption(self, images, max_new_tokens: int | None = None, num_beams: int = 1, decoder: str | None = None,
                 **generation) -> list[str]:
         """One caption per image, without a text prompt. decoder: "llm" (default when the folder has one) or
-        "qformer" (the Q-Former's ITG text decoder). The LLM's input is what Hugging Face's
+        "qformer" (the Q-Former's ITG text decoder). max_new_tokens: default 30, or the folder's limit where it is
+        lower. The LLM's input is what Hugging Face's
         `Blip2ForConditionalGeneration.generate(pixel_values=...)` builds: the image's soft prompt followed by
         `text_config.bos_token_id`, in the decoder's input for OPT, in the encoder's for T5 (whose decoder then
         starts from `decoder_start_token_id`; BLIP-2's T5 checkpoints set BOS to </s>)."""

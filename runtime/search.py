@@ -163,12 +163,21 @@ class GenerationConfig:
         return self
 
 
-def config_from_options(options: dict, eos_token_id: int, pad_token_id: int) -> GenerationConfig:
-    """A validated GenerationConfig from a caller's keyword options; unknown options are named."""
+DEFAULT_MAX_NEW_TOKENS = 30  # when a caller gives none: this, or the engine folder's limit where it is lower
+
+
+def config_from_options(options: dict, eos_token_id: int, pad_token_id: int,
+                        max_new_tokens_limit: int | None = None) -> GenerationConfig:
+    """A validated GenerationConfig from a caller's keyword options; unknown options are named. Without
+    max_new_tokens (or with None): DEFAULT_MAX_NEW_TOKENS, at most `max_new_tokens_limit`."""
     known = set(GenerationConfig.__dataclass_fields__) - {"eos_token_id", "pad_token_id"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise PromptError(f"unknown generation option(s) {unknown}; valid options are {sorted(known)}")
+    if options.get("max_new_tokens") is None:
+        default = DEFAULT_MAX_NEW_TOKENS if max_new_tokens_limit is None else min(DEFAULT_MAX_NEW_TOKENS,
+                                                                                   max(1, max_new_tokens_limit))
+        options = {**options, "max_new_tokens": default}
     return GenerationConfig(eos_token_id=eos_token_id, pad_token_id=pad_token_id, **options).validate()
 
 

@@ -23,6 +23,7 @@ model.safetensors, tokenizer files, preprocessor_config.json), loadable with
 the extra heads; it is written atomically.
 """
 import argparse
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -34,6 +35,9 @@ from transformers.models.blip.image_processing_pil_blip import BlipImageProcesso
 from train.model import Blip2Edge, EdgeConfig
 from train.presets import PRESETS, blip2_config
 from train.text_tokenizer import IMAGE_TOKEN, build_qformer_tokenizer, llm_tokenizer
+
+
+RANDOM_MARK = "random_weights.json"  # written beside a random checkpoint's weights: how they were drawn
 
 
 def make_random_checkpoint(out: str | Path, preset: str = "tiny", seed: int = 0, stage: int = 2,
@@ -72,7 +76,12 @@ def make_random_checkpoint(out: str | Path, preset: str = "tiny", seed: int = 0,
         torch.set_default_dtype(default)
     if scales == "trained" or outliers:
         trained_like(model, outliers, scales=scales == "trained")
-    return write_checkpoint(model, out, tokenizer, qtok, stage)
+    record = {"weights": "random", "preset": preset, "seed": seed, "scales": scales, "outliers": outliers}
+
+    def mark(tmp: Path) -> None:  # (random weights were trained on nothing: any calibration images serve them)
+        (tmp / RANDOM_MARK).write_text(json.dumps(record, indent=1))
+
+    return write_checkpoint(model, out, tokenizer, qtok, stage, before_rename=mark)
 
 
 @torch.no_grad()

@@ -87,7 +87,19 @@ _HELP = {
 }
 
 
+class OptionError(ValueError):
+    """A training option out of its range (the CLI prints it as one line)."""
+
+
 def options_from(args) -> Options:
-    return Options(**{f.name: getattr(args, f.name) for f in fields(Options) if getattr(args, f.name, None) is not None})
+    options = Options(**{f.name: getattr(args, f.name) for f in fields(Options)
+                         if getattr(args, f.name, None) is not None})
+    positive = {"steps": options.steps, "epochs": options.epochs, "batch_size": options.batch_size,
+                "grad_accum": options.grad_accum, "log_every": options.log_every, "save_every": options.save_every}
+    for name, value in positive.items():
+        if value is not None and not value > 0:  # (--steps 0 trained a whole epoch before)
+            raise OptionError(f"--{name.replace('_', '-')} {value}: give a number above 0"
+                              + (" (leave --steps out to train --epochs over the data)" if name == "steps" else ""))
+    return options
 
 

@@ -33,7 +33,7 @@ from train.data import DataError, qa_prompt
 from train.families import family
 from train.losses import stage1_losses, world
 from train.stages import lm_batch, qformer_batch, trainable
-from train.options import Options, options_from
+from train.options import OptionError, Options, options_from
 from train.presets import image_tokens
 from train.trainer import RunFolderError, TrainConfig, check_resume, fit
 
@@ -273,9 +273,14 @@ def main(command: str, args) -> int:
     from train.checkpoint import CheckpointError
     from train.trainer import NonFiniteLoss, init_distributed
 
+    try:
+        options = options_from(args)  # (checked before any process group or data)
+    except OptionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     init_distributed()
     try:
-        path = run_command(command, getattr(args, "task", None), args, options_from(args))
+        path = run_command(command, getattr(args, "task", None), args, options)
     except (DataError, CheckpointError, NonFiniteLoss, RunFolderError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
