@@ -104,6 +104,8 @@ def _batch_args(p: argparse.ArgumentParser) -> None:
                    "(default path)")
     p.add_argument("--workers", type=int, default=1, help="Ray actors, each with the engine folder loaded once "
                    "(default 1; one CPU each)")
+    p.add_argument("--retry-errors", action="store_true", help="do the images of the error rows in --output "
+                   "again (their error rows are replaced)")
     p.add_argument("--batch-size", type=int, default=8, help="images per batch and per written file (default 8; "
                    "at most the engine's max batch is run at once)")
     p.add_argument("--ray-address", help="an existing Ray cluster (e.g. ray://head:10001 or auto); default: a "
@@ -112,16 +114,31 @@ def _batch_args(p: argparse.ArgumentParser) -> None:
     _generation_options(p)
 
 
-def _batch(args) -> int:
+def _missing_scale(command: str, modules: tuple) -> bool:
+    """True (after one line naming the extra) when the scale extra's `modules` cannot be imported."""
+    import importlib
+
     try:
-        from runtime.batch import Job, run
+        for name in modules:
+            module = importlib.import_module(name)
+            if name == "ray" and not hasattr(module, "init"):  # a folder named ray/ (Ray's session folder) here
+                raise ImportError(f"`import ray` found {list(getattr(module, '__path__', []))[:1]}, not Ray; run "
+                                  f"from another directory")
     except ImportError as e:
-        print(f"error: `python -m runtime batch` needs Ray Data and pyarrow ({e}); install them with "
+        print(f"error: `python -m runtime {command}` needs {', '.join(modules)} ({e}); install the scale extra: "
               f"pip install \".[scale]\"", file=sys.stderr)
+        return True
+    return False
+
+
+def _batch(args) -> int:
+    if _missing_scale("batch", ("ray", "ray.data", "pyarrow")):
         return 2
+    from runtime.batch import Job, run
+
     job = Job(engines=args.engines, task=args.task, input=args.input, output=args.output, prompt=args.prompt,
               workers=args.workers, batch_size=args.batch_size, ray_address=args.ray_address, column=args.column,
-              backend=args.backend, gpus=args.gpus,
+              backend=args.backend, gpus=args.gpus, retry_errors=args.retry_errors,
               options={} if args.task == "embed" else _options(args))
     try:
         result = run(job, say=lambda m: print(m, file=sys.stderr))
@@ -173,17 +190,7 @@ def _serve(args) -> int:
     import signal
     import time
 
-    try:
-        import fastapi  # noqa: F401
-        import ray
-        import ray.serve  # noqa: F401
-
-        if not hasattr(ray, "init"):  # a folder named ray/ (Ray's session folder) in the current directory
-            raise ImportError(f"`import ray` found {list(getattr(ray, '__path__', []))[:1]}, not Ray; run from "
-                              f"another directory")
-    except ImportError as e:
-        print(f"error: `python -m runtime serve` needs Ray Serve and FastAPI ({e}); install the scale extra: "
-              f"pip install \".[scale]\"", file=sys.stderr)
+    if _missing_scale("serve", ("ray", "ray.serve", "fastapi", "multipart")):
         return 2
     from runtime.serve import ServiceLimits, start, stop
 

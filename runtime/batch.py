@@ -14,6 +14,13 @@ image that cannot be read becomes a row with `error` set, and the job goes on; t
 
 Rows: `path` (as listed), then `caption` (caption), `answer` (ask) or `features` (embed: the image's ITC query
 features, [num_queries][dim] float32 unit vectors), and `error` (null when the image was done).
+
+The output folder is the job's: `job.json` records the engine folder, its manifest's hash, the task, the prompt and
+the options, and a rerun with other settings is refused, as is an output folder holding files the job did not
+write, or one another running job holds (`.lock`). The job deletes nothing it did not write. Resuming keys on each
+image's real path (a relative, absolute or symlinked spelling of one file is one image); `--retry-errors` does the
+error rows again. Any failure of one image (unreadable, a FIFO or a device in a list, a pipeline error) is that
+image's error row; the job itself fails only when its folders or its engine cannot be used.
 """
 import json
 import logging
@@ -25,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.actors import check_cluster_gpus, gpus_per_actor
-from runtime.errors import Blip2EdgeError, ImageInputError
+from runtime.errors import Blip2EdgeError
 
 TASKS = {"caption": "caption", "ask": "answer", "embed": "features"}  # task -> its result column
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
@@ -49,6 +56,24 @@ class Job:
     backend: str = "auto"
     options: dict = field(default_factory=dict)  # generation options, as Blip2Pipeline.generate takes them
     gpus: float | None = None  # per worker; None: 1 for a TensorRT engine folder, else 0 (runtime.actors)
+    retry_errors: bool = False  # do the rows with an error again
+
+    def record(self) -> dict:
+        """What makes two runs the same job (job.json): a rerun must match it to add to the output."""
+        import hashlib
+
+        from runtime.search import GenerationConfig
+
+        manifest = Path(self.engines) / "manifest.json"
+        defaults = {f.name: f.default for f in GenerationConfig.__dataclass_fields__.values()}
+        options = {k: v for k, v in sorted(self.options.items())  # (as given: an option at its default is none)
+                   if v is not None and not (k in defaults and k != "max_new_tokens" and defaults[k] == v)}
+        return {"format": 1, "engines": os.path.realpath(self.engines),
+                "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(), "task": self.task,
+                "prompt": self.prompt, "options": options}
+
+
+JOB_FILE, LOCK_FILE = "job.json", ".lock"
 
 
 # ------------------------------------------------------------------ inputs and what is done already
@@ -104,20 +129,94 @@ def _non_empty(paths: list[str], message: str) -> list[str]:
     return paths
 
 
-def written_paths(output: Path) -> set[str]:
-    """The paths already in `output`'s Parquet parts. A part that cannot be read (cut short by a kill; the
-    rename makes that unlikely) is removed: its images are done again."""
+def written_paths(output: Path, retry_errors: bool = False) -> set[str]:
+    """The real paths of the images already in `output`'s Parquet parts (the job's folder: job.json says so). A part
+    that cannot be read (cut short by a kill; the rename makes that unlikely) is removed: its images are done again,
+    and so are the temporaries of a killed run. With `retry_errors`, the error rows are taken out of their parts (each
+    rewritten under a temporary name, then renamed) and not counted as done."""
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     done = set()
     for part in sorted(output.glob("part-*.parquet")):
         try:
-            done.update(pq.read_table(part, columns=["path"]).column("path").to_pylist())
+            table = pq.read_table(part)
+            paths = table.column("path").to_pylist()
         except Exception:  # noqa: BLE001 (whatever pyarrow raises for a broken file: the part is redone)
             part.unlink()
-    for tmp in output.glob(".part-*"):
+            continue
+        if retry_errors and table.column("error").null_count < table.num_rows:
+            table = table.filter(pc.is_null(table.column("error")))
+            if table.num_rows:
+                _write_part(output, table, name=part.name)
+            else:
+                part.unlink()
+            paths = table.column("path").to_pylist()
+        done.update(os.path.realpath(p) for p in paths)
+    for tmp in output.glob(".part-*.parquet"):
         tmp.unlink()
     return done
+
+
+def claim_output(output: Path, job: Job) -> None:
+    """Make `output` this job's, or refuse: a folder holding files the job did not write, a job.json of other
+    settings, a .lock of a job still running. Takes the lock (released by release_output)."""
+    record = job.record()
+    if output.is_dir():
+        mine = {JOB_FILE, LOCK_FILE}
+        theirs = sorted(p.name for p in output.iterdir() if p.name not in mine
+                        and not (p.name.startswith(("part-", ".part-")) and p.name.endswith(".parquet")))
+        if theirs or (any(output.iterdir()) and not (output / JOB_FILE).is_file()):
+            raise BatchInputError(f"--output {output} holds files this job did not write ({', '.join(theirs[:3]) or 'parts without a job.json'}); "
+                                  f"give a new or empty folder")
+        if (output / JOB_FILE).is_file():
+            try:
+                before = json.loads((output / JOB_FILE).read_text())
+            except ValueError:
+                before = {}
+            changed = sorted(k for k in record if before.get(k) != record[k])
+            if changed:
+                raise BatchInputError(f"--output {output} holds a job with other settings ({', '.join(changed)} "
+                                      f"differ); rerun it with its own settings (in {output / JOB_FILE}), or give "
+                                      f"another --output")
+    output.mkdir(parents=True, exist_ok=True)
+    lock = output / LOCK_FILE
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and _alive(pid):
+                raise BatchInputError(f"--output {output} is being written by another job (process {pid}); wait for "
+                                      f"it to end, or give another --output") from None
+            lock.unlink(missing_ok=True)  # (a job that was killed: its lock is stale)
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(str(os.getpid()))
+        break
+    (output / JOB_FILE).write_text(json.dumps(record, indent=1))
+
+
+def release_output(output: Path) -> None:
+    lock = output / LOCK_FILE
+    try:
+        if int(lock.read_text() or 0) == os.getpid():
+            lock.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # ------------------------------------------------------------------ the work of one actor
@@ -140,18 +239,41 @@ class Worker:
         for i, p in enumerate(paths):
             try:
                 images.append(load_image(p))
-            except ImageInputError as e:
-                errors[i] = str(e)
-        results = iter(self._run(images) if images else [])
-        values = [None if e else next(results) for e in errors]
+            except Exception as e:  # noqa: BLE001 (any failure of one image is its error row)
+                errors[i] = str(e) if isinstance(e, Blip2EdgeError) else f"{type(e).__name__}: {e}"
+        try:
+            results = iter(self._run(images) if images else [])
+        except Exception:  # noqa: BLE001 (found per image: a failing image fails its own row only)
+            results = iter(self._each(images))
+        values = []
+        for i in range(len(paths)):
+            value = None if errors[i] else next(results)
+            if isinstance(value, _Failed):
+                errors[i], value = value.message, None
+            values.append(value)
         column = pa.array(values, type=pa.list_(pa.list_(pa.float32()))) if self.task == "embed" else \
             pa.array(values, type=pa.string())
         return pa.table({"path": paths, TASKS[self.task]: column, "error": pa.array(errors, type=pa.string())})
+
+    def _each(self, images) -> list:
+        """The images one at a time: each one's result, or _Failed with its message."""
+        out = []
+        for image in images:
+            try:
+                out.append(self._run([image])[0])
+            except Exception as e:  # noqa: BLE001
+                out.append(_Failed(str(e) if isinstance(e, Blip2EdgeError) else f"{type(e).__name__}: {e}"))
+        return out
 
     def _run(self, images) -> list:
         if self.task == "embed":
             return [f.tolist() for f in self.pipe.embed_images(images)]
         return self.pipe.generate(images, prompt=self.prompt, **self.options)
+
+
+@dataclass
+class _Failed:
+    message: str
 
 
 # ------------------------------------------------------------------ the job
@@ -180,10 +302,21 @@ def check_job(job: Job) -> tuple[list[str], float]:
 def run(job: Job, say=print) -> dict:
     """Run `job` to the end (or continue it); returns {"written", "skipped", "errors", "seconds"}."""
     listed, gpus = check_job(job)
-    paths = list(dict.fromkeys(listed))  # (a path listed twice is done once)
     output = Path(job.output)
-    done = written_paths(output) if output.is_dir() else set()
-    todo = [p for p in paths if p not in done]
+    claim_output(output, job)
+    try:
+        return _run(job, listed, gpus, output, say)
+    finally:
+        release_output(output)
+
+
+def _run(job: Job, listed: list[str], gpus: float, output: Path, say) -> dict:
+    real = {}
+    for p in listed:  # (one file listed twice, or under two spellings, is done once)
+        real.setdefault(os.path.realpath(p), p)
+    paths = list(real.values())
+    done = written_paths(output, job.retry_errors)
+    todo = [p for r, p in real.items() if r not in done]
     say(f"{len(paths)} images listed, {len(paths) - len(todo)} already in {output}, {len(todo)} to do")
     if not todo:
         return {"written": 0, "skipped": len(paths), "errors": _count_errors(output), "seconds": 0.0}
@@ -192,7 +325,6 @@ def run(job: Job, say=print) -> dict:
     started = time.perf_counter()
     _start_ray(job.ray_address)
     check_cluster_gpus(gpus, job.workers, "worker", job.ray_address)
-    output.mkdir(parents=True, exist_ok=True)
     # a block per batch (up to 32 per worker), and at least one per worker: fewer images than workers x batch
     # size still reach every worker (and Ray does not warn that its actor pool cannot be used)
     blocks = max(min(len(todo), job.workers), min(len(todo) // job.batch_size, 4 * job.workers * 8))
@@ -251,10 +383,10 @@ def _start_ray(address: str | None) -> None:
     context.print_on_execution_start = False
 
 
-def _write_part(output: Path, table) -> None:
+def _write_part(output: Path, table, name: str | None = None) -> None:
     import pyarrow.parquet as pq
 
-    name = f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
+    name = name or f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
     tmp = output / f".{name}"
     pq.write_table(table, tmp)
     os.replace(tmp, output / name)

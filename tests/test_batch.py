@@ -115,7 +115,8 @@ def test_a_killed_job_rerun_finishes_every_image_once(local_ray, collection, tmp
     assert sorted(r["path"] for r in rows) == sorted(paths)  # every image once: none lost, none twice
     assert result["skipped"] == before and result["written"] == len(paths) - before
     assert not list(out.glob(".part-*"))
-    again = run(Job(engines=str(engine), task="caption", input=str(listing), output=str(out)), say=lambda *_: None)
+    again = run(Job(engines=str(engine), task="caption", input=str(listing), output=str(out), options=GENERATE),
+                say=lambda *_: None)
     assert again["written"] == 0 and len(read_output(out)) == len(paths)
 
 
@@ -201,3 +202,88 @@ def test_progress_in_a_log_is_a_line_every_10_s_not_carriage_returns(capsys, mon
     progress.end()
     err = capsys.readouterr().err
     assert "\r" not in err and err.splitlines() == ["3/4 images, 0.3 images/s", "4/4 images, 0.3 images/s"]
+
+
+def test_the_output_folder_is_the_jobs_and_nothing_else_is_touched(local_ray, collection, tmp_path):
+    """job.json records the settings: a rerun with others is refused, as are a folder of files the job did not write
+    and a folder another running job holds; nothing the job did not write is deleted."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    engine, folder = collection
+    job = dict(engines=str(engine), input=str(folder), workers=1, batch_size=5, options=GENERATE)
+    foreign = tmp_path / "dataset"
+    foreign.mkdir()
+    pq.write_table(pa.table({"id": [1, 2]}), foreign / "part-0001.parquet")  # another tool's dataset
+    (foreign / ".part-tmp.parquet").write_bytes(b"another job's temporary")
+    before = sorted((p.name, p.read_bytes()) for p in foreign.iterdir())
+    with pytest.raises(BatchInputError, match="holds files this job did not write"):
+        run(Job(task="caption", output=str(foreign), **job), say=lambda *_: None)
+    assert sorted((p.name, p.read_bytes()) for p in foreign.iterdir()) == before  # (its files were deleted before)
+    out = tmp_path / "out"
+    run(Job(task="caption", output=str(out), **job), say=lambda *_: None)
+    with pytest.raises(BatchInputError, match=r"other settings \(prompt, task differ\)"):
+        run(Job(task="ask", prompt="Question: what? Answer:", output=str(out), **job), say=lambda *_: None)
+    with pytest.raises(BatchInputError, match=r"other settings \(options differ\)"):
+        run(Job(task="caption", output=str(out), **{**job, "options": {"max_new_tokens": 5}}), say=lambda *_: None)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".lock").write_text(str(sleeper.pid))  # another job, running
+        with pytest.raises(BatchInputError, match=f"being written by another job \\(process {sleeper.pid}\\)"):
+            run(Job(task="caption", output=str(out), **job), say=lambda *_: None)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert run(Job(task="caption", output=str(out), **job), say=lambda *_: None)["written"] == 0  # (a stale lock)
+    assert len(read_output(out)) == 10 and not (out / ".lock").exists()
+
+
+def test_one_file_under_two_spellings_is_one_row_and_error_rows_can_be_retried(local_ray, collection, tmp_path):
+    """Resume keys on the real path (a symlinked folder and the folder are one set of files); a FIFO in a list is an
+    error row, not a hang; --retry-errors does the error rows again once the file is there."""
+    engine, folder = collection
+    (tmp_path / "link").symlink_to(folder)
+    listing = tmp_path / "list.txt"
+    paths = list_images(str(folder))
+    missing = tmp_path / "late.png"
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    listing.write_text("\n".join(paths + [str(tmp_path / "link" / Path(p).relative_to(folder)) for p in paths]
+                                 + [str(missing), str(fifo)]) + "\n")
+    job = dict(engines=str(engine), task="caption", input=str(listing), output=str(tmp_path / "out"), workers=1,
+               batch_size=4, options=GENERATE)
+    result = run(Job(**job), say=lambda *_: None)
+    rows = {r["path"]: r for r in read_output(tmp_path / "out")}
+    assert len(rows) == 12 and result["errors"] == 3  # 10 files once, the missing one, the FIFO; broken.png
+    assert "not a regular file" in rows[str(fifo)]["error"] and "no such file" in rows[str(missing)]["error"]
+    probe_images(32, count=1, seed=5)[0].save(missing)
+    assert run(Job(**job), say=lambda *_: None)["written"] == 0  # (errors are kept unless asked)
+    again = run(Job(**job, retry_errors=True), say=lambda *_: None)
+    rows = {r["path"]: r for r in read_output(tmp_path / "out")}
+    assert again["written"] == 3 and len(rows) == 12 and len(read_output(tmp_path / "out")) == 12
+    assert rows[str(missing)]["error"] is None and rows[str(missing)]["caption"]
+
+
+def test_any_failure_of_one_image_is_its_error_row():
+    """A pipeline error other than a bad image (here a RuntimeError for one image) fails that image's row only."""
+    import pyarrow as pa
+
+    from runtime.batch import Worker
+
+    class Pipe:
+        def generate(self, images, prompt=None, **options):
+            if any(im.size == (7, 7) for im in images):
+                raise RuntimeError("graph failed")
+            return [f"{im.size[0]}" for im in images]
+
+    worker = Worker.__new__(Worker)
+    worker.pipe, worker.task, worker.prompt, worker.options = Pipe(), "caption", None, {}
+    from PIL import Image
+
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"blip2-worker-{os.getpid()}"
+    tmp.mkdir(exist_ok=True)
+    for size in (5, 7, 9):
+        Image.new("RGB", (size, size)).save(tmp / f"{size}.png")
+    out = worker(pa.table({"path": [str(tmp / f"{s}.png") for s in (5, 7, 9)]})).to_pylist()
+    assert [r["caption"] for r in out] == ["5", None, "9"]
+    assert out[1]["error"] == "RuntimeError: graph failed" and out[0]["error"] is None

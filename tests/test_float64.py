@@ -74,3 +74,21 @@ def test_teacher_forced_logits_are_those_generate_chose_from(make_engine, varian
     for step_logits, one_pass in zip(generated.logits, forced):
         assert one_pass.shape == step_logits.shape
         assert (one_pass - step_logits).abs().max() <= 1e-5 * step_logits.abs().max()
+
+
+def test_a_large_weight_is_widened_in_blocks_of_rows(monkeypatch):
+    """An LM-head-sized weight is widened a block of rows at a time (its float64 copy whole would add twice its
+    float32 size to the build's peak); the result is the float64 product, with and without a bias."""
+    import export.float64 as f64
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 64)
+    monkeypatch.setattr(f64, "CHUNK_BYTES", 8 * 64 * 100)  # 100 rows a block: 30 blocks
+    for bias in (True, False):
+        layer = torch.nn.Linear(64, 3000, bias=bias)
+        with f64.float64():
+            got = layer(x)
+        want = torch.nn.functional.linear(x.double(), layer.weight.double(),
+                                          layer.bias.double() if bias else None)
+        assert got.dtype == torch.float64 and got.shape == want.shape
+        assert (got - want).abs().max() < 1e-13  # (float64's own rounding; float32's would be ~1e-6)

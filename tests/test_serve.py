@@ -253,6 +253,35 @@ def test_a_seeded_request_answers_the_same_batched_or_alone(service):
     assert answers == [(200, {"caption": alone})] * 8
 
 
+def test_a_replica_killed_under_load_is_replaced_and_no_request_hangs(service):
+    """SIGKILL of the replica while requests are in flight: each gets an answer (200, or a 5xx for those it held)
+    within the timeout, and the service answers normally again within 60 s."""
+    url, _ = service
+    image = _b64(probe_images(32, count=1, seed=6)[0])
+    replica = int(subprocess.run(["pgrep", "-f", "ServeReplica:blip2"], capture_output=True, text=True)
+                  .stdout.split()[0])
+
+    def one(_):
+        try:
+            return _post(f"{url}/caption", {"image": image, **GEN})[0]
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as e:  # (a connection the kill cut)
+            return type(e).__name__
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = pool.map(one, range(48))
+        time.sleep(0.3)
+        os.kill(replica, signal.SIGKILL)
+        answers = list(answers)
+    assert all(a == 200 or (isinstance(a, int) and a >= 500) for a in answers), answers
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if one(0) == 200:
+            break
+        time.sleep(1)
+    else:
+        pytest.fail("the service did not answer again within 60 s of its replica's SIGKILL")
+
+
 class _Pipe:
     """A pipeline whose batch fails for one image: batches are retried one request at a time."""
 
