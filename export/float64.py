@@ -33,6 +33,11 @@ def _widen(value):
     return value
 
 
+# Python-level calls that only move or gather values (an embedding lookup, a slice of a weight): run on the float32
+# tensor and their result widened, so a large table is never widened whole (exact: no arithmetic).
+_MOVES = {"embedding", "__getitem__", "narrow", "select", "view", "reshape", "t", "transpose", "permute",
+          "contiguous", "expand", "unsqueeze", "squeeze", "flatten"}
+
 # A weight larger than this is widened a block of output rows at a time: an LM head of 50272 x 4096 (OPT-6.7B) is
 # 0.82 GB in float32, and widened whole it would add 1.65 GB to the build's peak.
 CHUNK_BYTES = 64 * 2**20
@@ -55,6 +60,8 @@ class _Float64Functions(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in _MOVES:  # exact in float32: widened after, the source never copied
+            return tree_map(_widen, func(*args, **kwargs))
         if func is torch.nn.functional.linear:
             x, weight, bias = (list(args) + [kwargs.get("weight"), kwargs.get("bias")])[:3] if len(args) < 3 \
                 else args[:3]
@@ -73,7 +80,7 @@ class _Float64(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _EXACT:
+        if func in _EXACT or func.is_view:  # (a view or a slice of a weight: only its elements are widened)
             return tree_map(_widen, func(*args, **kwargs))
         schema = func._schema
         mutated = bool(schema.arguments) and schema.arguments[0].alias_info is not None \
