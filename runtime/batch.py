@@ -25,6 +25,7 @@ image's error row; the job itself fails only when its folders or its engine cann
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 import uuid
@@ -303,9 +304,14 @@ def run(job: Job, say=print) -> dict:
     """Run `job` to the end (or continue it); returns {"written", "skipped", "errors", "seconds"}."""
     listed, gpus = check_job(job)
     output = Path(job.output)
+    created = not output.exists()
     claim_output(output, job)
     try:
         return _run(job, listed, gpus, output, say)
+    except BaseException:
+        if created and not any(output.glob("part-*.parquet")):  # (refused before any row: nothing half-made)
+            shutil.rmtree(output, ignore_errors=True)
+        raise
     finally:
         release_output(output)
 
