@@ -190,9 +190,13 @@ def _serve(args) -> int:
     import signal
     import time
 
-    if _missing_scale("serve", ("ray", "ray.serve", "fastapi", "multipart")):
-        return 2
-    from runtime.serve import ServiceLimits, start, stop
+    try:  # (Ctrl-C during the slow imports: the same one line as later)
+        if _missing_scale("serve", ("ray", "ray.serve", "fastapi", "multipart")):
+            return 2
+        from runtime.serve import ServiceLimits, start, stop
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+        return 130
 
     code = 130
 

@@ -111,6 +111,7 @@ def test_build_rejects_tensorrt_targets_without_tensorrt_and_bad_models(tmp_path
     assert not (ROOT / "engines" / "none").exists()
 
 
+@pytest.mark.slow  # (a build of its own: the default suite's time)
 def test_failed_build_leaves_nothing(tiny_engine, tmp_path, monkeypatch):
     import export.build as b
     from export.parity import ParityError, Tolerance
@@ -121,6 +122,7 @@ def test_failed_build_leaves_nothing(tiny_engine, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # not even the empty folders the build made
 
 
+@pytest.mark.slow  # (a build of its own: the default suite's time)
 def test_rebuild_hint_of_the_runtime_gives_a_working_build(pipeline, checkpoint, tmp_path):
     """Asking for more tokens than the folder holds names a build command; that build works and serves them."""
     import re
@@ -266,6 +268,7 @@ def _hub_cache(root, repo_id: str, folder) -> None:
     shutil.copytree(folder, repo / "snapshots" / commit)
 
 
+@pytest.mark.slow  # (a build of its own: the default suite's time)
 def test_model_given_as_a_hub_id_comes_from_the_local_cache(tiny_engine, tmp_path):
     import os
 

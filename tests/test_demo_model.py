@@ -41,6 +41,9 @@ def test_recorded_evaluation_is_what_pytorch_measures(demo):
         assert now["metrics"][name]["value"] == pytest.approx(metric["value"], abs=1e-9), name
 
 
+# (the T5 demo's export is checked by its build's gate; its held-out comparison is the slow suite's: 100 s)
+@pytest.mark.parametrize("demo", [pytest.param("demo"), pytest.param("demo-t5", marks=pytest.mark.slow)],
+                         indirect=True)
 def test_exported_pipeline_matches_pytorch_on_held_out_images(demo, tmp_path):
     """Against eval.json, which the test above proves is what PyTorch measures (no second PyTorch run)."""
     from export.build import build

@@ -391,6 +391,7 @@ def test_question_aware_generation_equals_pytorch(make_engine):
     assert pipe.generate(images, prompt=prompts, max_new_tokens=6) == [pipe.llm.tokenizer.decode(r) for r in plain]
 
 
+@pytest.mark.slow  # (a build of its own: the default suite's time)
 def test_hf_retrieval_folder_exports(tmp_path):
     """A plain Blip2ForImageTextRetrieval save_pretrained folder (BERT-style tokenizer, no extras) exports
     qformer_query / text / itm (no ITG head, so no ITG graph) and matches HF's own forward."""

@@ -310,6 +310,7 @@ def test_stage1_and_stage2_learn_and_save_hf_loadable_checkpoints(tmp_path):
     assert float(again.temp.detach()) == float(model.temp.detach())
 
 
+@pytest.mark.slow  # (35 s: the default suite's time)
 def test_demo_recipe_runs_end_to_end_quick(tmp_path):
     """`python -m train demo --quick` goes through every phase and writes an evaluated, loadable checkpoint."""
     import json
