@@ -132,9 +132,19 @@ def _missing_scale(command: str, modules: tuple) -> bool:
 
 
 def _batch(args) -> int:
+    import signal
+
     if _missing_scale("batch", ("ray", "ray.data", "pyarrow")):
         return 2
     from runtime.batch import Job, run
+
+    import runtime.batch
+
+    def interrupted(*_):  # (also asks the job to stop between batches: Ray Data's iteration can swallow it)
+        runtime.batch.STOP.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupted)
 
     job = Job(engines=args.engines, task=args.task, input=args.input, output=args.output, prompt=args.prompt,
               workers=args.workers, batch_size=args.batch_size, ray_address=args.ray_address, column=args.column,
@@ -190,6 +200,13 @@ def _serve(args) -> int:
     import signal
     import time
 
+    asked = []
+
+    def interrupted(*_):  # (recorded too: a KeyboardInterrupt raised inside Ray's start-up code can be swallowed)
+        asked.append(True)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupted)
     try:  # (Ctrl-C during the slow imports: the same one line as later)
         if _missing_scale("serve", ("ray", "ray.serve", "fastapi", "multipart")):
             return 2
@@ -216,6 +233,9 @@ def _serve(args) -> int:
                     replicas=args.replicas, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
                     backend=args.backend, gpus=args.gpus)
         signal.signal(signal.SIGTERM, terminated)  # (ray.init installs a handler of its own)
+        signal.signal(signal.SIGINT, interrupted)
+        if asked:
+            raise KeyboardInterrupt
         print(f"serving {args.engines} on {url} (POST /caption /ask /match /embed, GET /health /metrics /docs); "
               f"Ctrl-C stops", file=sys.stderr, flush=True)
         while True:

@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -75,6 +76,7 @@ class Job:
 
 
 JOB_FILE, LOCK_FILE = "job.json", ".lock"
+STOP = threading.Event()  # set by the CLI's Ctrl-C handler: the job stops after the batch it is writing
 
 
 # ------------------------------------------------------------------ inputs and what is done already
@@ -343,6 +345,8 @@ def _run(job: Job, listed: list[str], gpus: float, output: Path, say) -> dict:
     written, progress = 0, Progress(len(todo), started)
     try:  # (batches of --batch-size rows, whatever blocks Ray's actors returned them in: one file each)
         for batch in results.iter_batches(batch_size=job.batch_size, batch_format="pyarrow"):
+            if STOP.is_set():
+                raise KeyboardInterrupt
             if batch.num_rows:
                 _write_part(output, batch)
                 written += batch.num_rows
@@ -383,6 +387,7 @@ def _start_ray(address: str | None) -> None:
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
                  configure_logging=True)
+
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the job prints its own images/s line
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # (not a warning that it is off)

@@ -110,13 +110,20 @@ class ImageGallery:
             if isinstance(self.index, FaissIndex):
                 self.index.save(tmp / "index.faiss")
             (tmp / "gallery.json").write_text(json.dumps(meta, indent=1))
-            try:
-                tmp.rename(folder)
-            except OSError:  # another save got there first: replace its folder with this complete one
-                old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-                folder.rename(old / "gallery")
-                tmp.rename(folder)
-                shutil.rmtree(old, ignore_errors=True)
+            for attempt in range(100):  # another save that got there first is replaced with this complete one
+                try:
+                    tmp.rename(folder)
+                    break
+                except OSError:
+                    if attempt == 99:
+                        raise RetrievalError(f"could not write {folder}: other saves kept replacing it") from None
+                    old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+                    try:
+                        folder.rename(old / "gallery")
+                    except OSError:  # (moved aside by the other save meanwhile)
+                        pass
+                    finally:
+                        shutil.rmtree(old, ignore_errors=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
