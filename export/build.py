@@ -63,8 +63,9 @@ from runtime.image import ImageProcessorConfig
 from runtime.manifest import (
     FORMAT, FORMAT_VERSION, Build, LanguageModel, Manifest, Model, Precision, QFormer, load_manifest,
 )
-from runtime.runners import make_runner
 from runtime.memory import map_large_allocations
+from runtime.processes import alive
+from runtime.runners import make_runner
 from train.checkpoint import (COLLECT_ABOVE_BYTES, CheckpointError, checkpoint_hash, collecting, load_checkpoint,
                               parameter_count, resolve_source, return_freed_memory, safetensors_headers)
 from train.families import family
@@ -392,20 +393,10 @@ def _remove_leftovers(final: Path, say=print) -> None:
     `.NAME.partial-PID-*` and `.NAME.old-PID-*` folders, only those whose process is gone."""
     for path in final.parent.glob(f".{final.name}.*-*-*"):
         match = re.fullmatch(rf"\.{re.escape(final.name)}\.(partial|old)-(\d+)-\d+", path.name)
-        if not (match and path.is_dir()) or _alive(int(match[2])):
+        if not (match and path.is_dir()) or alive(int(match[2])):
             continue
         shutil.rmtree(path, ignore_errors=True)
         say(f"removed {path}, left by a build that was killed (process {match[2]} is gone)")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # (another user's process)
-        return True
-    return True
 
 
 # Bytes per weight of a graph at each precision, measured on the full-size blip2-opt-2.7b build (int8: 1 byte per

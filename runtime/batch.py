@@ -35,6 +35,7 @@ from pathlib import Path
 
 from runtime.actors import check_cluster_gpus, gpus_per_actor
 from runtime.errors import Blip2EdgeError
+from runtime.processes import alive
 
 TASKS = {"caption": "caption", "ask": "answer", "embed": "features"}  # task -> its result column
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
@@ -192,7 +193,7 @@ def claim_output(output: Path, job: Job) -> None:
                 pid = int(lock.read_text() or 0)
             except (OSError, ValueError):
                 pid = 0
-            if pid and _alive(pid):
+            if pid and alive(pid):
                 raise BatchInputError(f"--output {output} is being written by another job (process {pid}); wait for "
                                       f"it to end, or give another --output") from None
             lock.unlink(missing_ok=True)  # (a job that was killed: its lock is stale)
@@ -210,16 +211,6 @@ def release_output(output: Path) -> None:
             lock.unlink()
     except (OSError, ValueError):
         pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ------------------------------------------------------------------ the work of one actor
