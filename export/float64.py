@@ -38,6 +38,13 @@ def _widen(value):
 _MOVES = {"embedding", "__getitem__", "narrow", "select", "view", "reshape", "t", "transpose", "permute",
           "contiguous", "expand", "unsqueeze", "squeeze", "flatten"}
 
+# Calls that read a tensor's metadata (`param.device`, `.shape`, `.dtype`, `.numel()`): run on the float32 tensor,
+# never widening it. Hugging Face's `model.device` reads the first parameter's device at every generate step, and
+# widening that parameter (OPT-6.7B's 50272 x 4096 embedding table: 1.6 GB in float64) to read it put 3 GB on the
+# float64 reference's peak. A float32 dtype read here still answers float64, as the widened tensor would.
+_METADATA = {"__get__", "numel", "dim", "size", "stride", "is_floating_point", "is_contiguous", "element_size",
+             "data_ptr", "get_device", "__len__"}
+
 # A weight larger than this is widened a block of output rows at a time: an LM head of 50272 x 4096 (OPT-6.7B) is
 # 0.82 GB in float32, and widened whole it would add 1.65 GB to the build's peak.
 CHUNK_BYTES = 64 * 2**20
@@ -60,7 +67,8 @@ class _Float64Functions(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if getattr(func, "__name__", "") in _MOVES:  # exact in float32: widened after, the source never copied
+        if getattr(func, "__name__", "") in _METADATA or getattr(func, "__name__", "") in _MOVES:
+            # metadata, or exact in float32: widened after (a float32 dtype answers float64), the source never copied
             return tree_map(_widen, func(*args, **kwargs))
         if func is torch.nn.functional.linear:
             x, weight, bias = (list(args) + [kwargs.get("weight"), kwargs.get("bias")])[:3] if len(args) < 3 \

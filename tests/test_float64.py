@@ -92,3 +92,25 @@ def test_a_large_weight_is_widened_in_blocks_of_rows(monkeypatch):
                                           layer.bias.double() if bias else None)
         assert got.dtype == torch.float64 and got.shape == want.shape
         assert (got - want).abs().max() < 1e-13  # (float64's own rounding; float32's would be ~1e-6)
+
+
+def test_reading_a_weights_metadata_widens_nothing(monkeypatch):
+    """Hugging Face's `model.device` reads the first parameter at every generate step: reading it (its device,
+    shape, dtype, size) must not widen the weight (a 1.6 GB float64 copy of OPT-6.7B's embedding table, twice per
+    step, was half the end-to-end reference's peak). A float32 dtype still reads float64 inside the block."""
+    import export.float64 as f64
+
+    widened = []
+    real = f64._widen
+    monkeypatch.setattr(f64, "_widen", lambda v: widened.append(v) or real(v) if isinstance(v, torch.Tensor)
+                        and v.dtype == torch.float32 and v.numel() >= 1000 else real(v))
+    model = torch.nn.Embedding(100, 64)
+    with f64.float64():
+        param = next(model.parameters())
+        facts = (param.device, param.shape, param.numel(), param.dim(), param.size(0), param.is_floating_point(),
+                 param.dtype)
+    assert not widened, f"{len(widened)} weight(s) widened to read metadata"
+    assert facts[:6] == (torch.device("cpu"), (100, 64), 6400, 2, 100, True) and facts[6] == torch.float64
+    with f64.float64():
+        model.weight * 2  # (arithmetic does widen it: the spy sees that)
+    assert widened
