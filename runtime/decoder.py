@@ -41,6 +41,32 @@ class KVCache:
     def reorder(self, index: np.ndarray) -> None:
         self.arrays = [a[index] for a in self.arrays]
 
+    @property
+    def length(self) -> int:
+        """Cached positions per row (the third axis)."""
+        return self.arrays[0].shape[2] if self.arrays else 0
+
+    def merge(self, other: "KVCache", width: int) -> None:
+        """`other`'s rows after these, both padded on the left (zeros) to `width` positions. Host arrays result: a
+        TensorRT cache crosses to the host here, once per merge, not per step."""
+        self.arrays = [np.concatenate([pad_positions(a, width, 2, left=True), pad_positions(b, width, 2, left=True)])
+                       for a, b in zip(self.arrays, other.arrays)]
+
+    def drop_oldest(self, n: int) -> None:
+        """Forget the first `n` positions of every row (padding that no row attends to any more)."""
+        self.arrays = [np.ascontiguousarray(np.asarray(a)[:, :, n:]) for a in self.arrays]
+
+
+def pad_positions(a, width: int, axis: int, left: bool) -> np.ndarray:
+    """`a` padded with zeros along `axis` to `width` entries, on the left or the right."""
+    a = np.asarray(a)
+    missing = width - a.shape[axis]
+    if missing <= 0:
+        return a
+    pad = [(0, 0)] * a.ndim
+    pad[axis] = (missing, 0) if left else (0, missing)
+    return np.pad(a, pad)
+
 
 class CachedDecoder:
     """Owns a decoder graph's attention mask and KV cache across calls.
@@ -104,6 +130,28 @@ class LlmDecoder(CachedDecoder):
         self.attention_mask = attention_mask.astype(np.int64)
         return self._run(input_ids.astype(np.int64), {"soft_prompt": soft_prompt})
 
+    # ------------------------------------------------------------ continuous batching (runtime.engine)
+    def can_merge(self, other) -> bool:
+        return True  # rows of any length: the attention mask and position ids say where each row's tokens are
+
+    def merge(self, other: "LlmDecoder") -> None:
+        """Take `other`'s rows (another prefill) into this batch. Rows are aligned on their last token: the shorter
+        side is padded on the left with masked, zero positions, so every row's tokens, positions and attention are
+        what they were (left padding is what a batch of prompts already has)."""
+        width = max(self.attention_mask.shape[1], other.attention_mask.shape[1])
+        self.attention_mask = np.concatenate([pad_positions(self.attention_mask, width, 1, left=True),
+                                              pad_positions(other.attention_mask, width, 1, left=True)])
+        self.cache.merge(other.cache, width)
+
+    def trim(self) -> None:
+        """Drop leading positions that no row attends to (left by rows that finished), so the cache is as long as
+        its longest row, not as long as the batch has run."""
+        unused = int(np.argmax(self.attention_mask.any(axis=0))) if self.attention_mask.any() else \
+            self.attention_mask.shape[1]
+        if unused:
+            self.attention_mask = self.attention_mask[:, unused:]
+            self.cache.drop_oldest(unused)
+
 
 class QFormerDecoder(CachedDecoder):
     """The Q-Former's ITG mode: the cache starts as the queries' self-attention keys/values
@@ -164,6 +212,28 @@ class Seq2SeqDecoder:
         self.cache.reorder(index)
         self.cross = [c[index] for c in self.cross]
         self.encoder_mask = self.encoder_mask[index]
+
+    # ------------------------------------------------------------ continuous batching (runtime.engine)
+    def can_merge(self, other) -> bool:
+        """The decoder graph takes no self-attention mask, so only rows that have made as many steps share a call
+        (their encoder rows may differ in length: the encoder mask covers that)."""
+        return self.cache.length == other.cache.length
+
+    def merge(self, other: "Seq2SeqDecoder") -> None:
+        """Take `other`'s rows into this batch: encoder positions (cross keys/values, mask) padded on the right."""
+        width = max(self.encoder_mask.shape[1], other.encoder_mask.shape[1])
+        self.cross = [np.concatenate([pad_positions(a, width, 2, left=False), pad_positions(b, width, 2, left=False)])
+                      for a, b in zip(self.cross, other.cross)]
+        self.encoder_mask = np.concatenate([pad_positions(self.encoder_mask, width, 1, left=False),
+                                            pad_positions(other.encoder_mask, width, 1, left=False)])
+        self.cache.merge(other.cache, self.cache.length)
+
+    def trim(self) -> None:
+        """Drop trailing encoder positions no row reads any more."""
+        used = int(self.encoder_mask.any(axis=0).nonzero()[0].max()) + 1 if self.encoder_mask.any() else 0
+        if used < self.encoder_mask.shape[1]:
+            self.encoder_mask = self.encoder_mask[:, :used]
+            self.cross = [np.ascontiguousarray(np.asarray(c)[:, :, :used]) for c in self.cross]
 
 
 DECODERS = {"opt": LlmDecoder, "t5": Seq2SeqDecoder}  # the manifest's llm.family -> how its graphs are stepped

@@ -182,6 +182,29 @@ class Blip2Pipeline:
             return self.itg.generate(images, prompts, generation)
         return self.llm.generate(images, prompts, generation, questions)
 
+    def stream(self, image, prompt: str | None = None, qformer_text: str | None = None, **generation):
+        """Generate for one image as `generate` does, yielding the text as it is produced: pieces whose
+        concatenation is `generate(image, prompt, ...)[0]`; one or more tokens per piece, never half a character
+        (beam search: the whole text at the end, since its best beam can change at every step)."""
+        from runtime.engine import GenerationEngine
+        from runtime.text import TextStream
+
+        self._need("llm_decoder", "stream")
+        engine = GenerationEngine(self)
+        handle = engine.submit(image, prompt, qformer_text, **generation)
+        text = TextStream(self.llm.tokenizer)
+        while engine.step():
+            if handle.error is not None:
+                raise handle.error
+            piece = text.push(handle.tokens)
+            if piece:
+                yield piece
+        if handle.error is not None:
+            raise handle.error
+        piece = text.finish(handle.tokens)
+        if piece:
+            yield piece
+
     def score(self, images, tokens, prompt=None, decoder: str | None = None, qformer_text=None) -> list[np.ndarray]:
         """Teacher forcing: for each image and its list of token ids (e.g. another model's output, or candidate
         answers), the logits [len(tokens), V] that predicted each token when the decoder was fed the prompt and

@@ -49,6 +49,9 @@ __all__ = [
     "StepModel",
     "GenerationConfig",
     "generate",
+    "start_search",
+    "GreedySearch",
+    "BeamSearch",
     "config_from_options",
     "teacher_forced",
     "log_softmax",
@@ -382,47 +385,65 @@ def generate(
         raise PromptError(f"generation setting eos_token_id={cfg.eos_token_id} is out of range: it must be < vocabulary size {v}.")
     if cfg.num_beams > 1 and 2 * cfg.num_beams > v:
         raise PromptError(f"generation setting num_beams={cfg.num_beams} is out of range: it must be <= vocabulary size / 2 ({v // 2}).")
-    first = first.astype(np.float32, copy=False)
-
-    present = None
-    if cfg.repetition_penalty != 1.0:
-        present = _token_presence(ctx, v, _leading_padding(ctx, prompt_mask, cfg.pad_token_id))
-
-    if cfg.num_beams == 1:
-        return _greedy_or_sample(model, first, present, cfg)
-    return _beam_search(model, first, present, cfg)
+    return _run(model, start_search(b, ctx, cfg, v, prompt_mask), first.astype(np.float32, copy=False))
 
 
-def _greedy_or_sample(model: StepModel, logits: np.ndarray, present: np.ndarray | None, cfg: GenerationConfig) -> list[list[int]]:
-    """transformers' ``_sample``: finished rows keep being fed the pad token (and output pad)."""
-    b, v = logits.shape
-    max_new, eos, pad = cfg.max_new_tokens, cfg.eos_token_id, cfg.pad_token_id
-    # A generator per row, each seeded with the request's seed: a row draws what it would draw alone, whatever
-    # it is batched with (one generator across the batch made a seeded answer depend on its batch neighbours).
-    rngs = [np.random.default_rng(cfg.seed) for _ in range(b)] if cfg.do_sample else None
-    rows = np.arange(b)
-    out = np.full((b, max_new), pad, dtype=np.int64)
-    lengths = np.full(b, max_new, dtype=np.int64)
-    alive = np.ones(b, dtype=bool)
-    tokens = None
-    for t in range(max_new):
-        if t:
-            logits = _as_logits(model.step(tokens), b, v, "model.step() output")
-        scores = _process(logits, present, t, cfg)
+class GreedySearch:
+    """transformers' ``_sample`` (greedy, or multinomial sampling with ``cfg.do_sample``) over b rows, one step per
+    `advance`: finished rows keep being fed the pad token (and output pad) while others run."""
+
+    def __init__(self, b: int, present: np.ndarray | None, cfg: GenerationConfig):
+        self.cfg, self.present, self.t = cfg, present, 0
+        # A generator per row, each seeded with the request's seed: a row draws what it would draw alone, whatever
+        # it is batched with (one generator across the batch made a seeded answer depend on its batch neighbours).
+        self.rngs = [np.random.default_rng(cfg.seed) for _ in range(b)] if cfg.do_sample else None
+        self.out = np.full((b, cfg.max_new_tokens), cfg.pad_token_id, dtype=np.int64)
+        self.lengths = np.full(b, cfg.max_new_tokens, dtype=np.int64)
+        self.alive = np.ones(b, dtype=bool)
+        self.feed, self.done = None, False
+
+    @property
+    def rows(self) -> int:
+        """Cache rows this search holds."""
+        return len(self.alive)
+
+    def advance(self, logits: np.ndarray) -> None:
+        """Choose every row's next token from `logits` [b, V]; `feed` is then what the model's next step takes."""
+        cfg, v = self.cfg, logits.shape[-1]
+        scores = _process(logits, self.present, self.t, cfg)
         if cfg.do_sample:
-            tokens = _multinomial(_warp(scores, cfg), rngs)
+            tokens = _multinomial(_warp(scores, cfg), self.rngs)
         else:
             tokens = np.argmax(scores, axis=-1).astype(np.int64)
-        tokens = np.where(alive, tokens, pad)
-        out[:, t] = tokens
-        if present is not None:
-            present[rows, np.minimum(tokens, v)] = True
-        just_finished = alive & (tokens == eos)
-        lengths[just_finished] = t + 1
-        alive &= ~just_finished
-        if not alive.any():
-            break
-    return [out[i, : lengths[i]].tolist() for i in range(b)]
+        tokens = np.where(self.alive, tokens, cfg.pad_token_id)
+        self.out[:, self.t] = tokens
+        if self.present is not None:
+            self.present[np.arange(len(tokens)), np.minimum(tokens, v)] = True
+        just_finished = self.alive & (tokens == cfg.eos_token_id)
+        self.lengths[just_finished] = self.t + 1
+        self.alive &= ~just_finished
+        self.t += 1
+        self.feed, self.done = tokens, not self.alive.any() or self.t >= cfg.max_new_tokens
+        return None  # (the cache rows stay as they are)
+
+    def new_tokens(self) -> list[list[int]]:
+        """Each row's tokens so far (what a stream may already show)."""
+        return [self.out[i, : min(self.t, self.lengths[i])].tolist() for i in range(self.rows)]
+
+    def result(self) -> list[list[int]]:
+        return [self.out[i, : self.lengths[i]].tolist() for i in range(self.rows)]
+
+
+def _run(model: StepModel, search, logits: np.ndarray) -> list[list[int]]:
+    """Drive a step-wise search (GreedySearch, BeamSearch) with `model` from the prefill's `logits`."""
+    v = logits.shape[-1]
+    while True:
+        index = search.advance(logits)
+        if search.done:
+            return search.result()
+        if index is not None:
+            model.reorder(index)
+        logits = _as_logits(model.step(search.feed), search.rows, v, "model.step() output")
 
 
 @dataclass
@@ -499,37 +520,67 @@ class _Beams:
         return [self.fin_tok[i, 0, : self.fin_len[i, 0]].tolist() for i in range(len(self.fin_tok))]
 
 
-def _beam_search(model: StepModel, logits: np.ndarray, present: np.ndarray | None, cfg: GenerationConfig) -> list[list[int]]:
-    """transformers' ``_beam_search`` (vectorised, static-shape variant), step for step.
+class BeamSearch:
+    """transformers' ``_beam_search`` (vectorised, static-shape variant) over b prompts, one step per `advance`.
 
-    Per batch item it keeps ``num_beams`` running beams and ``num_beams`` finished hypotheses (:class:`_Beams`).
+    Per prompt it keeps ``num_beams`` running beams and ``num_beams`` finished hypotheses (:class:`_Beams`).
     Each step takes the top ``2 * num_beams`` continuations of the accumulated log-probs; the
     best ``num_beams`` that did not just stop keep running; those among the top ``num_beams``
     that stopped (EOS, or max_new_tokens reached) compete for the finished slots with score
-    ``sum_logprobs / n_new_tokens ** length_penalty``.
+    ``sum_logprobs / n_new_tokens ** length_penalty``. The first `advance` takes the prefill's b rows; every
+    later one b * num_beams rows, and each returns the cache rows to keep (`model.reorder`'s index).
     """
-    b, v = logits.shape
-    nb = cfg.num_beams
-    logits = np.repeat(logits, nb, axis=0)  # the cache is expanded lazily, at the first reorder
-    if present is not None:
-        present = np.repeat(present, nb, axis=0)
-    beams = _Beams.start(b, cfg)
-    row_base, flat_rows = (np.arange(b) * nb)[:, None], np.arange(b * nb)
-    for t in range(cfg.max_new_tokens):
-        if t:
-            logits = _as_logits(model.step(beams.run_tok[:, :, t - 1].reshape(-1)), b * nb, v, "model.step() output")
-        score, tok, src, hits = beams.candidates(_process(log_softmax(logits), present, t, cfg), t, cfg)
+
+    def __init__(self, b: int, present: np.ndarray | None, cfg: GenerationConfig):
+        nb = cfg.num_beams
+        self.cfg, self.b, self.t = cfg, b, 0
+        self.present = None if present is None else np.repeat(present, nb, axis=0)
+        self.beams = _Beams.start(b, cfg)
+        self.row_base, self.flat_rows = (np.arange(b) * nb)[:, None], np.arange(b * nb)
+        self.feed, self.done = None, False
+
+    @property
+    def rows(self) -> int:
+        """Cache rows this search holds (before the first `advance`: the prefill's b)."""
+        return self.b * self.cfg.num_beams if self.t else self.b
+
+    def advance(self, logits: np.ndarray) -> np.ndarray | None:
+        cfg, nb, t, beams = self.cfg, self.cfg.num_beams, self.t, self.beams
+        if t == 0:
+            logits = np.repeat(logits, nb, axis=0)  # the cache is expanded by the returned index
+        score, tok, src, hits = beams.candidates(_process(log_softmax(logits), self.present, t, cfg), t, cfg)
         run_src = beams.keep_running(score, tok, src, hits)
         beams.finish(score, tok, hits, t, cfg)
-        if beams.done(hits, t, cfg):
-            break
+        self.t += 1
+        self.done = beams.done(hits, t, cfg)
+        if self.done:
+            return None
         # follow the surviving beams: cache row i <- old row of its parent beam
-        src_rows = (row_base + run_src).reshape(-1)
-        model.reorder(src_rows // nb if t == 0 else src_rows)
-        if present is not None:
-            present = present[src_rows]
-            present[flat_rows, np.minimum(beams.run_tok[:, :, t].reshape(-1), v)] = True
-    return beams.best()
+        src_rows = (self.row_base + run_src).reshape(-1)
+        if self.present is not None:
+            self.present = self.present[src_rows]
+            self.present[self.flat_rows, np.minimum(beams.run_tok[:, :, t].reshape(-1), logits.shape[-1])] = True
+        self.feed = beams.run_tok[:, :, t].reshape(-1)
+        return src_rows // nb if t == 0 else src_rows
+
+    def new_tokens(self) -> list[list[int]]:
+        """Nothing until the search ends: the best beam can change at every step."""
+        return [[] for _ in range(self.b)] if not self.done else self.result()
+
+    def result(self) -> list[list[int]]:
+        return self.beams.best()
+
+
+def start_search(first_logits_rows: int, context_ids: np.ndarray, cfg: GenerationConfig, vocab_size: int,
+                 prompt_mask: np.ndarray | None = None):
+    """A step-wise search (GreedySearch or BeamSearch) for `first_logits_rows` prompts whose prefill is done, for a
+    caller that drives the model itself (runtime.engine): `advance(logits)` -> the cache rows to keep or None,
+    then the model steps with `feed`, until `done`; `result()` is what `generate` returns."""
+    present = None
+    if cfg.repetition_penalty != 1.0:
+        ctx = np.asarray(context_ids, dtype=np.int64)
+        present = _token_presence(ctx, vocab_size, _leading_padding(ctx, prompt_mask, cfg.pad_token_id))
+    return (GreedySearch if cfg.num_beams == 1 else BeamSearch)(first_logits_rows, present, cfg)
 
 
 # --------------------------------------------------------------------------- teacher forcing

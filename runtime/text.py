@@ -50,7 +50,45 @@ class LlmTokenizer:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids) -> str:
-        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True).strip()
+        return self.decode_raw(ids).strip()
+
+    def decode_raw(self, ids) -> str:
+        """`decode` without stripping the ends (what a stream compares successive decodes with)."""
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+class TextStream:
+    """Text pieces as token ids arrive, whose concatenation is `tokenizer.decode(all ids)`:
+
+        stream = TextStream(tokenizer)
+        for ids in growing_token_lists:       # each call: every id so far
+            piece = stream.push(ids)          # "" while nothing new can be shown
+        piece = stream.finish(ids)            # the rest
+
+    A piece never ends inside a character: while the decode of the ids so far ends in U+FFFD (a multi-byte
+    character whose bytes are split over tokens, as byte-level BPE splits emoji and CJK), nothing is shown.
+    Whitespace at the end waits for what follows it, since the final text is stripped as `decode` strips it."""
+
+    def __init__(self, tokenizer: LlmTokenizer):
+        self.tokenizer, self.shown = tokenizer, ""
+
+    def _piece(self, text: str) -> str:
+        if not text.startswith(self.shown):  # (a later token changed how earlier ones read: wait for the end)
+            return ""
+        piece, self.shown = text[len(self.shown):], text
+        return piece
+
+    def push(self, ids) -> str:
+        text = self.tokenizer.decode_raw(ids).lstrip()
+        if text.endswith("\ufffd"):
+            return ""
+        return self._piece(text.rstrip())
+
+    def finish(self, ids) -> str:
+        text = self.tokenizer.decode(ids)
+        if not text.startswith(self.shown):
+            raise RuntimeError(f"the stream showed {self.shown!r}, which the final text {text!r} does not start with")
+        return self._piece(text)
 
 
 class QFormerTokenizer:

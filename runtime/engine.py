@@ -1,0 +1,286 @@
+"""Continuous batching: requests join the running decode batch at the next step and leave it the step they end.
+
+    from runtime import Blip2Pipeline
+    from runtime.engine import GenerationEngine
+    engine = GenerationEngine(Blip2Pipeline.from_dir("engines/demo/onnx"))
+    a = engine.submit("cat.jpg", max_new_tokens=20)                      # checked now, before any graph runs
+    b = engine.submit("dog.png", prompt="Question: what is it? Answer:", num_beams=3)
+    while engine.step():                                                 # one decode step of every running row
+        print(a.tokens)                                                  # (what a stream shows so far)
+    print(a.text, b.text)
+
+Each `step` first admits waiting requests, first come first served, while the folder's max batch has rows free
+(a request with `num_beams=B` holds B rows): their vision graph, Q-Former and prefill run together, each chooses its
+first token, and their caches join the running batch (`runtime.decoder`'s `merge`: rows aligned on their last
+token, the attention mask and position ids saying where each row's tokens are). Then every running row takes one
+decode step together; each request's search (`runtime.search`'s GreedySearch or BeamSearch, with the request's
+own options and seeded generator) picks its rows' next tokens, and the rows of requests that ended leave the batch.
+
+A request's tokens are what `Blip2Pipeline.generate` gives it alone, whatever it ran beside: the same search, the
+same logits up to the rounding of a differently padded batch (tests/test_engine.py drives interleaved arrivals
+with mixed options and counts any difference against the request's own near-ties).
+
+OPT rows of any length share one decoder call. T5's decoder graph takes no self-attention mask, so its rows share a
+call only with rows that have made as many steps: requests admitted together run together, and each such cohort is
+one decoder call per step (admission and leaving are still per step).
+
+The engine is single-threaded: `submit` may be called from any thread, `step` from one. `serve_forever` runs steps
+on a thread until stopped, for a server that submits from its request handlers.
+"""
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from runtime import search
+from runtime.decoder import DECODERS
+from runtime.errors import PromptError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Handle:
+    """One request's progress: `tokens` so far (greedy and sampling: one more per step; beam search: all at the
+    end), `done`, and `error` (an exception) if its batch failed. `text` once done."""
+
+    prompt: str | None
+    num_beams: int
+    submitted: float = field(default_factory=time.monotonic)
+    tokens: list = field(default_factory=list)
+    done: bool = False
+    error: BaseException | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    text: str | None = None
+    cancelled: bool = False
+    _event: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def cancel(self) -> None:
+        """Stop generating for this request (its rows leave at the next step)."""
+        self.cancelled = True
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the request is done (on a thread other than the one stepping the engine)."""
+        return self._event.wait(timeout)
+
+
+@dataclass
+class _Pending:
+    handle: Handle
+    pixels: np.ndarray  # [3, H, W]
+    row: list[int]  # the LLM's input ids
+    question: str | None
+    cfg: search.GenerationConfig
+    on_update: object = None
+
+
+@dataclass
+class _Active:
+    pending: _Pending
+    search: object  # GreedySearch | BeamSearch over one prompt
+
+
+@dataclass
+class _Group:
+    """Rows that share one decoder call per step: a decoder (its cache) and the requests whose rows it holds, in
+    row order."""
+
+    decoder: object
+    active: list
+
+
+class GenerationEngine:
+    def __init__(self, pipe, max_rows: int | None = None):
+        if pipe.llm is None:
+            pipe._need("llm_decoder", "GenerationEngine")
+        self.pipe, self.llm = pipe, pipe.llm
+        self.max_rows = max_rows or pipe.manifest.limits.max_batch
+        self.waiting: collections.deque[_Pending] = collections.deque()
+        self.groups: list[_Group] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self.tokens_generated = 0
+
+    # ------------------------------------------------------------ requests
+    def submit(self, image, prompt: str | None = None, qformer_text: str | None = None, on_update=None,
+               **generation) -> Handle:
+        """Queue one image's generation (options as for Blip2Pipeline.generate). Everything is checked here, before
+        any graph runs: the prompt, the options, the image (decoded and preprocessed now, on the caller's thread).
+        `on_update(handle)`: called on the stepping thread after each step that changed the handle."""
+        cfg = self.llm.config(generation)
+        if cfg.num_beams > self.max_rows:
+            raise PromptError(f"num_beams={cfg.num_beams} needs {cfg.num_beams} rows; this engine runs at most "
+                              f"{self.max_rows}")
+        row = self.llm.rows([prompt])[0]
+        question = self.pipe._questions(qformer_text, 1, "llm")
+        pixels = self.pipe.encoder.pixels([image])[0]
+        handle = Handle(prompt, cfg.num_beams)
+        with self._wake:
+            self.waiting.append(_Pending(handle, pixels, row, question[0] if question else None, cfg, on_update))
+            self._wake.notify()
+        return handle
+
+    @property
+    def running_rows(self) -> int:
+        return sum(a.search.rows for g in self.groups for a in g.active)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    # ------------------------------------------------------------ stepping
+    def step(self) -> bool:
+        """Admit what fits, then one decode step of every running row. Returns whether work remains."""
+        self._drop_cancelled()
+        self._admit()
+        for group in list(self.groups):
+            self._decode(group)
+        self.groups = [g for g in self.groups if g.active]
+        return bool(self.groups or self.waiting)
+
+    def run(self) -> None:
+        """Step until every submitted request is done."""
+        while self.step():
+            pass
+
+    def serve_forever(self, stop: threading.Event) -> None:
+        """Step while there is work; sleep until a request arrives otherwise; return when `stop` is set."""
+        while not stop.is_set():
+            if not self.step():
+                with self._wake:
+                    self._wake.wait_for(lambda: self.waiting or stop.is_set(), timeout=0.5)
+
+    def stop(self, stop: threading.Event) -> None:
+        with self._wake:
+            stop.set()
+            self._wake.notify_all()
+
+    def _take(self) -> list[_Pending]:
+        """Waiting requests that fit in the free rows, first come first served (a request that does not fit waits,
+        and so do those behind it, so a large beam search is never starved by small requests)."""
+        free, taken = self.max_rows - self.running_rows, []
+        with self._lock:
+            while self.waiting and self.waiting[0].cfg.num_beams <= free and len(taken) < self.max_rows:
+                taken.append(self.waiting.popleft())
+                free -= taken[-1].cfg.num_beams
+        return taken
+
+    def _admit(self) -> None:
+        new = self._take()
+        if not new:
+            return
+        try:
+            decoder, logits, context, mask = self._prefill(new)
+        except Exception as e:  # (the graphs failed: these requests end with the error, the engine goes on)
+            log.exception("prefill failed")
+            for p in new:
+                self._finish(p, error=e)
+            return
+        active, index, offset = [], [], 0
+        for i, p in enumerate(new):
+            s = search.start_search(1, context[i:i + 1], p.cfg, logits.shape[-1], mask[i:i + 1])
+            rows = s.advance(logits[i:i + 1])
+            self._progress(p, s)
+            if s.done:
+                self._finish(p, s)
+            else:
+                active.append(_Active(p, s))
+                index.append(i + (np.zeros(s.rows, np.int64) if rows is None else rows))
+        if not active:
+            return
+        decoder.reorder(np.concatenate(index))
+        for group in self.groups:
+            if group.decoder.can_merge(decoder):
+                group.decoder.merge(decoder)
+                group.active += active
+                return
+        self.groups.append(_Group(decoder, active))
+
+    def _prefill(self, new: list[_Pending]):
+        """Soft prompts (vision + Q-Former, batched; question-aware where asked) and the LLM's prefill of `new` in
+        a decoder of their own: (decoder, first logits [n, V], the ids and mask each search's penalty sees)."""
+        pixels = np.stack([p.pixels for p in new])
+        plain = [i for i, p in enumerate(new) if p.question is None]
+        asked = [i for i, p in enumerate(new) if p.question is not None]
+        soft = [None] * len(new)
+        for part, questions in ((plain, None), (asked, [new[i].question for i in asked])):
+            if part:
+                for i, sp in zip(part, self.llm.soft_prompt(pixels[part], questions)):
+                    soft[i] = sp
+        decoder = DECODERS[self.llm.llm.family](self.pipe.runners, self.llm.llm)
+        input_ids, attention_mask = self.llm.layout.batch([p.row for p in new])
+        logits = decoder.prefill(input_ids, attention_mask, np.stack(soft))
+        context, mask = decoder.context(input_ids, attention_mask)
+        return decoder, logits, context, mask
+
+    def _decode(self, group: _Group) -> None:
+        feed = np.concatenate([a.search.feed for a in group.active])
+        try:
+            logits = group.decoder.step(feed)
+        except Exception as e:
+            log.exception("decode step failed")
+            for a in group.active:
+                self._finish(a.pending, error=e)
+            group.active = []
+            return
+        keep, index, offset, moved = [], [], 0, False
+        for a in group.active:
+            n = a.search.rows
+            rows = a.search.advance(logits[offset:offset + n])
+            self._progress(a.pending, a.search)
+            if a.search.done:
+                self._finish(a.pending, a.search)
+            else:
+                keep.append(a)
+                index.append(offset + (np.arange(n) if rows is None else rows))
+                moved |= rows is not None
+            offset += n
+        if moved or len(keep) != len(group.active):
+            group.decoder.reorder(np.concatenate(index) if index else np.zeros(0, np.int64))
+            group.decoder.trim()
+        group.active = keep
+
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            for p in [p for p in self.waiting if p.handle.cancelled]:
+                self.waiting.remove(p)
+                self._finish(p)
+        for group in self.groups:
+            if any(a.pending.handle.cancelled for a in group.active):
+                keep, index, offset = [], [], 0
+                for a in group.active:
+                    n = a.search.rows
+                    if a.pending.handle.cancelled:
+                        self._finish(a.pending, a.search)
+                    else:
+                        keep.append(a)
+                        index.append(offset + np.arange(n))
+                    offset += n
+                group.decoder.reorder(np.concatenate(index) if index else np.zeros(0, np.int64))
+                group.decoder.trim()
+                group.active = keep
+        self.groups = [g for g in self.groups if g.active]
+
+    # ------------------------------------------------------------ results
+    def _progress(self, p: _Pending, s) -> None:
+        tokens = s.new_tokens()[0]
+        if len(tokens) > len(p.handle.tokens):
+            self.tokens_generated += len(tokens) - len(p.handle.tokens)
+            p.handle.first_token_at = p.handle.first_token_at or time.monotonic()
+            p.handle.tokens = tokens
+            if p.on_update is not None and not s.done:
+                p.on_update(p.handle)
+
+    def _finish(self, p: _Pending, s=None, error: BaseException | None = None) -> None:
+        h = p.handle
+        if s is not None and error is None:
+            h.tokens = s.result()[0]
+            h.text = self.llm.tokenizer.decode(h.tokens)
+        h.error, h.done, h.finished_at = error, True, time.monotonic()
+        h._event.set()
+        if p.on_update is not None:
+            p.on_update(h)
