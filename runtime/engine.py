@@ -24,10 +24,15 @@ OPT rows of any length share one decoder call. T5's decoder graph takes no self-
 call only with rows that have made as many steps: requests admitted together run together, and each such cohort is
 one decoder call per step (admission and leaving are still per step).
 
+With `image_cache_bytes`, each image's soft prompt (OPT: the decoder's image input; T5: the encoder's) is kept in an
+LRU cache keyed by a hash of the preprocessed image (and the Q-Former text, for question-aware prompts): a second
+question about the same image skips the vision graph and the Q-Former.
+
 The engine is single-threaded: `submit` may be called from any thread, `step` from one. `serve_forever` runs steps
 on a thread until stopped, for a server that submits from its request handlers.
 """
 import collections
+import hashlib
 import logging
 import threading
 import time
@@ -40,6 +45,35 @@ from runtime.decoder import DECODERS
 from runtime.errors import PromptError
 
 log = logging.getLogger(__name__)
+
+
+class SoftPromptCache:
+    """Soft prompts by image key, least recently used first out, within `max_bytes` (0: nothing is kept)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes, self.hits, self.misses = max_bytes, 0, 0, 0
+        self.items: collections.OrderedDict[tuple, np.ndarray] = collections.OrderedDict()
+
+    @staticmethod
+    def key(pixels: np.ndarray, question: str | None) -> tuple:
+        return hashlib.blake2b(np.ascontiguousarray(pixels).view(np.uint8), digest_size=16).digest(), question
+
+    def get(self, key) -> np.ndarray | None:
+        found = self.items.get(key)
+        if found is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self.items.move_to_end(key)
+        return found
+
+    def put(self, key, value: np.ndarray) -> None:
+        if value.nbytes > self.max_bytes or key in self.items:
+            return
+        self.items[key] = value
+        self.bytes += value.nbytes
+        while self.bytes > self.max_bytes:
+            self.bytes -= self.items.popitem(last=False)[1].nbytes
 
 
 @dataclass
@@ -57,6 +91,7 @@ class Handle:
     finished_at: float | None = None
     text: str | None = None
     cancelled: bool = False
+    prompt_tokens: int = 0  # the LLM's input ids (image placeholders included)
     _event: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def cancel(self) -> None:
@@ -76,6 +111,7 @@ class _Pending:
     question: str | None
     cfg: search.GenerationConfig
     on_update: object = None
+    key: tuple | None = None  # (the image cache's)
 
 
 @dataclass
@@ -94,7 +130,7 @@ class _Group:
 
 
 class GenerationEngine:
-    def __init__(self, pipe, max_rows: int | None = None):
+    def __init__(self, pipe, max_rows: int | None = None, image_cache_bytes: int = 0):
         if pipe.llm is None:
             pipe._need("llm_decoder", "GenerationEngine")
         self.pipe, self.llm = pipe, pipe.llm
@@ -103,7 +139,8 @@ class GenerationEngine:
         self.groups: list[_Group] = []
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self.tokens_generated = 0
+        self.tokens_generated, self.peak_rows = 0, 0
+        self.cache = SoftPromptCache(image_cache_bytes)
 
     # ------------------------------------------------------------ requests
     def submit(self, image, prompt: str | None = None, qformer_text: str | None = None, on_update=None,
@@ -118,9 +155,11 @@ class GenerationEngine:
         row = self.llm.rows([prompt])[0]
         question = self.pipe._questions(qformer_text, 1, "llm")
         pixels = self.pipe.encoder.pixels([image])[0]
-        handle = Handle(prompt, cfg.num_beams)
+        handle = Handle(prompt, cfg.num_beams, prompt_tokens=len(row))
+        question = question[0] if question else None
+        key = self.cache.key(pixels, question) if self.cache.max_bytes else None
         with self._wake:
-            self.waiting.append(_Pending(handle, pixels, row, question[0] if question else None, cfg, on_update))
+            self.waiting.append(_Pending(handle, pixels, row, question, cfg, on_update, key))
             self._wake.notify()
         return handle
 
@@ -137,6 +176,7 @@ class GenerationEngine:
         """Admit what fits, then one decode step of every running row. Returns whether work remains."""
         self._drop_cancelled()
         self._admit()
+        self.peak_rows = max(self.peak_rows, self.running_rows)
         for group in list(self.groups):
             self._decode(group)
         self.groups = [g for g in self.groups if g.active]
@@ -203,14 +243,16 @@ class GenerationEngine:
     def _prefill(self, new: list[_Pending]):
         """Soft prompts (vision + Q-Former, batched; question-aware where asked) and the LLM's prefill of `new` in
         a decoder of their own: (decoder, first logits [n, V], the ids and mask each search's penalty sees)."""
-        pixels = np.stack([p.pixels for p in new])
-        plain = [i for i, p in enumerate(new) if p.question is None]
-        asked = [i for i, p in enumerate(new) if p.question is not None]
-        soft = [None] * len(new)
+        soft = [None if p.key is None else self.cache.get(p.key) for p in new]
+        plain = [i for i, p in enumerate(new) if soft[i] is None and p.question is None]
+        asked = [i for i, p in enumerate(new) if soft[i] is None and p.question is not None]
         for part, questions in ((plain, None), (asked, [new[i].question for i in asked])):
             if part:
-                for i, sp in zip(part, self.llm.soft_prompt(pixels[part], questions)):
+                pixels = np.stack([new[i].pixels for i in part])
+                for i, sp in zip(part, self.llm.soft_prompt(pixels, questions)):
                     soft[i] = sp
+                    if new[i].key is not None:
+                        self.cache.put(new[i].key, sp.copy())  # (a copy: not a view of the batch)
         decoder = DECODERS[self.llm.llm.family](self.pipe.runners, self.llm.llm)
         input_ids, attention_mask = self.llm.layout.batch([p.row for p in new])
         logits = decoder.prefill(input_ids, attention_mask, np.stack(soft))

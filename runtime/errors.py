@@ -38,3 +38,11 @@ class PromptError(Blip2EdgeError, ValueError):
 
 class BackendError(Blip2EdgeError):
     """The requested inference backend (onnxruntime / tensorrt) is unavailable or failed."""
+
+
+class RequestError(Blip2EdgeError):
+    """A request a service answers with a 4xx (or 503/504) status, before running anything or instead of it."""
+
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.headers = status, headers or {}

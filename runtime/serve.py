@@ -26,10 +26,12 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import inspect
 import ipaddress
 import json
 import logging
 import os
+import threading
 import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
@@ -37,31 +39,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.actors import check_cluster_gpus, gpus_per_actor
-from runtime.errors import Blip2EdgeError, ImageFormatError, ImageInputError, ImageTooLargeError, PromptError
+from runtime.errors import (Blip2EdgeError, ImageFormatError, ImageInputError, ImageTooLargeError, PromptError,
+                            RequestError)
 from runtime.memory import trim
+from runtime.engine import GenerationEngine
+from runtime.openai_api import (CHAT, MODELS, chat_model, chunk, completion, error_body, finish_reason, models_list,
+                                parse_chat)
+from runtime.text import TextStream
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "blip2"  # the Ray Serve application's name (serve run / serve status / serve.delete)
-ROUTES = {"/caption": "caption", "/ask": "answer", "/match": "probability", "/embed": "features"}
+ROUTES = {"/caption": "caption", "/ask": "answer", "/match": "probability", "/embed": "features",
+          CHAT: "choices"}
 OPTIONS = ("max_new_tokens", "min_new_tokens", "num_beams", "do_sample", "temperature", "top_k", "top_p",
            "repetition_penalty", "length_penalty", "early_stopping", "seed", "decoder")
-FIELDS = {"/caption": (), "/ask": ("prompt",), "/match": ("text",), "/embed": ()}  # besides image and options
-GETS = ("/health", "/metrics", "/docs", "/openapi.json")
+FIELDS = {"/caption": (), "/ask": ("prompt",), "/match": ("text",), "/embed": (), CHAT: ()}  # besides image and options
+GETS = ("/health", "/metrics", "/docs", "/openapi.json", MODELS)
 MAX_BEAMS = 8  # beams per request (each a row of the batch): also at most the folder's max batch
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 
 
 class ServeOptionError(Blip2EdgeError, ValueError):
     """The service cannot start with these options (port, replicas, batching) or on this port."""
-
-
-class RequestError(Blip2EdgeError):
-    """A request the service answers with a 4xx status before running anything."""
-
-    def __init__(self, status: int, message: str, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.headers = status, headers or {}
 
 
 @dataclass(frozen=True)
@@ -73,12 +73,16 @@ class ServiceLimits:
     request_timeout_s: float = 60.0  # --request-timeout-s: 504 past it
     body_timeout_s: float = 30.0  # --body-timeout-s: a body not received within it, 408
     allowed_hosts: tuple | None = None  # --allowed-hosts: Host header names (None: any; start() fills loopback's)
+    image_cache_mb: float = 64.0  # --image-cache-mb: soft prompts of recent images, reused for their next request
 
     def check(self) -> None:
         for name in ("max_body_mb", "max_image_pixels", "request_timeout_s", "body_timeout_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ServeOptionError(f"--{name.replace('_', '-')} {value!r}: give a number above 0")
+        if isinstance(self.image_cache_mb, bool) or not isinstance(self.image_cache_mb, (int, float)) \
+                or not self.image_cache_mb >= 0:
+            raise ServeOptionError(f"--image-cache-mb {self.image_cache_mb!r}: give 0 (no cache) or more megabytes")
         if self.max_queued is not None and not (isinstance(self.max_queued, int) and self.max_queued >= 0):
             raise ServeOptionError(f"--max-queued {self.max_queued!r}: give 0 or more requests")
 
@@ -303,6 +307,21 @@ def answer_batch(pipe, items: list[Item]) -> list:
     return out
 
 
+def engine_metrics(engine: GenerationEngine, registry) -> None:
+    """Gauges read from the engine when /metrics is scraped."""
+    from prometheus_client import Gauge
+
+    for name, what, read in (
+            ("blip2_running_rows", "decode rows running in the engine's batch", lambda: engine.running_rows),
+            ("blip2_running_rows_peak", "the most decode rows the engine has run at once", lambda: engine.peak_rows),
+            ("blip2_queue_depth", "requests waiting for rows in the engine", lambda: engine.queue_depth),
+            ("blip2_image_cache_hits", "requests whose image's soft prompt was cached", lambda: engine.cache.hits),
+            ("blip2_image_cache_misses", "requests whose image went through the vision graph",
+             lambda: engine.cache.misses),
+            ("blip2_image_cache_bytes", "bytes the image cache holds", lambda: engine.cache.bytes)):
+        Gauge(name, what, registry=registry).set_function(read)
+
+
 def misrouted(method: str, route: str) -> tuple[int, dict, dict] | None:
     """(404 or 405, JSON answer, headers) for a request the service has no handler for; None where it has."""
     if (method == "POST" and route in ROUTES) or (method in ("GET", "HEAD") and route in GETS):
@@ -334,7 +353,7 @@ def reply(route: str, value, folder: Path | None = None) -> tuple[int, dict]:
         return 500, {"error": "internal error while answering this request; the service's log has the details"}
     if status != 200:
         return status, {"error": public(str(value), folder)}
-    return 200, {ROUTES[route]: value}
+    return 200, value if route == CHAT else {ROUTES[route]: value}
 
 
 def public(message: str, folder: Path | None) -> str:
@@ -549,6 +568,19 @@ def _application(engines: str, max_batch_size: int | None = None, batch_wait_ms:
                                      registry=self.registry)
             self.held_gauge = Gauge("blip2_requests_held", "requests this replica holds (parsing, waiting, running)",
                                     registry=self.registry)
+            self.engine = None
+            if self.pipe.llm is not None:  # generation runs on a continuous-batching engine, stepped on a thread
+                self.engine = GenerationEngine(self.pipe, batch, int(limits.image_cache_mb * 2**20))
+                self.stopping = threading.Event()
+                threading.Thread(target=self.engine.serve_forever, args=(self.stopping,), daemon=True,
+                                 name="blip2-engine").start()
+                engine_metrics(self.engine, self.registry)
+                self.first_token = Histogram("blip2_time_to_first_token_seconds", "from a request's arrival at the "
+                                             "engine to its first token", registry=self.registry)
+                self.tokens = Counter("blip2_generated_tokens", "tokens generated (rate: tokens/s)",
+                                      registry=self.registry)
+            self.served = f"{Path(folder).resolve().parent.name}/{Path(folder).resolve().name}"
+            self.models[CHAT] = chat_model(self.pipe.manifest, limits.max_body_bytes, batch)
 
         def __serve_build_asgi_app__(self):
             return _fastapi_app(self, limits, capacity)
@@ -558,8 +590,107 @@ def _application(engines: str, max_batch_size: int | None = None, batch_wait_ms:
             self.batches.observe(len(items))
             return await asyncio.get_running_loop().run_in_executor(None, answer_batch, self.pipe, items)
 
+        def __del__(self):
+            if getattr(self, "engine", None) is not None:
+                self.engine.stop(self.stopping)
+
+        async def generate(self, item: Item, options: dict | None = None, on_tokens=None):
+            """One image's generation on the engine: its finished Handle. `on_tokens(handle)` (on the event loop):
+            each step that added tokens. Cancelled (a timeout, a client gone): its rows leave the batch."""
+            loop = asyncio.get_running_loop()
+            done = loop.create_future()
+
+            def update(h):  # (on the engine's thread)
+                if h.done:
+                    loop.call_soon_threadsafe(lambda: done.done() or done.set_result(h))
+                elif on_tokens is not None:
+                    loop.call_soon_threadsafe(on_tokens, h)
+
+            options = {k: v for k, v in (item.options if options is None else options).items() if k != "decoder"}
+            handle = await loop.run_in_executor(self.pool, lambda: self.engine.submit(
+                item.image, item.text, on_update=update, **options))
+            try:
+                h = await done
+            except asyncio.CancelledError:
+                handle.cancel()
+                raise
+            if h.error is not None:
+                raise h.error
+            if h.first_token_at is not None:
+                self.first_token.observe(h.first_token_at - h.submitted)
+            self.tokens.inc(len(h.tokens))
+            return h
+
+        def on_engine(self, item: Item) -> bool:
+            return self.engine is not None and item.route in ("/caption", "/ask", CHAT) \
+                and item.options.get("decoder", "llm") == "llm"
+
+        async def run(self, item: Item, call):
+            """The answer to a parsed request: a value for reply(), or (chat) a completion or an event stream."""
+            if item.route == CHAT:
+                if self.engine is None:
+                    raise RequestError(404, "this engine folder has no LLM to chat with (a stage-1 folder); use "
+                                            "/match and /embed")
+                if call.stream:
+                    return self.stream(item, call)
+                handles = await asyncio.gather(*(self.generate(item, o) for o in call.options))
+                return completion(call, handles, self.pipe.manifest.llm.eos_token_id)
+            if self.on_engine(item):
+                return (await self.generate(item)).text
+            return await asyncio.shield(self.answer(item))
+
+        async def stream(self, item: Item, call):
+            """Server-sent events: a chunk per new piece of text of each choice, then each choice's finish reason,
+            usage if asked, [DONE]. Bounded by --request-timeout-s as a whole."""
+            queue, texts = asyncio.Queue(), [TextStream(self.pipe.llm.tokenizer) for _ in call.options]
+            tasks = [asyncio.ensure_future(self.generate(item, o, on_tokens=lambda h, i=i: queue.put_nowait((i, h))))
+                     for i, o in enumerate(call.options)]
+            for i, t in enumerate(tasks):
+                t.add_done_callback(lambda t, i=i: queue.put_nowait((i, t)))
+            deadline = time.monotonic() + limits.request_timeout_s
+            eos, finished = self.pipe.manifest.llm.eos_token_id, []
+            try:
+                for i in range(len(tasks)):
+                    yield chunk(call, i, {"role": "assistant", "content": ""})
+                while len(finished) < len(tasks):
+                    i, what = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.monotonic()))
+                    if isinstance(what, asyncio.Future):
+                        h = what.result()  # (raises the generation's error: ends the stream below)
+                        piece = texts[i].finish(h.tokens)
+                        if piece:
+                            yield chunk(call, i, {"content": piece})
+                        yield chunk(call, i, {}, finish_reason(h.tokens, eos))
+                        finished.append(h)
+                    else:
+                        piece = texts[i].push(what.tokens)
+                        if piece:
+                            yield chunk(call, i, {"content": piece})
+                if call.include_usage:
+                    yield chunk(call, usage_of=finished)
+            except Exception as e:  # noqa: BLE001 (the status is sent: the error goes in the stream)
+                e = RequestError(504, f"no answer within {limits.request_timeout_s:g} s (--request-timeout-s)") \
+                    if isinstance(e, asyncio.TimeoutError) else e
+                if status_of(e) == 500:
+                    log.error("%s failed", CHAT, exc_info=e)
+                yield f"data: {json.dumps(error_body(status_of(e), reply(CHAT, e, Path(folder))[1]['error']))}\n\n"
+            finally:
+                for t in tasks:
+                    t.cancel()
+            yield "data: [DONE]\n\n"
+
+        def release(self) -> None:
+            self.held -= 1
+            self.held_gauge.set(self.held)
+
+        async def holding(self, events):
+            try:
+                async for event in events:
+                    yield event
+            finally:
+                self.release()
+
         async def handle(self, route: str, request) -> tuple[int, dict, dict]:
-            """(status, JSON answer, headers) for a POST to `route`."""
+            """(status, JSON answer or an event stream, headers) for a POST to `route`."""
             if self.held >= capacity:
                 return 503, {"error": f"the service is busy ({capacity} requests held by this replica); retry in "
                                       f"a second"}, {"Retry-After": "1"}
@@ -574,21 +705,29 @@ def _application(engines: str, max_batch_size: int | None = None, batch_wait_ms:
                     if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
                         data = await read_form(request, data, limits)
                     loop = asyncio.get_running_loop()
-                    item, raw = await loop.run_in_executor(self.pool, parse, route, self.models[route], data)
+                    if route == CHAT:
+                        call, raw = await loop.run_in_executor(self.pool, parse_chat, self.models[route], data,
+                                                               self.served)
+                        item = Item(route, None, call.prompt)
+                    else:
+                        (item, raw), call = await loop.run_in_executor(self.pool, parse, route, self.models[route],
+                                                                       data), None
                     del data
                     item.image = await self.decoder(raw, limits.max_image_pixels, self.pipe.manifest.image)
                     del raw
-                value = await asyncio.wait_for(asyncio.shield(self.answer(item)), limits.request_timeout_s)
+                value = await asyncio.wait_for(self.run(item, call), limits.request_timeout_s)
             except asyncio.TimeoutError:
                 value = RequestError(504, f"no answer within {limits.request_timeout_s:g} s (--request-timeout-s); "
                                           f"the service is overloaded or the request asks for too much")
             except Exception as e:  # noqa: BLE001 (answered below: 4xx or 500, and the replica goes on)
                 value = e
             finally:
-                self.held -= 1
-                self.held_gauge.set(self.held)
                 if int(request.headers.get("content-length") or SMALL_BODY) >= SMALL_BODY:
                     trim()  # (a large body's freed pages go back to the system)
+            if inspect.isasyncgen(value):  # a stream holds its place until its last event
+                value = self.holding(value)
+            else:
+                self.release()
             if status_of(value) == 500:
                 log.error("%s failed", route, exc_info=value)
             status, payload = reply(route, value, Path(folder))
@@ -604,7 +743,7 @@ def _fastapi_app(service, limits: ServiceLimits, capacity: int):
     from fastapi.exceptions import RequestValidationError
     from prometheus_client import generate_latest
     from starlette.exceptions import HTTPException
-    from starlette.responses import JSONResponse, Response
+    from starlette.responses import JSONResponse, Response, StreamingResponse
 
     responses = response_models()
     error = {"model": responses["error"]}
@@ -645,10 +784,41 @@ def _fastapi_app(service, limits: ServiceLimits, capacity: int):
             started = time.perf_counter()
             status, payload, headers = await service.handle(route, request)
             service.latency.labels(route).observe(time.perf_counter() - started)
+            if route == CHAT and inspect.isasyncgen(payload):
+                service.requests.labels(route, "200").inc()
+                return StreamingResponse(payload, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            if route == CHAT and status != 200:
+                payload = error_body(status, payload["error"])
             return respond(route, status, payload, headers)
         return post
 
+    components = {}
+    schema = service.models[CHAT].model_json_schema(ref_template="#/components/schemas/{model}")
+    components.update(schema.pop("$defs", {}))
+    app.add_api_route(CHAT, endpoint(CHAT), methods=["POST"], responses=documented,
+                      summary="OpenAI-compatible chat completion: one user message with an image (data URL) and an "
+                              "optional prompt; `stream` for server-sent events",
+                      openapi_extra={"requestBody": {"required": True,
+                                                     "content": {"application/json": {"schema": schema}}}})
+
+    @app.get(MODELS, summary="OpenAI-compatible: the model this service serves")
+    async def models():
+        return models_list(service.served, 0)
+
+    def openapi():
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            spec.setdefault("components", {}).setdefault("schemas", {}).update(components)
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi
+
     for route, model in service.models.items():
+        if route == CHAT:
+            continue
         schema = model.model_json_schema()
         upload = {"type": "object", "required": ["image"],
                   "properties": {"image": {"type": "string", "format": "binary"},

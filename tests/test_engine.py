@@ -119,6 +119,33 @@ def test_the_cache_is_as_long_as_its_longest_row(pipeline):
     assert all(h.done for h in handles)
 
 
+def test_a_second_question_about_an_image_skips_the_vision_graph(pipeline):
+    """The image cache: the soft prompt of an image seen before is reused (the vision graph and the Q-Former do not
+    run again) and gives the answer it gives alone; the cache stays within its bytes, least recently used out."""
+    one = pipeline.llm.soft_prompt(pipeline.encoder.pixels(_images(1)))[0].nbytes
+    engine = GenerationEngine(pipeline, image_cache_bytes=2 * one)
+    runs = []
+    vision = pipeline.runners["vision"]
+    real = vision.run
+    vision.run = lambda feeds, keep=(): runs.append(len(feeds["pixel_values"])) or real(feeds, keep)
+    try:
+        a, b, c = _images(3, seed=6)
+        prompts = [None, "Question: what is it? Answer:", "a photo of"]
+        first = engine.submit(a, max_new_tokens=5)
+        engine.run()
+        again = [engine.submit(a, prompt=p, max_new_tokens=5) for p in prompts[1:]]
+        engine.run()
+        assert runs == [1] and (engine.cache.hits, engine.cache.misses) == (2, 1)
+        for image in (b, c, a):  # a third image pushes out the least recently used one (a)
+            engine.submit(image, max_new_tokens=2)
+            engine.run()
+        assert runs == [1, 1, 1, 1] and engine.cache.bytes <= 2 * one
+    finally:
+        vision.run = real
+    for h, p in zip([first, *again], prompts):
+        assert h.tokens == pipeline.generate_ids([a], prompt=p, max_new_tokens=5)[0]
+
+
 def test_a_cancelled_request_frees_its_rows(pipeline):
     engine = GenerationEngine(pipeline)
     a, b = (engine.submit(im, max_new_tokens=20, min_new_tokens=20) for im in _images(2))

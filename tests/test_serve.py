@@ -82,7 +82,7 @@ def test_answers_equal_the_python_api_batched_or_alone(service):
     def caption(i):
         return _post(f"{url}/caption", {"image": _b64(images[i]), **GEN})
 
-    with ThreadPoolExecutor(6) as pool:  # arrive together: batched by serve.batch
+    with ThreadPoolExecutor(6) as pool:  # arrive together: they share the engine's decode steps
         batched = list(pool.map(caption, range(6)))
     for i, (status, body) in enumerate(batched):
         assert status == 200 and body["caption"] == pipe.caption(images[i], **GEN)[0]
@@ -102,9 +102,72 @@ def test_answers_equal_the_python_api_batched_or_alone(service):
                          headers={"content-type": f"multipart/form-data; boundary={boundary}"})
     assert status == 200 and body["caption"] == pipe.caption(images[3], **GEN)[0]
     metrics = urllib.request.urlopen(f"{url}/metrics", timeout=30).read().decode()
-    sizes = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line.startswith("blip2_batch")}
-    assert sizes["blip2_batch_size_sum"] > sizes["blip2_batch_size_count"]  # (precondition: some batch held > 1)
+    values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line.startswith("blip2_")}
+    assert values["blip2_running_rows_peak"] > 1  # (precondition: some requests were batched)
     assert json.loads(urllib.request.urlopen(f"{url}/health", timeout=30).read()) == {"status": "ok"}
+
+
+def _data_url(image) -> str:
+    return "data:image/png;base64," + _b64(image)
+
+
+def _chat(client, model, image, text=None, **options):
+    content = [{"type": "image_url", "image_url": {"url": _data_url(image)}}]
+    content += [{"type": "text", "text": text}] if text is not None else []
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}], **options)
+
+
+def test_the_openai_client_gets_what_the_python_api_generates(service):
+    """The official client: a caption (no text), a prompt, a streamed answer, n sampled choices with a seed, usage
+    counts; each text equal to Blip2Pipeline.generate's for the same request."""
+    openai = pytest.importorskip("openai")
+    url, pipe = service
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+    [model] = [m.id for m in client.models.list().data]
+    image = probe_images(32, count=1, seed=12)[0]
+    prompt = "Question: what is it? Answer:"
+    reply = _chat(client, model, image, max_tokens=6)
+    assert reply.choices[0].message.content == pipe.caption(image, max_new_tokens=6)[0]
+    ids = pipe.generate_ids(image, prompt=prompt, max_new_tokens=6)[0]
+    reply = _chat(client, model, image, prompt, max_completion_tokens=6)
+    assert reply.choices[0].message.content == pipe.generate(image, prompt=prompt, max_new_tokens=6)[0]
+    assert reply.usage.completion_tokens == len(ids)
+    assert reply.usage.prompt_tokens == len(pipe.llm.rows([prompt])[0])
+    assert reply.choices[0].finish_reason == ("stop" if ids[-1] == pipe.manifest.llm.eos_token_id else "length")
+    pieces = [c.choices[0].delta.content or "" for c in _chat(client, model, image, prompt, max_tokens=6,
+                                                              stream=True) if c.choices]
+    assert "".join(pieces) == reply.choices[0].message.content  # (pieces at each step: tests/test_engine.py)
+    sampled = _chat(client, model, image, n=2, seed=7, temperature=1.5, max_tokens=6)
+    assert [c.message.content for c in sampled.choices] == [
+        pipe.caption(image, do_sample=True, temperature=1.5, seed=s, max_new_tokens=6)[0] for s in (7, 8)]
+    metrics = urllib.request.urlopen(f"{url}/metrics", timeout=30).read().decode()
+    values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line.startswith("blip2_")}
+    assert values["blip2_image_cache_hits"] >= 4  # (one image: every request after the first)
+    assert values["blip2_time_to_first_token_seconds_count"] >= 5 and values["blip2_generated_tokens_total"] > 0
+
+
+def test_the_openai_clients_errors_are_its_exceptions(service):
+    openai = pytest.importorskip("openai")
+    url, pipe = service
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+    model = client.models.list().data[0].id
+    image = probe_images(32, count=1, seed=12)[0]
+    web = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]
+    two = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(image)}}] * 2}]
+    chat = [{"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(image)}}]}]
+    for messages, words in ((web, "fetches nothing"), (two, "exactly one"), (chat, "one user message")):
+        with pytest.raises(openai.BadRequestError, match=words):
+            client.chat.completions.create(model=model, messages=messages)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        _chat(client, model, image, max_tokens=10**6)
+    with pytest.raises(openai.NotFoundError, match=f"serves '{model}'"):
+        _chat(client, "gpt-4o", image)
+    text = "data:image/png;base64," + base64.b64encode(b"not an image at all").decode()
+    with pytest.raises(openai.APIStatusError) as e:
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": text}}]}])
+    assert e.value.status_code in (400, 415)
 
 
 def test_bad_requests_get_400_with_the_python_api_message(service):
