@@ -186,6 +186,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    "(default 30)")
     p.add_argument("--allowed-hosts", default=None, help="comma-separated names the Host header may carry (default: "
                    "the loopback names with a loopback --host, any name otherwise); other hosts get 421")
+    p.add_argument("--image-cache-mb", type=float, default=64.0, help="soft prompts of recent images kept for their "
+                   "next request (a second question skips the vision graph and the Q-Former); 0 turns it off "
+                   "(default 64)")
+    p.add_argument("--batching", choices=("continuous", "requests"), default="continuous", help="continuous: "
+                   "requests join the running decode batch at every step, answers stream (default); requests: "
+                   "whole requests batched together, as a comparison")
     p.add_argument("--ray-address", default=None, help="attach to this running Ray cluster (default: RAY_ADDRESS "
                    "if set, else a Ray instance of this command's own, which ends with it)")
     _gpus_arg(p, "replica")
@@ -226,17 +232,19 @@ def _serve(args) -> int:
         h.strip().lower() for h in args.allowed_hosts.split(",") if h.strip())
     limits = ServiceLimits(max_body_mb=args.max_body_mb, max_image_pixels=args.max_image_pixels,
                            max_queued=args.max_queued, request_timeout_s=args.request_timeout_s,
-                           body_timeout_s=args.body_timeout_s, allowed_hosts=hosts)
+                           body_timeout_s=args.body_timeout_s, allowed_hosts=hosts,
+                           image_cache_mb=args.image_cache_mb)
     signal.signal(signal.SIGTERM, terminated)
     try:
         url = start(args.engines, host=args.host, port=args.port, ray_address=args.ray_address, limits=limits,
                     replicas=args.replicas, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
-                    backend=args.backend, gpus=args.gpus)
+                    backend=args.backend, gpus=args.gpus, batching=args.batching)
         signal.signal(signal.SIGTERM, terminated)  # (ray.init installs a handler of its own)
         signal.signal(signal.SIGINT, interrupted)
         if asked:
             raise KeyboardInterrupt
-        print(f"serving {args.engines} on {url} (POST /caption /ask /match /embed, GET /health /metrics /docs); "
+        print(f"serving {args.engines} on {url} (POST /caption /ask /match /embed /v1/chat/completions, GET "
+              f"/health /metrics /docs /v1/models); "
               f"Ctrl-C stops", file=sys.stderr, flush=True)
         while True:
             time.sleep(3600)

@@ -498,17 +498,23 @@ async def read_form(request, data: bytes, limits: ServiceLimits) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- the application
+BATCHING = ("continuous", "requests")
+
+
 def build_app(engines: str, max_batch_size: int | None = None, batch_wait_ms: float = 10.0, replicas: int = 1,
               threads: int | None = None, backend: str = "auto", gpus: float | None = None,
-              limits: ServiceLimits | None = None):
+              limits: ServiceLimits | None = None, batching: str = "continuous"):
     """The Ray Serve application (bind()-ed deployment) for `engines`; each replica asks Ray for one CPU and
-    `gpus` GPUs (default: 1 for a TensorRT engine folder, else 0; `runtime.actors`)."""
-    return _application(engines, max_batch_size, batch_wait_ms, replicas, threads, backend, gpus, limits)[0]
+    `gpus` GPUs (default: 1 for a TensorRT engine folder, else 0; `runtime.actors`). `batching`: "continuous"
+    (generation on runtime.engine, streaming and /v1 included) or "requests" (whole requests batched by
+    serve.batch, as before the engine: kept for comparison, bench/bench_serve.py)."""
+    return _application(engines, max_batch_size, batch_wait_ms, replicas, threads, backend, gpus, limits,
+                        batching)[0]
 
 
 def _application(engines: str, max_batch_size: int | None = None, batch_wait_ms: float = 10.0, replicas: int = 1,
                  threads: int | None = None, backend: str = "auto", gpus: float | None = None,
-                 limits: ServiceLimits | None = None) -> tuple:
+                 limits: ServiceLimits | None = None, batching: str = "continuous") -> tuple:
     """build_app's application, and the GPUs each replica asks for (start checks the cluster has them)."""
     from ray import serve
 
@@ -516,6 +522,8 @@ def _application(engines: str, max_batch_size: int | None = None, batch_wait_ms:
 
     limits = limits or ServiceLimits()
     limits.check()
+    if batching not in BATCHING:
+        raise ServeOptionError(f"--batching {batching!r}: give one of {', '.join(BATCHING)}")
     manifest = load_manifest(engines)
     limit, per_replica = manifest.limits.max_batch, gpus_per_actor(manifest, gpus)
     batch = max_batch_size or limit
@@ -569,7 +577,7 @@ def _application(engines: str, max_batch_size: int | None = None, batch_wait_ms:
             self.held_gauge = Gauge("blip2_requests_held", "requests this replica holds (parsing, waiting, running)",
                                     registry=self.registry)
             self.engine = None
-            if self.pipe.llm is not None:  # generation runs on a continuous-batching engine, stepped on a thread
+            if self.pipe.llm is not None and batching == "continuous":  # (generation on the engine, on a thread)
                 self.engine = GenerationEngine(self.pipe, batch, int(limits.image_cache_mb * 2**20))
                 self.stopping = threading.Event()
                 threading.Thread(target=self.engine.serve_forever, args=(self.stopping,), daemon=True,
@@ -629,8 +637,8 @@ def _application(engines: str, max_batch_size: int | None = None, batch_wait_ms:
             """The answer to a parsed request: a value for reply(), or (chat) a completion or an event stream."""
             if item.route == CHAT:
                 if self.engine is None:
-                    raise RequestError(404, "this engine folder has no LLM to chat with (a stage-1 folder); use "
-                                            "/match and /embed")
+                    raise RequestError(404, "this service has no continuous-batching engine to chat with (a "
+                                            "stage-1 folder without an LLM, or --batching requests)")
                 if call.stream:
                     return self.stream(item, call)
                 handles = await asyncio.gather(*(self.generate(item, o) for o in call.options))
@@ -649,11 +657,13 @@ def _application(engines: str, max_batch_size: int | None = None, batch_wait_ms:
                 t.add_done_callback(lambda t, i=i: queue.put_nowait((i, t)))
             deadline = time.monotonic() + limits.request_timeout_s
             eos, finished = self.pipe.manifest.llm.eos_token_id, []
+            started = set()  # choices whose first chunk (the role, as OpenAI sends it) went: at their first token
             try:
-                for i in range(len(tasks)):
-                    yield chunk(call, i, {"role": "assistant", "content": ""})
                 while len(finished) < len(tasks):
                     i, what = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.monotonic()))
+                    if i not in started:
+                        started.add(i)
+                        yield chunk(call, i, {"role": "assistant", "content": ""})
                     if isinstance(what, asyncio.Future):
                         h = what.result()  # (raises the generation's error: ends the stream below)
                         piece = texts[i].finish(h.tokens)
@@ -849,7 +859,8 @@ def app(args: dict):
     `serve run runtime.serve:app engines=engines/demo/onnx max_batch_size=8 batch_wait_ms=10 replicas=2`."""
     kinds = {"engines": str, "max_batch_size": int, "batch_wait_ms": float, "replicas": int, "threads": int,
              "backend": str, "gpus": float, "max_body_mb": float, "max_image_pixels": int, "max_queued": int,
-             "request_timeout_s": float, "body_timeout_s": float, "allowed_hosts": str}
+             "request_timeout_s": float, "body_timeout_s": float, "allowed_hosts": str, "image_cache_mb": float,
+             "batching": str}
     unknown = sorted(set(args) - set(kinds))
     if unknown or "engines" not in args:
         raise ServeOptionError(f"runtime.serve:app takes engines=DIR and optionally {', '.join(list(kinds)[1:])}"
