@@ -144,7 +144,7 @@ def seq2seq_encoder_spec(model, limits: Limits) -> GraphSpec:
 
 def seq2seq_decoder_spec(model, limits: Limits) -> GraphSpec:
     """One graph for every decoder step: new tokens, the encoder's mask and cross keys/values, the self-attention
-    cache -> last-position logits and the grown cache."""
+    cache and its mask -> last-position logits and the grown cache."""
     nq, t, layout = _t5(model)
     layers, heads, d = t.num_decoder_layers, t.num_heads, t.d_kv
 
@@ -156,7 +156,10 @@ def seq2seq_decoder_spec(model, limits: Limits) -> GraphSpec:
         mask = np.ones((b, source), dtype=np.int64)
         if b > 1 and source > nq + 2:
             mask[0, -2:] = 0  # a right-padded encoder row
-        feeds = {"input_ids": ids, "encoder_attention_mask": mask}
+        own = np.ones((b, past + text), dtype=np.int64)
+        if b > 1 and past > 1:
+            own[-1, :past - 1] = 0  # a shorter row, padded on the left (runtime.engine's merged batches)
+        feeds = {"input_ids": ids, "encoder_attention_mask": mask, "attention_mask": own}
         for name in kv_names(layers, "cross"):
             feeds[name] = rng.standard_normal((b, heads, source, d), dtype=np.float32)
         for name in kv_names(layers, "past"):
@@ -171,6 +174,7 @@ def seq2seq_decoder_spec(model, limits: Limits) -> GraphSpec:
         build=Seq2SeqDecoderWrapper,
         inputs=[TensorSpec("input_ids", "int64", ("batch", "text")),
                 TensorSpec("encoder_attention_mask", "int64", ("batch", "source")),
+                TensorSpec("attention_mask", "int64", ("batch", "past+text")),
                 *kv("cross", "source"), *kv("past", "past")],
         outputs=[TensorSpec("logits", "float32", ("batch", t.vocab_size)), *kv("present", "past+text")],
         make_inputs=make_inputs,

@@ -160,18 +160,19 @@ class Seq2SeqEncoderWrapper(nn.Module):
 
 class Seq2SeqDecoderWrapper(nn.Module):
     """One graph for every step of the encoder-decoder LLM's decoder (T5): input_ids [B,T], encoder_attention_mask
-    [B,S], cross_key_i / cross_value_i [B,H,S,d], past_key_i / past_value_i [B,H,P,d] -> logits [B,V] of the last
-    position, present_key_i / present_value_i [B,H,P+T,d]; the relative position bias counts the cached tokens."""
+    [B,S], attention_mask [B,P+T] (the decoder's own tokens: 0 for left padding), cross_key_i / cross_value_i
+    [B,H,S,d], past_key_i / past_value_i [B,H,P,d] -> logits [B,V] of the last position, present_key_i /
+    present_value_i [B,H,P+T,d]; the relative position bias counts the cached tokens."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
         self.num_layers = model.config.text_config.num_decoder_layers
 
-    def forward(self, input_ids, encoder_attention_mask, *caches):
+    def forward(self, input_ids, encoder_attention_mask, attention_mask, *caches):
         n = self.num_layers
         cross = [(caches[2 * i], caches[2 * i + 1]) for i in range(n)]
         past = [(caches[2 * (n + i)], caches[2 * (n + i) + 1]) for i in range(n)]
         logits, presents = EncoderDecoder.decoder_step(self.model.language_model, input_ids, encoder_attention_mask,
-                                                       cross, past)
+                                                       cross, past, attention_mask)
         return (logits[:, -1, :], *[t for pair in presents for t in pair])

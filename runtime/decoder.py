@@ -57,6 +57,11 @@ class KVCache:
         self.arrays = [np.ascontiguousarray(np.asarray(a)[:, :, n:]) for a in self.arrays]
 
 
+def leading_unused(mask: np.ndarray) -> int:
+    """How many leading positions of an attention mask [N, W] no row attends to (all of them for no rows)."""
+    return int(np.argmax(mask.any(axis=0))) if mask.any() else mask.shape[1]
+
+
 def pad_positions(a, width: int, axis: int, left: bool) -> np.ndarray:
     """`a` padded with zeros along `axis` to `width` entries, on the left or the right."""
     a = np.asarray(a)
@@ -146,8 +151,7 @@ class LlmDecoder(CachedDecoder):
     def trim(self) -> None:
         """Drop leading positions that no row attends to (left by rows that finished), so the cache is as long as
         its longest row, not as long as the batch has run."""
-        unused = int(np.argmax(self.attention_mask.any(axis=0))) if self.attention_mask.any() else \
-            self.attention_mask.shape[1]
+        unused = leading_unused(self.attention_mask)
         if unused:
             self.attention_mask = self.attention_mask[:, unused:]
             self.cache.drop_oldest(unused)
@@ -175,7 +179,9 @@ class Seq2SeqDecoder:
     """The encoder-decoder LLM (T5): the prefill runs the encoder graph on the soft prompt and the prompt once,
     which gives every decoder layer's cross-attention keys/values; every decoder step (the first one fed
     decoder_start_token_id) takes them back with the encoder's mask and the self-attention cache. Beam search
-    reorders the self-attention cache and the cross keys/values alike."""
+    reorders the self-attention cache and the cross keys/values alike. The decoder's own tokens have a mask too
+    (`attention_mask`, in folders built since the engine could merge T5 rows; older folders' graphs take none and
+    their rows merge only with rows as long)."""
 
     padding = "right"  # encoder rows: no padding between the image and the prompt (T5's positions are relative)
 
@@ -185,6 +191,8 @@ class Seq2SeqDecoder:
         self.cross_names = kv_names(llm.num_layers, "cross")
         self.heads, self.head_dim, self.start = llm.num_heads, llm.head_dim, llm.decoder_start_token_id
         self.cross, self.encoder_mask = [], np.zeros((0, 0), dtype=np.int64)
+        self.masked = "attention_mask" in self.runner.input_names
+        self.attention_mask = np.zeros((0, 0), dtype=np.int64)  # the decoder's tokens so far (cache + the next)
 
     def context(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """What Hugging Face's repetition penalty sees: the decoder's input (decoder_start), not the encoder's."""
@@ -198,12 +206,16 @@ class Seq2SeqDecoder:
         self.cross = [outputs[n] for n in self.cross_names]
         self.encoder_mask = attention_mask.astype(np.int64)
         self.cache.reset(input_ids.shape[0], self.heads, self.head_dim, soft_prompt.dtype)
+        self.attention_mask = np.zeros((input_ids.shape[0], 0), dtype=np.int64)
         return self.step(np.full(input_ids.shape[0], self.start, dtype=np.int64))
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
+        n = tokens.shape[0]
+        self.attention_mask = np.concatenate([self.attention_mask, np.ones((n, 1), np.int64)], axis=1)
+        own = {"attention_mask": self.attention_mask} if self.masked else {}
         outputs = self.runner.run({
             "input_ids": tokens.reshape(-1, 1).astype(np.int64), "encoder_attention_mask": self.encoder_mask,
-            **dict(zip(self.cross_names, self.cross)), **self.cache.feeds(),
+            **own, **dict(zip(self.cross_names, self.cross)), **self.cache.feeds(),
         }, keep=self.cache.present_names)
         self.cache.update(outputs)
         return outputs["logits"]
@@ -212,28 +224,38 @@ class Seq2SeqDecoder:
         self.cache.reorder(index)
         self.cross = [c[index] for c in self.cross]
         self.encoder_mask = self.encoder_mask[index]
+        self.attention_mask = self.attention_mask[index]
 
     # ------------------------------------------------------------ continuous batching (runtime.engine)
     def can_merge(self, other) -> bool:
-        """The decoder graph takes no self-attention mask, so only rows that have made as many steps share a call
-        (their encoder rows may differ in length: the encoder mask covers that)."""
-        return self.cache.length == other.cache.length
+        """With the decoder's mask, rows of any length; without it (older folders), rows as long only."""
+        return self.masked or self.cache.length == other.cache.length
 
     def merge(self, other: "Seq2SeqDecoder") -> None:
-        """Take `other`'s rows into this batch: encoder positions (cross keys/values, mask) padded on the right."""
+        """Take `other`'s rows into this batch: encoder positions (cross keys/values, mask) padded on the right,
+        the decoder's own (cache, mask) on the left, as LlmDecoder pads them: T5's relative position bias counts
+        distances to the query, which left padding keeps."""
         width = max(self.encoder_mask.shape[1], other.encoder_mask.shape[1])
         self.cross = [np.concatenate([pad_positions(a, width, 2, left=False), pad_positions(b, width, 2, left=False)])
                       for a, b in zip(self.cross, other.cross)]
         self.encoder_mask = np.concatenate([pad_positions(self.encoder_mask, width, 1, left=False),
                                             pad_positions(other.encoder_mask, width, 1, left=False)])
-        self.cache.merge(other.cache, self.cache.length)
+        own = max(self.attention_mask.shape[1], other.attention_mask.shape[1])
+        self.attention_mask = np.concatenate([pad_positions(self.attention_mask, own, 1, left=True),
+                                              pad_positions(other.attention_mask, own, 1, left=True)])
+        self.cache.merge(other.cache, own)
 
     def trim(self) -> None:
-        """Drop trailing encoder positions no row reads any more."""
+        """Drop encoder positions no row reads any more (on the right) and decoder positions no row attends to (on
+        the left)."""
         used = int(self.encoder_mask.any(axis=0).nonzero()[0].max()) + 1 if self.encoder_mask.any() else 0
         if used < self.encoder_mask.shape[1]:
             self.encoder_mask = self.encoder_mask[:, :used]
             self.cross = [np.ascontiguousarray(np.asarray(c)[:, :, :used]) for c in self.cross]
+        unused = leading_unused(self.attention_mask)
+        if unused:
+            self.attention_mask = self.attention_mask[:, unused:]
+            self.cache.drop_oldest(unused)
 
 
 DECODERS = {"opt": LlmDecoder, "t5": Seq2SeqDecoder}  # the manifest's llm.family -> how its graphs are stepped

@@ -20,9 +20,9 @@ A request's tokens are what `Blip2Pipeline.generate` gives it alone, whatever it
 same logits up to the rounding of a differently padded batch (tests/test_engine.py drives interleaved arrivals
 with mixed options and counts any difference against the request's own near-ties).
 
-OPT rows of any length share one decoder call. T5's decoder graph takes no self-attention mask, so its rows share a
-call only with rows that have made as many steps: requests admitted together run together, and each such cohort is
-one decoder call per step (admission and leaving are still per step).
+Rows of any length share one decoder call: OPT's and T5's decoder graphs take a mask of each row's own tokens. (T5
+folders built before T5's decoder graph took that mask share a call only among rows that have made as many steps:
+requests admitted together; each such group is one decoder call per step.)
 
 With `image_cache_bytes`, each image's soft prompt (OPT: the decoder's image input; T5: the encoder's) is kept in an
 LRU cache keyed by a hash of the preprocessed image (and the Q-Former text, for question-aware prompts): a second

@@ -4,14 +4,17 @@
     POST /ask      {"image": ..., "prompt": "Question: ... Answer:", ...options}   -> {"answer": "..."}
     POST /match    {"image": ..., "text": "a red circle"}                         -> {"probability": 0.93}
     POST /embed    {"image": ...}                                                 -> {"features": [[...], ...]}
+    POST /v1/chat/completions, GET /v1/models: OpenAI-compatible (runtime/openai_api.py), streaming included
     GET  /health   -> {"status": "ok"};   GET /metrics -> Prometheus text (this replica's counters)
     GET  /docs, /openapi.json: the contract below, every field typed and bounded by the engine folder's limits
 
 The routes are a FastAPI application behind Ray Serve's ingress (`serve.ingress`), built in each replica from its
 engine folder's limits. `image` may also be a data URL (`data:image/png;base64,...`), and a body a multipart upload
-with the file in field `image` (other fields as form fields, read as JSON values where they parse). Requests that
-arrive together are batched (`serve.batch`) up to the engine's max batch, grouped by task and options; a batched
-answer equals the answer to the same request alone (sampling included: a generator per request).
+with the file in field `image` (other fields as form fields, read as JSON values where they parse). Generation runs
+on a continuous-batching engine (runtime/engine.py) stepped on a thread of the replica: requests join the running
+decode batch at the next step and leave it when they end. /match, /embed and Q-Former captions are batched as whole
+requests (`serve.batch`) up to the engine's max batch, grouped by task and options. Either way an answer equals the
+answer to the same request alone (sampling included: a generator per request).
 
 What a client can get wrong is answered with a 4xx and a message saying what to change, before any expensive work:
 400 (a wrong type, a missing field, a value out of range: the Python API's message where it has one), 403 (a

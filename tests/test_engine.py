@@ -48,17 +48,20 @@ def test_interleaved_arrivals_get_what_each_gets_alone(make_engine, variant):
     images = _images(len(REQUESTS))
     alone = [pipe.generate_ids([im], **r)[0] for im, r in zip(images, REQUESTS)]
     engine = GenerationEngine(pipe)
-    handles, arrivals, step, most_rows = [], list(range(len(REQUESTS))), 0, 0
-    while arrivals or engine.step():
-        # arrivals at uneven steps: 2 at once, then one every other step, joining a batch mid-generation
-        for _ in range({0: 2, 1: 0}.get(step % 3, 1) if arrivals else 0):
-            if arrivals:
-                i = arrivals.pop(0)
-                handles.append((i, engine.submit(images[i], **REQUESTS[i])))
-        if arrivals and not engine.waiting and not engine.groups:
-            continue
+    handles, arrivals, step, most_rows, joined = [], list(range(len(REQUESTS))), 0, 0, 0
+    while True:
+        # arrivals at uneven steps: 2 at once, then none, then one, ...: they join a batch mid-generation
+        for _ in range(min(len(arrivals), {0: 2, 1: 0}.get(step % 3, 1))):
+            i = arrivals.pop(0)
+            joined += bool(engine.groups)  # (a batch was running when it came)
+            handles.append((i, engine.submit(images[i], **REQUESTS[i])))
+        busy = engine.step()
         step += 1
         most_rows = max(most_rows, engine.running_rows)
+        assert len(engine.groups) <= 1  # (rows of every length share one decoder call)
+        if not busy and not arrivals:
+            break
+    assert joined >= len(REQUESTS) // 2  # (the case is real: most requests joined a running batch)
     assert most_rows <= pipe.manifest.limits.max_batch
     differ = [i for i, h in handles if h.tokens != alone[i]]
     assert all(h.done and h.error is None for _, h in handles)

@@ -406,7 +406,7 @@ def test_a_port_in_use_is_one_error_line(make_engine):
 def test_ctrl_c_and_sigterm_stop_the_service_in_one_line_and_end_its_ray_instance(make_engine):
     """`python -m runtime serve` on a Ray instance of its own (RAY_ADDRESS=local): Ctrl-C prints one line after
     the serving line, nothing from Ray (serve.shutdown() made the raylet print one about its controller), exits
-    130 as the other commands do, and the port stops answering; Ctrl-C while Ray is still starting prints the
+    130 as the other commands do, and the port stops answering; SIGTERM answers the requests in flight first; Ctrl-C while Ray is still starting prints the
     same line (serve.delete() raised there, with no Serve yet)."""
     _, engine = make_engine("stage2text")
     port = _free_port()
@@ -433,8 +433,25 @@ def test_ctrl_c_and_sigterm_stop_the_service_in_one_line_and_end_its_ray_instanc
         else:
             pytest.fail("the service did not answer /health within 180 s")
         time.sleep(1)  # (the serving line is printed after serve.run returns)
-        os.kill(proc.pid, signal.SIGTERM)  # `kill PID`: as Ctrl-C, exit 143 (Ray's handler dumped a stack before)
+        # SIGTERM drains: requests in flight when it comes are answered before the service ends
+        from runtime.manifest import load_manifest
+
+        longest = load_manifest(engine).limits.max_new_tokens
+        body = {"image": _b64(probe_images(32, count=1, seed=3)[0]), "max_new_tokens": longest,
+                "min_new_tokens": longest, "do_sample": True}
+        def timed(i):
+            status = _post(f"http://127.0.0.1:{port}/caption", {**body, "seed": i})[0]
+            return status, time.monotonic()
+
+        with ThreadPoolExecutor(12) as pool:
+            answers = [pool.submit(timed, i) for i in range(12)]
+            time.sleep(0.5)
+            sent = time.monotonic()
+            os.kill(proc.pid, signal.SIGTERM)  # `kill PID`: as Ctrl-C, exit 143 (Ray's handler dumped a stack before)
+            results = [a.result() for a in answers]
         out, _ = proc.communicate(timeout=120)
+        assert [status for status, _ in results] == [200] * 12, results
+        assert max(done for _, done in results) > sent  # (the case is real: answers came after the SIGTERM)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

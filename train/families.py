@@ -172,16 +172,20 @@ class EncoderDecoder:
         return out
 
     @staticmethod
-    def decoder_step(lm, input_ids, encoder_mask, cross, past):
+    def decoder_step(lm, input_ids, encoder_mask, cross, past, self_mask=None):
         """T new decoder tokens after `past` cached ones: -> logits [B, T, V], per layer (k, v) [B, H, P+T, d].
         The self-attention's relative position bias is computed for the cached positions (query i of this step is
-        position P + i), as Hugging Face's decoder computes it with its cache."""
+        position P + i), as Hugging Face's decoder computes it with its cache. `self_mask` [B, P+T] (1: a real
+        token): rows of a batch that are shorter than others are padded on the left, so each row's tokens keep
+        their distances to the query, and the padding is masked (runtime.engine merges rows of different lengths)."""
         dec, steps = lm.decoder, input_ids.shape[1]
         cached = past[0][0].shape[2]
         x = dec.embed_tokens(input_ids)
-        causal = torch.arange(cached + steps)[None, :] <= torch.arange(steps)[:, None] + cached  # [T, P+T]
+        allowed = torch.arange(cached + steps)[None, :] <= torch.arange(steps)[:, None] + cached  # [T, P+T]
+        if self_mask is not None:
+            allowed = (allowed[None] & self_mask.bool()[:, None, :])[:, None]  # [B, 1, T, P+T]
         self_bias = (dec.block[0].layer[0].SelfAttention.compute_bias(steps, cached + steps, past_seen_tokens=cached)
-                     + additive(causal, x.dtype))  # [1, H, T, P+T]
+                     + additive(allowed, x.dtype))  # [1 or B, H, T, P+T]
         cross_bias = additive(encoder_mask.bool(), x.dtype)[:, None, None, :]  # [B, 1, 1, S]
         presents = []
         for block, (ck, cv), (pk, pv) in zip(dec.block, cross, past):
