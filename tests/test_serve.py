@@ -277,6 +277,29 @@ def test_hostile_and_careless_requests_get_a_4xx_before_any_expensive_work(servi
     assert not leaked and all(set(a) == {"error"} for a in answers if "caption" not in a and "answer" not in a)
 
 
+def test_large_bodies_past_the_byte_budget_get_503_with_retry_after(service):
+    """Large bodies at once: those the replica's byte budget (one --max-body-mb of bodies parsed at a time) cannot
+    take at once are answered 503 with Retry-After (their bodies read and dropped, so the client gets the answer,
+    not a closed connection) instead of waiting in the replica's memory."""
+    url, _ = service
+    noise = base64.b64encode(np.random.default_rng(0).integers(0, 255, 6 * 2**20, dtype=np.uint8).tobytes())
+    body = b'{"image": "' + noise + b'"}'  # 8 MB: two fit in the default 20 MB budget
+
+    def post(_):
+        request = urllib.request.Request(f"{url}/caption", data=body, headers={"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as r:
+                return r.status, None
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers.get("Retry-After")
+
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(post, range(6)))
+    assert {status for status, _ in answers} <= {400, 503}, answers  # (noise is no image: 400 once parsed)
+    busy = [retry for status, retry in answers if status == 503]
+    assert busy and all(retry == "1" for retry in busy), answers
+
+
 def test_overload_is_answered_503_and_the_service_recovers(service):
     """96 concurrent clients against one replica: every request answered 200 or 503 (with Retry-After) within the
     timeout, none hangs, /health answers meanwhile, and the service answers normally afterwards."""
