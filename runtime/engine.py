@@ -190,7 +190,13 @@ class GenerationEngine:
     def serve_forever(self, stop: threading.Event) -> None:
         """Step while there is work; sleep until a request arrives otherwise; return when `stop` is set."""
         while not stop.is_set():
-            if not self.step():
+            try:
+                busy = self.step()
+            except Exception as e:  # noqa: BLE001 (a bug of ours: every request ends with it, the engine goes on)
+                log.exception("engine step failed")
+                self._fail_all(e)
+                busy = False
+            if not busy:
                 with self._wake:
                     self._wake.wait_for(lambda: self.waiting or stop.is_set(), timeout=0.5)
 
@@ -306,6 +312,13 @@ class GenerationEngine:
                 group.decoder.trim()
                 group.active = keep
         self.groups = [g for g in self.groups if g.active]
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._lock:
+            pending, self.waiting = list(self.waiting), collections.deque()
+        for p in pending + [a.pending for g in self.groups for a in g.active]:
+            self._finish(p, error=error)
+        self.groups = []
 
     # ------------------------------------------------------------ results
     def _progress(self, p: _Pending, s) -> None:

@@ -161,6 +161,27 @@ def test_a_cancelled_request_frees_its_rows(pipeline):
     assert len(b.tokens) == 20
 
 
+def test_a_failing_step_ends_its_requests_with_the_error_and_the_engine_goes_on(pipeline, monkeypatch):
+    import threading
+
+    engine = GenerationEngine(pipeline)
+    stop = threading.Event()
+    thread = threading.Thread(target=engine.serve_forever, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        broken = RuntimeError("a graph failed")
+        monkeypatch.setattr(engine, "_admit", lambda: (_ for _ in ()).throw(broken))
+        failed = engine.submit(_images(1)[0], max_new_tokens=3)
+        assert failed.wait(30) and failed.error is broken
+        monkeypatch.undo()
+        fine = engine.submit(_images(1)[0], max_new_tokens=3, min_new_tokens=3)
+        assert fine.wait(30) and fine.error is None and len(fine.tokens) == 3
+    finally:
+        engine.stop(stop)
+        thread.join(10)
+    assert not thread.is_alive()
+
+
 def test_bad_requests_are_refused_at_submit(pipeline):
     engine = GenerationEngine(pipeline)
     limit = pipeline.manifest.limits
