@@ -168,8 +168,17 @@ def response_models() -> dict:
     class ErrorResponse(BaseModel):
         error: str
 
+    class OpenAIError(BaseModel):
+        message: str
+        type: str
+        param: None
+        code: None
+
+    class OpenAIErrorResponse(BaseModel):  # (the /v1 routes' errors, in OpenAI's shape)
+        error: OpenAIError
+
     return {"/caption": CaptionResponse, "/ask": AskResponse, "/match": MatchResponse, "/embed": EmbedResponse,
-            "error": ErrorResponse}
+            "error": ErrorResponse, "openai_error": OpenAIErrorResponse}
 
 
 def _validation_message(route: str, error, body) -> str:
@@ -791,8 +800,10 @@ def _fastapi_app(service, limits: ServiceLimits, capacity: int):
     app = FastAPI(title="blip2-edge", description=__doc__.split("\n\n", 1)[1], version="1",
                   docs_url="/docs", redoc_url=None)
 
-    def respond(route: str, status: int, payload: dict, headers: dict | None = None) -> JSONResponse:
+    def respond(route: str, status: int, payload: dict, headers: dict | None = None, path: str = "") -> JSONResponse:
         service.requests.labels(route if route in ROUTES or route in GETS else "other", str(status)).inc()
+        if (path or route).startswith("/v1/") and status != 200 and isinstance(payload.get("error"), str):
+            payload = error_body(status, payload["error"])  # (OpenAI's shape, which its clients read)
         return JSONResponse(payload, status_code=status, headers=headers or None)
 
     @app.middleware("http")
@@ -800,22 +811,23 @@ def _fastapi_app(service, limits: ServiceLimits, capacity: int):
         try:
             check_origin(request.method, request.headers, limits)
         except RequestError as e:
-            return respond("other", e.status, {"error": str(e)}, e.headers)
+            return respond("other", e.status, {"error": str(e)}, e.headers, request.url.path)
         try:
             return await call_next(request)
         except Exception:  # noqa: BLE001 (never a stack or an exception's text in a response)
             log.exception("unhandled error on %s", request.url.path)
-            return respond("other", 500, reply("/caption", RuntimeError())[1])
+            return respond("other", 500, reply("/caption", RuntimeError())[1], path=request.url.path)
 
     @app.exception_handler(HTTPException)
     async def not_here(request: Request, e: HTTPException):
         route = request.url.path.rstrip("/") or "/"
         wrong = misrouted(request.method, route) or (e.status_code, {"error": str(e.detail)}, {})
-        return respond("other", wrong[0], wrong[1], wrong[2])
+        return respond("other", wrong[0], wrong[1], wrong[2], request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
-        return respond("other", 400, {"error": "the request does not match the route's contract (see /docs)"})
+        return respond("other", 400, {"error": "the request does not match the route's contract (see /docs)"},
+                       path=request.url.path)
 
     def endpoint(route: str):
         async def post(request: Request):
@@ -825,15 +837,17 @@ def _fastapi_app(service, limits: ServiceLimits, capacity: int):
             if route == CHAT and inspect.isasyncgen(payload):
                 service.requests.labels(route, "200").inc()
                 return StreamingResponse(payload, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-            if route == CHAT and status != 200:
-                payload = error_body(status, payload["error"])
             return respond(route, status, payload, headers)
         return post
 
     components = {}
     schema = service.models[CHAT].model_json_schema(ref_template="#/components/schemas/{model}")
     components.update(schema.pop("$defs", {}))
-    app.add_api_route(CHAT, endpoint(CHAT), methods=["POST"], responses=documented,
+    openai_error = {"model": responses["openai_error"]}
+    app.add_api_route(CHAT, endpoint(CHAT), methods=["POST"],
+                      responses={**{code: {**openai_error, **{k: v for k, v in doc.items() if k == "description"}}
+                                    for code, doc in documented.items()},
+                                 404: {**openai_error, "description": "another model's name"}},
                       summary="OpenAI-compatible chat completion: one user message with an image (data URL) and an "
                               "optional prompt; `stream` for server-sent events",
                       openapi_extra={"requestBody": {"required": True,
