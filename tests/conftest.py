@@ -1,4 +1,5 @@
 """Shared fixtures: tiny checkpoints built from presets and engine folders exported from them (built once per session)."""
+import os
 import sys
 from pathlib import Path
 
@@ -52,24 +53,39 @@ QFORMER_VARIANTS = {
 @pytest.fixture(scope="session")
 def make_engine(tmp_path_factory):
     """make_engine(variant, target="onnx") -> (checkpoint folder, engine folder), built once per variant and
-    target per session (the targets of one variant share its checkpoint)."""
+    target per session (the targets of one variant share its checkpoint). Under pytest-xdist the workers share
+    them: the first worker to ask builds, under a file lock, and the others wait and reuse (a build is the
+    suite's most expensive step)."""
+    import json
+
+    from filelock import FileLock
+
     from export.build import build
     from train.demo import make_random_checkpoint
 
-    checkpoints, cache = {}, {}
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent / "shared-engines" if os.environ.get("PYTEST_XDIST_WORKER") else base / "engines"
+    shared.mkdir(exist_ok=True)
+    cache = {}
 
     def make(variant: str = "tiny", target: str = "onnx"):
-        if variant not in checkpoints:
-            root = tmp_path_factory.mktemp(f"engine-{variant}")
-            options = dict({**VARIANTS, **QFORMER_VARIANTS}[variant])
-            preset = options.pop("preset", "tiny")
-            checkpoints[variant] = (root, make_random_checkpoint(root / "checkpoints" / variant, preset, seed=0,
-                                                                 **options))
-        if target != "onnx":
-            make(variant)  # first: a reduced build reuses the fp32 folder beside it
-        if (variant, target) not in cache:
-            root, ck = checkpoints[variant]
-            cache[variant, target] = (ck, build(ck, target, root / "engines", say=lambda *_: None))
+        if (variant, target) in cache:
+            return cache[variant, target]
+        root = shared / f"engine-{variant}"
+        with FileLock(str(shared / f"{variant}.lock")):
+            built = root / "built.json"  # {target: engine folder}, written after each build
+            done = json.loads(built.read_text()) if built.is_file() else {}
+            ck = root / "checkpoints" / variant
+            if not done:
+                options = dict({**VARIANTS, **QFORMER_VARIANTS}[variant])
+                preset = options.pop("preset", "tiny")
+                ck = make_random_checkpoint(ck, preset, seed=0, **options)
+            for step in dict.fromkeys(["onnx", target]):  # (a reduced build reuses the fp32 folder beside it)
+                if step not in done:
+                    done[step] = str(build(ck, step, root / "engines", say=lambda *_: None))
+                    built.write_text(json.dumps(done))
+        for step in ("onnx", target):
+            cache[variant, step] = (Path(ck), Path(done[step]))
         return cache[variant, target]
 
     return make
