@@ -170,10 +170,11 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    "only; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--replicas", type=int, default=1, help="copies of the pipeline, one CPU each (default 1)")
-    p.add_argument("--max-batch-size", type=int, default=None, help="requests run together at most (default: "
-                   "the engine folder's max batch)")
-    p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a request waits for others to "
-                   "batch with (default 10 ms)")
+    p.add_argument("--max-batch-size", type=int, default=None, help="decode rows generation runs together, and "
+                   "requests /match and /embed batch, at most (default: the engine folder's max batch)")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a /match or /embed request waits "
+                   "for others to batch with (default 10 ms; generation needs no wait: requests join at every "
+                   "step)")
     p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body; larger ones get 413 "
                    "before they are read (default 20)")
     p.add_argument("--max-image-pixels", type=int, default=40_000_000, help="largest image, in pixels, read from "
