@@ -108,3 +108,16 @@ def checkpoint(tiny_engine):
     from train.checkpoint import load_checkpoint
 
     return load_checkpoint(tiny_engine[0])
+
+
+# Under pytest-xdist (`-n 2 --dist loadgroup`, pyproject's addopts) each test file runs on one worker, and the files
+# whose tests listen on local ports (Ray and its services, two-process training) share one worker: a port picked
+# free by one could otherwise be taken by the other worker's Ray before it is bound.
+PORT_FILES = {"test_serve.py", "test_batch.py", "test_actors.py", "test_train.py", "test_user_training.py"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group("ports" if name in PORT_FILES else name))
