@@ -73,6 +73,27 @@ def pad_positions(a, width: int, axis: int, left: bool) -> np.ndarray:
     return np.pad(a, pad)
 
 
+class OwnTokens:
+    """Continuous batching (runtime.engine) of a decoder's own tokens: its `attention_mask` [N, W] and `cache` of W
+    positions. Rows are aligned on their last token: the shorter side of a merge is padded on the left with masked,
+    zero positions, so every row's tokens keep their positions (OPT's come from the mask) and their distances to the
+    next token (T5's relative position bias); left padding is what a batch of prompts already has."""
+
+    def _merge_own(self, other) -> None:
+        width = max(self.attention_mask.shape[1], other.attention_mask.shape[1])
+        self.attention_mask = np.concatenate([pad_positions(self.attention_mask, width, 1, left=True),
+                                              pad_positions(other.attention_mask, width, 1, left=True)])
+        self.cache.merge(other.cache, width)
+
+    def _trim_own(self) -> None:
+        """Drop leading positions that no row attends to (left by rows that finished), so the cache is as long as
+        its longest row, not as long as the batch has run."""
+        unused = leading_unused(self.attention_mask)
+        if unused:
+            self.attention_mask = self.attention_mask[:, unused:]
+            self.cache.drop_oldest(unused)
+
+
 class CachedDecoder:
     """Owns a decoder graph's attention mask and KV cache across calls.
 
@@ -110,7 +131,7 @@ class CachedDecoder:
         self.attention_mask = self.attention_mask[index]
 
 
-class LlmDecoder(CachedDecoder):
+class LlmDecoder(CachedDecoder, OwnTokens):
     """The decoder-only LLM: the prefill takes the soft prompt, which fills the first `num_queries` image
     placeholders of each row; later steps feed an empty soft prompt, so a generated token equal to the
     placeholder id is embedded like any other token (as Hugging Face's generate does)."""
@@ -140,21 +161,11 @@ class LlmDecoder(CachedDecoder):
         return True  # rows of any length: the attention mask and position ids say where each row's tokens are
 
     def merge(self, other: "LlmDecoder") -> None:
-        """Take `other`'s rows (another prefill) into this batch. Rows are aligned on their last token: the shorter
-        side is padded on the left with masked, zero positions, so every row's tokens, positions and attention are
-        what they were (left padding is what a batch of prompts already has)."""
-        width = max(self.attention_mask.shape[1], other.attention_mask.shape[1])
-        self.attention_mask = np.concatenate([pad_positions(self.attention_mask, width, 1, left=True),
-                                              pad_positions(other.attention_mask, width, 1, left=True)])
-        self.cache.merge(other.cache, width)
+        """Take `other`'s rows (another prefill) into this batch (OwnTokens)."""
+        self._merge_own(other)
 
     def trim(self) -> None:
-        """Drop leading positions that no row attends to (left by rows that finished), so the cache is as long as
-        its longest row, not as long as the batch has run."""
-        unused = leading_unused(self.attention_mask)
-        if unused:
-            self.attention_mask = self.attention_mask[:, unused:]
-            self.cache.drop_oldest(unused)
+        self._trim_own()
 
 
 class QFormerDecoder(CachedDecoder):
@@ -175,7 +186,7 @@ class QFormerDecoder(CachedDecoder):
         return self._run(input_ids.astype(np.int64), {})
 
 
-class Seq2SeqDecoder:
+class Seq2SeqDecoder(OwnTokens):
     """The encoder-decoder LLM (T5): the prefill runs the encoder graph on the soft prompt and the prompt once,
     which gives every decoder layer's cross-attention keys/values; every decoder step (the first one fed
     decoder_start_token_id) takes them back with the encoder's mask and the self-attention cache. Beam search
@@ -233,17 +244,13 @@ class Seq2SeqDecoder:
 
     def merge(self, other: "Seq2SeqDecoder") -> None:
         """Take `other`'s rows into this batch: encoder positions (cross keys/values, mask) padded on the right,
-        the decoder's own (cache, mask) on the left, as LlmDecoder pads them: T5's relative position bias counts
-        distances to the query, which left padding keeps."""
+        the decoder's own (cache, mask) on the left (OwnTokens)."""
         width = max(self.encoder_mask.shape[1], other.encoder_mask.shape[1])
         self.cross = [np.concatenate([pad_positions(a, width, 2, left=False), pad_positions(b, width, 2, left=False)])
                       for a, b in zip(self.cross, other.cross)]
         self.encoder_mask = np.concatenate([pad_positions(self.encoder_mask, width, 1, left=False),
                                             pad_positions(other.encoder_mask, width, 1, left=False)])
-        own = max(self.attention_mask.shape[1], other.attention_mask.shape[1])
-        self.attention_mask = np.concatenate([pad_positions(self.attention_mask, own, 1, left=True),
-                                              pad_positions(other.attention_mask, own, 1, left=True)])
-        self.cache.merge(other.cache, own)
+        self._merge_own(other)
 
     def trim(self) -> None:
         """Drop encoder positions no row reads any more (on the right) and decoder positions no row attends to (on
@@ -252,10 +259,7 @@ class Seq2SeqDecoder:
         if used < self.encoder_mask.shape[1]:
             self.encoder_mask = self.encoder_mask[:, :used]
             self.cross = [np.ascontiguousarray(np.asarray(c)[:, :, :used]) for c in self.cross]
-        unused = leading_unused(self.attention_mask)
-        if unused:
-            self.attention_mask = self.attention_mask[:, unused:]
-            self.cache.drop_oldest(unused)
+        self._trim_own()
 
 
 DECODERS = {"opt": LlmDecoder, "t5": Seq2SeqDecoder}  # the manifest's llm.family -> how its graphs are stepped

@@ -226,7 +226,7 @@ class GenerationEngine:
             for p in new:
                 self._finish(p, error=e)
             return
-        active, index, offset = [], [], 0
+        active, index = [], []
         for i, p in enumerate(new):
             s = search.start_search(1, context[i:i + 1], p.cfg, logits.shape[-1], mask[i:i + 1])
             rows = s.advance(logits[i:i + 1])
@@ -275,7 +275,7 @@ class GenerationEngine:
                 self._finish(a.pending, error=e)
             group.active = []
             return
-        keep, index, offset, moved = [], [], 0, False
+        kept, offset, moved = [], 0, False
         for a in group.active:
             n = a.search.rows
             rows = a.search.advance(logits[offset:offset + n])
@@ -283,14 +283,19 @@ class GenerationEngine:
             if a.search.done:
                 self._finish(a.pending, a.search)
             else:
-                keep.append(a)
-                index.append(offset + (np.arange(n) if rows is None else rows))
+                kept.append((a, offset + (np.arange(n) if rows is None else rows)))
                 moved |= rows is not None
             offset += n
-        if moved or len(keep) != len(group.active):
-            group.decoder.reorder(np.concatenate(index) if index else np.zeros(0, np.int64))
-            group.decoder.trim()
-        group.active = keep
+        if moved or len(kept) != len(group.active):
+            self._keep(group, kept)
+
+    @staticmethod
+    def _keep(group: _Group, kept: list) -> None:
+        """The group's batch becomes `kept`'s rows: (an active request, the rows of the current batch it now
+        holds), in order; positions no row attends to any more are dropped."""
+        group.decoder.reorder(np.concatenate([rows for _, rows in kept]) if kept else np.zeros(0, np.int64))
+        group.decoder.trim()
+        group.active = [a for a, _ in kept]
 
     def _drop_cancelled(self) -> None:
         with self._lock:
@@ -299,18 +304,14 @@ class GenerationEngine:
                 self._finish(p)
         for group in self.groups:
             if any(a.pending.handle.cancelled for a in group.active):
-                keep, index, offset = [], [], 0
+                kept, offset = [], 0
                 for a in group.active:
-                    n = a.search.rows
                     if a.pending.handle.cancelled:
                         self._finish(a.pending, a.search)
                     else:
-                        keep.append(a)
-                        index.append(offset + np.arange(n))
-                    offset += n
-                group.decoder.reorder(np.concatenate(index) if index else np.zeros(0, np.int64))
-                group.decoder.trim()
-                group.active = keep
+                        kept.append((a, offset + np.arange(a.search.rows)))
+                    offset += a.search.rows
+                self._keep(group, kept)
         self.groups = [g for g in self.groups if g.active]
 
     def _fail_all(self, error: BaseException) -> None:

@@ -46,6 +46,8 @@ Where this module deliberately differs from HF (HF gives unusable results):
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import os
 import warnings
@@ -93,6 +95,17 @@ _PIL_RESAMPLE_NAMES = {0: "NEAREST", 1: "LANCZOS", 2: "BILINEAR", 3: "BICUBIC", 
 
 
 # --------------------------------------------------------------------------- loading
+
+
+def base64_image(text: str, what: str) -> bytes:
+    """The bytes of an image sent as base64 text, or as a data URL (data:image/png;base64,...); `what` names the
+    field in the error."""
+    if text.startswith("data:") and ";base64," in text[:100]:
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageInputError(f"{what} is not valid base64; send the file's bytes base64-encoded") from None
 
 
 def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS,

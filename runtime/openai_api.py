@@ -17,14 +17,13 @@ every time, where OpenAI's own default samples); `n` choices run as n requests o
 samples with seed + i). Errors come as OpenAI's {"error": {"message", "type", "param", "code"}}, which the
 official client raises as its exceptions (BadRequestError for a 400, ...).
 """
-import base64
-import binascii
 import json
 import time
 import uuid
 from dataclasses import dataclass, field
 
 from runtime.errors import ImageInputError, PromptError, RequestError
+from runtime.image import base64_image
 
 CHAT, MODELS = "/v1/chat/completions", "/v1/models"
 ERROR_TYPES = {400: "invalid_request_error", 403: "permission_error", 404: "not_found_error",
@@ -150,10 +149,7 @@ def image_bytes(url: str) -> bytes:
                               "a data URL, data:image/png;base64,<the file's bytes in base64>")
     if not head.startswith("data:") or ";base64," not in head:
         raise ImageInputError("image_url must be a data URL, data:image/png;base64,<the file's bytes in base64>")
-    try:
-        return base64.b64decode(url.split(",", 1)[1], validate=True)
-    except (binascii.Error, ValueError):
-        raise ImageInputError("image_url's data is not valid base64; send the file's bytes base64-encoded") from None
+    return base64_image(url.split(",", 1)[1], "image_url's data")
 
 
 def finish_reason(tokens: list[int], eos_token_id: int) -> str:

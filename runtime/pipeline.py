@@ -193,9 +193,7 @@ class Blip2Pipeline:
         engine = GenerationEngine(self)
         handle = engine.submit(image, prompt, qformer_text, **generation)
         text = TextStream(self.llm.tokenizer)
-        while engine.step():
-            if handle.error is not None:
-                raise handle.error
+        while engine.step():  # (a request that fails leaves the engine no work: the loop ends, the error is raised)
             piece = text.push(handle.tokens)
             if piece:
                 yield piece

@@ -26,8 +26,6 @@ ever: past --max-queued requests waiting in a replica, 503 with Retry-After; an 
 log has the details); no response carries a server path or an exception's text.
 """
 import asyncio
-import base64
-import binascii
 import contextlib
 import inspect
 import ipaddress
@@ -44,6 +42,7 @@ from pathlib import Path
 from runtime.actors import check_cluster_gpus, gpus_per_actor
 from runtime.errors import (Blip2EdgeError, ImageFormatError, ImageInputError, ImageTooLargeError, PromptError,
                             RequestError)
+from runtime.image import base64_image
 from runtime.memory import trim
 from runtime.engine import GenerationEngine
 from runtime.openai_api import (CHAT, MODELS, chat_model, chunk, completion, error_body, finish_reason, models_list,
@@ -111,7 +110,7 @@ def request_models(manifest, limits: ServiceLimits) -> dict:
     """{route: pydantic model} with every bound the engine folder sets (its limits, its decoders)."""
     from typing import Literal, Optional, Union
 
-    from pydantic import BaseModel, ConfigDict, Field, create_model
+    from pydantic import ConfigDict, Field, create_model
 
     from runtime.text import MAX_CHARS_PER_TOKEN
 
@@ -225,16 +224,7 @@ def parse(route: str, model, data: bytes | dict) -> tuple[Item, bytes]:
             body = model.model_validate_json(data or b"null")
     except ValidationError as e:
         raise PromptError(_validation_message(route, e, data if isinstance(data, dict) else _loads(data))) from None
-    if isinstance(upload, bytes):
-        raw = upload
-    else:
-        text = body.image
-        if text.startswith("data:") and ";base64," in text[:100]:  # a data URL: data:image/png;base64,...
-            text = text.split(",", 1)[1]
-        try:
-            raw = base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
-            raise ImageInputError("field 'image' is not valid base64; send the file's bytes base64-encoded") from None
+    raw = upload if isinstance(upload, bytes) else base64_image(body.image, "field 'image'")
     values = body.model_dump(exclude_none=True, exclude={"image"})
     text = values.pop(FIELDS[route][0]) if FIELDS[route] else None
     options = {k: values[k] for k in OPTIONS if k in values}
@@ -459,8 +449,8 @@ async def discard_body(request, limits: ServiceLimits) -> None:
     """Read a body without keeping it (at most --max-body-mb, within --body-timeout-s; a failure is ignored)."""
     async def drain():
         size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
+        async for part in request.stream():
+            size += len(part)
             if size > limits.max_body_bytes:
                 return
 
@@ -477,15 +467,15 @@ async def read_body(request, limits: ServiceLimits) -> bytearray:
 
     async def receive():
         nonlocal size
-        async for chunk in request.stream():
-            if size + len(chunk) > limits.max_body_bytes or (declared and size + len(chunk) > len(body)):
+        async for part in request.stream():
+            if size + len(part) > limits.max_body_bytes or (declared and size + len(part) > len(body)):
                 raise RequestError(413, f"the body is over {limits.max_body_mb:g} MB (--max-body-mb) or over its "
                                         f"Content-Length; send a smaller image")
             if declared:
-                body[size:size + len(chunk)] = chunk
+                body[size:size + len(part)] = part
             else:
-                body.extend(chunk)
-            size += len(chunk)
+                body.extend(part)
+            size += len(part)
 
     try:
         await asyncio.wait_for(receive(), limits.body_timeout_s)

@@ -67,6 +67,16 @@ def _post(url, body=None, data=None, headers=None):
         return e.code, json.loads(e.read())
 
 
+def _status_and_retry_after(url: str, data: bytes) -> tuple[int, str | None]:
+    """POST a JSON body: (the status, the Retry-After header of an error)."""
+    request = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as r:
+            return r.status, None
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("Retry-After")
+
+
 def _b64(image) -> str:
     return base64.b64encode(_png(image)).decode()
 
@@ -285,16 +295,8 @@ def test_large_bodies_past_the_byte_budget_get_503_with_retry_after(service):
     noise = base64.b64encode(np.random.default_rng(0).integers(0, 255, 6 * 2**20, dtype=np.uint8).tobytes())
     body = b'{"image": "' + noise + b'"}'  # 8 MB: two fit in the default 20 MB budget
 
-    def post(_):
-        request = urllib.request.Request(f"{url}/caption", data=body, headers={"content-type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=120) as r:
-                return r.status, None
-        except urllib.error.HTTPError as e:
-            return e.code, e.headers.get("Retry-After")
-
     with ThreadPoolExecutor(6) as pool:
-        answers = list(pool.map(post, range(6)))
+        answers = list(pool.map(lambda _: _status_and_retry_after(f"{url}/caption", body), range(6)))
     assert {status for status, _ in answers} <= {400, 503}, answers  # (noise is no image: 400 once parsed)
     busy = [retry for status, retry in answers if status == 503]
     assert busy and all(retry == "1" for retry in busy), answers
@@ -306,17 +308,9 @@ def test_overload_is_answered_503_and_the_service_recovers(service):
     url, pipe = service
     image = _b64(probe_images(32, count=1, seed=3)[0])
 
-    def one(_):
-        request = urllib.request.Request(f"{url}/caption", data=json.dumps({"image": image, **GEN}).encode(),
-                                         headers={"content-type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=120) as r:
-                return r.status, None
-        except urllib.error.HTTPError as e:
-            return e.code, e.headers.get("Retry-After")
-
+    body = json.dumps({"image": image, **GEN}).encode()
     with ThreadPoolExecutor(96) as pool:
-        answers = list(pool.map(one, range(96)))
+        answers = list(pool.map(lambda _: _status_and_retry_after(f"{url}/caption", body), range(96)))
         started = time.perf_counter()
         assert json.loads(urllib.request.urlopen(f"{url}/health", timeout=30).read()) == {"status": "ok"}
         health = time.perf_counter() - started
