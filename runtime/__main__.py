@@ -27,6 +27,17 @@ def _folder_args(p: argparse.ArgumentParser) -> None:
                         "engines/demo/onnx")
     p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"],
                    help="auto (default): TensorRT for a trt-* folder, else ONNX Runtime")
+    p.add_argument("--providers", type=_provider_list, default=None, metavar="NAME,NAME",
+                   help="ONNX Runtime execution providers, in order of preference, e.g. "
+                        "CUDAExecutionProvider,CPUExecutionProvider (needs onnxruntime-gpu); default: the CPU's. "
+                        "Decoder caches stay on the first one's device between steps")
+
+
+def _provider_list(value: str) -> list[str]:
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give provider names separated by commas, e.g. CPUExecutionProvider")
+    return names
 
 
 def _generation_args(p: argparse.ArgumentParser) -> None:
@@ -148,7 +159,7 @@ def _batch(args) -> int:
 
     job = Job(engines=args.engines, task=args.task, input=args.input, output=args.output, prompt=args.prompt,
               workers=args.workers, batch_size=args.batch_size, ray_address=args.ray_address, column=args.column,
-              backend=args.backend, gpus=args.gpus, retry_errors=args.retry_errors,
+              backend=args.backend, providers=args.providers, gpus=args.gpus, retry_errors=args.retry_errors,
               options={} if args.task == "embed" else _options(args))
     try:
         result = run(job, say=lambda m: print(m, file=sys.stderr))
@@ -239,7 +250,7 @@ def _serve(args) -> int:
     try:
         url = start(args.engines, host=args.host, port=args.port, ray_address=args.ray_address, limits=limits,
                     replicas=args.replicas, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
-                    backend=args.backend, gpus=args.gpus, batching=args.batching)
+                    backend=args.backend, providers=args.providers, gpus=args.gpus, batching=args.batching)
         signal.signal(signal.SIGTERM, terminated)  # (ray.init installs a handler of its own)
         signal.signal(signal.SIGINT, interrupted)
         if asked:
@@ -296,7 +307,7 @@ def main(argv=None) -> int:
     run = {"caption": _generate, "ask": _generate, "match": _match, "retrieve": _retrieve}[args.command]
     try:
         # this process runs nothing else on ONNX Runtime: one shared thread pool is fastest (runtime.runners)
-        pipe = Blip2Pipeline.from_dir(args.engines, backend=args.backend, shared_pool=True)
+        pipe = Blip2Pipeline.from_dir(args.engines, backend=args.backend, shared_pool=True, providers=args.providers)
         lines = run(pipe, args)
     except Blip2EdgeError as e:
         print(f"error: {e}", file=sys.stderr)

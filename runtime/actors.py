@@ -12,17 +12,19 @@ CUDA_VISIBLE_DEVICES alone for actors that ask for no GPU; older Ray emptied it.
 import os
 
 from runtime.errors import Blip2EdgeError
+from runtime.runners import PROVIDER_DEVICES, provider_name
 
 
 class ActorResourceError(Blip2EdgeError, ValueError):
     """The actors cannot get the GPUs they ask for (a bad --gpus, or fewer GPUs in the cluster)."""
 
 
-def gpus_per_actor(manifest, gpus: float | None = None) -> float:
-    """The GPUs each actor asks for: `gpus` where given, else 1 for a TensorRT engine folder, 0 for ONNX
-    Runtime's (CPU) folders."""
+def gpus_per_actor(manifest, gpus: float | None = None, providers: list | None = None) -> float:
+    """The GPUs each actor asks for: `gpus` where given, else 1 for a TensorRT engine folder or an ONNX folder
+    run on a GPU provider first (`providers`: CUDA's or TensorRT's), 0 for ONNX Runtime on the CPU."""
     if gpus is None:
-        return 1.0 if manifest.is_tensorrt else 0.0
+        on_gpu = bool(providers) and provider_name(providers[0]) in PROVIDER_DEVICES
+        return 1.0 if manifest.is_tensorrt or on_gpu else 0.0
     if isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or not gpus >= 0:
         raise ActorResourceError(f"--gpus {gpus!r}: give the GPUs each worker uses, 0 or more (0.5: two share one)")
     return float(gpus)

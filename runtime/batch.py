@@ -57,6 +57,7 @@ class Job:
     ray_address: str | None = None
     column: str = "path"
     backend: str = "auto"
+    providers: list | None = None  # ONNX Runtime's execution providers (Blip2Pipeline.from_dir)
     options: dict = field(default_factory=dict)  # generation options, as Blip2Pipeline.generate takes them
     gpus: float | None = None  # per worker; None: 1 for a TensorRT engine folder, else 0 (runtime.actors)
     retry_errors: bool = False  # do the rows with an error again
@@ -217,10 +218,11 @@ def release_output(output: Path) -> None:
 class Worker:
     """One per Ray actor: opens the engine folder once, then turns batches of paths into result rows."""
 
-    def __init__(self, engines: str, task: str, prompt: str | None, options: dict, threads: int, backend: str):
+    def __init__(self, engines: str, task: str, prompt: str | None, options: dict, threads: int, backend: str,
+                 providers: list | None = None):
         from runtime import Blip2Pipeline
 
-        self.pipe = Blip2Pipeline.from_dir(engines, backend=backend, threads=threads)
+        self.pipe = Blip2Pipeline.from_dir(engines, backend=backend, threads=threads, providers=providers)
         self.task, self.prompt, self.options = task, prompt, options
 
     def __call__(self, batch):
@@ -290,7 +292,7 @@ def check_job(job: Job) -> tuple[list[str], float]:
                               f"has: {', '.join(manifest.graphs)})")
     if Path(job.output).exists() and not Path(job.output).is_dir():
         raise BatchInputError(f"--output {job.output} is a file; give a folder for the Parquet dataset")
-    return list_images(job.input, job.column), gpus_per_actor(manifest, job.gpus)
+    return list_images(job.input, job.column), gpus_per_actor(manifest, job.gpus, job.providers)
 
 
 def run(job: Job, say=print) -> dict:
@@ -330,7 +332,8 @@ def _run(job: Job, listed: list[str], gpus: float, output: Path, say) -> dict:
     dataset = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=blocks)
     threads = max(1, (os.cpu_count() or 1) // job.workers) if job.ray_address is None else None
     results = dataset.map_batches(
-        Worker, fn_constructor_args=(job.engines, job.task, job.prompt, job.options, threads, job.backend),
+        Worker, fn_constructor_args=(job.engines, job.task, job.prompt, job.options, threads, job.backend,
+                                     job.providers),
         batch_size=job.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=job.workers),
         num_cpus=1, num_gpus=gpus)
     written, progress = 0, Progress(len(todo), started)

@@ -35,7 +35,7 @@ from runtime.llm import LlmGenerator
 from runtime.manifest import Manifest, load_manifest
 from runtime.retrieval import ImageGallery, Match, QFormerText, TextGallery, check_texts
 from runtime.runner import RunnerFactory
-from runtime.runners import default_threads, make_runner
+from runtime.runners import check_providers, default_threads, make_runner
 from runtime.vision import ImageEncoder
 
 # What each optional capability needs, and how an engineer gets it.
@@ -81,9 +81,9 @@ def _open_largest_first(manifest: Manifest, factory: RunnerFactory) -> dict:
 class Blip2Pipeline:
     def __init__(self, manifest: Manifest, backend: str = "onnxruntime", threads: int | None = None,
                  runner_factory: RunnerFactory | None = None, shared_pool: bool = False,
-                 max_image_pixels: int | None = DEFAULT_MAX_PIXELS):
+                 max_image_pixels: int | None = DEFAULT_MAX_PIXELS, providers: list | None = None):
         self.manifest, self.backend = manifest, backend
-        factory = runner_factory or self._default_factory(threads, shared_pool)
+        factory = runner_factory or self._default_factory(threads, shared_pool, providers)
         self.runners = _open_largest_first(manifest, factory)
         self.encoder = ImageEncoder(manifest, self.runners)
         self.encoder.max_image_pixels = max_image_pixels
@@ -92,17 +92,23 @@ class Blip2Pipeline:
         self.itg = ItgCaptioner(manifest, self.runners, self.encoder) if "qformer_itg" in self.runners else None
         self.max_batch = manifest.limits.max_batch
 
-    def _default_factory(self, threads, shared_pool) -> RunnerFactory:
+    def _default_factory(self, threads, shared_pool, providers) -> RunnerFactory:
         if self.backend == "tensorrt":  # engines are checked against the GPU and TensorRT they were built for
+            if providers:
+                raise BackendError(f"providers={providers!r} are ONNX Runtime's; a TensorRT engine folder runs on "
+                                   f"TensorRT itself: leave providers out, or open an ONNX folder")
             return lambda path, graph: make_runner(path, "tensorrt", build_info=self.manifest.build.tensorrt,
                                                    dynamic_axes=self.manifest.graphs[graph].dynamic_axes())
         threads = threads or default_threads()
-        return lambda path, graph: make_runner(path, "onnxruntime", threads=threads, shared_pool=shared_pool)
+        providers = check_providers(providers)  # (a missing provider is named before any graph is opened)
+        return lambda path, graph: make_runner(path, "onnxruntime", threads=threads, shared_pool=shared_pool,
+                                               providers=providers)
 
     @classmethod
     def from_dir(cls, folder, backend: str = "auto", threads: int | None = None,
                  runner_factory: RunnerFactory | None = None, shared_pool: bool = False,
-                 max_image_pixels: int | None = DEFAULT_MAX_PIXELS) -> "Blip2Pipeline":
+                 max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 providers: list | None = None) -> "Blip2Pipeline":
         """Open an engine folder written by `python -m export.build`.
 
         backend: "onnxruntime", "tensorrt", or "auto" (TensorRT for a TensorRT engine folder, else ONNX Runtime).
@@ -112,6 +118,9 @@ class Blip2Pipeline:
         runner_factory: `factory(path, graph name) -> Runner` opens each graph instead of the backend's runner.
         max_image_pixels: image files and PIL images with more pixels are refused from their header, before they
         are decoded (default 40 Mpx; None: no limit).
+        providers: ONNX Runtime execution providers, in order of preference, as ONNX Runtime takes them (names or
+        (name, options) pairs), e.g. ["CUDAExecutionProvider", "CPUExecutionProvider"] with onnxruntime-gpu
+        (default: the CPU's). Decoder caches stay on the first provider's device between steps.
         """
         manifest = load_manifest(folder)
         if backend == "auto":
@@ -121,7 +130,7 @@ class Blip2Pipeline:
                 f"{folder} holds ONNX graphs (target {manifest.target}); use backend='onnxruntime', or build "
                 f"TensorRT engines with `python -m export.build --target trt-fp16`"
             )
-        return cls(manifest, backend, threads, runner_factory, shared_pool, max_image_pixels)
+        return cls(manifest, backend, threads, runner_factory, shared_pool, max_image_pixels, providers)
 
     def _need(self, graph: str, what: str) -> None:
         if graph not in self.runners:

@@ -1,9 +1,9 @@
 """The runner interface: one graph, a dict of inputs in, a dict of outputs out (like polygraphy's BaseRunner).
 
 Backends subclass `Runner` and fill in three small hooks: `_load` (open the graph), `_names` (its input and
-output names) and `_infer` (run it). `run(feeds, keep=names)` lets a backend whose memory is not the host's
-(TensorRT) return the named outputs as device tensors that the next call takes back as inputs, so a KV cache
-never leaves the GPU; ONNX Runtime returns numpy for all.
+output names) and `_infer` (run it). `run(feeds, keep=names)` returns the named outputs as `DeviceArray`s, kept
+in the backend's memory (TensorRT's GPU buffers; ONNX Runtime's OrtValues on its provider's device, by IO binding),
+that the next call takes back as inputs as they are, so a KV cache never leaves the GPU; other outputs are numpy.
 
     from runtime.runners import make_runner
     runner = make_runner("engines/demo/onnx/vision.onnx", backend="onnxruntime")
@@ -42,6 +42,30 @@ class Runner:
             raise ValueError(f"{self.path.name}: missing inputs {missing} (expects {self.input_names})")
         outputs = self._infer({n: feeds[n] for n in self.input_names}, frozenset(keep))
         return dict(zip(self.output_names, outputs))
+
+
+class DeviceArray:
+    """An output a backend keeps in its own memory (`run(..., keep=...)`) and takes back as an input as it is: what
+    the decoders ask of a cache is `.shape`, rows gathered by an index array (`a[index]`, done where the array is)
+    and `np.asarray(a)` (a copy to the host where the memory is not the host's). Subclasses give `shape`, `numpy()`
+    and `__getitem__`: TensorRT's `DeviceTensor` and ONNX Runtime's `OrtArray`."""
+
+    __slots__ = ()
+    shape: tuple
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def numpy(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def __array__(self, dtype=None, copy=None):
+        out = self.numpy()
+        return out if dtype is None else out.astype(dtype, copy=False)
 
 
 # How a pipeline opens each graph: factory(path of the graph's file, graph name) -> Runner. The default opens

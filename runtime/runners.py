@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import BackendError, EngineFolderError
-from runtime.runner import Runner
+from runtime.runner import DeviceArray, Runner
 
 
 @functools.cache
@@ -38,7 +38,12 @@ def int8_products_saturate(cpuinfo: str = "/proc/cpuinfo") -> bool:
 
 
 class OrtRunner(Runner):
-    """ONNX Runtime on the CPU (or any execution provider given).
+    """ONNX Runtime on the CPU, or on the execution providers given (`providers`, as ONNX Runtime takes them:
+    names, or (name, options) pairs, in order of preference).
+
+    Outputs named in `run(..., keep=...)` (KV caches, cross keys/values) are returned as `OrtArray`s that stay on
+    the first provider's device (IO binding) and are bound as they are when fed back: with the CUDA provider a
+    decoder's cache does not cross PCIe between steps; on the CPU the same path runs (and saves a copy per step).
 
     Thread pools: by default every session has its own intra-op pool whose threads sleep between runs instead
     of spinning (spinning pools of graphs that run back to back steal the cores from each other).
@@ -57,7 +62,8 @@ class OrtRunner(Runner):
 
     def __init__(self, path, providers=None, threads: int | None = None, shared_pool: bool = False,
                  memory_arena: bool = True, priority_order: bool = False):
-        self.providers = providers or ["CPUExecutionProvider"]
+        self.providers = check_providers(providers)
+        self.device = provider_device(self.providers)
         self.threads, self.shared_pool, self.memory_arena = threads, shared_pool, memory_arena
         self.priority_order = priority_order
         super().__init__(path)
@@ -84,8 +90,7 @@ class OrtRunner(Runner):
         # slower than the Add and LayerNormalization it replaces (1.32, 2 cores: 1.07 against 0.28 ms for
         # 1024 x 256 rows, 7.4 against 1.9 ms for ViT-g's 2056 x 1408), so on the CPU the fusion is left off
         # (the re-rank graph: 15% faster). Other providers have fast kernels for it.
-        first = self.providers[0] if isinstance(self.providers[0], str) else self.providers[0][0]  # (name, options)
-        disabled = ["SkipLayerNormFusion"] if first == "CPUExecutionProvider" else []
+        disabled = ["SkipLayerNormFusion"] if provider_name(self.providers[0]) == "CPUExecutionProvider" else []
         try:
             self.session = ort.InferenceSession(str(self.path), opts, providers=self.providers,
                                                 disabled_optimizers=disabled)
@@ -100,8 +105,123 @@ class OrtRunner(Runner):
         return [i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()]
 
     def _infer(self, feeds, keep=frozenset()):
-        return self.session.run(self.output_names, feeds)
+        if not keep and not any(isinstance(v, OrtArray) for v in feeds.values()):
+            return self.session.run(self.output_names, feeds)
+        # IO binding: inputs that are OrtArrays are bound where they are, outputs named in `keep` stay on the
+        # provider's device as OrtArrays (a KV cache fed back next step never crosses to the host), the others
+        # come back as numpy
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            if isinstance(value, OrtArray):
+                binding.bind_ortvalue_input(name, value.value)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(feeds[name]))
+        for name in self.output_names:
+            binding.bind_output(name, *(self.device if name in keep else ("cpu", 0)))
+        self.session.run_with_iobinding(binding)
+        return [OrtArray(v, self.device) if name in keep else v.numpy()
+                for name, v in zip(self.output_names, binding.get_outputs())]
 
+
+# Where each execution provider keeps the tensors it computes: IO binding's (device type, device id). Providers not
+# named here compute on the host's memory.
+PROVIDER_DEVICES = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}
+
+
+def provider_name(provider) -> str:
+    return provider if isinstance(provider, str) else provider[0]  # a name, or (name, options)
+
+
+def check_providers(providers) -> list:
+    """`providers` (default: the CPU's), checked against what this onnxruntime package has: ONNX Runtime itself
+    only warns and falls back to the CPU for a provider it lacks, which would hide a wrong install."""
+    if not providers:
+        return ["CPUExecutionProvider"]
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    missing = [provider_name(p) for p in providers if provider_name(p) not in available]
+    if missing:
+        hint = (" (install `onnxruntime-gpu` instead of `onnxruntime` for CUDA and TensorRT; on a Jetson, the "
+                "onnxruntime-gpu wheel for its JetPack)" if any(m in PROVIDER_DEVICES for m in missing) else "")
+        raise BackendError(f"ONNX Runtime provider(s) {', '.join(missing)} not available in this onnxruntime "
+                           f"install, which has {', '.join(available)}{hint}")
+    return list(providers)
+
+
+def provider_device(providers) -> tuple[str, int]:
+    """(device type, device id) of the first provider's memory, as IO binding names it."""
+    first = providers[0]
+    kind = PROVIDER_DEVICES.get(provider_name(first), "cpu")
+    options = {} if isinstance(first, str) else dict(first[1])
+    return kind, int(options.get("device_id", 0)) if kind != "cpu" else 0
+
+
+# Gather(data, index) along axis 0, the whole ONNX model (opset 13), with the element type's code (TensorProto:
+# 1 float32, 10 float16, 16 bfloat16) in its two {t} slots: how an OrtArray on a device gathers its rows there
+# (beam search's reordering, rows leaving a batch). tests/test_runners.py rebuilds it with onnx.helper.
+GATHER_MODEL = ("080712003a640a280a04646174610a05696e6465781204726f777322064761746865722a0b0a04617869731800a00102"
+                "12066761746865725a0c0a046461746112040a0208{t}5a140a05696e646578120b0a09080712050a0312016e620c0a04"
+                "726f777312040a0208{t}42040a00100d")
+ELEMENT_TYPES = {"tensor(float)": 1, "tensor(float16)": 10, "tensor(bfloat16)": 16}
+
+
+# The provider that gathers on each device type (CUDA's, also where TensorRT's provider computes).
+DEVICE_PROVIDERS = {"cuda": "CUDAExecutionProvider"}
+
+
+@functools.cache
+def _gather_session(element_type: int, device: tuple[str, int]):
+    import onnxruntime as ort
+
+    model = bytes.fromhex(GATHER_MODEL.format(t=f"{element_type:02x}"))
+    kind, device_id = device
+    providers = [(DEVICE_PROVIDERS[kind], {"device_id": device_id})] if kind in DEVICE_PROVIDERS else \
+        ["CPUExecutionProvider"]
+    return ort.InferenceSession(model, session_options(), providers=providers)
+
+
+def gather_rows(value, index: np.ndarray, device: tuple[str, int]):
+    """value[index] along axis 0 (an OrtValue in, an OrtValue out), computed by ONNX Runtime on `device`, where
+    `value` is."""
+    session = _gather_session(ELEMENT_TYPES[value.data_type()], device)
+    binding = session.io_binding()
+    binding.bind_ortvalue_input("data", value)
+    binding.bind_cpu_input("index", np.ascontiguousarray(index, dtype=np.int64))
+    binding.bind_output("rows", *device)
+    session.run_with_iobinding(binding)
+    return binding.get_outputs()[0]
+
+
+class OrtArray(DeviceArray):
+    """A tensor ONNX Runtime keeps where its provider computes (an `OrtValue` on `device`): what OrtRunner returns
+    for the outputs a call keeps, and binds as it is when fed back. It has what the decoders ask of a cache:
+    `.shape`, rows gathered by an index array (`a[index]`, on the device), and `np.asarray(a)` (a view on the CPU,
+    a copy from the device: what merging caches does, once per merge, not per step)."""
+
+    __slots__ = ("value", "device")
+
+    def __init__(self, value, device: tuple[str, int] = ("cpu", 0)):
+        self.value, self.device = value, device
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.value.shape())
+
+    def numpy(self) -> np.ndarray:
+        return self.value.numpy()
+
+    def __getitem__(self, index) -> "OrtArray":
+        import onnxruntime as ort
+
+        index = np.asarray(index, dtype=np.int64)
+        if self.device[0] == "cpu":
+            rows = np.ascontiguousarray(self.value.numpy()[index])
+            return OrtArray(ort.OrtValue.ortvalue_from_numpy(rows), self.device)
+        return OrtArray(gather_rows(self.value, index, self.device), self.device)
+
+    def __repr__(self):
+        return f"OrtArray({self.value.data_type()}, shape={self.shape}, on {self.device[0]}:{self.device[1]})"
 
 # A whole ONNX model: one Cast, float16 [n] -> float32 [n] (77 bytes, opset 13; tests/test_index.py rebuilds it
 # with onnx.helper and checks it against numpy on every float16 value).

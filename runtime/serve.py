@@ -530,18 +530,19 @@ BATCHING = ("continuous", "requests")
 
 def build_app(engines: str, max_batch_size: int | None = None, batch_wait_ms: float = 10.0, replicas: int = 1,
               threads: int | None = None, backend: str = "auto", gpus: float | None = None,
-              limits: ServiceLimits | None = None, batching: str = "continuous"):
+              limits: ServiceLimits | None = None, batching: str = "continuous", providers: list | None = None):
     """The Ray Serve application (bind()-ed deployment) for `engines`; each replica asks Ray for one CPU and
     `gpus` GPUs (default: 1 for a TensorRT engine folder, else 0; `runtime.actors`). `batching`: "continuous"
     (generation on runtime.engine, streaming and /v1 included) or "requests" (whole requests batched by
     serve.batch, as before the engine: kept for comparison, bench/bench_serve.py)."""
     return _application(engines, max_batch_size, batch_wait_ms, replicas, threads, backend, gpus, limits,
-                        batching)[0]
+                        batching, providers)[0]
 
 
 def _application(engines: str, max_batch_size: int | None = None, batch_wait_ms: float = 10.0, replicas: int = 1,
                  threads: int | None = None, backend: str = "auto", gpus: float | None = None,
-                 limits: ServiceLimits | None = None, batching: str = "continuous") -> tuple:
+                 limits: ServiceLimits | None = None, batching: str = "continuous",
+                 providers: list | None = None) -> tuple:
     """build_app's application, and the GPUs each replica asks for (start checks the cluster has them)."""
     from ray import serve
 
@@ -552,7 +553,7 @@ def _application(engines: str, max_batch_size: int | None = None, batch_wait_ms:
     if batching not in BATCHING:
         raise ServeOptionError(f"--batching {batching!r}: give one of {', '.join(BATCHING)}")
     manifest = load_manifest(engines)
-    limit, per_replica = manifest.limits.max_batch, gpus_per_actor(manifest, gpus)
+    limit, per_replica = manifest.limits.max_batch, gpus_per_actor(manifest, gpus, providers)
     batch = max_batch_size or limit
     if not 1 <= batch <= limit:
         raise ServeOptionError(f"--max-batch-size {batch} is outside 1..{limit}, the engine folder's max batch; "
@@ -583,7 +584,7 @@ def _application(engines: str, max_batch_size: int | None = None, batch_wait_ms:
             from runtime import Blip2Pipeline
             from runtime.memory import map_large_allocations
 
-            self.pipe = Blip2Pipeline.from_dir(folder, backend=backend, threads=threads,
+            self.pipe = Blip2Pipeline.from_dir(folder, backend=backend, threads=threads, providers=providers,
                                                max_image_pixels=limits.max_image_pixels)
             self.models = request_models(self.pipe.manifest, limits)
             # Bodies are parsed off the event loop (which keeps answering /health) and images decoded in a process
@@ -892,7 +893,7 @@ def app(args: dict):
     kinds = {"engines": str, "max_batch_size": int, "batch_wait_ms": float, "replicas": int, "threads": int,
              "backend": str, "gpus": float, "max_body_mb": float, "max_image_pixels": int, "max_queued": int,
              "request_timeout_s": float, "body_timeout_s": float, "allowed_hosts": str, "image_cache_mb": float,
-             "batching": str}
+             "batching": str, "providers": str}
     unknown = sorted(set(args) - set(kinds))
     if unknown or "engines" not in args:
         raise ServeOptionError(f"runtime.serve:app takes engines=DIR and optionally {', '.join(list(kinds)[1:])}"
@@ -905,6 +906,8 @@ def app(args: dict):
             raise ServeOptionError(f"runtime.serve:app: {key}={value!r} is not a{'n' * (kinds[key] is int)} "
                                    f"{kinds[key].__name__}") from None
     service = {k: options.pop(k) for k in list(options) if k in ServiceLimits.__dataclass_fields__}
+    if "providers" in options:
+        options["providers"] = [n.strip() for n in options["providers"].split(",") if n.strip()] or None
     if "allowed_hosts" in service:
         service["allowed_hosts"] = tuple(h.strip().lower() for h in service["allowed_hosts"].split(",") if h.strip())
     return build_app(**options, limits=ServiceLimits(**service))

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import BackendError, EngineFolderError
-from runtime.runner import Runner
+from runtime.runner import DeviceArray, Runner
 
 NO_TENSORRT = (
     "TensorRT's Python package is not usable here ({reason}). Install it where the engines will run: on x86-64 "
@@ -184,7 +184,7 @@ def check_compatible(build_info: dict, folder) -> None:
 
 
 # ---------------------------------------------------------------- device tensors
-class DeviceTensor:
+class DeviceTensor(DeviceArray):
     """A C-contiguous array in GPU memory: `.shape`, `.dtype`, `.numpy()` (copy to the host).
 
     Owns its allocation (freed on `__del__` or `free()`), or views part of another DeviceTensor's (a slice along
@@ -218,22 +218,11 @@ class DeviceTensor:
     def nbytes(self) -> int:
         return self.size * self.dtype.itemsize
 
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
     def numpy(self) -> np.ndarray:
         out = np.empty(self.shape, dtype=self.dtype)
         if self.nbytes:
             self._cuda.dtoh(out, self.ptr)
         return out
-
-    def __array__(self, dtype=None, copy=None):
-        out = self.numpy()
-        return out if dtype is None else out.astype(dtype, copy=False)
 
     def __getitem__(self, index) -> "DeviceTensor":
         row = self.nbytes // self.shape[0] if self.shape and self.shape[0] else 0
