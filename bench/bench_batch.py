@@ -26,7 +26,7 @@ from runtime.batch import Job, read_output, run  # noqa: E402
 
 
 def write_images(folder: Path, count: int) -> list[str]:
-    from train.data import ShapesCaps
+    from train.shapescaps.synthetic import ShapesCaps
 
     data = ShapesCaps("val", n=count, image_size=64, seed=5)
     paths = []

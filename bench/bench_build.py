@@ -1,6 +1,6 @@
 """Peak memory and time of `python -m export.build` against the size of the checkpoint's float32 weights.
 
-    python -m train.demo --preset blip2-opt-2.7b --dtype float16 --vision-layers 2 --qformer-layers 2 \
+    python -m train.blip2.random_checkpoint --preset blip2-opt-2.7b --dtype float16 --vision-layers 2 --qformer-layers 2 \
         --llm-layers 6 --out checkpoints/blip2-opt-2.7b-6l          # 677M parameters, 2.7 GB in float32
     python bench/bench_build.py --model checkpoints/blip2-opt-2.7b-6l --targets onnx onnx-int4
 
@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from train.checkpoint import parameter_count  # noqa: E402
+from train.blip2.checkpoint import parameter_count  # noqa: E402
 
 
 def build_once(model: str, target: str, out: Path, extra: list[str]) -> tuple[float, float, int]:
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     extra = [a for a in args.build_args if a != "--"]
     folder = Path(args.model)
     if not folder.is_dir():
-        raise SystemExit(f"--model {folder}: not a folder; write one with `python -m train.demo --preset ... "
+        raise SystemExit(f"--model {folder}: not a folder; write one with `python -m train.blip2.random_checkpoint --preset ... "
                          f"--out {folder}`")
     fp32 = parameter_count(folder) * 4
     print(f"{folder}: {fp32 / 4 / 1e6:.0f}M parameters, {fp32 / 2**30:.2f} GiB in float32")

@@ -38,10 +38,10 @@ from transformers import Blip2ForConditionalGeneration  # noqa: E402
 from export.build import TARGETS, build  # noqa: E402
 from export.parity import probe_images, token_agreement  # noqa: E402
 from runtime import Blip2Pipeline  # noqa: E402
-from train.checkpoint import load_checkpoint  # noqa: E402
-from train.demo import make_random_checkpoint  # noqa: E402
-from train.logs import quiet_libraries  # noqa: E402
-from train.reference import HfReference  # noqa: E402
+from train.blip2.checkpoint import load_checkpoint  # noqa: E402
+from train.blip2.random_checkpoint import make_random_checkpoint  # noqa: E402
+from train.blip2.logs import quiet_libraries  # noqa: E402
+from train.blip2.reference import HfReference  # noqa: E402
 
 MEMORY_PROBE = """
 import sys

@@ -1,7 +1,7 @@
 """Runtime figures of engine folders at the size users deploy: memory, decode speed against what memory
 bandwidth allows, and how close each precision stays to PyTorch fp32.
 
-    python -m train.demo --preset blip2-opt-2.7b --dtype float16 --vision-layers 2 --qformer-layers 2 \
+    python -m train.blip2.random_checkpoint --preset blip2-opt-2.7b --dtype float16 --vision-layers 2 --qformer-layers 2 \
         --llm-layers 6 --out checkpoints/blip2-opt-2.7b-6l
     for t in onnx onnx-fp16 onnx-int4; do python -m export.build --model checkpoints/blip2-opt-2.7b-6l --target $t; done
     python bench/bench_engines.py --model checkpoints/blip2-opt-2.7b-6l \
@@ -108,8 +108,8 @@ def reference(model: str, work: Path, count: int, new_tokens: int) -> None:
     import torch
 
     from export.parity import probe_images
-    from train.checkpoint import load_checkpoint
-    from train.reference import HfReference
+    from train.blip2.checkpoint import load_checkpoint
+    from train.blip2.reference import HfReference
 
     ck = load_checkpoint(model)
     images = probe_images(ck.config.vision_config.image_size, count=count, seed=7)
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
-    from train.logs import quiet_libraries
+    from train.blip2.logs import quiet_libraries
 
     quiet_libraries()
     with tempfile.TemporaryDirectory(prefix="blip2-edge-bench-") as tmp:

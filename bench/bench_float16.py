@@ -1,5 +1,5 @@
 """The re-rank's read of k image embeddings from a gallery's float16 file: numpy's float16 -> float32 conversion
-against ONNX Runtime's Cast (`runtime.runners.float16_to_float32`, what `rows_float32` uses), on the same rows.
+against ONNX Runtime's Cast (`runtime.ort_runner.float16_to_float32`, what `rows_float32` uses), on the same rows.
 
     python bench/bench_float16.py                      # k = 128 rows of the small preset's 197 x 256 embeddings
     python bench/bench_float16.py --rows 16 --tokens 257 --width 1408   # k = 16 at ViT-g's size
@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from runtime import runners  # noqa: E402
+from runtime import ort_runner as runners  # noqa: E402
 
 
 def timed(fn, rounds: int) -> tuple[float, np.ndarray]:

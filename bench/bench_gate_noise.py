@@ -1,8 +1,8 @@
 """The fp32 gate's bound beside what it bounds: float32 rounding (ONNX Runtime's and PyTorch's own, against float64)
 and the size of a real error, per model, from the tiny presets to full widths.
 
-    python -m train.demo --preset tiny-t5 --scales trained --out checkpoints/t5-trained
-    python -m train.demo --preset tiny --scales trained --outliers 3 --out checkpoints/opt-outliers
+    python -m train.blip2.random_checkpoint --preset tiny-t5 --scales trained --out checkpoints/t5-trained
+    python -m train.blip2.random_checkpoint --preset tiny --scales trained --outliers 3 --out checkpoints/opt-outliers
     python bench/bench_gate_noise.py --models checkpoints/t5-trained checkpoints/opt-outliers [--json gate.json]
 
 Each model is built with `python -m export.build --target onnx` (in this process, into a temporary folder unless
@@ -51,7 +51,7 @@ def measure(model: str, out: Path) -> dict:
     from export.specs import resolve_limits
     from runtime.decoder import LlmDecoder, Seq2SeqDecoder
     from runtime.manifest import load_manifest
-    from train.checkpoint import load_checkpoint, parameter_count
+    from train.blip2.checkpoint import load_checkpoint, parameter_count
 
     engine = build(model, "onnx", out, say=lambda *_: None)
     parity = json.loads((engine / "parity.json").read_text())
@@ -85,7 +85,7 @@ def measure(model: str, out: Path) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", required=True, help="checkpoint folders (python -m train.demo writes them)")
+    ap.add_argument("--models", nargs="+", required=True, help="checkpoint folders (python -m train.blip2.random_checkpoint writes them)")
     ap.add_argument("--out", help="engines root (default: a temporary folder, removed at the end)")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args(argv)

@@ -14,7 +14,7 @@ images (`qformer_itm_one_text`, text -> image re-ranking) and one image against 
 matmul peak (bench/ceiling.py) each reaches; last, one text against the batch's images with each image's
 cross-attention keys/values stored in the gallery instead (exported here, timed against qformer_itm_one_text).
 First, the multiply-adds per pair of each computation (PyTorch's FlopCounterMode on meta tensors: shapes only, no
-weights; `--count-only` stops there, for any preset of train/presets.py).
+weights; `--count-only` stops there, for any preset of train/blip2/presets.py).
 """
 import argparse
 import sys
@@ -31,14 +31,14 @@ import torch  # noqa: E402
 
 from bench import ceiling  # noqa: E402
 from bench.bench_retrieval import prepare  # noqa: E402
-from runtime.runners import OrtRunner  # noqa: E402
-from train.checkpoint import load_checkpoint  # noqa: E402
-from train.logs import quiet_libraries  # noqa: E402
-from train.presets import image_tokens  # noqa: E402
+from runtime.ort_runner import OrtRunner  # noqa: E402
+from train.blip2.checkpoint import load_checkpoint  # noqa: E402
+from train.blip2.logs import quiet_libraries  # noqa: E402
+from train.blip2.presets import image_tokens  # noqa: E402
 
 
 def session(path: Path, threads: int) -> ort.InferenceSession:
-    """The session the runtime opens (runtime.runners.OrtRunner: its options, with threads that sleep between
+    """The session the runtime opens (runtime.ort_runner.OrtRunner: its options, with threads that sleep between
     runs rather than spin, which would slow PyTorch's)."""
     return OrtRunner(path, threads=threads).session
 
@@ -73,8 +73,8 @@ def multiply_adds(preset: str, text_tokens: int, batch: int) -> dict[str, float]
     itm_one_text and itm_one_image (their shared work spread over the `batch` pairs), and of itm_one_text with
     each image's cross-attention keys/values read from the gallery (bench/ceiling.py), counted by PyTorch's
     FlopCounterMode on meta tensors (no weights, nothing run)."""
-    from train.model import Blip2Edge, EdgeConfig
-    from train.presets import blip2_config
+    from train.blip2.model import Blip2Edge, EdgeConfig
+    from train.blip2.presets import blip2_config
 
     config = blip2_config(preset)
     with torch.device("meta"), torch.no_grad():

@@ -2,7 +2,7 @@
 two-step procedure written in PyTorch on the same model.
 
     python bench/bench_retrieval.py                        # small preset, stage 1, 10,000 images, k=16 and 128
-    python bench/bench_retrieval.py --checkpoint assets/demo   # the trained demo model (64x64 images)
+    python bench/bench_retrieval.py --checkpoint models/demo   # the trained demo model (64x64 images)
     python bench/bench_retrieval.py --gallery 2000 --queries 10 --ks 16
 
 The gallery is encoded once (vision + Q-Former queries: ITC features and image embeddings kept for ITM) by the
@@ -40,11 +40,11 @@ from export.build import build  # noqa: E402
 from runtime import Blip2Pipeline  # noqa: E402
 from runtime.index import ExactIndex  # noqa: E402
 from runtime.retrieval import ImageGallery  # noqa: E402
-from train.checkpoint import load_checkpoint  # noqa: E402
-from train.data import ShapesCaps  # noqa: E402
-from train.demo import make_random_checkpoint  # noqa: E402
-from train.logs import quiet_libraries  # noqa: E402
-from train.reference import HfReference  # noqa: E402
+from train.blip2.checkpoint import load_checkpoint  # noqa: E402
+from train.shapescaps.synthetic import ShapesCaps  # noqa: E402
+from train.blip2.random_checkpoint import make_random_checkpoint  # noqa: E402
+from train.blip2.logs import quiet_libraries  # noqa: E402
+from train.blip2.reference import HfReference  # noqa: E402
 
 
 def prepare(preset: str, work: Path, max_batch: int, checkpoint: Path | None = None) -> tuple[Path, Path]:
@@ -60,7 +60,7 @@ def prepare(preset: str, work: Path, max_batch: int, checkpoint: Path | None = N
 
 
 class TorchRetrieval:
-    """The same two-step retrieval in PyTorch (train.model.Blip2Edge), gallery encoded once. ITM re-ranks the k
+    """The same two-step retrieval in PyTorch (train.blip2.model.Blip2Edge), gallery encoded once. ITM re-ranks the k
     (image, text) pairs as Hugging Face computes them (`itm_forward`), or with `shared=True` through
     `itm_one_text`, the pipeline's re-rank written in PyTorch (the work every image shares done once)."""
 

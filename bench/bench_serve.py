@@ -45,7 +45,7 @@ QUESTIONS = ["Question: what colour is the shape? Answer:", "Question: how many 
 
 def workload(count: int, max_new: int, seed: int = 0) -> list[dict]:
     """Requests: {png, image (PIL), prompt (None: caption), max_new_tokens}."""
-    from train.data import ShapesCaps
+    from train.shapescaps.synthetic import ShapesCaps
 
     rng = np.random.default_rng(seed)
     data = ShapesCaps("val", n=count, image_size=64, seed=11)

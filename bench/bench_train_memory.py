@@ -73,9 +73,9 @@ def run_and_sample(cmd: list[str]) -> tuple[int, int, float, int]:
 
 
 def main(argv=None) -> int:
-    from train.data import write_files
-    from train.demo import make_bert
-    from train.presets import image_tokens
+    from train.shapescaps.synthetic import write_files
+    from train.blip2.random_checkpoint import make_bert
+    from train.blip2.presets import image_tokens
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[2000, 20000])

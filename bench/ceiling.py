@@ -16,8 +16,8 @@ import torch
 from onnx import TensorProto, helper
 from torch.utils.flop_counter import FlopCounterMode
 
-import train.model as edge_model
-from runtime.runners import session_options
+import train.blip2.model as edge_model
+from runtime.ort_runner import session_options
 
 
 def matmul_peak(threads: int, n: int = 2048, rounds: int = 5) -> float:

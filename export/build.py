@@ -19,25 +19,12 @@ limits against the model's position table). The folder is assembled under a temp
 final place and renamed only after every graph and the end-to-end check passed, so an interrupted or
 failed build leaves nothing behind, not even an empty folder.
 """
-import signal
 import sys
 
-if __name__ == "__main__":  # Ctrl-C or SIGTERM (a CI runner, `timeout`, systemd) at any moment, the slow imports
-    # included: one line, exit 130 or 143, no traceback
-    def _interrupted(number, _frame):
-        print("interrupted: no engine folder was written", file=sys.stderr)
-        raise SystemExit(128 + number)  # unwinds like an exception: _staging removes the partial folder on its way
+if __name__ == "__main__":  # (before the slow imports below: see export.startup)
+    from export.startup import prepare
 
-    signal.signal(signal.SIGINT, _interrupted)
-    signal.signal(signal.SIGTERM, _interrupted)
-    import importlib.util
-
-    _missing = [m for m in ("torch", "transformers", "onnx", "onnxruntime", "onnxscript")
-                if importlib.util.find_spec(m) is None]
-    if _missing:  # (a runtime-only install: one line naming the extra, not an ImportError's traceback)
-        print(f"error: `python -m export.build` needs {', '.join(_missing)}; install the export extra: "
-              f"pip install \".[export]\"", file=sys.stderr)
-        raise SystemExit(2)
+    prepare()
 
 import argparse
 import contextlib
@@ -63,13 +50,13 @@ from runtime.image import ImageProcessorConfig
 from runtime.manifest import (
     FORMAT, FORMAT_VERSION, Build, LanguageModel, Manifest, Model, Precision, QFormer, load_manifest,
 )
-from runtime.memory import map_large_allocations
+from runtime.memory import COLLECT_ABOVE_BYTES, collecting, map_large_allocations, return_freed_memory
+from runtime.backends import make_runner
 from runtime.processes import alive
-from runtime.runners import make_runner
-from train.checkpoint import (COLLECT_ABOVE_BYTES, CheckpointError, checkpoint_hash, collecting, load_checkpoint,
-                              parameter_count, resolve_source, return_freed_memory, safetensors_headers)
-from train.families import family
-from train.logs import quiet_libraries
+from train.blip2.checkpoint import (CheckpointError, checkpoint_hash, load_checkpoint, parameter_count, resolve_source,
+                                    safetensors_headers)
+from train.blip2.families import family
+from train.blip2.logs import quiet_libraries
 
 
 @dataclass(frozen=True)
@@ -337,10 +324,10 @@ def _check_and_record(ck, folder: Path, manifest: Manifest, results: list, want:
 # ---------------------------------------------------------------- the build
 def _check_calibration_fits(model_dir: Path, calibration: Calibration, target: str) -> None:
     """INT8 ranges from synthetic ShapesCaps shapes fit a model trained on them (the demo recipe's checkpoints, which
-    hold recipe.json) or random weights (train.demo's, which hold random_weights.json), and nothing else: a model of
+    hold recipe.json) or random weights (train.blip2.random_checkpoint's, which hold random_weights.json), and nothing else: a model of
     natural images calibrated on them gets ranges its inputs exceed, and its gate and accuracy report, which use the
     same kind of images, would pass while saying nothing about its real inputs."""
-    from train.demo import RANDOM_MARK
+    from train.blip2.random_checkpoint import RANDOM_MARK
 
     if calibration.images is not None or any((model_dir / f).is_file() for f in ("recipe.json", RANDOM_MARK)):
         return
@@ -424,7 +411,7 @@ def _output_bytes(model_dir: Path, precision: str) -> float:
     graphs (int4 applies to the LLM only), with 2% and 16 MB for the graphs' structure."""
     from transformers import Blip2Config
 
-    from train.model import EdgeConfig
+    from train.blip2.model import EdgeConfig
 
     vision, llm, table, total = _part_parameters(model_dir)
     copies = 6 if EdgeConfig.load(model_dir, Blip2Config.from_pretrained(model_dir)).qformer_text else 1

@@ -79,7 +79,7 @@ def calibration_images(folder, image_size: int, count: int, seed: int = 0, repor
     HELD_OUT of it, sorted by name, are held out, and are the report's images)."""
     paths = check_calibration(folder, count, report)
     if folder is None:
-        from train.data import ShapesCaps
+        from train.shapescaps.synthetic import ShapesCaps
 
         train = list(ShapesCaps("train", n=count, image_size=image_size, seed=seed))
         val = list(ShapesCaps("val", n=max(HELD_OUT, report), image_size=image_size, seed=seed))
@@ -177,7 +177,7 @@ def _run_pipeline(folder, runner_factory, images: list, texts: list[str] | None,
     the freed heap back between batches (ONNX Runtime's per-call buffers otherwise pile up in glibc's heap: on the
     677M variant, 64 calibration images peaked 0.25 GB above one batch of 8)."""
     from runtime import Blip2Pipeline
-    from train.checkpoint import return_freed_memory
+    from runtime.memory import return_freed_memory
 
     pipe = Blip2Pipeline.from_dir(folder, backend="onnxruntime", runner_factory=runner_factory)
     limits = pipe.manifest.limits

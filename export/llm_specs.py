@@ -1,4 +1,4 @@
-"""The LLM's graphs, one set per family (train.families): the decoder-only one (OPT) is one `llm_decoder`
+"""The LLM's graphs, one set per family (train.blip2.families): the decoder-only one (OPT) is one `llm_decoder`
 graph for the prefill and every decode step; the encoder-decoder one (T5) is `llm_encoder` (soft prompt and
 prompt in, every decoder layer's cross-attention keys and values out, once per image) and `llm_decoder` (one
 graph for every step, self-attention cache in and out, cross keys/values fed back in).
@@ -13,7 +13,7 @@ from export.graph_spec import AxisRange, GraphSpec, TensorSpec, needs
 from export.wrappers import LlmDecoderWrapper, Seq2SeqDecoderWrapper, Seq2SeqEncoderWrapper
 from runtime.manifest import Limits, kv_names
 from runtime.prompt import PromptLayout, pad_rows, position_ids
-from train.families import family
+from train.blip2.families import family
 
 
 # ---------------------------------------------------------------- LLM decoder with KV cache

@@ -22,7 +22,7 @@ its precision sets:
   * cosine(got, ref) >= min_cosine over the flattened output (direction; fp16, int8).
 
 End to end, the runtime pipeline is compared with Hugging Face's public API called the way its users call it
-(`train.reference.HfReference`), never with blip2-edge's own prompt layout: captions against
+(`train.blip2.reference.HfReference`), never with blip2-edge's own prompt layout: captions against
 `generate(pixel_values=...)` without input ids, prompts against the ids `Blip2Processor` lays out, in a batch
 of four and image by image (and the runtime's batch against its own single-image results), a decode step fed
 the image placeholder id (Hugging Face forced to generate it), ITC/ITM against `Blip2ForImageTextRetrieval`,
@@ -37,8 +37,8 @@ from PIL import Image
 
 from export.float64 import float64 as in_float64
 from export.graph_spec import GraphSpec, torch_inputs
-from train.checkpoint import return_freed_memory
-from train.reference import HfReference, itg_greedy
+from runtime.memory import return_freed_memory
+from train.blip2.reference import HfReference, itg_greedy
 
 
 @dataclass(frozen=True)
@@ -364,7 +364,7 @@ def check_runner(path, graph: str | None = None):
     """How the build's checks open an ONNX graph (also a `runner_factory` for Blip2Pipeline): ONNX Runtime on the
     CPU without its memory arena, which would keep each session's largest call's memory while the next graphs
     load (the same computation; memory back after every call)."""
-    from runtime.runners import make_runner
+    from runtime.backends import make_runner
 
     return make_runner(path, "onnxruntime", memory_arena=False)
 

@@ -391,7 +391,7 @@ class RangeRunner:
     batch 8: 10.3 GB instead of 4.3)."""
 
     def __init__(self, src, tensors: list[str], channels: list[str] = ()):
-        from runtime.runners import make_runner
+        from runtime.backends import make_runner
 
         self.ranges = ActivationRanges(tensors, channels)
         path = write_calibration_graph(src, self.ranges.tensors, self.ranges.channels)

@@ -2,7 +2,7 @@
 limits that bound their dynamic axes.
 
     >>> from export.specs import graph_specs
-    >>> [s.name for s in graph_specs(model)]          # model: train.model.Blip2Edge with OPT
+    >>> [s.name for s in graph_specs(model)]          # model: train.blip2.model.Blip2Edge with OPT
     ['vision', 'qformer_query', 'qformer_text', 'qformer_itm', 'qformer_itm_one_text', 'qformer_itm_one_image',
      'qformer_itg', 'llm_decoder']
 
@@ -22,8 +22,8 @@ from export.wrappers import (
     query_outputs,
 )
 from runtime.manifest import Limits, kv_names
-from train.families import family
-from train.presets import image_tokens
+from train.blip2.families import family
+from train.blip2.presets import image_tokens
 
 
 class LimitError(ValueError):

@@ -7,8 +7,8 @@ Hugging Face's own modules, so any BLIP-2 checkpoint exports the same way.
 from torch import nn
 from transformers import DynamicCache
 
-from train.families import EncoderDecoder
-from train.masks import causal_lm_mask
+from train.blip2.families import EncoderDecoder
+from train.blip2.masks import causal_lm_mask
 
 
 class VisionWrapper(nn.Module):
@@ -85,7 +85,7 @@ class QFormerItmWrapper(nn.Module):
 class QFormerItmOneWrapper(nn.Module):
     """Bi-directional mode, one side against a batch of the other (retrieval's re-rank) -> itm_logits [B,2],
     qformer_itm's logits for the B pairs with the work they share done once. one="text": image_embeds [B,Np,Dv],
-    input_ids / attention_mask [1,T] (text -> image; train.model.Blip2Edge.itm_one_text); one="image":
+    input_ids / attention_mask [1,T] (text -> image; train.blip2.model.Blip2Edge.itm_one_text); one="image":
     image_embeds [1,Np,Dv], input_ids / attention_mask [B,T] (image -> text; Blip2Edge.itm_one_image)."""
 
     def __init__(self, model, one: str):
@@ -117,7 +117,7 @@ class LlmDecoderWrapper(nn.Module):
 
     inputs:  input_ids [B,T] (image placeholders where the soft prompt goes), soft_prompt [B,Nq,Dllm]
              (Nq = 0 in decode steps: a generated placeholder id is then embedded like any other id; see
-             train.model.Blip2Edge.llm_inputs_embeds), attention_mask [B,P+T], position_ids [B,T],
+             train.blip2.model.Blip2Edge.llm_inputs_embeds), attention_mask [B,P+T], position_ids [B,T],
              past_key_i / past_value_i [B,H,P,hd] for every layer i (P = 0 at prefill).
     outputs: logits [B,V] of the last position, present_key_i / present_value_i [B,H,P+T,hd].
     """
@@ -146,7 +146,7 @@ class LlmDecoderWrapper(nn.Module):
 class Seq2SeqEncoderWrapper(nn.Module):
     """The encoder-decoder LLM's encoder (T5): input_ids [B,S] (placeholders where the soft prompt goes),
     soft_prompt [B,Nq,D], attention_mask [B,S] -> cross_key_i / cross_value_i [B,H,S,d] of every decoder layer,
-    computed once per image (train.families.EncoderDecoder)."""
+    computed once per image (train.blip2.families.EncoderDecoder)."""
 
     def __init__(self, model):
         super().__init__()

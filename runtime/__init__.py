@@ -2,7 +2,7 @@
 
     from runtime import Blip2Pipeline
     pipe = Blip2Pipeline.from_dir("engines/demo/onnx")
-    print(pipe.caption("examples/red_circle.png"))
+    print(pipe.caption("examples/blue_circle_left.png"))
 
 Command line: `python -m runtime caption --engines engines/demo/onnx IMAGE...`.
 This package never imports torch or transformers.

@@ -306,7 +306,7 @@ def main(argv=None) -> int:
 
     run = {"caption": _generate, "ask": _generate, "match": _match, "retrieve": _retrieve}[args.command]
     try:
-        # this process runs nothing else on ONNX Runtime: one shared thread pool is fastest (runtime.runners)
+        # this process runs nothing else on ONNX Runtime: one shared thread pool is fastest (runtime.ort_runner)
         pipe = Blip2Pipeline.from_dir(args.engines, backend=args.backend, shared_pool=True, providers=args.providers)
         lines = run(pipe, args)
     except Blip2EdgeError as e:

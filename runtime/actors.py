@@ -12,7 +12,7 @@ CUDA_VISIBLE_DEVICES alone for actors that ask for no GPU; older Ray emptied it.
 import os
 
 from runtime.errors import Blip2EdgeError
-from runtime.runners import PROVIDER_DEVICES, provider_name
+from runtime.ort_runner import PROVIDER_DEVICES, provider_name
 
 
 class ActorResourceError(Blip2EdgeError, ValueError):

@@ -34,8 +34,9 @@ from runtime.itg import ItgCaptioner
 from runtime.llm import LlmGenerator
 from runtime.manifest import Manifest, load_manifest
 from runtime.retrieval import ImageGallery, Match, QFormerText, TextGallery, check_texts
+from runtime.ort_runner import check_providers, default_threads
+from runtime.backends import make_runner
 from runtime.runner import RunnerFactory
-from runtime.runners import check_providers, default_threads, make_runner
 from runtime.vision import ImageEncoder
 
 # What each optional capability needs, and how an engineer gets it.
@@ -114,7 +115,7 @@ class Blip2Pipeline:
         backend: "onnxruntime", "tensorrt", or "auto" (TensorRT for a TensorRT engine folder, else ONNX Runtime).
         threads: ONNX Runtime threads per graph (default: BLIP2_EDGE_THREADS, else one per core).
         shared_pool: every ONNX Runtime session of the process shares one thread pool: faster, but the process
-        can then open no ONNX Runtime session with a pool of its own (see runtime.runners.OrtRunner).
+        can then open no ONNX Runtime session with a pool of its own (see runtime.ort_runner.OrtRunner).
         runner_factory: `factory(path, graph name) -> Runner` opens each graph instead of the backend's runner.
         max_image_pixels: image files and PIL images with more pixels are refused from their header, before they
         are decoded (default 40 Mpx; None: no limit).

@@ -20,7 +20,7 @@ import numpy as np
 
 from runtime.errors import Blip2EdgeError, PromptError
 from runtime.index import FaissIndex, build_index, faiss_available, one_blas_thread, similarity, top_k
-from runtime.runners import float16_to_float32
+from runtime.ort_runner import float16_to_float32
 from runtime.text import QFormerTokenizer
 from runtime.vision import chunks
 
@@ -199,7 +199,7 @@ def check_texts(texts: list, what: str) -> list[str]:
 
 def rows_float32(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """array[rows] in float32: the ITM re-rank's image embeddings, read from a gallery's float16 (memory-mapped)
-    ones (converted by ONNX Runtime, 5-7x faster than numpy: `runtime.runners.float16_to_float32`)."""
+    ones (converted by ONNX Runtime, 5-7x faster than numpy: `runtime.ort_runner.float16_to_float32`)."""
     picked = np.asarray(array[rows])
     if picked.dtype == np.float16:
         return float16_to_float32(picked)

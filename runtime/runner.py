@@ -5,11 +5,11 @@ output names) and `_infer` (run it). `run(feeds, keep=names)` returns the named 
 in the backend's memory (TensorRT's GPU buffers; ONNX Runtime's OrtValues on its provider's device, by IO binding),
 that the next call takes back as inputs as they are, so a KV cache never leaves the GPU; other outputs are numpy.
 
-    from runtime.runners import make_runner
+    from runtime.backends import make_runner
     runner = make_runner("engines/demo/onnx/vision.onnx", backend="onnxruntime")
     outputs = runner.run({"pixel_values": x})      # {"image_embeds": array}
 
-This module imports nothing but numpy: `runtime.runners` (ONNX Runtime, and the backend factory) and
+This module imports nothing but numpy: `runtime.ort_runner` (ONNX Runtime, and the backend factory) and
 `runtime.trt_runner` (TensorRT) both build on it, and neither imports the other's module at load time.
 """
 from pathlib import Path

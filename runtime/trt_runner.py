@@ -1,6 +1,6 @@
 """TensorRT backend: one serialized engine per graph, device memory through cuda-python (no torch, no pycuda).
 
-    from runtime.runners import make_runner
+    from runtime.backends import make_runner
     runner = make_runner("engines/demo/trt-fp16/llm_decoder.engine", backend="tensorrt")
     out = runner.run(feeds, keep=["present_key_0", ...])   # kept outputs stay on the GPU as DeviceTensor
     out = runner.run({**feeds, "past_key_0": out["present_key_0"], ...})   # ... and go back in without a copy

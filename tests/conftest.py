@@ -20,7 +20,7 @@ VARIANTS = {
     # T5's (ReLU FFN, tied embeddings, LM head input scaled by d_model ** -0.5)
     "t5": {"preset": "tiny-t5", "qformer_text": True},  # with the Q-Former's text side: every T5 graph
     "t5-orig": {"preset": "tiny-t5", "t5_ffn": "relu", "tie_word_embeddings": True, "num_query_tokens": 3},
-    # what trained models have and random ones lack (train.demo.trained_like): weights at 3/sqrt(fan_in) and the
+    # what trained models have and random ones lack (train.blip2.random_checkpoint.trained_like): weights at 3/sqrt(fan_in) and the
     # LLM's embeddings x2, T5's large activations and sharp softmaxes, in both T5 layouts; OPT's outlier features
     # (3 hidden dimensions of the LayerNorm outputs every product reads x20..x60, the weights trained around them)
     "t5-trained": {"preset": "tiny-t5", "scales": "trained"},
@@ -61,7 +61,7 @@ def make_engine(tmp_path_factory):
     from filelock import FileLock
 
     from export.build import build
-    from train.demo import make_random_checkpoint
+    from train.blip2.random_checkpoint import make_random_checkpoint
 
     base = tmp_path_factory.getbasetemp()
     shared = base.parent / "shared-engines" if os.environ.get("PYTEST_XDIST_WORKER") else base / "engines"
@@ -105,7 +105,7 @@ def pipeline(tiny_engine):
 
 @pytest.fixture(scope="session")
 def checkpoint(tiny_engine):
-    from train.checkpoint import load_checkpoint
+    from train.blip2.checkpoint import load_checkpoint
 
     return load_checkpoint(tiny_engine[0])
 

@@ -1,9 +1,9 @@
-"""The synthetic backbones' pre-training targets and initialisation (train/backbones.py)."""
+"""The synthetic backbones' pre-training targets and initialisation (train/shapescaps/backbones.py)."""
 import numpy as np
 import torch.nn.functional as F
 
-from train.backbones import ATTRIBUTES, POSITION_STD, attribute_targets, sincos_positions
-from train.data import Shape
+from train.shapescaps.backbones import ATTRIBUTES, POSITION_STD, attribute_targets, sincos_positions
+from train.shapescaps.synthetic import Shape
 
 
 def test_sincos_positions_tell_every_patch_apart_and_keep_neighbours_close():
@@ -27,8 +27,8 @@ def test_attribute_targets_bind_each_shape_to_its_place():
 
 def test_llm_pretraining_scores_only_what_follows_the_context():
     """OPT's pre-training loss: the whole of a lone caption, only the continuation of a context pair or a copy."""
-    from train.backbones import copy_rows, llm_batch, llm_rows
-    from train.text_tokenizer import build_tokenizer
+    from train.shapescaps.backbones import copy_rows, llm_batch, llm_rows
+    from train.blip2.tokenizers import build_tokenizer
 
     tok = build_tokenizer(512)
     bos, eos, pad = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id

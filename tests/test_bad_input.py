@@ -172,8 +172,8 @@ def test_ill_defined_projection_is_refused(tmp_path):
     """language_projection outputs hidden_size values but OPT embeds word_embed_proj_dim wide: HF would stream
     one image's projection into the next row, so the build refuses before writing anything."""
     from export.build import build
-    from train.checkpoint import CheckpointError
-    from train.demo import make_random_checkpoint
+    from train.blip2.checkpoint import CheckpointError
+    from train.blip2.random_checkpoint import make_random_checkpoint
 
     ck = make_random_checkpoint(tmp_path / "ck", "tiny", seed=0, word_embed_proj_dim=16)
     with pytest.raises(CheckpointError, match="hidden_size=32.*word_embed_proj_dim=16"):
@@ -299,7 +299,7 @@ def test_incomplete_weight_files_are_refused_before_loading(tiny_engine, tmp_pat
     """A shard the index names but the folder lacks, and a safetensors file cut short: the error names the file
     and the fix, and no engine folder is started (Hugging Face would fill a missing shard with random weights)."""
     from export.build import build
-    from train.checkpoint import CheckpointError
+    from train.blip2.checkpoint import CheckpointError
 
     broken = _broken_copy(tiny_engine[0], tmp_path)
     weights = broken / "model.safetensors"
@@ -333,7 +333,7 @@ def test_too_little_disk_is_refused_before_anything_is_written(tiny_engine, tmp_
 
 def test_a_mistyped_model_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
     """`--model models/nope` where models/ exists: a path error, not advice to download 'models/nope'."""
-    from train.checkpoint import CheckpointError, resolve_source
+    from train.blip2.checkpoint import CheckpointError, resolve_source
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models").mkdir()

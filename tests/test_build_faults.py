@@ -12,7 +12,7 @@ import pytest
 
 from export import build as build_module
 from export.build import BuildError, Calibration, _check_calibration_fits, _remove_leftovers
-from train.demo import RANDOM_MARK
+from train.blip2.random_checkpoint import RANDOM_MARK
 
 
 def _dead_pid() -> int:
@@ -73,7 +73,7 @@ def test_int8_of_a_model_not_trained_on_shapescaps_needs_its_own_calibration_ima
     assert not (tmp_path / "engines").exists()
     _check_calibration_fits(checkpoint, Calibration(images=str(tmp_path)), "onnx-int8")  # given: fine
     _check_calibration_fits(Path("models/demo"), Calibration(), "onnx-int8")  # trained on ShapesCaps: fine
-    (checkpoint / RANDOM_MARK).write_text("{}")  # random weights (train.demo): fine
+    (checkpoint / RANDOM_MARK).write_text("{}")  # random weights (train.blip2.random_checkpoint): fine
     _check_calibration_fits(checkpoint, Calibration(), "onnx-int8")
 
 

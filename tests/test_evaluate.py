@@ -1,4 +1,4 @@
-"""train.evaluate: the held-out ShapesCaps evaluation, for a checkpoint (PyTorch) and an engine folder (runtime).
+"""train.shapescaps.evaluate: the held-out ShapesCaps evaluation, for a checkpoint (PyTorch) and an engine folder (runtime).
 
 The models here are random, so these tests check the machinery: both backends give the same outputs, missing
 capabilities are n/a, the metric rules (equivalence in recall, ITM negatives) hold, and the CLI behaves.
@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from train.data import ShapesCaps
-from train.evaluate import (METRICS, CapabilityError, EvaluationError, PipelineBackend, TorchBackend, add_arguments,
-                            evaluate, format_table, layout_key, main, pick_negatives, pick_questions, recall_at_1,
-                            run, shapes_key, similarity)
+from train.evaluation.backends import CapabilityError, EvaluationError, PipelineBackend, TorchBackend
+from train.shapescaps.evaluate import (METRICS, add_arguments, evaluate, format_table, layout_key, main, pick_negatives,
+                                       pick_questions, recall_at_1, run, shapes_key, similarity)
+from train.shapescaps.synthetic import ShapesCaps
 
 ROOT = Path(__file__).resolve().parents[1]
 # the demo Q-Former tokenizer splits some ShapesCaps captions into more than 32 pieces: both backends cut them alike
@@ -29,7 +29,7 @@ N, TOKENS = 12, dict(caption_tokens=6, answer_tokens=3, batch_size=8)  # 8 + 4: 
 def stage2(tmp_path_factory):
     """Stage-2 checkpoint with the Q-Former's text side (every capability) and its ONNX engine folder."""
     from export.build import build
-    from train.demo import make_random_checkpoint
+    from train.blip2.random_checkpoint import make_random_checkpoint
 
     logging.getLogger("export.checkpoint").setLevel(logging.ERROR)
     root = tmp_path_factory.mktemp("eval")
@@ -88,7 +88,7 @@ def test_torch_and_pipeline_agree(both_results):
 
 
 def test_stage1_checkpoint_has_no_llm_metrics(tmp_path):
-    from train.demo import make_random_checkpoint
+    from train.blip2.random_checkpoint import make_random_checkpoint
 
     ck = make_random_checkpoint(tmp_path / "stage1", "tiny", stage=1, image_size=64, patch_size=16)
     backend = TorchBackend(ck)
@@ -287,7 +287,7 @@ def test_cli_errors_name_the_fix(argv, message, stage2, tmp_path, capsys):
 
 
 def test_module_runs_by_itself(tmp_path):
-    for module in (["train.evaluate"], ["train", "eval"]):
+    for module in (["train.shapescaps.evaluate"], ["train", "eval"]):
         proc = subprocess.run([sys.executable, "-m", *module, "--model", str(tmp_path / "nope")],
                               cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 1 and "--model folder not found" in proc.stderr, proc.stderr
@@ -297,7 +297,7 @@ def test_module_runs_by_itself(tmp_path):
 def test_engine_evaluation_needs_no_torch(stage2, tmp_path):
     """An engine folder is evaluated with the runtime alone (deployment machines have no torch)."""
     out = tmp_path / "r.json"
-    code = ("import sys; from train.evaluate import main; "
+    code = ("import sys; from train.shapescaps.evaluate import main; "
             f"rc = main(['--engines', {str(stage2[1])!r}, '--n', '2', '--out', {str(out)!r}]); "
             "sys.exit(rc or 10 * any(m in sys.modules for m in ('torch', 'transformers')))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -306,7 +306,7 @@ def test_engine_evaluation_needs_no_torch(stage2, tmp_path):
 
 
 def test_comparison_against_a_baseline_flags_losses_beyond_the_precision_budget():
-    from train.evaluate import format_comparison
+    from train.shapescaps.evaluate import format_comparison
 
     def res(precision, itc, vqa):
         ok = lambda v: {"label": "x", "status": "ok", "value": v}  # noqa: E731

@@ -16,8 +16,8 @@ from hf_calls import ForceAt, hf_generate, hf_rows, processor
 from export.parity import TOLERANCES, ParityError, check_graph, probe_images, raise_on_failure
 from export.specs import graph_specs
 from runtime import Blip2Pipeline
-from runtime.runners import make_runner
-from train.checkpoint import load_checkpoint
+from runtime.backends import make_runner
+from train.blip2.checkpoint import load_checkpoint
 
 PROMPTS = [None, "a photo of", "Question: what color is it? Answer:"]
 # Both T5 layouts' greedy cases run in the default suite with trained-like scales (t5-trained, t5-orig-trained),

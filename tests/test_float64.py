@@ -63,8 +63,8 @@ def test_teacher_forced_logits_are_those_generate_chose_from(make_engine, varian
     teacher_forced, fed the ids generate() laid out itself); in float32 it gives generate's own step logits, within
     float32 rounding, for captions and prompts, OPT and T5."""
     from export.parity import GATE_PROMPTS, probe_images
-    from train.checkpoint import load_checkpoint
-    from train.reference import HfReference
+    from train.blip2.checkpoint import load_checkpoint
+    from train.blip2.reference import HfReference
 
     ck = load_checkpoint(make_engine(variant)[0])
     ref = HfReference(ck)

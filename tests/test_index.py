@@ -136,13 +136,13 @@ def test_rows_float32_reads_the_rows_a_query_reranks(tmp_path):
 
 
 def test_float16_cast_model_is_one_cast_and_converts_every_float16_value_as_numpy_does():
-    """runtime.runners' 77-byte model is what onnx.helper builds for one Cast float16 -> float32, and ONNX
+    """runtime.ort_runner' 77-byte model is what onnx.helper builds for one Cast float16 -> float32, and ONNX
     Runtime's conversion through it equals numpy's for all 65,536 float16 bit patterns (subnormals, infinities;
     NaNs stay NaN)."""
     import onnx
     from onnx import TensorProto, helper
 
-    from runtime.runners import FLOAT16_CAST_MODEL, float16_to_float32
+    from runtime.ort_runner import FLOAT16_CAST_MODEL, float16_to_float32
 
     graph = helper.make_graph([helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)], "cast",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["n"])],

@@ -1,7 +1,7 @@
 """The causal decoder mask: shape, causality, padding, KV-cache offset."""
 import torch
 
-from train.masks import causal_lm_mask
+from train.blip2.masks import causal_lm_mask
 
 
 def allowed(mask):

@@ -23,8 +23,9 @@ from hf_calls import hf_generate
 from runtime import Blip2Pipeline
 from runtime.errors import ImageInputError
 from runtime.manifest import load_manifest
-from runtime.runners import int8_products_saturate, make_runner
-from train.checkpoint import load_checkpoint
+from runtime.ort_runner import int8_products_saturate
+from runtime.backends import make_runner
+from train.blip2.checkpoint import load_checkpoint
 
 VARIANT = "stage2text"
 ALL_GRAPHS = {"vision", "qformer_query", "qformer_text", "qformer_itm", "qformer_itm_one_text", "qformer_itm_one_image",

@@ -27,11 +27,11 @@ def _gather_model(elem_type: int):
 
 @pytest.mark.parametrize("dtype,elem_type", [(np.float32, 1), (np.float16, 10)])
 def test_gather_model_is_one_gather_and_gathers_rows_as_numpy_does(dtype, elem_type):
-    """runtime.runners' Gather model (how an OrtArray on a GPU reorders its rows there) is what onnx.helper builds,
+    """runtime.ort_runner' Gather model (how an OrtArray on a GPU reorders its rows there) is what onnx.helper builds,
     and run through ONNX Runtime's IO binding it gathers any rows, repeated and reordered, as numpy indexing does."""
     import onnxruntime as ort
 
-    from runtime.runners import GATHER_MODEL, gather_rows
+    from runtime.ort_runner import GATHER_MODEL, gather_rows
 
     onnx, model = _gather_model(elem_type)
     assert onnx.load_from_string(bytes.fromhex(GATHER_MODEL.format(t=f"{elem_type:02x}"))) == model
@@ -70,7 +70,8 @@ def test_kept_caches_are_ortvalues_fed_back_bound_and_compute_what_numpy_caches_
     of every step are those of the same steps with numpy caches (session.run), exactly: the same kernels run."""
     import onnxruntime as ort
 
-    from runtime.runners import OrtArray, make_runner
+    from runtime.ort_runner import OrtArray
+    from runtime.backends import make_runner
 
     runner = make_runner(tiny_engine[1] / "llm_decoder.onnx")
     rng = np.random.default_rng(1)
@@ -93,7 +94,7 @@ def test_generate_with_bound_caches_equals_generate_with_numpy_caches(make_engin
     """Whole generations (greedy, and beam search, which reorders the bound caches every step) give the same
     tokens with caches kept by IO binding as with every cache a numpy array."""
     from runtime import Blip2Pipeline
-    from runtime.runners import OrtRunner
+    from runtime.ort_runner import OrtRunner
 
     _, engine = make_engine(variant)
     pipe = Blip2Pipeline.from_dir(engine)
@@ -121,7 +122,7 @@ def test_a_provider_this_install_lacks_is_named_with_the_fix_before_any_graph_op
 
 def test_provider_devices_and_the_gpus_an_actor_asks_for():
     from runtime.actors import gpus_per_actor
-    from runtime.runners import provider_device
+    from runtime.ort_runner import provider_device
 
     assert provider_device(["CPUExecutionProvider"]) == ("cpu", 0)
     assert provider_device([("CUDAExecutionProvider", {"device_id": "1"}), "CPUExecutionProvider"]) == ("cuda", 1)

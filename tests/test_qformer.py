@@ -13,12 +13,12 @@ from export.parity import probe_images, same_ranking
 from hf_calls import hf_pixel_values, processor, qformer_texts, until_eos
 from runtime import Blip2Pipeline, EngineFolderError, PromptError
 from runtime.retrieval import ImageGallery, RetrievalError
-from runtime.runners import make_runner
-from train.checkpoint import load_checkpoint
-from train.masks import qformer_mask
-from train.model import Blip2Edge, EdgeConfig
-from train.presets import blip2_config
-from train.reference import itg_greedy
+from runtime.backends import make_runner
+from train.blip2.checkpoint import load_checkpoint
+from train.blip2.masks import qformer_mask
+from train.blip2.model import Blip2Edge, EdgeConfig
+from train.blip2.presets import blip2_config
+from train.blip2.reference import itg_greedy
 
 TEXTS = ["a red circle on the left", "a blue square", "there is a small green triangle at the top of the image",
          "two shapes"]
@@ -399,7 +399,7 @@ def test_hf_retrieval_folder_exports(tmp_path):
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
     from export.build import build
-    from train.text_tokenizer import build_qformer_tokenizer
+    from train.blip2.tokenizers import build_qformer_tokenizer
 
     tok = build_qformer_tokenizer(96)
     cfg = blip2_config("tiny", qformer_vocab_size=len(tok))

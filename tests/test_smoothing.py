@@ -12,8 +12,8 @@ from export.precision import int8_plan, int8_ranges, to_int8
 from export.specs import graph_specs
 from export.weights import load_graph
 from runtime.manifest import load_manifest
-from runtime.runners import make_runner
-from train.checkpoint import load_checkpoint
+from runtime.backends import make_runner
+from train.blip2.checkpoint import load_checkpoint
 
 
 def _decoder_feeds(engine, count=2):

@@ -18,11 +18,11 @@ from export.specs import graph_specs
 from hf_calls import hf_generate
 from runtime import Blip2Pipeline
 from runtime.errors import PromptError
-from runtime.runners import make_runner
-from train.checkpoint import CheckpointError, load_checkpoint
-from train.families import EncoderDecoder
-from train.model import Blip2Edge, EdgeConfig
-from train.presets import blip2_config
+from runtime.backends import make_runner
+from train.blip2.checkpoint import CheckpointError, load_checkpoint
+from train.blip2.families import EncoderDecoder
+from train.blip2.model import Blip2Edge, EdgeConfig
+from train.blip2.presets import blip2_config
 
 
 @pytest.mark.parametrize("options", [{}, {"t5_ffn": "relu", "tie_word_embeddings": True}], ids=["flan", "original"])
@@ -47,9 +47,9 @@ def test_stepped_decoder_equals_hugging_face_t5(options):
 
 
 def test_prefix_lm_loss_is_on_the_suffix_only():
-    from train.losses import lm_loss
-    from train.stages import lm_batch
-    from train.text_tokenizer import build_t5_tokenizer
+    from train.training.losses import lm_loss
+    from train.training.batches import lm_batch
+    from train.blip2.tokenizers import build_t5_tokenizer
 
     tok = build_t5_tokenizer(300)
     torch.manual_seed(0)
@@ -79,9 +79,9 @@ def test_prefix_lm_loss_is_on_the_suffix_only():
 
 
 def test_t5_pretraining_reads_the_context_in_the_encoder():
-    from train.backbones import seq2seq_rows
-    from train.data import context_corpus
-    from train.text_tokenizer import build_t5_tokenizer
+    from train.shapescaps.backbones import seq2seq_rows
+    from train.shapescaps.synthetic import context_corpus
+    from train.blip2.tokenizers import build_t5_tokenizer
 
     tok = build_t5_tokenizer(300)
     rows = seq2seq_rows(tok, n_texts=3, seed=0, copies=2)
@@ -196,7 +196,7 @@ def test_bad_t5_checkpoints_are_refused_before_any_export(make_engine, tmp_path)
     with pytest.raises(CheckpointError, match="decoder_start_token_id is not set"):
         build(folder, "onnx", tmp_path / "engines", say=lambda *_: None)
     _edit_text_config(folder, decoder_start_token_id=0)
-    from train.text_tokenizer import build_t5_tokenizer
+    from train.blip2.tokenizers import build_t5_tokenizer
 
     build_t5_tokenizer(600, [f"word{i} and more{i}" for i in range(400)]).save_pretrained(folder)  # another vocabulary
     with pytest.raises(CheckpointError, match="tokenizer has 600 tokens but the LLM.s vocabulary .* has 260"):
@@ -225,7 +225,7 @@ def test_a_plain_hugging_face_t5_checkpoint_exports_and_generates_what_hf_genera
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
     from conftest import ROOT
-    from train.text_tokenizer import build_t5_tokenizer
+    from train.blip2.tokenizers import build_t5_tokenizer
 
     tok = build_t5_tokenizer(300)
     cfg = blip2_config("tiny-t5", vocab_size=len(tok), image_token_index=tok.convert_tokens_to_ids("<image>"),

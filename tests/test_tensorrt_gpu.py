@@ -29,8 +29,8 @@ def built(tmp_path_factory):
     from export.onnx_export import export_graph
     from export.specs import graph_specs
     from export.trt_build import build_engine
-    from train.checkpoint import load_checkpoint
-    from train.demo import make_random_checkpoint
+    from train.blip2.checkpoint import load_checkpoint
+    from train.blip2.random_checkpoint import make_random_checkpoint
 
     cache = {}
 
@@ -146,7 +146,7 @@ def test_trt_targets_build_and_follow_hugging_face(make_engine, target, variant)
     from runtime import Blip2Pipeline
     from runtime.manifest import load_manifest
     from runtime.trt_runner import current_hardware
-    from train.checkpoint import load_checkpoint
+    from train.blip2.checkpoint import load_checkpoint
 
     ck_dir, engine = make_engine(variant, target)
     ck = load_checkpoint(ck_dir)

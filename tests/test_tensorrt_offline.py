@@ -17,7 +17,7 @@ from export.trt_build import TensorRTUnavailable, TrtBuildError, build_engine, r
 from runtime import trt_runner
 from runtime.decoder import CachedDecoder
 from runtime.errors import BackendError, EngineFolderError
-from runtime.runners import make_runner
+from runtime.backends import make_runner
 from runtime.trt_runner import DeviceTensor, TrtRunner, check_compatible, pick_profile
 
 
@@ -292,9 +292,9 @@ def test_runner_reports_missing_or_foreign_plan(fake_gpu):
 # ---------------------------------------------------------------- profile selection on the real specs
 @pytest.fixture(scope="module")
 def decoder_spec(tmp_path_factory):
-    from train.checkpoint import load_checkpoint
+    from train.blip2.checkpoint import load_checkpoint
     from export.specs import graph_specs
-    from train.demo import make_random_checkpoint
+    from train.blip2.random_checkpoint import make_random_checkpoint
 
     ck = load_checkpoint(make_random_checkpoint(tmp_path_factory.mktemp("trt-offline") / "ck", "tiny", seed=0))
     return {s.name: s for s in graph_specs(ck.model)}["llm_decoder"]
@@ -596,7 +596,7 @@ def test_t5_profiles_take_every_call_the_runtime_makes(make_engine):
     from export.calibration import record_feeds
     from export.parity import probe_images
     from export.specs import graph_specs
-    from train.checkpoint import load_checkpoint
+    from train.blip2.checkpoint import load_checkpoint
 
     ck_dir, engine = make_engine("t5")
     specs = {s.name: s for s in graph_specs(load_checkpoint(ck_dir).model)}

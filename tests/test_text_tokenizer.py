@@ -1,4 +1,4 @@
-"""The tokenizers the trainer builds (train/text_tokenizer.py): the same corpus gives the same ids in every
+"""The tokenizers the trainer builds (train/blip2/tokenizers.py): the same corpus gives the same ids in every
 process, which the demo recipe's bit-for-bit reproduction rests on."""
 import json
 import subprocess
@@ -6,12 +6,12 @@ import sys
 
 import pytest
 
-from train.text_tokenizer import QFORMER_SPECIALS, build_qformer_tokenizer, wordpiece_vocab
+from train.blip2.tokenizers import QFORMER_SPECIALS, build_qformer_tokenizer, wordpiece_vocab
 
 VOCABS = """
 import json
-from train.data import text_corpus
-from train.text_tokenizer import build_qformer_tokenizer, build_tokenizer
+from train.shapescaps.synthetic import text_corpus
+from train.blip2.tokenizers import build_qformer_tokenizer, build_tokenizer
 corpus = list(text_corpus(n_train=2000, seed=0))
 print(json.dumps([build_qformer_tokenizer(512, corpus).get_vocab(), build_tokenizer(512, corpus).get_vocab()]))
 """

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train import losses as L
-from train.model import Blip2Edge, EdgeConfig
-from train.presets import blip2_config
-from train.trainer import NonFiniteLoss, TrainConfig, fit, lr_at
+from train.training import losses as L
+from train.blip2.model import Blip2Edge, EdgeConfig
+from train.blip2.presets import blip2_config
+from train.training.trainer import NonFiniteLoss, TrainConfig, fit, lr_at
 
 
 @pytest.fixture(scope="module")
@@ -148,8 +148,8 @@ def test_foil_itc_loss_matches_the_formula():
 
 @torch.no_grad()
 def test_lm_loss_counts_only_target_tokens(model):
-    from train.stages import lm_batch
-    from train.text_tokenizer import build_tokenizer
+    from train.shapescaps.stages import lm_batch
+    from train.blip2.tokenizers import build_tokenizer
 
     tok = build_tokenizer(270)
     batch = lm_batch(model, tok, [("Question: what? Answer:", "red"), (None, "a red circle")])
@@ -276,9 +276,10 @@ def test_learning_rate_schedule():
 def test_stage1_and_stage2_learn_and_save_hf_loadable_checkpoints(tmp_path):
     from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
 
-    from train.demo import write_checkpoint
-    from train.recipe import Recipe, build_model, build_tokenizers, preprocessor
-    from train.stages import run_stage1, run_stage2, shapescaps_set
+    from train.blip2.random_checkpoint import write_checkpoint
+    from train.blip2.checkpoint import preprocessor
+    from train.shapescaps.recipe import Recipe, build_model, build_tokenizers
+    from train.shapescaps.stages import run_stage1, run_stage2, shapescaps_set
 
     recipe = Recipe(preset="tiny", corpus_texts=300, llm_vocab=200, qformer_vocab=150)
     tok, qtok = build_tokenizers(recipe)
@@ -340,7 +341,7 @@ def test_a_run_folder_resumes_only_the_run_that_wrote_it(tmp_path):
     change, or no state yet, go on."""
     import json
 
-    from train.trainer import RunFolderError, check_resume
+    from train.training.trainer import RunFolderError, check_resume
 
     saved = {"preset": "demo", "stage1_steps": 1500, "seed": 0, "workers": 2}
     (tmp_path / "recipe.json").write_text(json.dumps(saved))

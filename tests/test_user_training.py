@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from conftest import ROOT
-from train.data import DataError, write_files
-from train.datasets import open_dataset
+from train.shapescaps.synthetic import write_files
+from train.training.datasets import DataError
+from train.training.datasets import open_dataset
 
 DEMO = ROOT / "models" / "demo"
 
@@ -21,7 +22,7 @@ DEMO = ROOT / "models" / "demo"
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """ShapesCaps written as a user's data: COCO captions, JSONL (captions + VQA), WebDataset shards; a BERT."""
-    from train.demo import make_bert
+    from train.blip2.random_checkpoint import make_bert
 
     root = tmp_path_factory.mktemp("userdata")
     write_files(root / "train", 24, "train", image_size=64)
@@ -103,7 +104,7 @@ def test_missing_images_within_max_bad_are_skipped_and_listed(files, tmp_path):
 
 def _stream(data, **kw):
     from runtime.image import ImageProcessorConfig
-    from train.streaming import ImageStream
+    from train.training.streaming import ImageStream
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
     pre = ImageProcessorConfig.from_hf_dict(BlipImageProcessorPil(size={"height": 64, "width": 64}).to_dict())
@@ -125,8 +126,8 @@ def test_a_step_reads_the_same_images_whether_resumed_or_not(files):
 
 
 def test_the_feature_cache_serves_later_epochs_without_decoding(files, tmp_path):
-    from train.sources import stage1_start
-    from train.streaming import FeatureCache
+    from train.training.sources import stage1_start
+    from train.training.streaming import FeatureCache
 
     model, _ = stage1_start(vision=DEMO, qformer_init=files / "bert", num_queries=4, say=lambda *_: None)
     data = open_dataset(files / "train" / "train.jsonl").only("caption")
@@ -167,7 +168,7 @@ def test_an_unreadable_image_is_replaced_and_counted_or_stops_the_run(files, tmp
 def test_qformer_from_bert_takes_its_weights_as_blip2_does(files):
     from safetensors.torch import load_file
 
-    from train.sources import stage1_start
+    from train.training.sources import stage1_start
 
     model, qtok = stage1_start(vision=DEMO, qformer_init=files / "bert", num_queries=4, say=lambda *_: None)
     bert = load_file(str(files / "bert" / "model.safetensors"))
@@ -221,14 +222,14 @@ def test_stage1_stage2_finetune_on_files_write_checkpoints_hugging_face_loads(fi
     assert not torch.equal(hf.state_dict()[vit], demo[vit].float())
     s2 = load_file(str(tmp_path / "s2" / "model.safetensors"))
     assert torch.equal(s2[vit], demo[vit].float())  # stage 2 kept it frozen
-    from train.checkpoint import load_checkpoint
+    from train.blip2.checkpoint import load_checkpoint
 
     assert load_checkpoint(tmp_path / "cap").has_llm  # what export.build loads
 
 
 def test_a_killed_run_resumes_to_the_same_weights(files, tmp_path):
-    from train.checkpoint import load_checkpoint
-    from train.tasks import Options, run_command
+    from train.blip2.checkpoint import load_checkpoint
+    from train.training.tasks import Options, run_command
 
     def args(out, run, data=files / "train" / "train.jsonl"):  # as the command line gives them
         return SimpleNamespace(data=data, images=None, vision=DEMO, qformer_init=files / "bert", num_queries=4,
@@ -247,7 +248,7 @@ def test_a_killed_run_resumes_to_the_same_weights(files, tmp_path):
     assert not killed.out.exists()  # nothing half-written
     from dataclasses import replace
 
-    from train.trainer import RunFolderError
+    from train.training.trainer import RunFolderError
 
     other = args("other", "run-killed", files / "train" / "other.jsonl")  # the same run folder, other data
     rows = (files / "train" / "train.jsonl").read_text().splitlines()
@@ -266,10 +267,10 @@ def test_a_killed_run_resumes_to_the_same_weights(files, tmp_path):
 def test_stage2_connects_a_t5_llm_with_its_prefix_lm_loss(tmp_path):
     from safetensors.torch import load_file
 
-    from train.demo import make_random_checkpoint
-    from train.families import family
-    from train.sources import stage2_start
-    from train.stages import lm_batch
+    from train.blip2.random_checkpoint import make_random_checkpoint
+    from train.blip2.families import family
+    from train.training.sources import stage2_start
+    from train.shapescaps.stages import lm_batch
 
     stage1 = make_random_checkpoint(tmp_path / "s1", "tiny", stage=1)
     t5 = make_random_checkpoint(tmp_path / "t5", "tiny-t5")
@@ -286,9 +287,9 @@ def test_stage2_connects_a_t5_llm_with_its_prefix_lm_loss(tmp_path):
 
 
 def test_stage2_refuses_an_llm_of_another_width(files, tmp_path):
-    from train.checkpoint import CheckpointError
-    from train.demo import make_random_checkpoint
-    from train.sources import stage2_start
+    from train.blip2.checkpoint import CheckpointError
+    from train.blip2.random_checkpoint import make_random_checkpoint
+    from train.training.sources import stage2_start
 
     other = make_random_checkpoint(tmp_path / "wide", "small")  # an OPT wider than the demo's
     with pytest.raises(CheckpointError, match="hidden size .* language projection of .* maps to"):
@@ -298,9 +299,9 @@ def test_stage2_refuses_an_llm_of_another_width(files, tmp_path):
 def test_stage2_refuses_a_tokenizer_larger_than_the_llm_vocabulary(files, tmp_path):
     import shutil
 
-    from train.checkpoint import CheckpointError
-    from train.sources import stage2_start
-    from train.text_tokenizer import build_tokenizer
+    from train.blip2.checkpoint import CheckpointError
+    from train.training.sources import stage2_start
+    from train.blip2.tokenizers import build_tokenizer
 
     llm = tmp_path / "llm"
     shutil.copytree(DEMO, llm)
@@ -344,7 +345,7 @@ raise SystemExit(code)
 
 
 def test_retrieval_reranks_with_the_same_itm_as_hugging_face_and_the_pipeline(make_engine, files):
-    from train.evaluate import PipelineBackend, TorchBackend
+    from train.evaluation.backends import PipelineBackend, TorchBackend
 
     ck, engine = make_engine("stage2text")
     data = open_dataset(files / "val" / "val.jsonl").only("caption")
@@ -363,7 +364,7 @@ def test_retrieval_reranks_with_the_same_itm_as_hugging_face_and_the_pipeline(ma
 # ----------------------------------------------------------------------------- metrics
 
 def test_vqa_accuracy_is_vqav2s():
-    from train.metrics import vqa_accuracy, vqa_normalise
+    from train.evaluation.metrics import vqa_accuracy, vqa_normalise
 
     assert vqa_normalise("Two dogs.") == "2 dogs" and vqa_normalise("the Red") == "red"
     assert vqa_normalise("dont") == "don't"
@@ -376,7 +377,7 @@ def test_vqa_accuracy_is_vqav2s():
 def test_caption_scores_follow_the_coco_evaluation():
     from pycocoevalcap.bleu.bleu import Bleu
 
-    from train.metrics import caption_scores, coco_tokenize
+    from train.evaluation.metrics import caption_scores, coco_tokenize
 
     assert coco_tokenize("A man, riding a horse.") == "a man riding a horse"
     refs = {"1": ["a man riding a horse", "a person on a horse"], "2": ["two red circles", "a pair of red circles"]}
@@ -389,7 +390,7 @@ def test_caption_scores_follow_the_coco_evaluation():
 
 
 def test_retrieval_recall_counts_any_caption_of_the_image():
-    from train.metrics import retrieval_recall
+    from train.evaluation.metrics import retrieval_recall
 
     scores = np.array([[0.9, 0.1, 0.8], [0.2, 0.3, 0.95]])  # 2 images, 3 texts
     text_image = np.array([0, 0, 1])

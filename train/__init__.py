@@ -1,5 +1,3 @@
-"""blip2-edge trainer package: model presets, masks and (later) the stage-1/stage-2 trainer.
-
-`export` imports the presets and the mask builders from here, so training and
-export share one definition of each attention mask.
-"""
+"""blip2-edge's PyTorch side: the BLIP-2 model and its checkpoints (train.blip2, what export builds on), the
+ShapesCaps demo (train.shapescaps), training on users' data (train.training) and its evaluation (train.evaluation).
+`python -m train --help` lists the commands."""

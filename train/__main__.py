@@ -6,7 +6,7 @@
     python -m train eval --model checkpoints/demo       # held-out ShapesCaps metrics of a checkpoint
     python -m train eval --engines engines/demo/onnx    # ... of an exported engine folder
 
-On your own data (COCO captions *.json + --images, JSONL rows, or WebDataset *.tar shards; train/tasks.py):
+On your own data (COCO captions *.json + --images, JSONL rows, or WebDataset *.tar shards; train/training/tasks.py):
     python -m train stage1   --data TRAIN --init SOURCE --out DIR            # or --vision DIR --qformer-init BERT_DIR
     python -m train stage2   --data TRAIN --init STAGE1_DIR --llm LLM_SOURCE --out DIR
     python -m train finetune --task caption|vqa|retrieval --data TRAIN --init CHECKPOINT --out DIR
@@ -27,7 +27,7 @@ QUICK = {"train_images": 256, "corpus_texts": 2000, "vision_steps": 5, "llm_step
 
 def recipe_from(args):
     """The demo Recipe the command line asks for: the preset's recipe, --quick's steps, then every option given."""
-    from train.recipe import Recipe, recipe_for
+    from train.shapescaps.recipe import Recipe, recipe_for
 
     overrides = {f.name: getattr(args, f.name) for f in fields(Recipe) if getattr(args, f.name, None) is not None}
     preset = overrides.pop("preset", "demo")
@@ -35,8 +35,8 @@ def recipe_from(args):
 
 
 def _demo(args) -> int:
-    from train.recipe import run_demo
-    from train.trainer import NonFiniteLoss, RunFolderError, init_distributed
+    from train.shapescaps.recipe import run_demo
+    from train.training.trainer import NonFiniteLoss, RunFolderError, init_distributed
 
     init_distributed()
     recipe = recipe_from(args)
@@ -51,10 +51,10 @@ def _demo(args) -> int:
 
 
 def tasks_doc() -> str:
-    """train/tasks.py's docstring (what each command trains), read without importing torch."""
+    """train/training/tasks.py's docstring (what each command trains), read without importing torch."""
     import ast
 
-    return ast.get_docstring(ast.parse((Path(__file__).parent / "tasks.py").read_text())) or ""
+    return ast.get_docstring(ast.parse((Path(__file__).parent / "training" / "tasks.py").read_text())) or ""
 
 
 def parser() -> argparse.ArgumentParser:
@@ -65,7 +65,7 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="checkpoints/demo", help="checkpoint folder to write (default checkpoints/demo)")
     demo.add_argument("--run", help="folder for resumable training state (default runs/<out name>)")
     demo.add_argument("--quick", action="store_true", help="a few steps of every phase: checks the plumbing only")
-    from train.recipe import Recipe
+    from train.shapescaps.recipe import Recipe
 
     for f in fields(Recipe):
         flag = f"--{f.name.replace('_', '-')}"
@@ -74,7 +74,8 @@ def parser() -> argparse.ArgumentParser:
                               help=f"(default {'on' if f.default else 'off'})")
         else:
             demo.add_argument(flag, type=type(f.default), default=None, help=f"(default {f.default})")
-    from train import evaluate, options
+    from train.shapescaps import evaluate
+    from train.training import options
 
     evaluate.add_arguments(sub.add_parser("eval", help="held-out metrics of a checkpoint or engine folder: ShapesCaps, "
                                           "or your --data (BLEU-4/CIDEr, VQAv2 accuracy, retrieval recall)"))
@@ -97,16 +98,16 @@ def main(argv=None) -> int:
 
 def _main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from train.logs import quiet_libraries
+    from train.blip2.logs import quiet_libraries
 
     quiet_libraries()
     if args.command == "demo":
         return _demo(args)
     if args.command in ("stage1", "stage2", "finetune"):
-        from train import tasks
+        from train.training import tasks
 
         return tasks.main(args.command, args)
-    from train import evaluate
+    from train.shapescaps import evaluate
 
     return evaluate.run(args)
 

@@ -6,7 +6,7 @@
 
 * caption: greedy captions (after `--prompt`, the prompt the model was fine-tuned with: "a photo of" for
   `finetune --task caption`) scored with BLEU-4 and CIDEr against every reference caption of the image
-  (train.metrics: pycocoevalcap's scorers);
+  (train.evaluation.metrics: pycocoevalcap's scorers);
 * vqa: greedy answers to "Question: ... Answer:" (with `--qformer-question`, the question also goes to the
   Q-Former, as `finetune --task vqa` trains), VQAv2 accuracy;
 * retrieval: BLIP-2's two steps: ITC similarities between every image and every caption, then the top
@@ -15,13 +15,16 @@
 
 The first `--n` examples of the data are evaluated (all by default).
 """
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 
 from runtime.retrieval import similarity
-from train.data import qa_prompt
-from train.metrics import caption_scores, retrieval_recall, vqa_accuracy
+from train.evaluation.backends import EvaluationError
+from train.evaluation.metrics import caption_scores, retrieval_recall, vqa_accuracy
+from train.training.datasets import qa_prompt
 
 CAPTION_TOKENS = 30
 ANSWER_TOKENS = 10
@@ -139,3 +142,25 @@ def format_results(results: dict) -> str:
             lines.append(f"retrieval {both}  (ITC top {r['k']} re-ranked by ITM; {r['images']} images, "
                          f"{r['texts']} texts, {r['seconds']:.1f}s)")
     return "\n".join(lines)
+
+
+def run_on_data(args, backend, out) -> int:
+    """`python -m train eval --data ...`: evaluate `backend` on a user's data set, print the table, write --out."""
+    from train.training.datasets import open_dataset
+
+    data = open_dataset(args.data, args.images)
+    tasks = args.task or default_tasks(backend, data)
+    if not tasks:
+        raise EvaluationError(f"nothing to evaluate: {data!r}, and the model can do {sorted(backend.capabilities)}")
+    try:
+        results = evaluate_data(backend, data, tasks, n=args.n,
+                                batch_size=args.batch_size, k=args.k, prompt=args.prompt,
+                                qformer_question=args.qformer_question)
+    except ValueError as e:
+        raise EvaluationError(str(e)) from None
+    print(format_results(results))
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {out}")
+    return 0

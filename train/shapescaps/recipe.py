@@ -42,7 +42,7 @@ class Recipe:
     fp16_weights: bool = True  # store the final checkpoint's weights in float16 (half the size; evaluated as stored)
 
     def config(self, steps: int, **kw):
-        from train.trainer import TrainConfig
+        from train.training.trainer import TrainConfig
 
         return TrainConfig(steps=steps, batch_size=self.batch_size, lr=self.lr, seed=self.seed,
                            log_every=max(1, min(100, steps // 5)), **kw)
@@ -65,9 +65,9 @@ def recipe_for(preset: str = "demo", **overrides) -> Recipe:
 
 
 def build_tokenizers(recipe: Recipe):
-    from train.data import text_corpus
-    from train.presets import PRESETS
-    from train.text_tokenizer import build_qformer_tokenizer, llm_tokenizer
+    from train.shapescaps.synthetic import text_corpus
+    from train.blip2.presets import PRESETS
+    from train.blip2.tokenizers import build_qformer_tokenizer, llm_tokenizer
 
     corpus = list(text_corpus(n_train=recipe.corpus_texts, seed=recipe.seed))
     return (llm_tokenizer(PRESETS[recipe.preset].llm, recipe.llm_vocab, corpus),
@@ -75,9 +75,9 @@ def build_tokenizers(recipe: Recipe):
 
 
 def build_model(recipe: Recipe, tok, qtok):
-    from train.model import Blip2Edge, EdgeConfig
-    from train.presets import blip2_config
-    from train.text_tokenizer import IMAGE_TOKEN
+    from train.blip2.model import Blip2Edge, EdgeConfig
+    from train.blip2.presets import blip2_config
+    from train.blip2.tokenizers import IMAGE_TOKEN
 
     import torch
 
@@ -89,21 +89,12 @@ def build_model(recipe: Recipe, tok, qtok):
     return Blip2Edge(config, EdgeConfig(stage=2, qformer_text=True, itg_head=True, **ids))
 
 
-def preprocessor(model):
-    """The exact numpy preprocessing the runtime uses (bit-identical to HF's BlipImageProcessor)."""
-    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
-
-    from runtime.image import ImageProcessorConfig
-
-    size = model.config.vision_config.image_size
-    return ImageProcessorConfig.from_hf_dict(BlipImageProcessorPil(size={"height": size, "width": size}).to_dict())
-
-
 def run_demo(out: Path, run: Path, recipe: Recipe, say=print) -> Path:
-    from train.backbones import pretrain_llm, pretrain_vision
-    from train.demo import write_checkpoint
-    from train.stages import run_stage1, run_stage2, shapescaps_set
-    from train.trainer import check_resume
+    from train.blip2.checkpoint import preprocessor
+    from train.shapescaps.backbones import pretrain_llm, pretrain_vision
+    from train.blip2.random_checkpoint import write_checkpoint
+    from train.shapescaps.stages import run_stage1, run_stage2, shapescaps_set
+    from train.training.trainer import check_resume
 
     check_resume(run, asdict(recipe), "recipe.json", flag="--run")  # (another preset or steps: not this run's)
     run.mkdir(parents=True, exist_ok=True)
@@ -140,7 +131,8 @@ def run_demo(out: Path, run: Path, recipe: Recipe, say=print) -> Path:
 def _evaluate(folder: Path, out: Path, recipe: Recipe, say) -> None:
     """Write the recipe (what reproduces the folder) and its held-out evaluation into the checkpoint folder
     `folder`, the temporary name of `out` (recorded as the evaluated folder: it is `out` once renamed)."""
-    from train.evaluate import TorchBackend, evaluate, format_table
+    from train.evaluation.backends import TorchBackend
+    from train.shapescaps.evaluate import evaluate, format_table
 
     (folder / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
 

@@ -1,6 +1,6 @@
 """Users' image-text data on disk, in the three formats `python -m train` reads (torch-free: numpy + pillow).
 
-    from train.datasets import open_dataset
+    from train.training.datasets import open_dataset
     data = open_dataset("annotations/captions_train2017.json", images="train2017/")   # COCO captions
     data = open_dataset("data/train.jsonl")                                          # JSONL rows
     data = open_dataset("shards/")               # WebDataset tar shards (a folder of *.tar, one .tar, or a list)
@@ -21,7 +21,7 @@ Formats, detected from the path:
 
 Images are checked before training: missing files are skipped with a count and the first few paths,
 or refused past `max_bad`; an image that cannot be decoded during training is skipped the same way
-(train.streaming). Nothing keeps decoded images or features in memory: the index holds paths and texts.
+(train.training.streaming). Nothing keeps decoded images or features in memory: the index holds paths and texts.
 """
 import io
 import json
@@ -31,7 +31,75 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from train.data import DataError, _coco_pairs, _read_json
+
+# BLIP-2's VQA prompt (as its paper and Hugging Face's examples ask questions)
+QA_PROMPT = "Question: {question} Answer:"  # the prompt format of the README's runtime example
+
+
+def qa_prompt(question: str) -> str:
+    """The LLM prompt for a question: 'Question: what colour is the square? Answer:'."""
+    return QA_PROMPT.format(question=question)
+
+
+# ----------------------------------------------------------------------------- COCO captions (one loader)
+
+
+class DataError(ValueError):
+    """A data set on disk is missing or malformed; the message names the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class CaptionPair:
+    path: Path
+    caption: str
+
+
+_COCO_FORMAT = '{"images": [{"id", "file_name"}, ...], "annotations": [{"image_id", "caption"}, ...]}'
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise DataError(f"COCO annotations file {path} not found; pass the path of captions_<split>.json "
+                        f"(from annotations_trainval2017.zip)")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"COCO annotations file {path} is not valid JSON ({e}); re-download or re-extract it") from e
+    if not isinstance(doc, dict):
+        raise DataError(f"COCO annotations file {path} holds a {type(doc).__name__}, not an object; "
+                        f"expected the COCO captions format {_COCO_FORMAT}")
+    return doc
+
+
+def _entries(doc: dict, key: str, fields: tuple[str, str], path: Path) -> list[dict]:
+    """doc[key], checking that it is a list of objects that all have `fields`."""
+    if key not in doc:
+        raise DataError(f"COCO annotations file {path} is missing the key {key!r}; "
+                        f"expected the COCO captions format {_COCO_FORMAT}")
+    entries = doc[key]
+    if not isinstance(entries, list):
+        raise DataError(f"{key!r} in {path} must be a list, not {type(entries).__name__}")
+    for i, entry in enumerate(entries):
+        missing = [f for f in fields if not isinstance(entry, dict) or f not in entry]
+        if missing:
+            raise DataError(f"{key}[{i}] in {path} is missing {', '.join(map(repr, missing))}; "
+                            f"expected the COCO captions format {_COCO_FORMAT}")
+    return entries
+
+
+def _coco_pairs(doc: dict, image_dir: Path, path: Path) -> list[CaptionPair]:
+    """One CaptionPair per annotation, in file order; every image id must be known."""
+    files = {img["id"]: img["file_name"] for img in _entries(doc, "images", ("id", "file_name"), path)}
+    annotations = _entries(doc, "annotations", ("image_id", "caption"), path)
+    if not annotations:
+        raise DataError(f"COCO annotations file {path} has no annotations; use a captions_*.json file "
+                        f"(instances_*.json and person_keypoints_*.json hold no captions)")
+    unknown = [a["image_id"] for a in annotations if a["image_id"] not in files]
+    if unknown:
+        raise DataError(f"{len(unknown)} annotations in {path} point to image ids missing from 'images' "
+                        f"(first: {unknown[:5]}); the file may be truncated or mixed from two splits: re-download it")
+    return [CaptionPair(image_dir / files[a["image_id"]], " ".join(str(a["caption"]).split())) for a in annotations]
+
 
 FORMATS = ("a COCO captions file (*.json, with --images DIR), a JSONL file (*.jsonl) of {\"image\", \"caption\"} or "
            "{\"image\", \"question\", \"answers\"} rows, or WebDataset shards (*.tar, a folder of *.tar, or a *.txt "

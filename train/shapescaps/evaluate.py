@@ -1,22 +1,23 @@
 """Held-out evaluation on the ShapesCaps "val" split, for a PyTorch checkpoint or an exported engine folder.
 
-    python -m train.evaluate --model checkpoints/stage2 --n 200 --out results/torch.json
-    python -m train.evaluate --engines engines/stage2/onnx --n 200 --out results/onnx.json
+    python -m train.shapescaps.evaluate --model checkpoints/stage2 --n 200 --out results/torch.json
+    python -m train.shapescaps.evaluate --engines engines/stage2/onnx --n 200 --out results/onnx.json
     python -m train eval --engines engines/stage2/onnx-int8 --baseline engines/stage2/onnx   # what int8 costs
 
-    from train.evaluate import PipelineBackend, TorchBackend, evaluate, format_table
+    from train.evaluation.backends import PipelineBackend, TorchBackend
+    from train.shapescaps.evaluate import evaluate, format_table
     results = evaluate(TorchBackend("checkpoints/stage2"), n=200, seed=0)
     print(format_table(results))
 
 Both backends answer the same five calls, so the same numbers can be shown for PyTorch and for the
 exported pipeline: `TorchBackend` runs the checkpoint (captions and answers with Hugging Face's
-`generate`, greedy; ITC/ITM through `train.model.Blip2Edge`), `PipelineBackend` runs the engine folder
+`generate`, greedy; ITC/ITM through `train.blip2.model.Blip2Edge`), `PipelineBackend` runs the engine folder
 through `runtime.Blip2Pipeline` (no torch involved). Both read the same images at the model's input size.
 
 Metrics, over the first `n` samples of `ShapesCaps("val", n=n, image_size=<model's>, seed=seed)`:
 
 * caption accuracy: fraction of images whose greedy caption (LLM, no prompt) passes
-  `train.data.caption_correct` (every shape's colour, shape and position right, nothing extra);
+  `train.shapescaps.synthetic.caption_correct` (every shape's colour, shape and position right, nothing extra);
 * ITC recall@1, image->text and text->image: n images against one caption per image (`captions[0]`),
   similarity = largest cosine over the image's queries. Synthetic images repeat their semantics, so
   EQUIVALENCE: a retrieved item counts as correct when the text describes the image, i.e. the
@@ -30,7 +31,7 @@ Metrics, over the first `n` samples of `ShapesCaps("val", n=n, image_size=<model
   "not equivalent": some captions leave out sizes, and a caption of a shape that differs only in size
   would still describe the image truthfully);
 * VQA exact match: one question per image from `sample.qa`, chosen deterministically from the seed,
-  prompted as `train.data.qa_prompt(question)` and answered greedily; `train.data.vqa_correct`.
+  prompted as `train.shapescaps.synthetic.qa_prompt(question)` and answered greedily; `train.shapescaps.synthetic.vqa_correct`.
 
 A capability the model lacks (no LLM: a stage-1 folder; no Q-Former text side: a plain stage-2
 folder) is skipped: its metrics are reported as "n/a" with the reason (`value` null, `status` "n/a"
@@ -49,12 +50,10 @@ from pathlib import Path
 import numpy as np
 
 from runtime.retrieval import similarity  # BLIP-2's ITC: max over queries (the runtime's own)
-from train.data import ShapesCaps, caption_correct, qa_prompt, vqa_correct
+from train.shapescaps.synthetic import ShapesCaps, caption_correct, vqa_correct
+from train.evaluation.backends import ANSWER_TOKENS, BATCH_SIZE, CAPTION_TOKENS, EvaluationError, chunks, open_backend
 
 SPLIT = "val"
-CAPTION_TOKENS = 30  # greedy caption length limit
-ANSWER_TOKENS = 10  # answers are one word; a few tokens of slack for sub-word tokenizers
-BATCH_SIZE = 16
 
 # metric -> (label, target, capability it needs)
 METRICS = {
@@ -64,7 +63,6 @@ METRICS = {
     "itm_accuracy": ("ITM accuracy", 0.95, "itm"),
     "vqa_accuracy": ("VQA exact match", 0.90, "vqa"),
 }
-CAPABILITIES = ("caption", "vqa", "itc", "itm")
 
 EQUIVALENCE = ("a retrieved item counts as correct when the text describes the image (caption_correct: every "
                "colour, shape and position right, nothing extra); exact_value counts only the query's own pair")
@@ -76,216 +74,6 @@ QUESTIONS = "one question per image from sample.qa, chosen deterministically fro
 
 # SeedSequence tags of the per-sample choices, so adding samples never changes earlier ones
 _VQA_STREAM, _ITM_STREAM = 101, 102
-
-
-class EvaluationError(ValueError):
-    """Bad arguments or folder for an evaluation; the message says what to do."""
-
-
-class CapabilityError(EvaluationError):
-    """The model has no graph / module for the requested capability."""
-
-
-# ----------------------------------------------------------------------------- backends
-
-def _chunks(n: int, size: int):
-    for start in range(0, n, size):
-        yield slice(start, start + size)
-
-
-class TorchBackend:
-    """A checkpoint folder evaluated with PyTorch, through Hugging Face's public API as its users call it
-    (`train.reference.HfReference`: captions and answers from `generate`, greedy; ITC/ITM from
-    `Blip2ForImageTextRetrieval`)."""
-
-    name = "torch"
-
-    def __init__(self, checkpoint_dir):
-        from train.checkpoint import load_checkpoint
-        from train.reference import HfReference
-
-        self.folder = Path(checkpoint_dir)
-        self.ck = load_checkpoint(self.folder)
-        self.model = self.ck.model
-        self.reference = HfReference(self.ck)
-        self.image_size = int(self.ck.config.vision_config.image_size)
-        self.missing = {}
-        if not self.ck.has_llm:
-            why = f"no language model in {self.folder} (stage-1 checkpoint)"
-            self.missing.update(caption=why, vqa=why)
-        if self.ck.qformer_tokenizer is None or not hasattr(self.model, "text_projection"):
-            why = f"no Q-Former text side in {self.folder} (stage-2 checkpoint trained without it)"
-            self.missing.update(itc=why, itm=why)
-        elif not hasattr(self.model, "itm_head"):
-            self.missing["itm"] = f"no ITM head in {self.folder}"
-        self.capabilities = frozenset(c for c in CAPABILITIES if c not in self.missing)
-
-    def describe(self) -> dict:
-        return {"backend": self.name, "folder": str(self.folder.resolve()), "stage": self.model.edge.stage}
-
-    def _need(self, capability: str) -> None:
-        if capability not in self.capabilities:
-            raise CapabilityError(f"{capability}: {self.missing[capability]}")
-
-    def _generate(self, images, prompts, max_new_tokens: int) -> list[str]:
-        rows = self.reference.generate(list(images), prompts, max_new_tokens=max_new_tokens, num_beams=1).tokens
-        return [self.ck.tokenizer.decode(r, skip_special_tokens=True).strip() for r in rows]
-
-    def caption(self, images, max_new_tokens: int = CAPTION_TOKENS, prompt: str | None = None) -> list[str]:
-        self._need("caption")
-        return self._generate(images, None if prompt is None else [prompt] * len(images), max_new_tokens)
-
-    def answer(self, images, questions, max_new_tokens: int = ANSWER_TOKENS, qformer_question: bool = False) -> list[str]:
-        self._need("vqa")
-        if qformer_question:
-            raise EvaluationError("Hugging Face's Blip2ForConditionalGeneration.generate has no Q-Former text input: "
-                                  "evaluate a model fine-tuned with questions to the Q-Former on its engine folder "
-                                  "(python -m export.build --model DIR --target onnx, then --engines)")
-        return self._generate(images, [qa_prompt(q) for q in questions], max_new_tokens)
-
-    def image_feats(self, images) -> np.ndarray:
-        """[I, Nq, D] unit vectors."""
-        import torch
-
-        self._need("itc")
-        with torch.no_grad():
-            embeds = self.model.encode_image(self.reference.pixel_values(images))
-            return self.model.image_feats(self.model.query_forward(embeds)[0]).numpy()
-
-    def text_feats(self, texts) -> np.ndarray:
-        """[T, D] unit vectors."""
-        import torch
-
-        self._need("itc")
-        with torch.no_grad():
-            return self.model.text_feat(*self.reference.qformer_tokens(texts)).numpy()
-
-    def itm(self, images, texts) -> np.ndarray:
-        """Match probability of each (image, text) pair: [N]."""
-        self._need("itm")
-        return self.reference.itm(list(images), list(texts)).numpy()
-
-    def gallery(self, images, batch_size: int = BATCH_SIZE):
-        """(ITC features [I, Nq, D], the ViT outputs kept for ITM) of many images, each encoded once."""
-        import torch
-
-        self._need("itc")
-        with torch.no_grad():
-            embeds = torch.cat([self.model.encode_image(self.reference.pixel_values(images[part]))
-                                for part in _chunks(len(images), batch_size)])
-            feats = torch.cat([self.model.image_feats(self.model.query_forward(embeds[part])[0])
-                               for part in _chunks(len(images), batch_size)])
-        return feats.numpy(), embeds
-
-    def gallery_itm(self, embeds, rows, texts) -> np.ndarray:
-        """Match probability of (gallery image rows[i], texts[i]) pairs, from the kept ViT outputs."""
-        import torch
-
-        self._need("itm")
-        ids, mask = self.reference.qformer_tokens(list(texts))
-        with torch.no_grad():
-            logits = self.model.itm_forward(embeds[torch.as_tensor(rows)], ids, mask)[0]
-        return torch.softmax(logits.double(), -1)[:, 1].float().numpy()
-
-
-class PipelineBackend:
-    """An engine folder evaluated with `runtime.Blip2Pipeline` (onnxruntime or TensorRT, no torch)."""
-
-    name = "pipeline"
-
-    def __init__(self, engine_dir, runtime_backend: str = "auto", threads: int | None = None):
-        from runtime import Blip2Pipeline
-
-        self.folder = Path(engine_dir)
-        self.pipe = Blip2Pipeline.from_dir(self.folder, backend=runtime_backend, threads=threads)
-        self.image_size = int(self.pipe.manifest.model.image_size)
-
-    @property
-    def missing(self) -> dict:
-        from runtime.pipeline import NEEDS
-
-        runners, missing = self.pipe.runners, {}
-        if "llm_decoder" not in runners:
-            why = f"no llm_decoder graph in {self.folder} (built from a stage-1 checkpoint; needs {NEEDS['llm_decoder']})"
-            missing.update(caption=why, vqa=why)
-        if "qformer_text" not in runners or "image_feats" not in runners["qformer_query"].output_names:
-            missing["itc"] = f"no qformer_text graph in {self.folder} (needs {NEEDS['qformer_text']})"
-        if "qformer_itm" not in runners:
-            missing["itm"] = f"no qformer_itm graph in {self.folder} (needs {NEEDS['qformer_itm']})"
-        return missing
-
-    @property
-    def capabilities(self) -> frozenset:
-        return frozenset(c for c in CAPABILITIES if c not in self.missing)
-
-    def describe(self) -> dict:
-        m = self.pipe.manifest
-        return {"backend": self.name, "folder": str(self.folder.resolve()), "stage": m.model.stage,
-                "runtime": self.pipe.backend, "target": m.target, "precision": m.precision.name}
-
-    def _need(self, capability: str) -> None:
-        missing = self.missing
-        if capability in missing:
-            raise CapabilityError(f"{capability}: {missing[capability]}")
-
-    def caption(self, images, max_new_tokens: int = CAPTION_TOKENS, prompt: str | None = None) -> list[str]:
-        self._need("caption")
-        if prompt is not None:
-            return self.pipe.generate(list(images), prompt=prompt, decoder="llm", max_new_tokens=max_new_tokens,
-                                      num_beams=1)
-        return self.pipe.caption(list(images), max_new_tokens=max_new_tokens, num_beams=1, decoder="llm")
-
-    def answer(self, images, questions, max_new_tokens: int = ANSWER_TOKENS, qformer_question: bool = False) -> list[str]:
-        self._need("vqa")
-        return self.pipe.generate(list(images), prompt=[qa_prompt(q) for q in questions], decoder="llm",
-                                  max_new_tokens=max_new_tokens, num_beams=1,
-                                  qformer_text=list(questions) if qformer_question else None)
-
-    def image_feats(self, images) -> np.ndarray:
-        self._need("itc")
-        return self.pipe.embed_images(list(images))
-
-    def text_feats(self, texts) -> np.ndarray:
-        self._need("itc")
-        return self.pipe.embed_texts(list(texts))
-
-    def itm(self, images, texts) -> np.ndarray:
-        self._need("itm")
-        return self.pipe.itm(list(images), list(texts))
-
-    def gallery(self, images, batch_size: int = BATCH_SIZE):
-        self._need("itc")
-        g = self.pipe.encode_gallery(list(images))
-        return g.feats, g.embeds
-
-    def gallery_itm(self, embeds, rows, texts) -> np.ndarray:
-        self._need("itm")
-        return self.pipe.text.itm_probs(embeds[np.asarray(rows)], list(texts))
-
-
-def open_backend(model=None, engines=None):
-    """TorchBackend for a checkpoint folder (`model`) or PipelineBackend for an engine folder (`engines`)."""
-    if (model is None) == (engines is None):
-        raise EvaluationError(
-            f"pass exactly one of --model DIR (a checkpoint folder, evaluated with PyTorch) or --engines DIR (an "
-            f"engine folder from `python -m export.build`, evaluated with the runtime pipeline); got "
-            f"{'both' if model is not None else 'neither'}")
-    if model is not None:
-        path = Path(model)
-        if not path.is_dir():
-            raise EvaluationError(f"--model folder not found: {path}; pass a checkpoint folder written by training "
-                                  f"(or make a random one with `python -m train.demo --out {path}`)")
-        if (path / "manifest.json").is_file() and not (path / "config.json").is_file():
-            raise EvaluationError(f"{path} is an engine folder, not a checkpoint; pass it with --engines {path}")
-        return TorchBackend(path)
-    path = Path(engines)
-    if not path.is_dir():
-        raise EvaluationError(f"--engines folder not found: {path}; build one with `python -m export.build --model "
-                              f"CHECKPOINT --target onnx` and pass engines/<name>/onnx")
-    if (path / "config.json").is_file() and not (path / "manifest.json").is_file():
-        raise EvaluationError(f"{path} is a checkpoint folder, not an engine folder; pass it with --model {path}, or "
-                              f"export it with `python -m export.build --model {path} --target onnx`")
-    return PipelineBackend(path)
 
 
 # ----------------------------------------------------------------------------- metric logic
@@ -354,13 +142,13 @@ def recall_at_1(sim: np.ndarray, keys: list | None = None, describes: np.ndarray
 
 def _batched(fn, size: int, *columns) -> list:
     out = []
-    for part in _chunks(len(columns[0]), size):
+    for part in chunks(len(columns[0]), size):
         out.extend(fn(*(c[part] for c in columns)))
     return out
 
 
 def _batched_array(fn, size: int, *columns) -> np.ndarray:
-    return np.concatenate([np.asarray(fn(*(c[part] for c in columns))) for part in _chunks(len(columns[0]), size)])
+    return np.concatenate([np.asarray(fn(*(c[part] for c in columns))) for part in chunks(len(columns[0]), size)])
 
 
 def _metric(name: str, value=None, reason: str | None = None, **extra) -> dict:
@@ -547,7 +335,7 @@ def format_comparison(base: dict, results: dict) -> str:
 # ----------------------------------------------------------------------------- CLI
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The evaluation options (for `python -m train eval` and `python -m train.evaluate`)."""
+    """The evaluation options (for `python -m train eval` and `python -m train.shapescaps.evaluate`)."""
     parser.add_argument("--model", metavar="DIR", help="checkpoint folder, evaluated with PyTorch")
     parser.add_argument("--engines", metavar="DIR", help="engine folder (engines/<name>/<target>), evaluated with "
                         "the runtime pipeline")
@@ -559,7 +347,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"images per call (default {BATCH_SIZE})")
     parser.add_argument("--data", metavar="VAL", help="your held-out data instead of ShapesCaps (COCO captions "
                         "*.json with --images, *.jsonl, or WebDataset *.tar): BLEU-4/CIDEr, VQAv2 accuracy, "
-                        "retrieval recall@1/5/10 (train/evaluate_data.py)")
+                        "retrieval recall@1/5/10 (train/evaluation/tasks.py)")
     parser.add_argument("--images", metavar="DIR", help="--data COCO captions: the image folder")
     parser.add_argument("--task", action="append", choices=["caption", "vqa", "retrieval"],
                         help="with --data: what to evaluate (repeatable; default every task the data and model allow)")
@@ -577,14 +365,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def _expected_errors() -> tuple:
     """Errors whose message already says what to fix. Looked up lazily: evaluating an engine folder must not
-    import torch (train.checkpoint is only loaded, and can only raise, when a --model folder is opened)."""
+    import torch (train.blip2.checkpoint is only loaded, and can only raise, when a --model folder is opened)."""
     from runtime.errors import Blip2EdgeError
 
-    from train.data import DataError
+    from train.training.datasets import DataError
 
     errors = [EvaluationError, Blip2EdgeError, DataError]
-    if "train.checkpoint" in sys.modules:
-        errors.append(sys.modules["train.checkpoint"].CheckpointError)
+    if "train.blip2.checkpoint" in sys.modules:
+        errors.append(sys.modules["train.blip2.checkpoint"].CheckpointError)
     return tuple(errors)
 
 
@@ -596,7 +384,9 @@ def run(args) -> int:
             raise EvaluationError(f"--out {out} is a folder; pass a file name such as {Path(out) / 'results.json'}")
         backend = open_backend(model=getattr(args, "model", None), engines=getattr(args, "engines", None))
         if getattr(args, "data", None) is not None:
-            return _run_data(args, backend, out)
+            from train.evaluation.tasks import run_on_data
+
+            return run_on_data(args, backend, out)
         n = 200 if args.n is None else args.n
         results = evaluate(backend, n=n, seed=args.seed, batch_size=getattr(args, "batch_size", BATCH_SIZE))
         baseline = getattr(args, "baseline", None)
@@ -621,30 +411,8 @@ def run(args) -> int:
     return 0
 
 
-def _run_data(args, backend, out) -> int:
-    from train.datasets import open_dataset
-    from train.evaluate_data import default_tasks, evaluate_data, format_results
-
-    data = open_dataset(args.data, args.images)
-    tasks = args.task or default_tasks(backend, data)
-    if not tasks:
-        raise EvaluationError(f"nothing to evaluate: {data!r}, and the model can do {sorted(backend.capabilities)}")
-    try:
-        results = evaluate_data(backend, data, tasks, n=args.n,
-                                batch_size=args.batch_size, k=args.k, prompt=args.prompt,
-                                qformer_question=args.qformer_question)
-    except ValueError as e:
-        raise EvaluationError(str(e)) from None
-    print(format_results(results))
-    if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {out}")
-    return 0
-
-
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m train.shapescaps.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -6,7 +6,7 @@ broadcasts over heads. Eager attention in transformers adds it to the scores
 before the softmax (boolean 4-D masks are not accepted there).
 
     >>> import torch
-    >>> from train.masks import causal_lm_mask
+    >>> from train.blip2.masks import causal_lm_mask
     >>> m = causal_lm_mask(torch.tensor([[0, 1, 1]]), query_len=3, dtype=torch.float32)
     >>> m.shape
     torch.Size([1, 1, 3, 3])

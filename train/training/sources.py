@@ -1,6 +1,6 @@
 """Where a user's training starts: BLIP-2 models assembled from pretrained parts, every size check up front.
 
-    from train.sources import stage1_start, stage2_start, finetune_start
+    from train.training.sources import stage1_start, stage2_start, finetune_start
     model, qtok = stage1_start(init="models/demo")                               # reuse a BLIP-2's ViT + Q-Former
     model, qtok = stage1_start(vision="models/demo", qformer_init="bert-dir/")   # ViT of one, BERT for the Q-Former
     model, tok, qtok = stage2_start("runs/stage1", llm="models/demo")             # + a frozen LLM, new projection
@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from train.checkpoint import CheckpointError, load_checkpoint, load_tokenizer, resolve_source
-from train.families import family
-from train.model import EDGE_WEIGHTS, Blip2Edge, EdgeConfig
-from train.text_tokenizer import IMAGE_TOKEN
+from train.blip2.checkpoint import CheckpointError, load_checkpoint, load_tokenizer, resolve_source
+from train.blip2.families import family
+from train.blip2.model import EDGE_WEIGHTS, Blip2Edge, EdgeConfig
+from train.blip2.tokenizers import IMAGE_TOKEN
 
 
 def _folder(source, what: str) -> Path:

@@ -5,7 +5,7 @@ They follow their models' conventions so that real checkpoints and ours share on
 </s>=2 (BOS and EOS, prepended to every prompt), <unk>=3; T5: <pad>=0, </s>=1 (appended to every text),
 <unk>=2; both end with an `<image>` placeholder token whose id is the model's `image_token_index`.
 
-    python -c "from train.text_tokenizer import build_tokenizer; print(build_tokenizer(512))"
+    python -c "from train.blip2.tokenizers import build_tokenizer; print(build_tokenizer(512))"
 """
 import itertools
 from collections import Counter
@@ -80,7 +80,7 @@ def build_t5_tokenizer(vocab_size: int, corpus: list[str] | None = None) -> PreT
 
 
 def llm_tokenizer(llm: str, vocab_size: int, corpus: list[str] | None = None, **options) -> PreTrainedTokenizerFast:
-    """The tokenizer of an LLM family ("opt" or "t5", as train.presets.Preset.llm)."""
+    """The tokenizer of an LLM family ("opt" or "t5", as train.blip2.presets.Preset.llm)."""
     return {"opt": build_tokenizer, "t5": build_t5_tokenizer}[llm](vocab_size, corpus, **options)
 
 

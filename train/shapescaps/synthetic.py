@@ -1,14 +1,13 @@
-"""Training data: ShapesCaps, a synthetic captioned-shapes data set, and a COCO-captions loader.
+"""ShapesCaps, a synthetic captioned-shapes data set (the demo's training and held-out data).
 
 Torch-free (numpy + pillow only), so tokenizers, previews and metrics work without the
-training stack. Preview a few samples, or check a COCO download before training on it:
+training stack. Preview a few samples, or write them as a user's data set on disk:
 
-    python -m train.data --preview previews/ --n 8                     # PNGs + captions.txt
-    python -m train.data --preview previews/ --split val --image-size 64
-    python -m train.data --coco annotations/captions_val2017.json val2017/
-    python -m train.data --write data/shapes --n 2000 --split train --image-size 64   # as a user's data on disk
+    python -m train.shapescaps.synthetic --preview previews/ --n 8                     # PNGs + captions.txt
+    python -m train.shapescaps.synthetic --preview previews/ --split val --image-size 64
+    python -m train.shapescaps.synthetic --write data/shapes --n 2000 --split train --image-size 64   # as a user's data on disk
 
-    >>> from train.data import ShapesCaps, caption_correct, vqa_correct
+    >>> from train.shapescaps.synthetic import ShapesCaps, caption_correct, vqa_correct
     >>> ds = ShapesCaps("train", n=1000, image_size=224, seed=0)
     >>> s = ds[0]                       # Sample: image, shapes, captions, qa, index
     >>> all(caption_correct(c, s) for c in s.captions)
@@ -35,7 +34,9 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw
+
+from train.training.datasets import qa_prompt
 
 # ----------------------------------------------------------------------------- vocabulary
 
@@ -77,7 +78,6 @@ TWO_SHAPE_TEMPLATES = (
     "two shapes, {np1} {rel} {np2}",
 )
 CAPTIONS_PER_SAMPLE = 4
-QA_PROMPT = "Question: {question} Answer:"  # the prompt format of the README's runtime example
 SPLITS = {"train": 0, "val": 1}
 
 # ----------------------------------------------------------------------------- geometry
@@ -309,11 +309,6 @@ def make_questions(shapes: list[Shape], rng: np.random.Generator) -> list[tuple[
     return qa
 
 
-def qa_prompt(question: str) -> str:
-    """The LLM prompt for a question: 'Question: what colour is the square? Answer:'."""
-    return QA_PROMPT.format(question=question)
-
-
 # ----------------------------------------------------------------------------- data set
 
 
@@ -380,7 +375,7 @@ def context_corpus(n_train: int = 10000, seed: int = 0) -> Iterator[tuple[str, s
 
     A language model trained on these learns to look back and re-express what the context says, which is
     how BLIP-2's frozen LLM reads the soft prompt (a real pretrained LLM brings this ability; a small one
-    trained on captions alone has no reason to learn it). `train.backbones.pretrain_llm` lays them out as
+    trained on captions alone has no reason to learn it). `train.shapescaps.backbones.pretrain_llm` lays them out as
     stage 2 lays out the soft prompt and the text: context, BOS, continuation. Every caption of a sample is
     followed by the next one and once by itself (a verbatim copy: the plainest lesson in reading back in
     order), and every question is asked, so each attribute word (colour, shape, size, position) has to be
@@ -481,124 +476,6 @@ def vqa_correct(pred: str, answer: str) -> bool:
     return normalise_answer(pred) == normalise_answer(answer)
 
 
-# ----------------------------------------------------------------------------- COCO captions
-
-
-class DataError(ValueError):
-    """A data set on disk is missing or malformed; the message names the problem and the fix."""
-
-
-@dataclass(frozen=True)
-class CaptionPair:
-    path: Path
-    caption: str
-
-
-_COCO_FORMAT = '{"images": [{"id", "file_name"}, ...], "annotations": [{"image_id", "caption"}, ...]}'
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise DataError(f"COCO annotations file {path} not found; pass the path of captions_<split>.json "
-                        f"(from annotations_trainval2017.zip)")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"COCO annotations file {path} is not valid JSON ({e}); re-download or re-extract it") from e
-    if not isinstance(doc, dict):
-        raise DataError(f"COCO annotations file {path} holds a {type(doc).__name__}, not an object; "
-                        f"expected the COCO captions format {_COCO_FORMAT}")
-    return doc
-
-
-def _entries(doc: dict, key: str, fields: tuple[str, str], path: Path) -> list[dict]:
-    """doc[key], checking that it is a list of objects that all have `fields`."""
-    if key not in doc:
-        raise DataError(f"COCO annotations file {path} is missing the key {key!r}; "
-                        f"expected the COCO captions format {_COCO_FORMAT}")
-    entries = doc[key]
-    if not isinstance(entries, list):
-        raise DataError(f"{key!r} in {path} must be a list, not {type(entries).__name__}")
-    for i, entry in enumerate(entries):
-        missing = [f for f in fields if not isinstance(entry, dict) or f not in entry]
-        if missing:
-            raise DataError(f"{key}[{i}] in {path} is missing {', '.join(map(repr, missing))}; "
-                            f"expected the COCO captions format {_COCO_FORMAT}")
-    return entries
-
-
-def _coco_pairs(doc: dict, image_dir: Path, path: Path) -> list[CaptionPair]:
-    """One CaptionPair per annotation, in file order; every image id must be known."""
-    files = {img["id"]: img["file_name"] for img in _entries(doc, "images", ("id", "file_name"), path)}
-    annotations = _entries(doc, "annotations", ("image_id", "caption"), path)
-    if not annotations:
-        raise DataError(f"COCO annotations file {path} has no annotations; use a captions_*.json file "
-                        f"(instances_*.json and person_keypoints_*.json hold no captions)")
-    unknown = [a["image_id"] for a in annotations if a["image_id"] not in files]
-    if unknown:
-        raise DataError(f"{len(unknown)} annotations in {path} point to image ids missing from 'images' "
-                        f"(first: {unknown[:5]}); the file may be truncated or mixed from two splits: re-download it")
-    return [CaptionPair(image_dir / files[a["image_id"]], " ".join(str(a["caption"]).split())) for a in annotations]
-
-
-def _check_images_exist(pairs: list[CaptionPair], image_dir: Path, path: Path) -> None:
-    if not image_dir.is_dir():
-        raise DataError(f"COCO image folder {image_dir} not found; pass the folder holding the images "
-                        f"of {path.name} (e.g. val2017/ for captions_val2017.json)")
-    needed = sorted({p.path for p in pairs})
-    missing = [p.name for p in needed if not p.is_file()]
-    if missing:
-        raise DataError(f"{len(missing)} of {len(needed)} image files named in {path} are missing from {image_dir} "
-                        f"(first: {', '.join(missing[:5])}); check that the image folder matches the annotations' split "
-                        f"and that the download was extracted completely")
-
-
-def load_coco_captions(annotations_json: str | Path, image_dir: str | Path) -> list[CaptionPair]:
-    """(image path, caption) pairs of a COCO captions file, checked against the images on disk.
-
-    Raises DataError for a missing or invalid file, missing keys, annotations of unknown
-    images, no annotations, or image files missing from `image_dir`.
-    """
-    path, image_dir = Path(annotations_json), Path(image_dir)
-    pairs = _coco_pairs(_read_json(path), image_dir, path)
-    _check_images_exist(pairs, image_dir, path)
-    return pairs
-
-
-def load_rgb(path: Path, image_size: int | None = None) -> Image.Image:
-    """An image file as RGB, resized to a square `image_size` when given; DataError if unreadable."""
-    try:
-        with Image.open(path) as im:
-            image = im.convert("RGB")
-    except (OSError, UnidentifiedImageError) as e:
-        raise DataError(f"cannot read image {path} ({e}); the file is truncated or not an image: re-download it") from e
-    if image_size is not None:
-        image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
-    return image
-
-
-class CocoCaptions:
-    """COCO captions as `Sample`s, one per image: image loaded lazily as RGB, all its captions, no qa."""
-
-    def __init__(self, annotations_json: str | Path, image_dir: str | Path, image_size: int | None = None):
-        self.pairs = load_coco_captions(annotations_json, image_dir)
-        self.image_size = image_size
-        grouped: dict[Path, list[str]] = {}
-        for p in self.pairs:
-            grouped.setdefault(p.path, []).append(p.caption)
-        self.items = list(grouped.items())
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> Sample:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} COCO images")
-        index %= len(self)
-        path, captions = self.items[index]
-        return Sample(load_rgb(path, self.image_size), [], list(captions), [], index, path)
-
-
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -637,31 +514,24 @@ def write_files(out_dir: str | Path, n: int, split: str = "train", seed: int = 0
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m train.data", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m train.shapescaps.synthetic", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preview", metavar="DIR", help="write the first --n ShapesCaps samples as PNGs + captions.txt")
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--split", default="train", choices=sorted(SPLITS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--image-size", type=int, default=224)
-    ap.add_argument("--coco", nargs=2, metavar=("ANNOTATIONS_JSON", "IMAGE_DIR"), help="check a COCO captions download")
     ap.add_argument("--write", metavar="DIR", help="write --n samples of --split as files: images/, "
                     "captions_<split>.json (COCO captions) and <split>.jsonl (captions and VQA rows)")
     args = ap.parse_args(argv)
-    if not (args.preview or args.coco or args.write):
-        ap.error("nothing to do: pass --preview DIR, --write DIR and/or --coco ANNOTATIONS_JSON IMAGE_DIR")
+    if not (args.preview or args.write):
+        ap.error("nothing to do: pass --preview DIR and/or --write DIR")
     if args.write:
         out = write_files(args.write, args.n, args.split, args.seed, args.image_size)
         print(f"wrote {args.n} {args.split} samples to {out}")
     if args.preview:
         out = write_preview(args.preview, args.n, args.split, args.seed, args.image_size)
         print(f"wrote {args.n} samples to {out}")
-    if args.coco:
-        try:
-            pairs = load_coco_captions(*args.coco)
-        except DataError as e:
-            raise SystemExit(f"error: {e}")
-        print(f"{len(pairs)} captions of {len({p.path for p in pairs})} images, all files present")
 
 
 if __name__ == "__main__":

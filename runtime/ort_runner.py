@@ -1,6 +1,6 @@
 """The ONNX Runtime runner and the backend factory (the interface is `runtime.runner.Runner`).
 
-    from runtime.runners import make_runner
+    from runtime.backends import make_runner
     runner = make_runner("engines/demo/onnx/vision.onnx", backend="onnxruntime")
     outputs = runner.run({"pixel_values": x})      # {"image_embeds": array}
     make_runner("engines/demo/trt-fp16/vision.engine", backend="tensorrt", build_info=...)
@@ -10,7 +10,6 @@ itself imports without TensorRT).
 """
 import functools
 import os
-from pathlib import Path
 
 import numpy as np
 
@@ -272,27 +271,6 @@ def session_options(threads: int | None = None, shared_pool: bool = False, memor
     elif threads:
         opts.intra_op_num_threads = threads
     return opts
-
-
-def shared_pool_active() -> bool:
-    """True once this process's ONNX Runtime uses the shared thread pool (no session may have its own pool)."""
-    return OrtRunner._global_pool
-
-
-def _tensorrt_runner(path, **kwargs) -> Runner:
-    """TensorRT is imported only when a TensorRT folder is opened (the module itself imports without it)."""
-    from runtime.trt_runner import TrtRunner
-
-    return TrtRunner(path, **kwargs)
-
-
-BACKENDS = {"onnxruntime": OrtRunner, "tensorrt": _tensorrt_runner}
-
-
-def make_runner(path, backend: str = "onnxruntime", **kwargs) -> Runner:
-    if backend not in BACKENDS:
-        raise BackendError(f"unknown backend {backend!r}; choose one of {sorted(BACKENDS)}")
-    return BACKENDS[backend](Path(path), **kwargs)
 
 
 def default_threads() -> int | None:

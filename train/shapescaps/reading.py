@@ -1,7 +1,7 @@
 """Does a checkpoint's frozen LLM read its context back? The check behind the demo's LLM pre-training.
 
-    python -m train.reading --model models/demo            # n=200 held-out scenes
-    python -m train.reading --model checkpoints/demo --n 50
+    python -m train.shapescaps.reading --model models/demo            # n=200 held-out scenes
+    python -m train.shapescaps.reading --model checkpoints/demo --n 50
 
 Stage 2 only works if the frozen LLM re-says what comes before it: the soft prompt takes the place of
 that context. Here the context is plain text, laid out as stage 2 lays out the soft prompt (OPT: caption,
@@ -18,7 +18,7 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
-from train.data import SHAPES, SIZES, ShapesCaps, caption_correct
+from train.shapescaps.synthetic import SHAPES, SIZES, ShapesCaps, caption_correct
 
 GROUPS = {"shapes": list(SHAPES), "sizes": list(SIZES), "sides": ["left", "right"]}
 LEAD = "a picture of"  # the continuation starts as a caption, not as a question
@@ -68,9 +68,9 @@ def embedding_cosines(language_model, tokenizer) -> dict:
 def main(argv=None) -> None:
     from transformers import AutoTokenizer
 
-    from train.model import Blip2Edge
+    from train.blip2.model import Blip2Edge
 
-    ap = argparse.ArgumentParser(prog="python -m train.reading", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m train.shapescaps.reading", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="stage-2 checkpoint folder (with an LLM)")
     ap.add_argument("--n", type=int, default=200, help="held-out scenes (default 200)")

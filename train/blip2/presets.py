@@ -3,7 +3,7 @@
 No pretrained weights can be downloaded in our environments, so tests, the
 benchmark and the demo build models from these presets.
 
-    >>> from train.presets import blip2_config
+    >>> from train.blip2.presets import blip2_config
     >>> cfg = blip2_config("tiny", vocab_size=300)
     >>> cfg.num_query_tokens
     4
@@ -73,7 +73,7 @@ PRESETS = {
     # Salesforce/blip2-opt-2.7b's published architecture (3.8B parameters): ViT-g/14 at 224 px (39 layers, width
     # 1408, MLP 6144, 16 heads), the Q-Former (12 layers of width 768, cross-attention every 2nd, 32 queries) and
     # OPT-2.7B (32 layers, width 2560, 32 heads, FFN 10240, vocabulary 50272, 2048 positions; tied embeddings).
-    # With random weights (`python -m train.demo --preset blip2-opt-2.7b --dtype float16`) it shows that a build
+    # With random weights (`python -m train.blip2.random_checkpoint --preset blip2-opt-2.7b --dtype float16`) it shows that a build
     # fits the size users deploy; `--vision-layers 2 --qformer-layers 2 --llm-layers 6` keeps the widths (677M).
     "blip2-opt-2.7b": Preset(
         image_size=224, patch_size=14, vision_width=1408, vision_layers=39, vision_heads=16, vision_mlp=6144,
@@ -122,7 +122,7 @@ PRESETS = {
         # pair's caption from its mirror 0.99 of the time) but OPT read it back for 2-shape captions 0.62 right
         # tied, the input embeddings of interchangeable words (circle/square/triangle, small/large) collapsed
         # onto one vector (cosine 0.98-0.99) through the LM head's symmetric gradients: OPT could not tell
-        # them apart in its context and re-said lone-shape captions 0.33 right (`python -m train.reading`)
+        # them apart in its context and re-said lone-shape captions 0.33 right (`python -m train.shapescaps.reading`)
         tie_word_embeddings=False,
     ),
     # the demo with a Flan-T5-style LLM (gated-GELU FFN, untied LM head, relative positions): same vision tower,

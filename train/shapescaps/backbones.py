@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.data import COLOURS, POSITIONS, SHAPES, SIZES, ShapesCaps, context_corpus, label_map
-from train.families import padded_rows
-from train.trainer import TrainConfig, fit
+from train.shapescaps.synthetic import COLOURS, POSITIONS, SHAPES, SIZES, ShapesCaps, context_corpus, label_map
+from train.blip2.families import padded_rows
+from train.training.trainer import TrainConfig, fit
 
 ATTRIBUTES = sorted(
     {f"{c}-{s}" for c, s in itertools.product(COLOURS, SHAPES)}

@@ -12,18 +12,19 @@ prompt such as "a photo of") and on answers after "Question: ... Answer:"; when 
 the Q-Former's text side, the stage-1 losses stay on (weight `aux_weight`, every `aux_every` steps)
 so one checkpoint does ITC/ITM/ITG as well as it did after stage 1.
 
-Batches are a pure function of (seed, step, rank): see train.trainer.
+Batches are a pure function of (seed, step, rank): see train.training.trainer.
 """
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from train.checkpoint import prompt_affixes, prompt_layout
-from train.families import family
-from train.data import ShapesCaps, caption_correct, mirrored, qa_prompt
-from train.losses import lm_loss, stage1_losses, world
-from train.trainer import TrainConfig, fit
+from train.blip2.families import family
+from train.shapescaps.synthetic import ShapesCaps, caption_correct, mirrored
+from train.training.datasets import qa_prompt
+from train.training.batches import lm_batch, qformer_batch
+from train.training.losses import lm_loss, stage1_losses, world
+from train.training.trainer import TrainConfig, fit, trainable
 
 
 @dataclass
@@ -65,15 +66,6 @@ def _foil(caption: str, sample) -> str | None:
     return foil if foil is not None and not caption_correct(foil, sample) else None
 
 
-def coco_set(vision_model, preprocess, annotations, image_dir, image_size: int) -> CaptionSet:
-    from train.data import CocoCaptions
-
-    data = CocoCaptions(annotations, image_dir, image_size)
-    samples = [data[i] for i in range(len(data))]
-    embeds = encode_images(vision_model, preprocess, [s.image for s in samples])
-    return CaptionSet(embeds, [s.captions for s in samples], [[] for _ in samples], [str(s.path) for s in samples])
-
-
 # ---------------------------------------------------------------- batches
 class Batches:
     """Indices and captions of every process's batch at a step, drawn from (seed, step, rank)."""
@@ -103,11 +95,6 @@ class Batches:
         return same
 
 
-def qformer_batch(qtok, texts: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    enc = qtok(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
-    return enc.input_ids, enc.attention_mask
-
-
 def stage1_batch(model, batches: Batches, qtok, step: int) -> dict:
     rank, _ = world()
     index, rng = batches.pick(step, rank)
@@ -121,22 +108,7 @@ def stage1_batch(model, batches: Batches, qtok, step: int) -> dict:
     return batch
 
 
-def lm_batch(model, tok, examples: list[tuple[str | None, str]]) -> dict:
-    """(prompt or None, target) pairs -> the tensors of stage 2's loss, laid out as at inference (runtime.prompt)
-    by the LLM family (train.families): the loss is on the target (and EOS) only."""
-    return family(model.config).stage2_batch(prompt_layout(model.config, *prompt_affixes(tok)), tok, examples)
-
-
 # ---------------------------------------------------------------- the stages
-def trainable(model, frozen: tuple[str, ...]) -> list:
-    params = []
-    for name, p in model.named_parameters():
-        p.requires_grad = not name.startswith(frozen)
-        if p.requires_grad:
-            params.append(p)
-    return params
-
-
 def run_stage1(model, data: CaptionSet, qtok, cfg: TrainConfig, state_file=None, say=print) -> None:
     """ITC + ITM + ITG on the Q-Former; the image encoder (and any LLM) stays frozen."""
     batches = Batches(data, cfg.batch_size, cfg.seed)
@@ -151,7 +123,7 @@ def run_stage1(model, data: CaptionSet, qtok, cfg: TrainConfig, state_file=None,
 
 def run_stage2(model, data: CaptionSet, tok, qtok, cfg: TrainConfig, state_file=None, qa_fraction: float = 0.5,
                caption_prompt: str | None = None, aux_weight: float = 1.0, aux_every: int = 1, say=print) -> None:
-    """The frozen LLM's loss (train.families: OPT's language-modelling loss, T5's prefix-LM loss) on captions and
+    """The frozen LLM's loss (train.blip2.families: OPT's language-modelling loss, T5's prefix-LM loss) on captions and
     answers; Q-Former + projection trained. Captions follow `caption_prompt`, or with None, what the family
     trains captioning on (OPT: the soft prompt and BOS; T5: that, or a prefix of the caption in the encoder)."""
     batches = Batches(data, cfg.batch_size, cfg.seed + 1)

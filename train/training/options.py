@@ -1,5 +1,5 @@
 """The options of `python -m train stage1|stage2|finetune` (no torch here: `python -m train eval --engines` parses
-its command line without it). What the commands do: train/tasks.py."""
+its command line without it). What the commands do: train/training/tasks.py."""
 from dataclasses import dataclass, fields
 
 
@@ -28,7 +28,6 @@ class Options:
     save_every: int = 250
 
 
-COMMANDS = ("stage1", "stage2", "finetune")
 TASKS = ("caption", "vqa", "retrieval")
 
 

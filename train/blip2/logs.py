@@ -2,7 +2,7 @@
 print (weight-loading progress bars, deprecation warnings about calls the toolkit makes, the ONNX exporter's
 "torchvision is not installed" notes). Errors still show.
 
-    from train.logs import quiet_libraries
+    from train.blip2.logs import quiet_libraries
     quiet_libraries()      # at the start of a command-line tool or benchmark
 """
 import contextlib

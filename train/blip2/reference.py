@@ -1,8 +1,8 @@
 """Hugging Face's BLIP-2, called the way its users call it: the reference of the exporter's parity gate,
 of PyTorch evaluation (`python -m train eval --model`) and of the benchmarks.
 
-    from train.reference import HfReference
-    ref = HfReference(checkpoint)                       # a train.checkpoint.Checkpoint
+    from train.blip2.reference import HfReference
+    ref = HfReference(checkpoint)                       # a train.blip2.checkpoint.Checkpoint
     ref.generate(images)                                # captions: generate(pixel_values=...), no input ids
     ref.generate(images, ["Question: what is it? Answer:", ...], num_beams=3)   # through Blip2Processor
     ref.generate(images, prompts, force={2: token_id})  # ... with the token at step 2 forced (a logits processor)
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from train.families import family
+from train.blip2.families import family
 
 
 @dataclass
@@ -177,7 +177,7 @@ class HfReference:
 
 @torch.no_grad()
 def itg_greedy(model, image_embeds: torch.Tensor, max_new_tokens: int) -> list[list[int]]:
-    """Greedy Q-Former (ITG) captions from `train.model.Blip2Edge`, the whole sequence through the causal mask
+    """Greedy Q-Former (ITG) captions from `train.blip2.model.Blip2Edge`, the whole sequence through the causal mask
     at every step (no KV cache): Hugging Face has no ITG, and this path is the one training takes."""
     e = model.edge
     out = []

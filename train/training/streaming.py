@@ -1,7 +1,7 @@
 """Images streamed from disk into training steps: worker processes decode and preprocess, the step runs the ViT.
 
-    from train.streaming import ImageStream
-    stream = ImageStream(data, preprocess, batch_size=32, seed=0, workers=2)   # data: train.datasets.Dataset
+    from train.training.streaming import ImageStream
+    stream = ImageStream(data, preprocess, batch_size=32, seed=0, workers=2)   # data: train.training.datasets.Dataset
     batch = stream.batch(step)      # {"index": [B] example ids, "pixels": [B,3,H,W] float32, "keys": [...]}
 
 Order: the examples are shuffled once per epoch by a permutation drawn from (seed, epoch); micro-step s
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from train.data import DataError
+from train.training.datasets import DataError
 
 
 class StepOrder:

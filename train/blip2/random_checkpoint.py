@@ -2,18 +2,18 @@
 size users deploy. (The trained demo model, models/demo, comes from `python -m train demo`, with a space; this
 module makes random ones.)
 
-    python -m train.demo --out checkpoints/tiny              # tiny preset, seed 0, stage 2
-    python -m train.demo --preset small --out checkpoints/small
-    python -m train.demo --stage 1 --out checkpoints/stage1  # Q-Former with ITC/ITM/ITG heads, no LLM
-    python -m train.demo --qformer-text --out checkpoints/demo   # stage 2 that also keeps ITC/ITM/ITG
-    python -m train.demo --bert --out checkpoints/bert   # a small random BERT-style folder (stage1 --qformer-init)
-    python -m train.demo --preset blip2-opt-2.7b --dtype float16 --out checkpoints/blip2-opt-2.7b-random
+    python -m train.blip2.random_checkpoint --out checkpoints/tiny              # tiny preset, seed 0, stage 2
+    python -m train.blip2.random_checkpoint --preset small --out checkpoints/small
+    python -m train.blip2.random_checkpoint --stage 1 --out checkpoints/stage1  # Q-Former with ITC/ITM/ITG heads, no LLM
+    python -m train.blip2.random_checkpoint --qformer-text --out checkpoints/demo   # stage 2 that also keeps ITC/ITM/ITG
+    python -m train.blip2.random_checkpoint --bert --out checkpoints/bert   # a small random BERT-style folder (stage1 --qformer-init)
+    python -m train.blip2.random_checkpoint --preset blip2-opt-2.7b --dtype float16 --out checkpoints/blip2-opt-2.7b-random
                                                    # Salesforce/blip2-opt-2.7b's architecture, 3.8B random weights
-    python -m train.demo --preset blip2-opt-2.7b --dtype float16 --vision-layers 2 --qformer-layers 2 --llm-layers 6 \\
+    python -m train.blip2.random_checkpoint --preset blip2-opt-2.7b --dtype float16 --vision-layers 2 --qformer-layers 2 --llm-layers 6 \\
         --out checkpoints/blip2-opt-2.7b-6l        # the same widths, fewer layers (677M parameters)
-    python -m train.demo --preset tiny-t5 --scales trained --out checkpoints/t5-trained
+    python -m train.blip2.random_checkpoint --preset tiny-t5 --scales trained --out checkpoints/t5-trained
                                                    # trained-like weight scales: T5's large activations
-    python -m train.demo --preset tiny --outliers 3 --out checkpoints/opt-outliers
+    python -m train.blip2.random_checkpoint --preset tiny --outliers 3 --out checkpoints/opt-outliers
                                                    # OPT's outlier features (3 LayerNorm channels x20..x60)
 
 The folder is a regular Hugging Face `save_pretrained` folder (config.json,
@@ -32,9 +32,9 @@ import torch
 from transformers import Blip2Processor
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-from train.model import Blip2Edge, EdgeConfig
-from train.presets import PRESETS, blip2_config
-from train.text_tokenizer import IMAGE_TOKEN, build_qformer_tokenizer, llm_tokenizer
+from train.blip2.model import Blip2Edge, EdgeConfig
+from train.blip2.presets import PRESETS, blip2_config
+from train.blip2.tokenizers import IMAGE_TOKEN, build_qformer_tokenizer, llm_tokenizer
 
 
 RANDOM_MARK = "random_weights.json"  # written beside a random checkpoint's weights: how they were drawn
@@ -185,7 +185,7 @@ def make_bert(out: str | Path, hidden: int = 128, layers: int = 2, heads: int = 
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m train.demo", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m train.blip2.random_checkpoint", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="checkpoints/demo", help="folder to write (replaced if it exists)")
     ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))

@@ -14,7 +14,7 @@ What each command trains (the LLM is always frozen; BLIP-2's recipe, LAVIS's con
 | finetune --task vqa | the LLM's loss on the most common answer after "Question: ... Answer:"; the question also goes to the Q-Former (bi-directional, with the queries) | Q-Former, projection | frozen (--train-vit to train it) |
 | finetune --task retrieval | ITC + ITM + ITG | Q-Former, text side, heads, ViT | trained |
 
-Every step reads its images from disk through `train.streaming.ImageStream` (worker processes, the
+Every step reads its images from disk through `train.training.streaming.ImageStream` (worker processes, the
 runtime's preprocessing); the ViT runs inside the step. With the ViT frozen, `--feature-cache` keeps
 its outputs in float16 in the run folder for the next epochs. Every option's value is printed at
 start and saved as `train_args.json` in the run folder and the checkpoint; the run resumes where it
@@ -29,13 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train.data import DataError, qa_prompt
-from train.families import family
-from train.losses import stage1_losses, world
-from train.stages import lm_batch, qformer_batch, trainable
-from train.options import OptionError, Options, options_from
-from train.presets import image_tokens
-from train.trainer import RunFolderError, TrainConfig, check_resume, fit
+from train.blip2.families import family
+from train.blip2.presets import image_tokens
+from train.training.batches import lm_batch, qformer_batch
+from train.training.datasets import DataError, qa_prompt
+from train.training.losses import stage1_losses, world
+from train.training.options import OptionError, Options, options_from
+from train.training.trainer import RunFolderError, TrainConfig, check_resume, fit, trainable
 
 
 
@@ -173,7 +173,7 @@ def check_data(data, command: str, task: str | None) -> None:
 
 def start_model(command: str, task: str | None, args, say):
     """(model, LLM tokenizer or None, Q-Former tokenizer) the command starts from."""
-    from train import sources
+    from train.training import sources
 
     if command == "stage1":
         model, qtok = sources.stage1_start(args.init, args.vision, args.qformer_init, args.num_queries,
@@ -211,10 +211,10 @@ RESUMABLE = frozenset({"out", "run", "workers", "log_every", "save_every", "max_
 
 def run_command(command: str, task: str | None, args, opts: Options, say=print) -> Path:
     """Train `command` (stage1 | stage2 | finetune with `task`) on args.data; write the checkpoint args.out."""
-    from train.datasets import open_dataset
-    from train.demo import write_checkpoint
-    from train.recipe import preprocessor
-    from train.streaming import FeatureCache, ImageStream
+    from train.training.datasets import open_dataset
+    from train.blip2.random_checkpoint import write_checkpoint
+    from train.blip2.checkpoint import preprocessor
+    from train.training.streaming import FeatureCache, ImageStream
 
     opts = _defaults(command, task, opts)
     rank, size = world()
@@ -270,8 +270,8 @@ def run_command(command: str, task: str | None, args, opts: Options, say=print) 
 
 
 def main(command: str, args) -> int:
-    from train.checkpoint import CheckpointError
-    from train.trainer import NonFiniteLoss, init_distributed
+    from train.blip2.checkpoint import CheckpointError
+    from train.training.trainer import NonFiniteLoss, init_distributed
 
     try:
         options = options_from(args)  # (checked before any process group or data)

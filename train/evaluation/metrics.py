@@ -1,6 +1,6 @@
 """The standard metrics `python -m train eval --data` reports (torch-free).
 
-    from train.metrics import caption_scores, vqa_accuracy, retrieval_recall
+    from train.evaluation.metrics import caption_scores, vqa_accuracy, retrieval_recall
     caption_scores({"1": "a dog on grass"}, {"1": ["a dog runs on the grass", ...]})   # {"bleu4", "cider"}
     vqa_accuracy(["two"], [["2", "2", "two", ...]])                                      # VQAv2 accuracy
     retrieval_recall(i2t_scores, text_image)                                              # R@1/5/10 both ways
@@ -15,7 +15,7 @@
   digits, articles, contractions) of the VQA evaluation script.
 * Retrieval: recall@1/5/10 image->text (an image is right when any of its captions is in the top k) and
   text->image, from a score matrix (ITC similarities re-ranked by ITM on the top candidates: see
-  train.evaluate).
+  train.shapescaps.evaluate).
 """
 import re
 

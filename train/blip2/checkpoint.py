@@ -1,8 +1,8 @@
 """Load a Hugging Face BLIP-2 checkpoint folder (ours or a real one saved with `save_pretrained`).
 
-    from train.checkpoint import load_checkpoint
+    from train.blip2.checkpoint import load_checkpoint
     ck = load_checkpoint("models/demo")
-    ck.model            # train.model.Blip2Edge: every Q-Former mode, the LLM when there is one
+    ck.model            # train.blip2.model.Blip2Edge: every Q-Former mode, the LLM when there is one
     ck.hf               # the Hugging Face model sharing its weights (reference for generate / retrieval)
     ck.tokenizer, ck.qformer_tokenizer, ck.image_processor, ck.prompt_layout
 
@@ -15,7 +15,6 @@ for stage 1 and `qformer_tokenizer/` for stage 2 (InstructBLIP's layout).
 The model is loaded in float32 with eager attention (the dynamo exporter cannot
 trace SDPA's `is_causal` flag in the KV-cached decoder step).
 """
-import contextlib
 import hashlib
 import json
 import math
@@ -25,9 +24,9 @@ from pathlib import Path
 
 import torch
 
+from runtime.memory import return_freed_memory
 from runtime.prompt import PromptLayout
-from runtime.memory import trim
-from train.families import family
+from train.blip2.families import family
 
 
 class CheckpointError(Exception):
@@ -37,7 +36,7 @@ class CheckpointError(Exception):
 @dataclass
 class Checkpoint:
     path: Path
-    model: torch.nn.Module  # train.model.Blip2Edge
+    model: torch.nn.Module  # train.blip2.model.Blip2Edge
     hf: torch.nn.Module  # Blip2ForConditionalGeneration or Blip2ForImageTextRetrieval, same weights
     tokenizer: object | None  # the LLM's tokenizer (transformers fast tokenizer); None for stage 1
     qformer_tokenizer: object | None  # the Q-Former's tokenizer; None without the Q-Former text side
@@ -196,7 +195,7 @@ def resolve_source(source) -> Path:
 def load_checkpoint(path) -> Checkpoint:
     from transformers import Blip2Config
 
-    from train.model import EdgeConfig
+    from train.blip2.model import EdgeConfig
 
     path = resolve_source(path)
     if not path.is_dir():
@@ -229,36 +228,18 @@ def load_checkpoint(path) -> Checkpoint:
     return Checkpoint(path, model, model.hf_model(), tokenizer, qformer_tokenizer, image_processor, prefix, suffix)
 
 
-# A full garbage collection between a build's steps is worth it only for large models: in a process holding many
-# objects one gc.collect() takes most of a second (23 calls were 60% of a tiny model's onnx-fp16 build in the test
-# suite) and frees a few megabytes. Builds of checkpoints whose float32 weights are below this skip it.
-COLLECT_ABOVE_BYTES = 256 * 2**20
-_collecting = [True]
+def preprocessor(model):
+    """The exact numpy preprocessing the runtime uses (bit-identical to HF's BlipImageProcessor)."""
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
+    from runtime.image import ImageProcessorConfig
 
-@contextlib.contextmanager
-def collecting(enabled: bool):
-    """Within the block, return_freed_memory runs the garbage collector only when `enabled`."""
-    before, _collecting[0] = _collecting[0], enabled
-    try:
-        yield
-    finally:
-        _collecting[0] = before
-
-
-def return_freed_memory() -> None:
-    """Collect garbage (see `collecting`) and hand the heap's freed pages back to the system (glibc keeps them
-    otherwise, and they count as the process's memory: a build's next step would stack its peak on them); trim is a
-    no-op elsewhere."""
-    import gc
-
-    if _collecting[0]:
-        gc.collect()
-    trim()
+    size = model.config.vision_config.image_size
+    return ImageProcessorConfig.from_hf_dict(BlipImageProcessorPil(size={"height": size, "width": size}).to_dict())
 
 
 def _load_model(path: Path, qformer_tokenizer):
-    from train.model import Blip2Edge
+    from train.blip2.model import Blip2Edge
 
     model = Blip2Edge.from_pretrained(path)
     if qformer_tokenizer is not None and not (path / "blip2_edge.json").is_file():

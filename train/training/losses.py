@@ -6,7 +6,7 @@ Stage 1 (`stage1_losses`): ITC + ITM + ITG, summed, as in BLIP-2 (LAVIS blip2_qf
   ITM  positives plus hard negatives drawn from the ITC similarities (a negative text for every
        image and a negative image for every text), two-class head averaged over the queries.
   ITG  the Q-Former's text decoder: [DEC] replaces [CLS], next-token loss through the causal mask.
-Stage 2 (`lm_loss`): the LLM's loss on the answer/caption tokens after the soft prompt (`train.families`).
+Stage 2 (`lm_loss`): the LLM's loss on the answer/caption tokens after the soft prompt (`train.blip2.families`).
 
 Foils (optional): for some rows, a minimally changed false caption (ShapesCaps mirrors the layout:
 "to the left of" -> "to the right of"). Random in-batch negatives almost never differ from the positive
@@ -18,7 +18,7 @@ its own image, and `foil_itc_loss` contrasts it with the true caption at the ITC
 data repeats scenes; COCO gives several captions per image): they count as positives for ITC and
 are never drawn as ITM negatives.
 
-    from train.losses import stage1_losses
+    from train.training.losses import stage1_losses
     losses = stage1_losses(model, image_embeds, ids, mask, same=None)   # {"itc":, "itm":, "itg":, "loss":}
     losses = stage1_losses(model, image_embeds, ids, mask, foils=(has_foil, foil_ids, foil_mask))  # + "itc_foil"
 """
@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from train.families import family
+from train.blip2.families import family
 
 LABEL_SMOOTHING = 0.1  # BLIP-2 smooths the ITC and ITG targets
 
@@ -183,6 +183,6 @@ def stage1_losses(model, image_embeds, ids, mask, same=None, generator=None, foi
 def lm_loss(model, image_embeds, batch: dict):
     """Stage 2: the soft prompt of each image through the frozen LLM, the loss on the target tokens only (the
     family's: OPT's language-modelling loss after the prompt, T5's prefix-LM loss on the suffix; `batch` from
-    `train.families.family(config).stage2_batch`)."""
+    `train.blip2.families.family(config).stage2_batch`)."""
     query_output, _ = model.query_forward(image_embeds)
     return family(model.config).stage2_loss(model, model.soft_prompt(query_output), batch)

@@ -1,6 +1,6 @@
 """The two kinds of frozen LLM BLIP-2 connects to, one adapter each (picked by `text_config.model_type`).
 
-    from train.families import family
+    from train.blip2.families import family
     f = family(model.config)              # DecoderOnly (OPT) or EncoderDecoder (T5)
     f.stage2_batch(layout, tokenizer, [(prompt or None, target), ...])   # tensors for stage 2's loss
     f.stage2_loss(model, soft_prompt, batch)
@@ -16,7 +16,7 @@ on the suffix only. For export, T5 runs one step at a time with caches held outs
 import torch
 import torch.nn.functional as F
 
-from train.masks import additive
+from train.blip2.masks import additive
 
 
 def _ids(tok, texts: list[str]) -> list[list[int]]:

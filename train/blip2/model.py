@@ -1,6 +1,6 @@
 """BLIP-2 for training and export, readable top to bottom.
 
-    from train.model import Blip2Edge
+    from train.blip2.model import Blip2Edge
     model = Blip2Edge.from_pretrained("checkpoints/stage1")     # ours, or a real HF BLIP-2 folder
     model = Blip2Edge.from_config(blip2_config("tiny"), EdgeConfig(stage=1))   # fresh weights
     model.save_pretrained("checkpoints/stage1")
@@ -13,7 +13,7 @@ stage 1 loads with `Blip2ForImageTextRetrieval`, stage 2 with
 
   * one Q-Former forward that takes any self-attention mask and a KV cache, so
     the three BLIP-2 modes (ITC unimodal, ITM bi-directional, ITG multimodal
-    causal; masks from `train.masks.qformer_mask`) run through the same code in
+    causal; masks from `train.blip2.masks.qformer_mask`) run through the same code in
     training and export;
   * the ITG text-decoder head and the ITC temperature, saved beside the HF
     weights in `blip2_edge_heads.safetensors`, described by `blip2_edge.json`.
@@ -32,8 +32,8 @@ from torch import nn
 from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
 from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
-from train.families import family
-from train.masks import causal_lm_mask, qformer_mask
+from train.blip2.families import family
+from train.blip2.masks import causal_lm_mask, qformer_mask
 
 EDGE_CONFIG = "blip2_edge.json"
 EDGE_WEIGHTS = "blip2_edge_heads.safetensors"
@@ -266,7 +266,7 @@ class Blip2Edge(nn.Module):
 
     def _joint_inputs(self, mode: str, input_ids, attention_mask, batch: int):
         """The input of a mode where queries and text meet (input_ids, attention_mask [batch, T]): embeddings
-        [batch, Nq+T, Dq] of [queries; text] and the mode's additive mask (train.masks.qformer_mask)."""
+        [batch, Nq+T, Dq] of [queries; text] and the mode's additive mask (train.blip2.masks.qformer_mask)."""
         embeds = torch.cat([self.query_tokens.expand(batch, -1, -1), self.text_embeds(input_ids)], 1)
         return embeds, qformer_mask(mode, attention_mask, self.num_queries, embeds.dtype)
 

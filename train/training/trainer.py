@@ -1,7 +1,7 @@
 """The training loop every stage shares: AdamW, warm-up + cosine schedule, gradient clipping,
 progress bar and loss lines, resumable state, a NaN/inf guard, and data parallelism.
 
-    from train.trainer import TrainConfig, fit
+    from train.training.trainer import TrainConfig, fit
     fit("stage1", model, trainable_params, objective, TrainConfig(steps=1500), state_file=run / "state.pt")
 
 `objective(step, generator) -> {"loss": tensor, ...}` builds its own batch from the step number
@@ -11,7 +11,7 @@ the last saved state and reaches the same weights as a run that was never interr
 Several processes (`torchrun --nproc_per_node 2 -m train ...`; gloo on CPU, nccl on GPU) each
 compute their own batch; gradients are averaged across processes after every backward pass (what
 DistributedDataParallel does, without its wrapper, since the objectives call several model
-methods). ITC gathers features from every process itself (train.losses.gather).
+methods). ITC gathers features from every process itself (train.training.losses.gather).
 """
 import json
 import math
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from train.losses import world
+from train.training.losses import world
 
 
 @dataclass
@@ -47,7 +47,11 @@ class NonFiniteLoss(RuntimeError):
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to lr * min_lr_ratio (a pure function of the step)."""
+    """Linear warm-up, then cosine decay to lr * min_lr_ratio (a pure function of the step, so a resumed run takes
+    up the schedule where it stopped). transformers' `get_cosine_with_min_lr_schedule_with_warmup` gives the same
+    values from the end of the warm-up on (equal to float rounding, 10 warm-up steps of 100), but its warm-up starts
+    one step later, at lr 0 (step 0: 0 there, lr / warmup here): taking it would change every run's first steps, and so the
+    shipped demo model that `python -m train demo` reproduces exactly."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
@@ -61,6 +65,11 @@ def init_distributed() -> None:
 
 
 def _average_gradients(params) -> None:
+    """Average the gradients of `params` over the processes (data parallel). Not DistributedDataParallel: its
+    gradient hooks are armed by the wrapped module's forward(), and the objectives call Blip2Edge's own methods
+    (itc_forward, itm_forward, the LLM's loss: several per step, on the parameters each stage trains), which
+    DistributedDataParallel would not see; wrapping each in a module of its own would bucket the same parameters
+    twice. The cost is the overlap of communication with backward, which DDP has and this does not."""
     rank, size = world()
     if size == 1:
         return
@@ -240,3 +249,12 @@ def fit(name: str, module, params, objective, cfg: TrainConfig, state_file: Path
     bar.close()
     module.eval()
     return cfg.steps - start
+
+
+def trainable(model, frozen: tuple[str, ...]) -> list:
+    params = []
+    for name, p in model.named_parameters():
+        p.requires_grad = not name.startswith(frozen)
+        if p.requires_grad:
+            params.append(p)
+    return params
