@@ -63,7 +63,7 @@ def main(argv=None):
         for workers in args.workers:
             out = tmp / f"out-{workers}"
             result = run(Job(engines=args.engines, task="caption", input=str(tmp / "images"), output=str(out),
-                             workers=workers, batch_size=args.batch_size), say=lambda *_: None)
+                             workers=workers, batch_size=args.batch_size))
             rate = result["written"] / result["seconds"]
             same = sum(r["caption"] == loop[r["path"]] for r in read_output(out))
             print(f"runtime batch, {workers} worker(s):    {rate:7.1f} images/s = {rate / loop_rate:.2f}x the loop | "

@@ -39,6 +39,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", required=True, help="checkpoint folder (or hub id) to build")
     ap.add_argument("--targets", nargs="+", default=["onnx"], help="export.build targets, built in this order")
     ap.add_argument("--out", help="engines root (default: a temporary folder, removed at the end)")
+    ap.add_argument("--json", metavar="FILE", help="write the figures to FILE (bench/results/*.json: bench/report.py)")
     ap.add_argument("build_args", nargs=argparse.REMAINDER, help="after --: more export.build options")
     args = ap.parse_args(argv)
     extra = [a for a in args.build_args if a != "--"]
@@ -59,6 +60,15 @@ def main(argv=None) -> int:
     for target, peak, seconds, rc in rows:
         print(f"{target:<12} {peak / 2**30:>12.2f} {peak / fp32:>15.2f} {seconds:>8.0f}  "
               f"{'ok' if rc == 0 else f'failed (exit {rc})'}")
+    if args.json:
+        from common import Headline, write_results
+
+        write_results(args.json, f"build: {folder.name}", {
+            "parameters": fp32 // 4, "fp32_weight_bytes": fp32,
+            "targets": {t: {"peak_rss_bytes": peak, "seconds": seconds, "exit": rc} for t, peak, seconds, rc in rows}},
+            [Headline(f"{target}: peak RSS / fp32 weights", peak / fp32, "x", "<=", 1.5,
+                      f"{peak / 2**30:.2f} GiB, {seconds:.0f} s, " + ("built" if rc == 0 else f"failed (exit {rc})"))
+             for target, peak, seconds, rc in rows])
     return 0 if all(r[3] == 0 for r in rows) else 1
 
 

@@ -64,7 +64,7 @@ def prepare(preset: str, work: Path, targets: list[str], checkpoint: str | None 
         engines[target] = work / "engines" / ck.name / target
         if not engines[target].exists():
             print(f"building {engines[target]} (export + parity gate) ...", flush=True)
-            build(ck, target, work / "engines", say=lambda m: print("  " + m, flush=True))
+            build(ck, target, work / "engines")
     return ck, engines
 
 

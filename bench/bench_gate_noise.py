@@ -53,7 +53,7 @@ def measure(model: str, out: Path) -> dict:
     from runtime.manifest import load_manifest
     from train.blip2.checkpoint import load_checkpoint, parameter_count
 
-    engine = build(model, "onnx", out, say=lambda *_: None)
+    engine = build(model, "onnx", out)
     parity = json.loads((engine / "parity.json").read_text())
     row = {"model": model, "parameters": parameter_count(Path(model)),
            "graphs": {g: {"x_pytorch_fp32_err": v["x_pytorch_fp32_err"], "max_rel": v["max_rel"]}

@@ -54,8 +54,7 @@ def prepare(preset: str, work: Path, max_batch: int, checkpoint: Path | None = N
         if checkpoint is None:
             make_random_checkpoint(ck, preset, seed=0, stage=1)
         print(f"building {engine} (export + parity gate) ...", flush=True)
-        build(ck, "onnx", work / "engines", name=f"bench-{ck.name}", max_batch=max_batch,
-              say=lambda m: print("  " + m, flush=True))
+        build(ck, "onnx", work / "engines", name=f"bench-{ck.name}", max_batch=max_batch)
     return ck, engine
 
 

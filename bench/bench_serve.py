@@ -4,7 +4,7 @@ batching, the image cache on and off, and the engine without HTTP.
     pip install ".[scale]"
     python -m export.build --model models/demo --target onnx
     python bench/bench_serve.py                                  # engines/demo/onnx
-    python bench/bench_serve.py --engines engines/NAME/onnx --requests 96 --clients 16 --json serve.json
+    python bench/bench_serve.py --engines engines/NAME/onnx --requests 96 --clients 16 --json bench/results/serve.json
 
 1. Mixed load: `--clients` closed-loop clients (each sends its next request when its answer is in) send
    `--requests` requests, half captions and half questions, `max_new_tokens` drawn from 4..32 (at most the
@@ -171,7 +171,9 @@ def main(argv=None):
     ap.add_argument("--engines", default=str(ROOT / "engines" / "demo" / "onnx"))
     ap.add_argument("--requests", type=int, default=96)
     ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--json", help="write the figures here")
+    ap.add_argument("--json", metavar="FILE", help="write the figures to FILE (bench/results/*.json: bench/report.py)")
+    ap.add_argument("--no-targets", action="store_true", help="write the figures without the targets (which are held "
+                    "on the small preset) beside them: for other folders, shown for context")
     args = ap.parse_args(argv)
 
     from runtime import Blip2Pipeline
@@ -238,7 +240,22 @@ def main(argv=None):
           f"{a['answers_differing']}; HTTP continuous / engine alone: "
           f"{figures['continuous']['requests_per_s'] / a['engine_requests_per_s']:.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2))
+        from common import Headline, write_results
+
+        c, r = figures["continuous"], figures["requests"]
+        held = (lambda op, bound: (None, None)) if args.no_targets else (lambda op, bound: (op, bound))
+        write_results(args.json, f"serve: {Path(args.engines).parent.name}/{Path(args.engines).name}", figures, [
+            Headline("continuous / request batching: requests/s", figures["ratios"]["requests_per_s"], "x",
+                     *held(">=", 1.5),
+                     f"{c['requests_per_s']:.2f} against {r['requests_per_s']:.2f} requests/s, {args.clients} "
+                     f"clients, {args.requests} requests"),
+            Headline("continuous / request batching: p99 time to first token", figures["ratios"]["ttft_p99"], "x",
+                     *held("<=", 0.5), f"{c['ttft_p99_ms']:.0f} against {r['ttft_p99_ms']:.0f} ms"),
+            Headline("image cache on / off: questions 2..8 about one image", figures["cache_speedup"], "x faster",
+                     *held(">=", 3.0), f"the ceiling, vision + Q-Former's share of a question measured alone: "
+                                f"{figures['cache_ceiling']:.2f}x"),
+            Headline("engine alone / Blip2Pipeline.generate a batch at a time: requests/s", a["ratio"], "x"),
+        ])
 
 
 if __name__ == "__main__":

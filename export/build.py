@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import logging
 import math
 import os
 import platform
@@ -57,6 +58,8 @@ from train.blip2.checkpoint import (CheckpointError, checkpoint_hash, load_check
                                     safetensors_headers)
 from train.blip2.families import family
 from train.blip2.logs import quiet_libraries
+
+logger = logging.getLogger("export.build")  # (not __name__: `python -m export.build` runs it as __main__)
 
 
 @dataclass(frozen=True)
@@ -169,28 +172,28 @@ def _reusable_fp32(folder: Path, source_sha256: str, limits, specs) -> Manifest 
     return m if same else None
 
 
-def _export_fp32(ck, specs, folder: Path, say, reuse: Manifest | None = None) -> dict:
+def _export_fp32(ck, specs, folder: Path, reuse: Manifest | None = None) -> dict:
     """Every graph to fp32 ONNX in `folder` (or, with `reuse`, the graphs of that fp32 folder copied in); returns
     the manifest's graph entries."""
     graphs = {}
     if reuse is not None:
-        say(f"reusing the fp32 graphs of {reuse.folder} (same checkpoint, limits and versions)")
+        logger.info(f"reusing the fp32 graphs of {reuse.folder} (same checkpoint, limits and versions)")
         for spec in specs:
             graphs[spec.name] = reuse.graphs[spec.name]
             _copy_graph(reuse.folder, folder, graphs[spec.name].file)
     for i, spec in enumerate(specs if reuse is None else [], 1):
-        say(f"[{i}/{len(specs)}] {spec.name}: exporting ...")
+        logger.info(f"[{i}/{len(specs)}] {spec.name}: exporting ...")
         graphs[spec.name] = spec.to_manifest(export_graph(spec, ck.model, folder).name)
     return graphs
 
 
-def _references(ck, specs, limits, say, precision: str, feeds: dict | None = None, large_input: bool = False,
+def _references(ck, specs, limits, precision: str, feeds: dict | None = None, large_input: bool = False,
                 images: list | None = None, end_to_end: bool = True):
     """PyTorch's outputs for every graph's check cases and Hugging Face's for the end-to-end gate, computed with
     the weights loaded; the PyTorch weights are released afterwards, so that the checks against ONNX Runtime
     never hold both copies (peak memory about the float32 weights once)."""
     ck.reload_weights()
-    say("reference outputs with PyTorch and Hugging Face ...")
+    logger.info("reference outputs with PyTorch and Hugging Face ...")
     graphs = graph_references(specs, ck.model, feeds, large_input, precision)
     e2e = (end_to_end_reference(ck, limits, [s.name for s in specs], images, float64=precision == "fp32")
            if end_to_end else None)
@@ -198,7 +201,7 @@ def _references(ck, specs, limits, say, precision: str, feeds: dict | None = Non
     return graphs, e2e
 
 
-def _convert(specs, src: Path, dst: Path, precision: str, ranges: dict | None, say, for_tensorrt: bool) -> dict:
+def _convert(specs, src: Path, dst: Path, precision: str, ranges: dict | None, for_tensorrt: bool) -> dict:
     """fp32 ONNX graphs in `src` -> reduced-precision graphs in `dst`; returns per-graph precision details.
     INT8 graphs for ONNX Runtime store activations as uint8 (the same values; see export.precision); INT4 is
     weight-only, for the graphs whose spec asks for it (the LLM's), the others are copied in fp32."""
@@ -218,7 +221,7 @@ def _convert(specs, src: Path, dst: Path, precision: str, ranges: dict | None, s
             _copy_graph(src, dst, file)
             details[spec.name] = {"kept_fp32": "the whole graph"}
         return_freed_memory()
-        say(f"  {spec.name}: {_conversion_line(precision, details[spec.name])}")
+        logger.info(f"  {spec.name}: {_conversion_line(precision, details[spec.name])}")
     return details
 
 
@@ -236,7 +239,7 @@ def _conversion_line(precision: str, details: dict) -> str:
     return line
 
 
-def _reduce(ck, specs, fp32_dir: Path, out: Path, precision: str, calibration: Calibration, say, for_tensorrt: bool):
+def _reduce(ck, specs, fp32_dir: Path, out: Path, precision: str, calibration: Calibration, for_tensorrt: bool):
     """Run the fp32 pipeline on real images (int8: measuring the activation ranges to quantize; for the gate:
     recording feeds of held-out images) and convert every graph; returns (Precision, the gate's recorded feeds
     per graph, the calibration ImageSet)."""
@@ -248,7 +251,7 @@ def _reduce(ck, specs, fp32_dir: Path, out: Path, precision: str, calibration: C
                               calibration.seed, calibration.report_images)
     ranges, record = None, None
     if precision == "int8":
-        say(f"calibrating on {data.source['count']} images from {data.source['source']} ...")
+        logger.info(f"calibrating on {data.source['count']} images from {data.source['source']} ...")
         plans = {spec.name: int8_plan_of(fp32_dir / f"{spec.name}.onnx", **spec.int8) for spec in specs}
         ranges = record_ranges(fp32_dir, {g: p.tensors for g, p in plans.items()}, data.images, data.texts,
                                channels={g: list(p.channels) for g, p in plans.items()})
@@ -259,12 +262,12 @@ def _reduce(ck, specs, fp32_dir: Path, out: Path, precision: str, calibration: C
     for g, f in record_feeds(fp32_dir, data.held_out[3:], texts[3:4]).items():
         gate[g] += f
     gate = {g: select_cases(f) for g, f in gate.items()}  # only the calls the gate checks are kept (KV caches)
-    say(f"converting to {precision}:")
-    details = _convert(specs, fp32_dir, out, precision, ranges, say, for_tensorrt)
+    logger.info(f"converting to {precision}:")
+    details = _convert(specs, fp32_dir, out, precision, ranges, for_tensorrt)
     return Precision(precision, details, record), gate, data
 
 
-def _engines(specs, folder: Path, graphs: dict, say) -> dict:
+def _engines(specs, folder: Path, graphs: dict) -> dict:
     """Build one TensorRT engine per graph of `folder` (profiles from its spec) in place of its ONNX file;
     returns the build's tensorrt record (hardware and engines). `graphs` entries are updated to the engines."""
     from export.trt_build import build_engine, hardware_info
@@ -273,7 +276,7 @@ def _engines(specs, folder: Path, graphs: dict, say) -> dict:
     built = {}
     for spec in specs:
         engine = folder / f"{spec.name}.engine"
-        say(f"  {spec.name}: building TensorRT engine ...")
+        logger.info(f"  {spec.name}: building TensorRT engine ...")
         built[spec.name] = build_engine(folder / f"{spec.name}.onnx", spec, engine, timing_cache_path=cache)
         graphs[spec.name] = replace(graphs[spec.name], file=engine.name)
     for spec in specs:
@@ -282,7 +285,7 @@ def _engines(specs, folder: Path, graphs: dict, say) -> dict:
     return {**hardware_info(), "engines": built}
 
 
-def _check_and_record(ck, folder: Path, manifest: Manifest, results: list, want: dict, say, data=None,
+def _check_and_record(ck, folder: Path, manifest: Manifest, results: list, want: dict, data=None,
                       fp32_dir: Path | None = None) -> Manifest:
     """End-to-end check of the finished folder against `want` (parity.end_to_end_reference); writes parity.json
     and the manifest's parity summary (and, for a reduced precision, the accuracy report against the fp32
@@ -295,19 +298,19 @@ def _check_and_record(ck, folder: Path, manifest: Manifest, results: list, want:
     if data is not None:  # the fp32 folder's outputs first, its pipeline closed before the reduced one opens
         fp32_outputs = pipeline_outputs(Blip2Pipeline.from_dir(fp32_dir, runner_factory=check_runner), data.report)
         return_freed_memory()
-    say("end-to-end: runtime pipeline vs Hugging Face ...")
+    logger.info("end-to-end: runtime pipeline vs Hugging Face ...")
     factory = None if manifest.is_tensorrt else check_runner
     pipe = Blip2Pipeline.from_dir(folder, backend=backend, runner_factory=factory)
     e2e = compare_end_to_end(want, pipe, manifest.precision.name)
     summaries = {c: r["summary"] for c, r in e2e.items() if isinstance(r, dict) and "summary" in r}
     for case, summary in summaries.items():
-        say(f"end-to-end {case}: {summary}")
+        logger.info(f"end-to-end {case}: {summary}")
     parity = {"tolerance": {"precision": manifest.precision.name, **asdict(TOLERANCES[manifest.precision.name])},
               "graphs": summarize(results), "checks": as_records(results), "end_to_end": e2e}
     if data is not None:
         parity["accuracy"] = accuracy_report(fp32_outputs, pipeline_outputs(pipe, data.report), len(data.report),
                                              data.source["report"])
-        say(f"accuracy against fp32: {parity['accuracy']['summary']}")
+        logger.info(f"accuracy against fp32: {parity['accuracy']['summary']}")
     (folder / "parity.json").write_text(json.dumps(parity, indent=2))
     if not e2e["passed"]:
         failed = {c: r["summary"] for c, r in e2e.items() if isinstance(r, dict) and not r.get("passed", True)}
@@ -355,13 +358,13 @@ def _check_request(target: str, out_root: Path) -> None:
 
 
 @contextlib.contextmanager
-def _staging(final: Path, say=print):
+def _staging(final: Path):
     """A new folder beside `final` that becomes `final` when the block ends; on a failure or Ctrl-C it is
     removed, with every parent folder this build created. Folders get the umask's permissions, like any
     other output (tempfile.mkdtemp would make them private)."""
     created = [p for p in reversed(final.parents) if not p.exists()]
     final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(final, say)
+    _remove_leftovers(final)
     tmp = final.with_name(f".{final.name}.partial-{os.getpid()}-{time.time_ns()}")
     tmp.mkdir()
     try:
@@ -375,7 +378,7 @@ def _staging(final: Path, say=print):
         raise
 
 
-def _remove_leftovers(final: Path, say=print) -> None:
+def _remove_leftovers(final: Path) -> None:
     """Remove what a killed build of `final` left (SIGKILL, the OOM killer: no handler runs): its
     `.NAME.partial-PID-*` and `.NAME.old-PID-*` folders, only those whose process is gone."""
     for path in final.parent.glob(f".{final.name}.*-*-*"):
@@ -383,7 +386,7 @@ def _remove_leftovers(final: Path, say=print) -> None:
         if not (match and path.is_dir()) or alive(int(match[2])):
             continue
         shutil.rmtree(path, ignore_errors=True)
-        say(f"removed {path}, left by a build that was killed (process {match[2]} is gone)")
+        logger.info(f"removed {path}, left by a build that was killed (process {match[2]} is gone)")
 
 
 # Bytes per weight of a graph at each precision, measured on the full-size blip2-opt-2.7b build (int8: 1 byte per
@@ -451,7 +454,7 @@ def _replace(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def build(model_dir, target: str = "onnx", out_root="engines", name: str | None = None, say=print,
+def build(model_dir, target: str = "onnx", out_root="engines", name: str | None = None,
           calibration: Calibration | None = None, max_batch: int = 8, max_prompt_tokens: int | None = None,
           max_new_tokens: int | None = None) -> Path:
     """Export, check and write `out_root/<name>/<target>/`; returns the folder. Raises BuildError, CheckpointError,
@@ -473,52 +476,51 @@ def build(model_dir, target: str = "onnx", out_root="engines", name: str | None 
     started = time.time()
     weight_bytes = parameter_count(model_dir) * 4  # 0 without safetensors files: then collect, to be safe
     with collecting(weight_bytes == 0 or weight_bytes >= COLLECT_ABOVE_BYTES):
-        return _build(model_dir, target, final, precision, tensorrt, say, calibration, max_batch,
+        return _build(model_dir, target, final, precision, tensorrt, calibration, max_batch,
                       max_prompt_tokens, max_new_tokens, started)
 
 
-def _build(model_dir, target, final, precision, tensorrt, say, calibration, max_batch, max_prompt_tokens,
+def _build(model_dir, target, final, precision, tensorrt, calibration, max_batch, max_prompt_tokens,
            max_new_tokens, started) -> Path:
     if final.exists():
-        say(f"{final} exists: the new folder replaces it once it has passed its checks (a failed or interrupted "
-            f"build leaves it as it is)")
-    say(f"loading checkpoint {model_dir}")
+        logger.info(f"{final} exists: the new folder replaces it once it has passed its checks (a failed or "
+                    f"interrupted build leaves it as it is)")
+    logger.info(f"loading checkpoint {model_dir}")
     ck = load_checkpoint(model_dir)
     limits = resolve_limits(ck.model, max_batch, max_prompt_tokens, max_new_tokens)
     specs = graph_specs(ck.model, limits)
-    with _staging(final, say) as tmp:
+    with _staging(final) as tmp:
         fp32_dir = tmp / "fp32" if precision != "fp32" else tmp  # a reduced build starts from the checked fp32 graphs
         fp32_dir.mkdir(exist_ok=True)
         reuse = None if precision == "fp32" else _reusable_fp32(final.parent / "onnx", checkpoint_hash(ck.path),
                                                                 limits, specs)
-        graphs = _export_fp32(ck, specs, fp32_dir, say, reuse)
+        graphs = _export_fp32(ck, specs, fp32_dir, reuse)
         fp32 = _manifest(ck, final.parent.name, "onnx", graphs, limits, Precision("fp32"))
-        references, want = _references(ck, specs, limits, say, "fp32", end_to_end=precision == "fp32")
-        say("parity of the fp32 ONNX graphs against PyTorch:")
-        results = compare_graphs(references, lambda g: check_runner(fp32_dir / graphs[g].file), TOLERANCES["fp32"],
-                                 say)
+        references, want = _references(ck, specs, limits, "fp32", end_to_end=precision == "fp32")
+        logger.info("parity of the fp32 ONNX graphs against PyTorch:")
+        results = compare_graphs(references, lambda g: check_runner(fp32_dir / graphs[g].file), TOLERANCES["fp32"])
         del references  # (PyTorch's outputs and their inputs, KV caches included: gigabytes at full size)
         return_freed_memory()
         raise_on_failure(results)
         _write_folder(ck, fp32_dir, fp32)
         if precision == "fp32":
-            _check_and_record(ck, tmp, fp32, results, want, say)
+            _check_and_record(ck, tmp, fp32, results, want)
         else:
-            details, feeds, data = _reduce(ck, specs, fp32_dir, tmp, precision, calibration or Calibration(), say,
+            details, feeds, data = _reduce(ck, specs, fp32_dir, tmp, precision, calibration or Calibration(),
                                            tensorrt)
-            hardware = _engines(specs, tmp, graphs, say) if tensorrt else None
+            hardware = _engines(specs, tmp, graphs) if tensorrt else None
             manifest = _manifest(ck, final.parent.name, target, graphs, limits, details, hardware)
             _write_folder(ck, tmp, manifest)
-            references, want = _references(ck, specs, limits, say, precision, feeds, large_input=precision == "fp16",
+            references, want = _references(ck, specs, limits, precision, feeds, large_input=precision == "fp16",
                                            images=data.held_out)
-            say(f"parity of the {target} graphs against PyTorch ({precision} tolerances):")
-            results = compare_graphs(references, _open_runners(manifest, tmp), precision, say)
+            logger.info(f"parity of the {target} graphs against PyTorch ({precision} tolerances):")
+            results = compare_graphs(references, _open_runners(manifest, tmp), precision)
             del references, feeds
             return_freed_memory()
             raise_on_failure(results)
-            _check_and_record(ck, tmp, manifest, results, want, say, data, fp32_dir)
+            _check_and_record(ck, tmp, manifest, results, want, data, fp32_dir)
             shutil.rmtree(fp32_dir)
-    say(f"wrote {final} in {time.time() - started:.0f}s")
+    logger.info(f"wrote {final} in {time.time() - started:.0f}s")
     return final
 
 

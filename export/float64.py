@@ -46,19 +46,23 @@ _METADATA = {"__get__", "numel", "dim", "size", "stride", "is_floating_point", "
              "data_ptr", "get_device", "__len__"}
 
 # A weight larger than this is widened a block of output rows at a time: an LM head of 50272 x 4096 (OPT-6.7B) is
-# 0.82 GB in float32, and widened whole it would add 1.65 GB to the build's peak.
-CHUNK_BYTES = 64 * 2**20
+# 0.82 GB in float32, and widened whole it would add 1.65 GB to the build's peak. At Flan-T5-XL's widths the fp32
+# build's peak is the float64 ViT-g's MLP and attention (4 images), where a 64 MiB block (ViT-g's 6144 x 1408 fc1 and
+# fc2, its qkv widened whole) added 0.07 GiB over a 16 MiB one (2.55 -> 2.49 GiB, 2 layers each).
+CHUNK_BYTES = 16 * 2**20
 
 
 def _linear_in_blocks(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear in float64 with `weight` widened `CHUNK_BYTES` of rows at a time (each output element is one row's
-    dot product, computed as it would be whole)."""
+    dot product, computed as it would be whole), each block's result written into the output (concatenating the
+    blocks would hold the output twice)."""
     rows = max(1, CHUNK_BYTES // (8 * weight.shape[1]))
     x = _widen(x)
-    parts = [torch.nn.functional.linear(x, _widen(weight[i:i + rows]),
-                                        None if bias is None else _widen(bias[i:i + rows]))
-             for i in range(0, weight.shape[0], rows)]
-    return torch.cat(parts, dim=-1)
+    out = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    for i in range(0, weight.shape[0], rows):
+        out[..., i:i + rows] = torch.nn.functional.linear(x, _widen(weight[i:i + rows]),
+                                                          None if bias is None else _widen(bias[i:i + rows]))
+    return out
 
 
 class _Float64Functions(TorchFunctionMode):

@@ -29,6 +29,7 @@ the image placeholder id (Hugging Face forced to generate it), ITC/ITM against `
 and Q-Former (ITG) captions against the model's uncached causal pass. At fp32 Hugging Face's float64 logits along
 its own tokens (`HfReference.teacher_forced`) bound the logits and say which differing tokens are near-ties.
 """
+import logging
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -39,6 +40,8 @@ from export.float64 import float64 as in_float64
 from export.graph_spec import GraphSpec, torch_inputs
 from runtime.memory import return_freed_memory
 from train.blip2.reference import HfReference, itg_greedy
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ class Tolerance:
 # from the float64 result as PyTorch's float32 is, plus `noise_floor` of the output's range (8 float32 steps at the
 # top of the range: outputs PyTorch computes exactly, like a copied cache, still allow ONNX Runtime's last bits).
 # Measured (`python bench/bench_gate_noise.py`; ONNX Runtime's error / PyTorch's, both against float64, worst
-# output of each graph, README "Export"): 0.65x..4.6x over the tiny presets (random, trained-like Flan-T5 and
+# output of each graph, docs/export.md): 0.65x..4.6x over the tiny presets (random, trained-like Flan-T5 and
 # original T5, OPT with outlier features) and the trained demo models, 0.91x..1.6x at Flan-T5-XL's widths with
 # trained-like scales. End to end, the runtime's logits after a generated placeholder were 0.4x..1.8x Hugging
 # Face's own float32 error. A real error is far above: that placeholder embedded as another id moved the logits
@@ -369,7 +372,7 @@ def check_runner(path, graph: str | None = None):
     return make_runner(path, "onnxruntime", memory_arena=False)
 
 
-def compare_graphs(references: list[GraphReference], open_runner, tol: Tolerance | str, say=print) -> list:
+def compare_graphs(references: list[GraphReference], open_runner, tol: Tolerance | str) -> list:
     """Every graph of `references` against PyTorch's outputs, emptying the list as it goes; `open_runner(graph
     name)` opens the exported graph (one at a time). `tol`: the bounds, or a precision whose bounds `graph_tolerance` picks per graph."""
     results = []
@@ -383,8 +386,8 @@ def compare_graphs(references: list[GraphReference], open_runner, tol: Tolerance
         status = "ok" if all(c.passed for c in checks) else "FAILED"
         ratio = max((noise_ratio(c) for c in checks), default=None) if ref.noises is not None else None
         noise = "" if ratio is None else f", {ratio:.2g}x PyTorch's own float32 error"
-        say(f"  {ref.spec.name}: parity {status} over {len(checks)} checks (max abs err {worst.max_abs:.2g}, "
-            f"{worst.max_rel:.2g} of the range{noise}, cosine >= {min(c.cosine for c in checks):.5f})")
+        logger.info(f"  {ref.spec.name}: parity {status} over {len(checks)} checks (max abs err {worst.max_abs:.2g}, "
+                    f"{worst.max_rel:.2g} of the range{noise}, cosine >= {min(c.cosine for c in checks):.5f})")
     return results
 
 

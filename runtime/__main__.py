@@ -150,6 +150,7 @@ def _batch(args) -> int:
     from runtime.batch import Job, run
 
     import runtime.batch
+    from runtime.logs import show
 
     def interrupted(*_):  # (also asks the job to stop between batches: Ray Data's iteration can swallow it)
         runtime.batch.STOP.set()
@@ -162,7 +163,8 @@ def _batch(args) -> int:
               backend=args.backend, providers=args.providers, gpus=args.gpus, retry_errors=args.retry_errors,
               options={} if args.task == "embed" else _options(args))
     try:
-        result = run(job, say=lambda m: print(m, file=sys.stderr))
+        show(sys.stderr)  # (the job's progress; its results are the Parquet dataset)
+        result = run(job)
     except Blip2EdgeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -37,6 +37,8 @@ from runtime.actors import check_cluster_gpus, gpus_per_actor
 from runtime.errors import Blip2EdgeError
 from runtime.processes import alive
 
+logger = logging.getLogger(__name__)
+
 TASKS = {"caption": "caption", "ask": "answer", "embed": "features"}  # task -> its result column
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 
@@ -295,14 +297,14 @@ def check_job(job: Job) -> tuple[list[str], float]:
     return list_images(job.input, job.column), gpus_per_actor(manifest, job.gpus, job.providers)
 
 
-def run(job: Job, say=print) -> dict:
+def run(job: Job) -> dict:
     """Run `job` to the end (or continue it); returns {"written", "skipped", "errors", "seconds"}."""
     listed, gpus = check_job(job)
     output = Path(job.output)
     created = not output.exists()
     claim_output(output, job)
     try:
-        return _run(job, listed, gpus, output, say)
+        return _run(job, listed, gpus, output)
     except BaseException:
         if created and not any(output.glob("part-*.parquet")):  # (refused before any row: nothing half-made)
             shutil.rmtree(output, ignore_errors=True)
@@ -311,14 +313,14 @@ def run(job: Job, say=print) -> dict:
         release_output(output)
 
 
-def _run(job: Job, listed: list[str], gpus: float, output: Path, say) -> dict:
+def _run(job: Job, listed: list[str], gpus: float, output: Path) -> dict:
     real = {}
     for p in listed:  # (one file listed twice, or under two spellings, is done once)
         real.setdefault(os.path.realpath(p), p)
     paths = list(real.values())
     done = written_paths(output, job.retry_errors)
     todo = [p for r, p in real.items() if r not in done]
-    say(f"{len(paths)} images listed, {len(paths) - len(todo)} already in {output}, {len(todo)} to do")
+    logger.info(f"{len(paths)} images listed, {len(paths) - len(todo)} already in {output}, {len(todo)} to do")
     if not todo:
         return {"written": 0, "skipped": len(paths), "errors": _count_errors(output), "seconds": 0.0}
     import ray

@@ -27,7 +27,7 @@ def map_large_allocations(threshold: int = 4 * 2**20) -> None:
     handed back to the system when freed. glibc otherwise raises this threshold as large blocks are freed (up to
     32 MiB), after which large buffers (a 2560 x 2560 float32 matrix is 25 MiB, a request body up to 20 MB) come
     from the heap, whose freed holes still count as the process's memory (the full-width onnx-fp16 build's peak,
-    README "Full size"). Process-wide, so only a command or an actor that owns its process calls it."""
+    docs/export.md "Full size"). Process-wide, so only a command or an actor that owns its process calls it."""
     libc_call("mallopt", -3, threshold)  # -3: M_MMAP_THRESHOLD
 
 

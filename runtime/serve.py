@@ -589,7 +589,7 @@ def _application(engines: str, max_batch_size: int | None = None, batch_wait_ms:
             self.models = request_models(self.pipe.manifest, limits)
             # Bodies are parsed off the event loop (which keeps answering /health) and images decoded in a process
             # of their own, one at a time, within a budget of two bodies' bytes; large freed buffers go back to
-            # the system at once. Measured peak growth of the replica: README "Service".
+            # the system at once. Measured peak growth of the replica: docs/scale.md.
             self.pool = ThreadPoolExecutor(1, thread_name_prefix="blip2-parse")
             self.decoder = Decoder()
             self.budget = ByteBudget(limits.max_body_bytes)

@@ -51,8 +51,7 @@ def test_batch_on_a_machine_without_a_gpu_says_so_and_writes_nothing(folders, tm
     try:
         refusal = r"2 workers ask for 2 GPUs \(1 each\) but Ray sees 0 on this machine.*--gpus 0 runs"
         with pytest.raises(ActorResourceError, match=refusal):
-            run(Job(engines=str(trt), task="caption", input=str(tmp_path), output=str(tmp_path / "out"), workers=2),
-                say=lambda *_: None)
+            run(Job(engines=str(trt), task="caption", input=str(tmp_path), output=str(tmp_path / "out"), workers=2))
     finally:
         ray.shutdown()
     assert not (tmp_path / "out").exists()  # nothing half-made

@@ -1,5 +1,6 @@
 """Bad input gets a clear error naming the problem and the fix, and never breaks a reused pipeline."""
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -118,7 +119,7 @@ def test_failed_build_leaves_nothing(tiny_engine, tmp_path, monkeypatch):
 
     monkeypatch.setitem(b.TOLERANCES, "fp32", Tolerance(atol=0.0, rtol=0.0, why="impossible, for the test"))
     with pytest.raises(ParityError):
-        b.build(tiny_engine[0], "onnx", tmp_path / "out" / "engines", say=lambda *_: None)
+        b.build(tiny_engine[0], "onnx", tmp_path / "out" / "engines")
     assert list(tmp_path.iterdir()) == []  # not even the empty folders the build made
 
 
@@ -133,7 +134,7 @@ def test_rebuild_hint_of_the_runtime_gives_a_working_build(pipeline, checkpoint,
     with pytest.raises(PromptError) as err:
         pipeline.generate(img, max_new_tokens=100)
     flags = dict(re.findall(r"--(max-new-tokens|max-prompt-tokens) (\d+)", str(err.value)))
-    engine = build(checkpoint.path, "onnx", tmp_path, say=lambda *_: None,
+    engine = build(checkpoint.path, "onnx", tmp_path,
                    max_new_tokens=int(flags["max-new-tokens"]), max_prompt_tokens=int(flags["max-prompt-tokens"]))
     rows = Blip2Pipeline.from_dir(engine).generate_ids(img, max_new_tokens=100, min_new_tokens=100)
     assert len(rows[0]) == 100
@@ -148,11 +149,11 @@ def test_limits_are_checked_before_any_export(tiny_engine, tmp_path):
                              r"--max-prompt-tokens must be in \[1, 24\] with --max-new-tokens 100"),
                             ({"max_batch": 0}, "--max-batch must be an integer >= 1")):
         with pytest.raises(LimitError, match=message):
-            build(tiny_engine[0], "onnx", tmp_path / "engines", say=lambda *_: None, **limits)
+            build(tiny_engine[0], "onnx", tmp_path / "engines", **limits)
     assert not (tmp_path / "engines").exists()
 
 
-def test_calibration_options_are_checked_before_the_checkpoint_is_read(tiny_engine, tmp_path):
+def test_calibration_options_are_checked_before_the_checkpoint_is_read(tiny_engine, tmp_path, caplog):
     from export.build import Calibration, build
     from runtime.errors import ImageInputError
 
@@ -161,10 +162,10 @@ def test_calibration_options_are_checked_before_the_checkpoint_is_read(tiny_engi
                                  (Calibration(images=str(tmp_path / "few")), "holds 0 images"),
                                  (Calibration(count=0), "--calib-count 0: give 1 or more"),
                                  (Calibration(report_images=-1), "--report-images -1: give 1 or more")):
-        said = []
-        with pytest.raises(ImageInputError, match=message):
-            build(tiny_engine[0], "onnx-int8", tmp_path / "engines", say=said.append, calibration=calibration)
-        assert said == []  # (nothing loaded: "loading checkpoint ..." is the build's first line)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="export"), pytest.raises(ImageInputError, match=message):
+            build(tiny_engine[0], "onnx-int8", tmp_path / "engines", calibration=calibration)
+        assert caplog.messages == []  # (nothing loaded: "loading checkpoint ..." is the build's first line)
     assert not (tmp_path / "engines").exists()
 
 
@@ -177,7 +178,7 @@ def test_ill_defined_projection_is_refused(tmp_path):
 
     ck = make_random_checkpoint(tmp_path / "ck", "tiny", seed=0, word_embed_proj_dim=16)
     with pytest.raises(CheckpointError, match="hidden_size=32.*word_embed_proj_dim=16"):
-        build(ck, "onnx", tmp_path / "engines", say=lambda *_: None)
+        build(ck, "onnx", tmp_path / "engines")
     assert not (tmp_path / "engines").exists()
 
 
@@ -307,15 +308,15 @@ def test_incomplete_weight_files_are_refused_before_loading(tiny_engine, tmp_pat
     (broken / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match=r"1 of the 2 weight shards .* missing \(model-00002-of-00002"
                                               r"\.safetensors\).* fetch the missing files"):
-        build(broken, "onnx", tmp_path / "engines", say=lambda *_: None)
+        build(broken, "onnx", tmp_path / "engines")
     (broken / "model.safetensors.index.json").unlink()
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) - 100])
     with pytest.raises(CheckpointError, match=r"model\.safetensors is truncated: .* fetch or copy the file again"):
-        build(broken, "onnx", tmp_path / "engines", say=lambda *_: None)
+        build(broken, "onnx", tmp_path / "engines")
     weights.write_bytes(b"\x00" * 4)
     with pytest.raises(CheckpointError, match=r"model\.safetensors is not a safetensors file"):
-        build(broken, "onnx", tmp_path / "engines", say=lambda *_: None)
+        build(broken, "onnx", tmp_path / "engines")
     assert not (tmp_path / "engines").exists()
 
 
@@ -325,7 +326,7 @@ def test_too_little_disk_is_refused_before_anything_is_written(tiny_engine, tmp_
     monkeypatch.setattr(b.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 0, 10**6))
     with pytest.raises(b.BuildError, match=r"not enough disk for --target onnx-fp16: the build writes up to .* GB "
                                            r"\(the float32 graphs and the fp16 ones\) .* pass --out a folder"):
-        b.build(tiny_engine[0], "onnx-fp16", tmp_path / "engines", say=lambda *_: None)
+        b.build(tiny_engine[0], "onnx-fp16", tmp_path / "engines")
     assert list(tmp_path.iterdir()) == []
     # the estimate covers what the built graphs take (at full size: tests/test_full_size.py)
     assert sum(f.stat().st_size for f in tiny_engine[1].glob("*.onnx*")) <= b._output_bytes(tiny_engine[0], "fp32")

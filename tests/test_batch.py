@@ -51,7 +51,7 @@ def test_rows_equal_each_image_alone_and_bad_images_become_errors(local_ray, col
     engine, folder = collection
     out = tmp_path / "captions"
     result = run(Job(engines=str(engine), task="caption", input=str(folder), output=str(out), workers=2,
-                     batch_size=3, options=GENERATE), say=lambda *_: None)
+                     batch_size=3, options=GENERATE))
     rows = {r["path"]: r for r in read_output(out)}
     assert len(rows) == 10 and result["written"] == 10 and result["errors"] == 1
     import pyarrow.parquet as pq  # one file per --batch-size rows (the last one the rest), as the README says
@@ -66,7 +66,7 @@ def test_rows_equal_each_image_alone_and_bad_images_become_errors(local_ray, col
         assert row["caption"] and row["caption"] == pipe.caption(path, **GENERATE)[0]  # batched == alone here
     # embed: the ITC features of each image, [queries][dim]
     run(Job(engines=str(engine), task="embed", input=str(folder), output=str(tmp_path / "feats"), workers=2,
-            batch_size=4), say=lambda *_: None)
+            batch_size=4))
     feats = {r["path"]: r["features"] for r in read_output(tmp_path / "feats") if r["error"] is None}
     path = sorted(feats)[0]
     np.testing.assert_allclose(np.array(feats[path]), pipe.embed_images(path)[0], atol=1e-5)
@@ -110,13 +110,12 @@ def test_a_killed_job_rerun_finishes_every_image_once(local_ray, collection, tmp
     assert 0 < before < len(paths), "the job should have been killed part-way"
     (out / ".part-cut-short.parquet").write_bytes(b"PAR1 half")  # a temporary file left by the kill
     result = run(Job(engines=str(engine), task="caption", input=str(listing), output=str(out), workers=2,
-                     batch_size=3, options=GENERATE), say=lambda *_: None)
+                     batch_size=3, options=GENERATE))
     rows = read_output(out)
     assert sorted(r["path"] for r in rows) == sorted(paths)  # every image once: none lost, none twice
     assert result["skipped"] == before and result["written"] == len(paths) - before
     assert not list(out.glob(".part-*"))
-    again = run(Job(engines=str(engine), task="caption", input=str(listing), output=str(out), options=GENERATE),
-                say=lambda *_: None)
+    again = run(Job(engines=str(engine), task="caption", input=str(listing), output=str(out), options=GENERATE))
     assert again["written"] == 0 and len(read_output(out)) == len(paths)
 
 
@@ -187,7 +186,7 @@ def test_ctrl_c_keeps_what_is_written_in_one_line(local_ray, collection, tmp_pat
     done = len(read_output(out))
     assert 0 < done < len(list_images(str(images)))
     result = run(Job(engines=str(engine), task="caption", input=str(images), output=str(out), workers=1,
-                     options=GENERATE), say=lambda *_: None)
+                     options=GENERATE))
     assert result["skipped"] == done and len(read_output(out)) == len(list_images(str(images)))
 
 
@@ -218,23 +217,23 @@ def test_the_output_folder_is_the_jobs_and_nothing_else_is_touched(local_ray, co
     (foreign / ".part-tmp.parquet").write_bytes(b"another job's temporary")
     before = sorted((p.name, p.read_bytes()) for p in foreign.iterdir())
     with pytest.raises(BatchInputError, match="holds files this job did not write"):
-        run(Job(task="caption", output=str(foreign), **job), say=lambda *_: None)
+        run(Job(task="caption", output=str(foreign), **job))
     assert sorted((p.name, p.read_bytes()) for p in foreign.iterdir()) == before  # (its files were deleted before)
     out = tmp_path / "out"
-    run(Job(task="caption", output=str(out), **job), say=lambda *_: None)
+    run(Job(task="caption", output=str(out), **job))
     with pytest.raises(BatchInputError, match=r"other settings \(prompt, task differ\)"):
-        run(Job(task="ask", prompt="Question: what? Answer:", output=str(out), **job), say=lambda *_: None)
+        run(Job(task="ask", prompt="Question: what? Answer:", output=str(out), **job))
     with pytest.raises(BatchInputError, match=r"other settings \(options differ\)"):
-        run(Job(task="caption", output=str(out), **{**job, "options": {"max_new_tokens": 5}}), say=lambda *_: None)
+        run(Job(task="caption", output=str(out), **{**job, "options": {"max_new_tokens": 5}}))
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (out / ".lock").write_text(str(sleeper.pid))  # another job, running
         with pytest.raises(BatchInputError, match=f"being written by another job \\(process {sleeper.pid}\\)"):
-            run(Job(task="caption", output=str(out), **job), say=lambda *_: None)
+            run(Job(task="caption", output=str(out), **job))
     finally:
         sleeper.kill()
         sleeper.wait()
-    assert run(Job(task="caption", output=str(out), **job), say=lambda *_: None)["written"] == 0  # (a stale lock)
+    assert run(Job(task="caption", output=str(out), **job))["written"] == 0  # (a stale lock)
     assert len(read_output(out)) == 10 and not (out / ".lock").exists()
 
 
@@ -252,13 +251,13 @@ def test_one_file_under_two_spellings_is_one_row_and_error_rows_can_be_retried(l
                                  + [str(missing), str(fifo)]) + "\n")
     job = dict(engines=str(engine), task="caption", input=str(listing), output=str(tmp_path / "out"), workers=1,
                batch_size=4, options=GENERATE)
-    result = run(Job(**job), say=lambda *_: None)
+    result = run(Job(**job))
     rows = {r["path"]: r for r in read_output(tmp_path / "out")}
     assert len(rows) == 12 and result["errors"] == 3  # 10 files once, the missing one, the FIFO; broken.png
     assert "not a regular file" in rows[str(fifo)]["error"] and "no such file" in rows[str(missing)]["error"]
     probe_images(32, count=1, seed=5)[0].save(missing)
-    assert run(Job(**job), say=lambda *_: None)["written"] == 0  # (errors are kept unless asked)
-    again = run(Job(**job, retry_errors=True), say=lambda *_: None)
+    assert run(Job(**job))["written"] == 0  # (errors are kept unless asked)
+    again = run(Job(**job, retry_errors=True))
     rows = {r["path"]: r for r in read_output(tmp_path / "out")}
     assert again["written"] == 3 and len(rows) == 12 and len(read_output(tmp_path / "out")) == 12
     assert rows[str(missing)]["error"] is None and rows[str(missing)]["caption"]

@@ -6,6 +6,7 @@ its folder claims: its size, that Hugging Face loads it, that its recorded evalu
 what PyTorch measures on it today, and that the exported ONNX pipeline captions and answers the held-out
 images exactly as PyTorch does.
 """
+import functools
 import json
 from pathlib import Path
 
@@ -32,12 +33,19 @@ def test_demo_folder_is_small_and_loads_with_transformers(demo):
     assert recipe["seed"] == 0 and recipe["preset"] == demo.name
 
 
-def test_recorded_evaluation_is_what_pytorch_measures(demo):
+@functools.lru_cache(maxsize=None)
+def _measure(name: str, n: int, seed: int) -> dict:
+    """The repo's held-out evaluation of a shipped demo with PyTorch, run once for the two tests below (a test file
+    runs on one xdist worker: tests/conftest.py)."""
     from train.evaluation.backends import TorchBackend
     from train.shapescaps.evaluate import evaluate
 
+    return evaluate(TorchBackend(MODELS / name), n=n, seed=seed)
+
+
+def test_recorded_evaluation_is_what_pytorch_measures(demo):
     recorded = json.loads((demo / "eval.json").read_text())
-    now = evaluate(TorchBackend(demo), n=recorded["n"], seed=recorded["seed"])
+    now = _measure(demo.name, recorded["n"], recorded["seed"])
     for name, metric in recorded["metrics"].items():
         assert now["metrics"][name]["value"] == pytest.approx(metric["value"], abs=1e-9), name
 
@@ -53,7 +61,7 @@ def test_exported_pipeline_matches_pytorch_on_held_out_images(demo, tmp_path):
 
     recorded = json.loads((demo / "eval.json").read_text())
     n = recorded["n"]
-    engines = build(demo, "onnx", tmp_path / "engines", say=lambda *_: None)
+    engines = build(demo, "onnx", tmp_path / "engines")
     onnx_run = evaluate(PipelineBackend(engines), n=n, seed=recorded["seed"])
     for name in ("caption_accuracy", "vqa_accuracy", "itc_r1_i2t", "itc_r1_t2i", "itm_accuracy"):
         assert onnx_run["metrics"][name]["value"] == pytest.approx(recorded["metrics"][name]["value"], abs=1e-9), name
@@ -91,16 +99,19 @@ def test_qformer_tells_a_two_shape_caption_from_its_mirror_image(demo):
     assert np.mean(true > foil) >= 0.95 and np.mean(true > 0.5) >= 0.9 and np.mean(foil < 0.5) >= 0.9
 
 
-# The issues' ShapesCaps targets for a shipped demo, stated here rather than read from what eval.json says of itself
+# The ShapesCaps targets a shipped demo is held to, stated here rather than read from what eval.json says of itself
 TARGETS = {"caption_accuracy": 0.90, "vqa_accuracy": 0.90, "itc_r1_i2t": 0.90, "itc_r1_t2i": 0.90,
            "itm_accuracy": 0.95}
 
 
 def test_demo_model_meets_the_targets(demo):
-    """On eval.json's values, which test_recorded_evaluation_is_what_pytorch_measures recomputes."""
-    recorded = json.loads((demo / "eval.json").read_text())
-    below = {k: recorded["metrics"][k]["value"] for k, target in TARGETS.items()
-             if not recorded["metrics"][k]["value"] >= target}
+    """Measured now, not read from eval.json: the checkpoint evaluated with PyTorch on the recipe's `eval_n` held-out
+    ShapesCaps val samples (seed 0, the samples the targets are set on), each metric against TARGETS."""
+    recipe = json.loads((demo / "recipe.json").read_text())
+    assert recipe["eval_n"] >= 200  # the targets are for 200 samples; fewer would make them easier to hit by chance
+    now = {k: m["value"] for k, m in _measure(demo.name, recipe["eval_n"], 0)["metrics"].items()}
+    below = {k: now[k] for k, target in TARGETS.items() if not now[k] >= target}
     assert not below, f"{demo} misses its targets: {below} (targets {TARGETS})"
-    failing = {k: m["value"] for k, m in recorded["metrics"].items() if m.get("passed") is False}
-    assert not failing and recorded["passed"] is True, f"{demo} misses its targets: {failing}"
+    # and eval.json records the same targets, not lowered ones
+    recorded = json.loads((demo / "eval.json").read_text())
+    assert {k: m["target"] for k, m in recorded["metrics"].items()} == TARGETS

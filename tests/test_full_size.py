@@ -131,7 +131,7 @@ def test_full_width_builds_stay_within_one_and_a_half_times_the_fp32_weights(tmp
 @pytest.mark.parametrize("preset,options,targets", [
     # Flan-T5-XL's widths with trained-like scales (T5's large activations): where an absolute fp32 bound refused.
     # Its gate passes, its memory does not yet: onnx peaked at 3.03x the float32 weights (4.84 GiB), 3.92 GiB of it
-    # while torch.onnx exported the T5 graphs, before the gate ran (README "Full size")
+    # while torch.onnx exported the T5 graphs, before the gate ran (docs/export.md "Full size")
     pytest.param("blip2-flan-t5-xl", ["--scales", "trained"], ("onnx", "onnx-int8", "onnx-int4"),
                  marks=pytest.mark.xfail(reason="T5's export peaks at 2.5-3x its float32 weights", strict=True)),
     # OPT-6.7B's widths with 4 outlier dimensions: int8 is smoothed (export/smoothing.py)

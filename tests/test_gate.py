@@ -13,7 +13,7 @@ from runtime.prompt import PromptLayout
 
 def _build_fails(checkpoint, tmp_path, case: str) -> None:
     with pytest.raises(BuildError, match=case):
-        build(checkpoint, "onnx", tmp_path / "engines", say=lambda *_: None)
+        build(checkpoint, "onnx", tmp_path / "engines")
     assert not (tmp_path / "engines").exists()
 
 
@@ -84,7 +84,7 @@ def test_a_reduced_gate_still_catches_a_wrong_pipeline(make_engine, monkeypatch,
 
     monkeypatch.setattr(LlmDecoder, "step", single_images_wrong)
     with pytest.raises(BuildError, match="'caption'"):
-        build(ck_dir, "onnx-int8", tmp_path / "engines", say=lambda *_: None)
+        build(ck_dir, "onnx-int8", tmp_path / "engines")
     assert not (tmp_path / "engines").exists()
 
 

@@ -23,8 +23,8 @@ from hf_calls import hf_generate
 from runtime import Blip2Pipeline
 from runtime.errors import ImageInputError
 from runtime.manifest import load_manifest
-from runtime.ort_runner import int8_products_saturate
 from runtime.backends import make_runner
+from runtime.ort_runner import int8_products_saturate
 from train.blip2.checkpoint import load_checkpoint
 
 VARIANT = "stage2text"
@@ -159,7 +159,17 @@ def test_reduced_pipelines_do_everything_fp32_does(make_engine, reduced):
         rows = pipe.generate_ids(images, prompt=[None, "a photo of", "Question: what? Answer:"] if decoder == "llm"
                                  else None, decoder=decoder, max_new_tokens=6, num_beams=2)
         assert len(rows) == 3 and all(len(r) >= 1 for r in rows)
-    assert [m.index for m in pipe.retrieve("a red circle", images, k=2)]
+    # retrieval of "a red circle" (texts[0]) among the 3 images: the 2 with this pipeline's highest ITC similarity,
+    # re-ranked by ITM probability (best first), each score what fp32 gives the same pair within `limit`
+    matches = pipe.retrieve("a red circle", images, k=2)
+    itc = sims[1][:, 0]
+    assert len(matches) == 2 and len({m.index for m in matches}) == 2
+    left_out = ({0, 1, 2} - {m.index for m in matches}).pop()
+    assert itc[left_out] <= min(itc[m.index] for m in matches) + 1e-6
+    assert all(abs(m.itc - itc[m.index]) < 1e-5 and abs(m.itc - sims[0][m.index, 0]) < limit for m in matches)
+    fp32_itm = fp32.itm(images, [texts[0]] * 3)
+    assert all(abs(m.itm - fp32_itm[m.index]) < limit for m in matches)
+    assert matches[0].itm >= matches[1].itm
 
 
 def test_fp16_keeps_fully_masked_rows_finite(tmp_path):
@@ -370,7 +380,7 @@ def test_calibration_from_a_folder_of_images(make_engine, tmp_path):
     data = calibration_images(tmp_path, 32, count=4)
     assert [p.name for p in data.images] == ["0.png", "1.png", "2.png", "3.png"]
     assert [p.name for p in data.held_out] == ["5.png", "6.png", "7.png", "8.png"] == [p.name for p in data.report]
-    engine = build(ck_dir, "onnx-int8", tmp_path / "engines", say=lambda *_: None,
+    engine = build(ck_dir, "onnx-int8", tmp_path / "engines",
                    calibration=Calibration(images=str(tmp_path), count=4))
     calib = load_manifest(engine).precision.calibration  # the folder records where its ranges came from
     assert calib["source"] == str(tmp_path.resolve()) and calib["count"] == 4 and calib["seed"] is None
@@ -401,7 +411,7 @@ def test_tensorrt_targets_fail_at_once_without_tensorrt(tiny_engine, tmp_path):
         pass
     for target in ("trt-fp16", "trt-int8"):
         with pytest.raises(BuildError, match="needs TensorRT") as err:
-            build(tiny_engine[0], target, tmp_path / "engines", say=lambda *_: None)
+            build(tiny_engine[0], target, tmp_path / "engines")
         assert "onnx-" in str(err.value)  # says which target builds the same precision without TensorRT
     assert not (tmp_path / "engines").exists() or not any((tmp_path / "engines").rglob("*.onnx"))
 
@@ -574,7 +584,7 @@ def test_reduced_build_reuses_only_an_fp32_folder_of_the_same_checkpoint(make_en
     monkeypatch.setattr(build_module, "export_graph", lambda spec, *a: exported.append(spec.name) or real_export(
         spec, *a))
     shutil.copytree(engine32, tmp_path / "engines" / "m" / "onnx")
-    build_module.build(ck_dir, "onnx-int4", tmp_path / "engines", name="m", say=lambda *_: None)
+    build_module.build(ck_dir, "onnx-int4", tmp_path / "engines", name="m")
     assert exported == []
-    folder = build_module.build(other_ck, "onnx-int4", tmp_path / "engines", name="m", say=lambda *_: None)
+    folder = build_module.build(other_ck, "onnx-int4", tmp_path / "engines", name="m")
     assert sorted(exported) == sorted(load_manifest(folder).graphs)  # every graph of the other model exported

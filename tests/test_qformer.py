@@ -411,7 +411,7 @@ def test_hf_retrieval_folder_exports(tmp_path):
     hf.save_pretrained(folder)
     tok.save_pretrained(folder)
     BlipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
-    engine = build(folder, "onnx", tmp_path / "engines", say=lambda *_: None)
+    engine = build(folder, "onnx", tmp_path / "engines")
     assert {p.name for p in engine.glob("*.onnx")} == {
         f"{g}.onnx" for g in ("vision", "qformer_query", "qformer_text", "qformer_itm", "qformer_itm_one_text",
                               "qformer_itm_one_image")}

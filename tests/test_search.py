@@ -15,7 +15,6 @@ import pytest
 from runtime.errors import PromptError
 from runtime.search import (
     GenerationConfig,
-    StepModel,
     apply_min_new_tokens,
     apply_repetition_penalty,
     apply_temperature,
@@ -351,9 +350,70 @@ def _fixed_logits(v=12, seed=3):
     return row
 
 
-def test_fake_model_satisfies_protocol():
-    assert isinstance(FixedLogitsModel(_fixed_logits(), 1), StepModel)
-    assert isinstance(TorchStepModel(MODELS["plain"], *_prompts(1)), StepModel)
+# A toy language model whose next-token probabilities depend on every token generated so far (its "KV cache" is
+# each row's history), so a search must feed each row its own token and follow beams with `reorder` to get the
+# tokens worked out by hand below. Tokens: A = 3, B = 4, C = 5; every other id (EOS included) has probability 1e-6.
+A, B, C = 3, 4, 5
+HAND_PROBS = {  # history of generated tokens -> P(A), P(B), P(C)
+    (): (0.5, 0.4, 0.1),
+    (A,): (0.4, 0.3, 0.3),
+    (B,): (0.05, 0.05, 0.9),
+    (A, A): (0.2, 0.5, 0.3),
+    (B, C): (0.9, 0.05, 0.05),
+}
+OTHER_PROBS = (0.2, 0.3, 0.5)  # any other history
+SWAP = {A: C, B: A, C: B}  # row 1 of a batch: the same model with the three tokens renamed
+UNSWAP = {v: k for k, v in SWAP.items()}
+
+
+class HistoryModel:
+    """StepModel over HAND_PROBS; a row with `renamed` true uses the table with its tokens renamed by SWAP."""
+
+    def __init__(self, renamed):
+        self.rows = [(r, []) for r in renamed]  # (renamed, history) per cache row
+        self.reorders = []
+
+    def _logits(self):
+        out = np.full((len(self.rows), 8), 1e-6)
+        for i, (renamed, history) in enumerate(self.rows):
+            name, unname = (SWAP, UNSWAP) if renamed else ({}, {})
+            probs = HAND_PROBS.get(tuple(unname.get(t, t) for t in history), OTHER_PROBS)
+            for t, p in zip((A, B, C), probs):
+                out[i, name.get(t, t)] = p
+        return np.log(out).astype(np.float32)
+
+    def first(self):
+        return self._logits()
+
+    def step(self, tokens):
+        assert tokens.shape == (len(self.rows),)
+        for (_, history), t in zip(self.rows, tokens):
+            history.append(int(t))
+        return self._logits()
+
+    def reorder(self, index):
+        self.reorders.append(np.asarray(index).tolist())
+        self.rows = [(self.rows[i][0], list(self.rows[i][1])) for i in index]
+
+
+def test_searches_drive_a_step_model_to_the_hand_computed_tokens():
+    """Greedy: A (0.5), then A (0.4 after A), then B (0.5 after A A). Beam search, 2 beams: after one token the
+    beams are A (0.5) and B (0.4); after two, B C (0.4 * 0.9 = 0.36) and A A (0.5 * 0.4 = 0.2), beating A B and
+    A C (0.15); after three, B C A (0.36 * 0.9 = 0.324) beats A A B (0.2 * 0.5 = 0.1): the best sequence, which
+    greedy misses. Row 1 is the same model with A, B, C renamed C, A, B, so it must get the renamed tokens."""
+    rename = lambda tokens: [SWAP[t] for t in tokens]  # noqa: E731
+    model = HistoryModel([False, True])
+    got = generate(model, model.first(), np.full((2, 1), BOS), GenerationConfig(max_new_tokens=3))
+    assert got == [[A, A, B], rename([A, A, B])]
+    # each row was fed its own first two tokens (the third ends the search), with no reordering
+    assert [h for _, h in model.rows] == [[A, A], rename([A, A])] and model.reorders == []
+
+    model = HistoryModel([False, True])
+    got = generate(model, model.first(), np.full((2, 1), BOS), GenerationConfig(max_new_tokens=3, num_beams=2))
+    assert got == [[B, C, A], rename([B, C, A])]
+    assert model.reorders[0] == [0, 0, 1, 1]  # each prompt's row copied to its two beams
+    # the cache rows followed the beams: after two tokens they hold B C and A A, best first
+    assert [h for _, h in model.rows] == [[B, C], [A, A], rename([B, C]), rename([A, A])]
 
 
 def test_sampling_same_seed_same_tokens():

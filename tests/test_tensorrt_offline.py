@@ -290,24 +290,117 @@ def test_runner_reports_missing_or_foreign_plan(fake_gpu):
 
 
 # ---------------------------------------------------------------- profile selection on the real specs
+# The known spec: the tiny preset's OPT decoder with the build's default limits. Its sizes (checked in the fixture):
+NQ, LAYERS, HEADS, HEAD_DIM, HIDDEN, POSITIONS = 4, 2, 4, 8, 32, 128
+# export.specs.resolve_limits' documented defaults: --max-batch 8; a decoder-only LLM must fit its position table
+# (queries + prompt + new tokens <= positions), new = min(64, (128 - 4) // 2) = 62, prompt = min(64, 124 - 62) = 62.
+MAX_BATCH, MAX_PROMPT, MAX_NEW = 8, 62, 62
+KV = [f"past_{kind}_{layer}" for layer in range(LAYERS) for kind in ("key", "value")]
+# TensorRT's KV-cache decoder layout (shared/TENSORRT.md): one engine, two optimization profiles, every dynamic input
+# given (min, opt, max) in each. Profile 0, the context (prefill): the soft prompt's 4 queries + 1 (BOS) .. 4 + 62
+# prompt tokens, empty cache (past 0); profile 1, generation: one token against a cache of 1 .. 4 + 62 + 62 - 1 = 127
+# positions (the mask, past + 1, then reaches the position table's 128). Opt is the code's stated tuning point (a
+# prompt of 8 tokens; 16 tokens past the queries) and must lie in [min, max] (TensorRT rejects it otherwise).
+CONTEXT = {
+    "input_ids": ((1, 5), (1, 12), (8, 66)),
+    "soft_prompt": ((1, 4, 32), (1, 4, 32), (8, 4, 32)),
+    "attention_mask": ((1, 5), (1, 12), (8, 66)),
+    "position_ids": ((1, 5), (1, 12), (8, 66)),
+    **{name: ((1, 4, 0, 8), (1, 4, 0, 8), (8, 4, 0, 8)) for name in KV},
+}
+GENERATION = {
+    "input_ids": ((1, 1), (1, 1), (8, 1)),
+    "soft_prompt": ((1, 0, 32), (1, 0, 32), (8, 0, 32)),
+    "attention_mask": ((1, 2), (1, 21), (8, 128)),
+    "position_ids": ((1, 1), (1, 1), (8, 1)),
+    **{name: ((1, 4, 1, 8), (1, 4, 20, 8), (8, 4, 127, 8)) for name in KV},
+}
+LONGEST_PROMPT, LONGEST_PAST = 66, 127  # CONTEXT's largest text axis, GENERATION's largest cache
+
+
 @pytest.fixture(scope="module")
-def decoder_spec(tmp_path_factory):
+def tiny_specs(tmp_path_factory):
     from train.blip2.checkpoint import load_checkpoint
     from export.specs import graph_specs
     from train.blip2.random_checkpoint import make_random_checkpoint
 
-    ck = load_checkpoint(make_random_checkpoint(tmp_path_factory.mktemp("trt-offline") / "ck", "tiny", seed=0))
-    return {s.name: s for s in graph_specs(ck.model)}["llm_decoder"]
+    ck = load_checkpoint(make_random_checkpoint(tmp_path_factory.mktemp("trt-offline") / "ck", "tiny", seed=0,
+                                                qformer_text=True))  # (every graph: the Q-Former's text ones too)
+    cfg, text = ck.model.config, ck.model.config.text_config
+    assert (cfg.num_query_tokens, text.num_hidden_layers, text.num_attention_heads, text.hidden_size,
+            text.max_position_embeddings) == (NQ, LAYERS, HEADS, HIDDEN, POSITIONS) and HIDDEN == HEADS * HEAD_DIM
+    return {s.name: s for s in graph_specs(ck.model)}
+
+
+@pytest.fixture(scope="module")
+def decoder_spec(tiny_specs):
+    return tiny_specs["llm_decoder"]
 
 
 def _shapes(spec, sizes):
     return {k: v.shape for k, v in spec.make_inputs(sizes, np.random.default_rng(0)).items()}
 
 
-def test_decoder_spec_has_context_and_generation_profiles(decoder_spec):
-    context, generation = decoder_spec.trt_profiles()
-    assert context["past_key_0"][2][2] == 0  # empty cache at prefill
-    assert generation["input_ids"][0][1] == generation["input_ids"][2][1] == 1  # one token per step
+def _tensorrt_profile_errors(inputs, profile) -> list[str]:
+    """TensorRT's rules for one optimization profile {input: (min, opt, max)} of a network with `inputs`
+    (TensorSpec: ints for static axes, names for dynamic ones, "a+b" for a sum of two): every input with a dynamic
+    axis has a (min, opt, max); min <= opt <= max in every dimension; static dimensions are the network's in all
+    three; and each of the min / opt / max shape sets is one consistent input (a named axis has one size across
+    inputs, a sum axis the sum of its parts)."""
+    errors = []
+    dynamic = {t.name for t in inputs if any(isinstance(a, str) for a in t.shape)}
+    if set(profile) != dynamic:
+        errors.append(f"profile inputs {sorted(profile)} != dynamic inputs {sorted(dynamic)}")
+    for t in inputs:
+        if t.name not in profile:
+            continue
+        low, opt, high = profile[t.name]
+        if not len(low) == len(opt) == len(high) == len(t.shape):
+            errors.append(f"{t.name}: ranks {len(low)}, {len(opt)}, {len(high)}, the network's {len(t.shape)}")
+            continue
+        for d, (axis, a, b, c) in enumerate(zip(t.shape, low, opt, high)):
+            if not a <= b <= c:
+                errors.append(f"{t.name} dim {d}: min {a}, opt {b}, max {c}")
+            if isinstance(axis, int) and not a == b == c == axis:
+                errors.append(f"{t.name} dim {d} is static {axis}, profile has {a}, {b}, {c}")
+    for k, which in enumerate(("min", "opt", "max")):
+        sizes, sums = {}, []
+        for t in inputs:
+            for axis, size in zip(t.shape, profile.get(t.name, ((),) * 3)[k]):
+                if isinstance(axis, str) and "+" in axis:
+                    sums.append((axis, size))
+                elif isinstance(axis, str) and sizes.setdefault(axis, size) != size:
+                    errors.append(f"{which}: axis {axis!r} is {sizes[axis]} and {size}")
+        for axis, size in sums:
+            if sum(sizes[part] for part in axis.split("+")) != size:
+                errors.append(f"{which}: {axis!r} is {size}, its parts {[sizes[p] for p in axis.split('+')]}")
+    return errors
+
+
+def test_hand_derived_profiles_obey_tensorrt_rules(decoder_spec):
+    """The expected values themselves satisfy the rules, and stay within the position table."""
+    for profile in (CONTEXT, GENERATION):
+        assert _tensorrt_profile_errors(decoder_spec.inputs, profile) == []
+        assert profile["attention_mask"][2][1] <= POSITIONS  # the longest mask: past + text within the table
+    assert CONTEXT["soft_prompt"][0][1] == NQ and GENERATION["soft_prompt"][2][1] == 0  # queries only at prefill
+    assert CONTEXT["input_ids"][0] == (1, NQ + 1) and CONTEXT["input_ids"][2] == (MAX_BATCH, NQ + MAX_PROMPT)
+    assert GENERATION["past_key_0"][2][2] == NQ + MAX_PROMPT + MAX_NEW - 1 == LONGEST_PAST
+    assert NQ + MAX_PROMPT + MAX_NEW == POSITIONS and CONTEXT["input_ids"][2][1] == LONGEST_PROMPT
+    broken = {**GENERATION, "attention_mask": ((1, 2), (1, 21), (8, 129))}  # the rules can fail
+    assert _tensorrt_profile_errors(decoder_spec.inputs, broken) == ["max: 'past+text' is 129, its parts [127, 1]"]
+
+
+def test_every_graph_profile_obeys_tensorrt_rules(tiny_specs):
+    assert set(tiny_specs) >= {"vision", "qformer_query", "qformer_text", "qformer_itm", "llm_decoder"}
+    for name, spec in tiny_specs.items():
+        profiles = spec.trt_profiles()
+        assert profiles, name
+        for p, profile in enumerate(profiles):
+            assert _tensorrt_profile_errors(spec.inputs, profile) == [], (name, p)
+
+
+def test_decoder_spec_has_the_hand_derived_profiles(decoder_spec):
+    assert decoder_spec.trt_profiles() == [CONTEXT, GENERATION]
 
 
 def test_prefill_picks_profile_0_and_steps_profile_1(decoder_spec):
@@ -315,29 +408,30 @@ def test_prefill_picks_profile_0_and_steps_profile_1(decoder_spec):
     for sizes in decoder_spec.check_sizes:
         expected = 0 if sizes["past"] == 0 else 1
         assert pick_profile(_shapes(decoder_spec, sizes), ranges) == expected, sizes
-    nq = decoder_spec.export_sizes["queries"]
-    last = ranges[1]["past_key_0"][2][2]  # the longest cache the engine takes
-    assert pick_profile(_shapes(decoder_spec, {"batch": 8, "text": 1, "past": last, "queries": 0}), ranges) == 1
-    assert pick_profile(_shapes(decoder_spec, {"batch": 1, "text": nq + 1, "past": 0, "queries": nq}), ranges) == 0
+    for sizes, expected in (({"batch": 8, "text": 1, "past": LONGEST_PAST, "queries": 0}, 1),  # the edges
+                            ({"batch": 1, "text": 1, "past": 1, "queries": 0}, 1),
+                            ({"batch": 8, "text": LONGEST_PROMPT, "past": 0, "queries": NQ}, 0),
+                            ({"batch": 1, "text": NQ + 1, "past": 0, "queries": NQ}, 0)):
+        assert pick_profile(_shapes(decoder_spec, sizes), ranges) == expected, sizes
+        assert pick_profile(_shapes(decoder_spec, sizes), [CONTEXT, GENERATION]) == expected, sizes
 
 
 def test_out_of_range_names_input_range_and_build_flag(decoder_spec):
     ranges, axes = decoder_spec.trt_profiles(), decoder_spec.dynamic_axes()
-    nq = decoder_spec.export_sizes["queries"]
     with pytest.raises(ValueError) as e:  # batch above --max-batch (8)
-        pick_profile(_shapes(decoder_spec, {"batch": 9, "text": nq + 2, "past": 0, "queries": nq}), ranges, axes,
+        pick_profile(_shapes(decoder_spec, {"batch": 9, "text": NQ + 2, "past": 0, "queries": NQ}), ranges, axes,
                      graph="llm_decoder")
     msg = str(e.value)
     assert "'input_ids' [9, " in msg and "axis 'batch' is 9, allowed 1..8" in msg and "--max-batch" in msg
     assert "profile 0" in msg and "profile 1" in msg
 
-    longest = ranges[0]["input_ids"][2][1]
-    with pytest.raises(ValueError, match=f"(?s)axis 'text' is {longest + 1}, allowed .*--max-prompt-tokens"):
-        pick_profile(_shapes(decoder_spec, {"batch": 1, "text": longest + 1, "past": 0, "queries": nq}), ranges, axes)
+    with pytest.raises(ValueError, match="(?s)axis 'text' is 67, allowed 5..66.*--max-prompt-tokens"):
+        pick_profile(_shapes(decoder_spec, {"batch": 1, "text": LONGEST_PROMPT + 1, "past": 0, "queries": NQ}),
+                     ranges, axes)
 
-    past = ranges[1]["past_key_0"][2][2]
-    with pytest.raises(ValueError, match=f"(?s)axis 'past' is {past + 1}, allowed 1..{past}.*--max-new-tokens"):
-        pick_profile(_shapes(decoder_spec, {"batch": 1, "text": 1, "past": past + 1, "queries": 0}), ranges, axes)
+    with pytest.raises(ValueError, match="(?s)axis 'past' is 128, allowed 1..127.*--max-new-tokens"):
+        pick_profile(_shapes(decoder_spec, {"batch": 1, "text": 1, "past": LONGEST_PAST + 1, "queries": 0}), ranges,
+                     axes)
 
     with pytest.raises(ValueError, match="--max-batch"):  # without axis names, dim 0 is the batch
         pick_profile(_shapes(decoder_spec, {"batch": 9, "text": 1, "past": 3, "queries": 0}), ranges)
@@ -556,13 +650,18 @@ def test_build_engine_uses_the_spec_profiles_and_no_precision_flags(decoder_spec
     assert (tmp_path / "out" / "llm_decoder.engine").read_bytes() == b"PLAN"
     assert ("create_network", 1 << 1) in rec.calls  # STRONGLY_TYPED and nothing else
     assert ("parse_from_file", str(onnx)) in rec.calls
-    expected = [("set_shape", n, *s) for p in decoder_spec.trt_profiles() for n, s in p.items()]
-    assert [c for c in rec.calls if c[0] == "set_shape"] == expected
-    assert sum(c[0] == "add_optimization_profile" for c in rec.calls) == 2
+    # one profile per hand-derived entry, set_shape(name, min, opt, max) for each input before it is added
+    profiles, current = [], {}
+    for call in rec.calls:
+        if call[0] == "set_shape":
+            current[call[1]] = call[2:]
+        elif call[0] == "add_optimization_profile":
+            profiles, current = profiles + [current], {}
+    assert profiles == [CONTEXT, GENERATION] and current == {}
     assert ("set_memory_pool_limit", "workspace", 1 << 28) in rec.calls
     assert ("clear_flag", "tf32") in rec.calls and not any(c[0] == "set_flag" for c in rec.calls)
     assert cache.read_bytes() == b"CACHE:"
-    assert info["profiles"] == [{n: [list(x) for x in s] for n, s in p.items()} for p in decoder_spec.trt_profiles()]
+    assert info["profiles"] == [{n: [list(x) for x in s] for n, s in p.items()} for p in (CONTEXT, GENERATION)]
     assert info["engine_bytes"] == 4 and info["onnx_sha256"] == trt_build.onnx_sha256(onnx)
     assert info["tensorrt"] == "11.4.0.1" and info["engine"] == "llm_decoder.engine"
 
@@ -599,7 +698,8 @@ def test_t5_profiles_take_every_call_the_runtime_makes(make_engine):
     from train.blip2.checkpoint import load_checkpoint
 
     ck_dir, engine = make_engine("t5")
-    specs = {s.name: s for s in graph_specs(load_checkpoint(ck_dir).model)}
+    model = load_checkpoint(ck_dir).model
+    specs = {s.name: s for s in graph_specs(model)}
     feeds = record_feeds(engine, probe_images(32, count=3))
     for name in ("llm_encoder", "llm_decoder"):
         spec, calls = specs[name], feeds[name]
@@ -607,7 +707,10 @@ def test_t5_profiles_take_every_call_the_runtime_makes(make_engine):
         for call in calls:
             assert pick_profile({k: v.shape for k, v in call.items()}, spec.trt_profiles()) == 0
     encoder = specs["llm_encoder"]
-    longest = encoder.profiles[0]["source"].max
+    # T5 has no position table: --max-prompt-tokens defaults to 64 (export.specs.resolve_limits), after the queries
+    longest = model.config.num_query_tokens + 64
+    at_limit = encoder.make_inputs({"batch": 1, "source": longest}, np.random.default_rng(0))
+    assert pick_profile({k: v.shape for k, v in at_limit.items()}, encoder.trt_profiles()) == 0
     too_long = encoder.make_inputs({"batch": 1, "source": longest + 1}, np.random.default_rng(0))
     with pytest.raises(ValueError, match="max-prompt-tokens"):
         pick_profile({k: v.shape for k, v in too_long.items()}, encoder.trt_profiles(), encoder.dynamic_axes(),

@@ -1,5 +1,6 @@
 """Training: each loss against a direct computation from its formula, hard negatives, the
 multi-process ITC gather, resume after a kill, the NaN guard, and checkpoints that load in HF."""
+import logging
 import math
 import os
 import socket
@@ -232,7 +233,7 @@ class _Toy(torch.nn.Module):
 def test_resume_after_a_kill_reaches_the_same_weights(tmp_path):
     cfg = TrainConfig(steps=8, batch_size=8, lr=0.05, warmup=2, save_every=3, log_every=100)
     straight = _Toy()
-    fit("toy", straight, straight.parameters(), straight.objective, cfg, tmp_path / "a.state", say=lambda *_: None)
+    fit("toy", straight, straight.parameters(), straight.objective, cfg, tmp_path / "a.state")
 
     killed = _Toy()
 
@@ -242,10 +243,10 @@ def test_resume_after_a_kill_reaches_the_same_weights(tmp_path):
         return killed.objective(step, generator)
 
     with pytest.raises(KeyboardInterrupt):
-        fit("toy", killed, killed.parameters(), dies_at_5, cfg, tmp_path / "b.state", say=lambda *_: None)
+        fit("toy", killed, killed.parameters(), dies_at_5, cfg, tmp_path / "b.state")
     assert torch.load(tmp_path / "b.state", weights_only=True)["step"] == 3
     resumed = _Toy()  # a fresh process
-    ran = fit("toy", resumed, resumed.parameters(), resumed.objective, cfg, tmp_path / "b.state", say=lambda *_: None)
+    ran = fit("toy", resumed, resumed.parameters(), resumed.objective, cfg, tmp_path / "b.state")
     assert ran == 5
     for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
@@ -260,7 +261,7 @@ def test_nan_guard_stops_and_keeps_the_last_good_state(tmp_path):
         return {"loss": losses["loss"] * (float("nan") if step == 5 else 1.0)}
 
     with pytest.raises(NonFiniteLoss, match=r"non-finite at step 5.*last good state is .*c.state \(step 4\)"):
-        fit("toy", toy, toy.parameters(), goes_nan, cfg, tmp_path / "c.state", say=lambda *_: None)
+        fit("toy", toy, toy.parameters(), goes_nan, cfg, tmp_path / "c.state")
     state = torch.load(tmp_path / "c.state", weights_only=True)
     assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["module"].values())
 
@@ -273,7 +274,7 @@ def test_learning_rate_schedule():
 
 
 # ---------------------------------------------------------------- stages and checkpoints
-def test_stage1_and_stage2_learn_and_save_hf_loadable_checkpoints(tmp_path):
+def test_stage1_and_stage2_learn_and_save_hf_loadable_checkpoints(tmp_path, caplog):
     from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
 
     from train.blip2.random_checkpoint import write_checkpoint
@@ -285,16 +286,19 @@ def test_stage1_and_stage2_learn_and_save_hf_loadable_checkpoints(tmp_path):
     tok, qtok = build_tokenizers(recipe)
     model = build_model(recipe, tok, qtok)
     data = shapescaps_set(model.vision_model, preprocessor(model), 64, 32)
-    log = []
     cfg = TrainConfig(steps=12, batch_size=16, lr=2e-3, warmup=2, log_every=1, save_every=100)
-    run_stage1(model, data, qtok, cfg, tmp_path / "s1.state", say=log.append)
+    with caplog.at_level(logging.INFO, logger="train"):
+        run_stage1(model, data, qtok, cfg, tmp_path / "s1.state")
+    log = list(caplog.messages)
     first, last = log[0], log[-1]
     itg = lambda line: float(line.split(" itg ")[1].split()[0])  # noqa: E731
     assert itg(last) < itg(first), (first, last)
     vision_before = model.vision_model.embeddings.patch_embedding.weight.clone()
     lm_before = model.language_model.lm_head.weight.clone()
-    log.clear()
-    run_stage2(model, data, tok, qtok, cfg, tmp_path / "s2.state", say=log.append)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="train"):
+        run_stage2(model, data, tok, qtok, cfg, tmp_path / "s2.state")
+    log = list(caplog.messages)
     lm = lambda line: float(line.split(" lm ")[1].split()[0])  # noqa: E731
     assert lm(log[-1]) < lm(log[0])
     assert torch.equal(model.vision_model.embeddings.patch_embedding.weight, vision_before)  # frozen

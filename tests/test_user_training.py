@@ -1,6 +1,7 @@
 """Training on a user's data: formats, streaming, starting points, resume, the commands, standard metrics."""
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -129,7 +130,7 @@ def test_the_feature_cache_serves_later_epochs_without_decoding(files, tmp_path)
     from train.training.sources import stage1_start
     from train.training.streaming import FeatureCache
 
-    model, _ = stage1_start(vision=DEMO, qformer_init=files / "bert", num_queries=4, say=lambda *_: None)
+    model, _ = stage1_start(vision=DEMO, qformer_init=files / "bert", num_queries=4)
     data = open_dataset(files / "train" / "train.jsonl").only("caption")
     v = model.config.vision_config
     cache = FeatureCache(tmp_path / "cache", len(data), ((v.image_size // v.patch_size) ** 2 + 1, v.hidden_size), "x")
@@ -170,7 +171,7 @@ def test_qformer_from_bert_takes_its_weights_as_blip2_does(files):
 
     from train.training.sources import stage1_start
 
-    model, qtok = stage1_start(vision=DEMO, qformer_init=files / "bert", num_queries=4, say=lambda *_: None)
+    model, qtok = stage1_start(vision=DEMO, qformer_init=files / "bert", num_queries=4)
     bert = load_file(str(files / "bert" / "model.safetensors"))
     layer = model.qformer.encoder.layer[1]
     assert torch.equal(layer.attention.attention.query.weight, bert["bert.encoder.layer.1.attention.self.query.weight"])
@@ -227,7 +228,7 @@ def test_stage1_stage2_finetune_on_files_write_checkpoints_hugging_face_loads(fi
     assert load_checkpoint(tmp_path / "cap").has_llm  # what export.build loads
 
 
-def test_a_killed_run_resumes_to_the_same_weights(files, tmp_path):
+def test_a_killed_run_resumes_to_the_same_weights(files, tmp_path, caplog):
     from train.blip2.checkpoint import load_checkpoint
     from train.training.tasks import Options, run_command
 
@@ -237,14 +238,25 @@ def test_a_killed_run_resumes_to_the_same_weights(files, tmp_path):
 
     opts = Options(steps=4, batch_size=4, workers=0, log_every=3, save_every=2)
     whole, killed = args("whole", "run-whole"), args("killed", "run-killed")
-    run_command("stage1", None, whole, opts, say=lambda *_: None)
+    run_command("stage1", None, whole, opts)
 
-    def stop_at_step_3(line):
-        if line.startswith("stage1 step 3/"):
-            raise KeyboardInterrupt
+    class StopAtStep3(logging.Handler):  # Ctrl-C as the third step's line is logged
+        def emit(self, record):
+            if record.getMessage().startswith("stage1 step 3/"):
+                raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        run_command("stage1", None, killed, opts, say=stop_at_step_3)
+        def handleError(self, record):  # (let the KeyboardInterrupt through)
+            raise
+
+    stop, trainer_log = StopAtStep3(), logging.getLogger("train")
+    trainer_log.addHandler(stop)
+    level, trainer_log.level = trainer_log.level, logging.INFO
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_command("stage1", None, killed, opts)
+    finally:
+        trainer_log.removeHandler(stop)
+        trainer_log.setLevel(level)
     assert not killed.out.exists()  # nothing half-written
     from dataclasses import replace
 
@@ -254,11 +266,12 @@ def test_a_killed_run_resumes_to_the_same_weights(files, tmp_path):
     rows = (files / "train" / "train.jsonl").read_text().splitlines()
     other.data.write_text("\n".join(rows[::-1]) + "\n")  # (the same images, another order)
     with pytest.raises(RunFolderError, match=r"holds a run with other settings \(data: .*train.jsonl' -> .*other"):
-        run_command("stage1", None, other, opts, say=lambda *_: None)
+        run_command("stage1", None, other, opts)
     with pytest.raises(RunFolderError, match="lr: 0.0001 -> 0.0002; steps: 4 -> 6"):  # nor another schedule
-        run_command("stage1", None, killed, replace(opts, steps=6, lr=2e-4), say=lambda *_: None)
-    lines = []
-    run_command("stage1", None, killed, replace(opts, workers=0, log_every=1), say=lines.append)  # may change
+        run_command("stage1", None, killed, replace(opts, steps=6, lr=2e-4))
+    with caplog.at_level(logging.INFO, logger="train"):
+        run_command("stage1", None, killed, replace(opts, workers=0, log_every=1))  # may change
+    lines = caplog.messages
     assert any("resuming" in line and "at step 2/4" in line for line in lines)
     a, b = load_checkpoint(whole.out).model.state_dict(), load_checkpoint(killed.out).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -274,7 +287,7 @@ def test_stage2_connects_a_t5_llm_with_its_prefix_lm_loss(tmp_path):
 
     stage1 = make_random_checkpoint(tmp_path / "s1", "tiny", stage=1)
     t5 = make_random_checkpoint(tmp_path / "t5", "tiny-t5")
-    model, tok, qtok = stage2_start(stage1, t5, say=lambda *_: None)
+    model, tok, qtok = stage2_start(stage1, t5)
     assert model.config.text_config.model_type == "t5" and qtok is not None
     theirs = load_file(str(t5 / "model.safetensors"))
     name = "language_model.encoder.block.0.layer.0.SelfAttention.q.weight"
@@ -293,7 +306,7 @@ def test_stage2_refuses_an_llm_of_another_width(files, tmp_path):
 
     other = make_random_checkpoint(tmp_path / "wide", "small")  # an OPT wider than the demo's
     with pytest.raises(CheckpointError, match="hidden size .* language projection of .* maps to"):
-        stage2_start(DEMO, other, say=lambda *_: None)
+        stage2_start(DEMO, other)
 
 
 def test_stage2_refuses_a_tokenizer_larger_than_the_llm_vocabulary(files, tmp_path):
@@ -308,7 +321,7 @@ def test_stage2_refuses_a_tokenizer_larger_than_the_llm_vocabulary(files, tmp_pa
     vocab = json.loads((DEMO / "config.json").read_text())["text_config"]["vocab_size"]
     build_tokenizer(vocab + 50).save_pretrained(llm)  # another tokenizer, bigger than the LLM's vocabulary
     with pytest.raises(CheckpointError, match="tokens but the LLM's vocabulary has"):
-        stage2_start(DEMO, llm, say=lambda *_: None)
+        stage2_start(DEMO, llm)
 
 
 def test_two_processes_train_one_checkpoint(files, tmp_path):

@@ -98,9 +98,13 @@ def main(argv=None) -> int:
 
 def _main(argv=None) -> int:
     args = parser().parse_args(argv)
+    import logging
+    import os
+
     from train.blip2.logs import quiet_libraries
 
-    quiet_libraries()
+    # (under torchrun, one process says what the run does: the others only their warnings and errors)
+    quiet_libraries(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
     if args.command == "demo":
         return _demo(args)
     if args.command in ("stage1", "stage2", "finetune"):

@@ -20,6 +20,7 @@ folder) this step is skipped; for the synthetic set we make our own, quickly:
     pretrain_llm(model.language_model, tokenizer, TrainConfig(steps=12000))        # in place
 """
 import itertools
+import logging
 
 import numpy as np
 import torch
@@ -29,6 +30,8 @@ from torch import nn
 from train.shapescaps.synthetic import COLOURS, POSITIONS, SHAPES, SIZES, ShapesCaps, context_corpus, label_map
 from train.blip2.families import padded_rows
 from train.training.trainer import TrainConfig, fit
+
+logger = logging.getLogger(__name__)
 
 ATTRIBUTES = sorted(
     {f"{c}-{s}" for c, s in itertools.product(COLOURS, SHAPES)}
@@ -108,7 +111,7 @@ class AttributeProbe(nn.Module):
         return self.head(tokens[:, 0]), self.patch_colour(patches), self.patch_kind(patches)
 
 
-def pretrain_vision(vision_model, preprocess, image_size: int, cfg: TrainConfig, seed: int = 0, say=print,
+def pretrain_vision(vision_model, preprocess, image_size: int, cfg: TrainConfig, seed: int = 0,
                     state_file=None):
     """Train `vision_model` in place on attribute classification over fresh ShapesCaps images."""
     probe = AttributeProbe(vision_model).train()
@@ -136,7 +139,7 @@ def pretrain_vision(vision_model, preprocess, image_size: int, cfg: TrainConfig,
         losses["exact"] = ((logits > 0) == (targets > 0.5)).all(1).float().mean().detach()
         return losses
 
-    fit("vision", probe, list(probe.parameters()), objective, cfg, state_file, say=say)
+    fit("vision", probe, list(probe.parameters()), objective, cfg, state_file)
     return vision_model.eval()
 
 
@@ -241,7 +244,7 @@ def seq2seq_loss(language_model, rows: list, pad_token_id: int) -> torch.Tensor:
 PRETRAINING = {"opt": (llm_rows, causal_lm_loss), "t5": (seq2seq_rows, seq2seq_loss)}
 
 
-def pretrain_llm(language_model, tokenizer, cfg: TrainConfig, n_texts: int = 20000, seed: int = 0, say=print,
+def pretrain_llm(language_model, tokenizer, cfg: TrainConfig, n_texts: int = 20000, seed: int = 0,
                  state_file=None):
     """Train the LLM in place as a language model of the captions, and of answers and paraphrases that read a
     caption before them: OPT on `llm_rows` (next-token loss on the continuation), T5 on `seq2seq_rows` (the
@@ -256,5 +259,5 @@ def pretrain_llm(language_model, tokenizer, cfg: TrainConfig, n_texts: int = 200
         return {"loss": loss(language_model, batch, tokenizer.pad_token_id)}
 
     fit("llm", language_model, [p for p in language_model.parameters() if p.requires_grad], objective, cfg,
-        state_file, say=say)
+        state_file)
     return language_model.eval()

@@ -16,8 +16,11 @@ Phases, each resumable (its state file lives in --run, default runs/<name>):
      -> --out, written atomically with its held-out evaluation (eval.json) inside.
 """
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 
 
@@ -89,7 +92,7 @@ def build_model(recipe: Recipe, tok, qtok):
     return Blip2Edge(config, EdgeConfig(stage=2, qformer_text=True, itg_head=True, **ids))
 
 
-def run_demo(out: Path, run: Path, recipe: Recipe, say=print) -> Path:
+def run_demo(out: Path, run: Path, recipe: Recipe) -> Path:
     from train.blip2.checkpoint import preprocessor
     from train.shapescaps.backbones import pretrain_llm, pretrain_vision
     from train.blip2.random_checkpoint import write_checkpoint
@@ -99,36 +102,37 @@ def run_demo(out: Path, run: Path, recipe: Recipe, say=print) -> Path:
     check_resume(run, asdict(recipe), "recipe.json", flag="--run")  # (another preset or steps: not this run's)
     run.mkdir(parents=True, exist_ok=True)
     (run / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
-    say(f"[1/5] tokenizers (ShapesCaps texts, {recipe.corpus_texts} samples)")
+    logger.info(f"[1/5] tokenizers (ShapesCaps texts, {recipe.corpus_texts} samples)")
     tok, qtok = build_tokenizers(recipe)
     model = build_model(recipe, tok, qtok)
     preprocess = preprocessor(model)
-    say(f"[2/5] backbones: ViT on attribute classification, {model.config.text_config.model_type.upper()} on the texts "
-        f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters in all)")
+    llm = model.config.text_config.model_type.upper()
+    logger.info(f"[2/5] backbones: ViT on attribute classification, {llm} on the texts "
+                f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters in all)")
     vision_cfg = recipe.config(recipe.vision_steps)
     vision_cfg.batch_size = recipe.vision_batch_size
     pretrain_vision(model.vision_model, preprocess, model.config.vision_config.image_size, vision_cfg,
-                    seed=recipe.seed, say=say, state_file=run / "vision.state")
+                    seed=recipe.seed, state_file=run / "vision.state")
     llm_cfg = recipe.config(recipe.llm_steps)
     llm_cfg.batch_size = recipe.vision_batch_size
     pretrain_llm(model.language_model, tok, llm_cfg, n_texts=recipe.corpus_texts,
-                 seed=recipe.seed, say=say, state_file=run / "llm.state")
-    say(f"[3/5] encoding {recipe.train_images} training images with the frozen ViT")
+                 seed=recipe.seed, state_file=run / "llm.state")
+    logger.info(f"[3/5] encoding {recipe.train_images} training images with the frozen ViT")
     data = shapescaps_set(model.vision_model, preprocess, recipe.train_images, model.config.vision_config.image_size,
                           seed=recipe.seed)
-    say("[4/5] stage 1: ITC + ITM + ITG")
-    run_stage1(model, data, qtok, recipe.config(recipe.stage1_steps), run / "stage1.state", say=say)
+    logger.info("[4/5] stage 1: ITC + ITM + ITG")
+    run_stage1(model, data, qtok, recipe.config(recipe.stage1_steps), run / "stage1.state")
     write_checkpoint(model, run / "stage1", None, qtok, stage=1)
-    say(f"      wrote the stage-1 checkpoint {run / 'stage1'}")
-    say(f"[5/5] stage 2: the frozen {model.config.text_config.model_type.upper()}'s loss (+ stage-1 losses)")
+    logger.info(f"      wrote the stage-1 checkpoint {run / 'stage1'}")
+    logger.info(f"[5/5] stage 2: the frozen {model.config.text_config.model_type.upper()}'s loss (+ stage-1 losses)")
     run_stage2(model, data, tok, qtok, recipe.config(recipe.stage2_steps), run / "stage2.state",
-               qa_fraction=recipe.qa_fraction, aux_every=recipe.aux_every, say=say)
+               qa_fraction=recipe.qa_fraction, aux_every=recipe.aux_every)
     if recipe.fp16_weights:
         model.half()  # the evaluation below loads the folder back in float32: it measures what is stored
-    return write_checkpoint(model, out, tok, qtok, stage=2, before_rename=lambda tmp: _evaluate(tmp, out, recipe, say))
+    return write_checkpoint(model, out, tok, qtok, stage=2, before_rename=lambda tmp: _evaluate(tmp, out, recipe))
 
 
-def _evaluate(folder: Path, out: Path, recipe: Recipe, say) -> None:
+def _evaluate(folder: Path, out: Path, recipe: Recipe) -> None:
     """Write the recipe (what reproduces the folder) and its held-out evaluation into the checkpoint folder
     `folder`, the temporary name of `out` (recorded as the evaluated folder: it is `out` once renamed)."""
     from train.evaluation.backends import TorchBackend
@@ -138,5 +142,5 @@ def _evaluate(folder: Path, out: Path, recipe: Recipe, say) -> None:
 
     results = evaluate(TorchBackend(folder), n=recipe.eval_n, seed=recipe.seed)
     results["folder"] = str(out)
-    say(format_table(results))
+    logger.info(format_table(results))
     (folder / "eval.json").write_text(json.dumps(results, indent=2))

@@ -14,6 +14,7 @@ so one checkpoint does ITC/ITM/ITG as well as it did after stage 1.
 
 Batches are a pure function of (seed, step, rank): see train.training.trainer.
 """
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,8 @@ from train.training.datasets import qa_prompt
 from train.training.batches import lm_batch, qformer_batch
 from train.training.losses import lm_loss, stage1_losses, world
 from train.training.trainer import TrainConfig, fit, trainable
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -109,7 +112,7 @@ def stage1_batch(model, batches: Batches, qtok, step: int) -> dict:
 
 
 # ---------------------------------------------------------------- the stages
-def run_stage1(model, data: CaptionSet, qtok, cfg: TrainConfig, state_file=None, say=print) -> None:
+def run_stage1(model, data: CaptionSet, qtok, cfg: TrainConfig, state_file=None) -> None:
     """ITC + ITM + ITG on the Q-Former; the image encoder (and any LLM) stays frozen."""
     batches = Batches(data, cfg.batch_size, cfg.seed)
     params = trainable(model, ("vision_model.", "language_model.", "language_projection."))
@@ -118,11 +121,11 @@ def run_stage1(model, data: CaptionSet, qtok, cfg: TrainConfig, state_file=None,
         b = stage1_batch(model, batches, qtok, step)
         return stage1_losses(model, b["image_embeds"], b["ids"], b["mask"], b["same"], generator, b.get("foils"))
 
-    fit("stage1", model, params, objective, cfg, state_file, say=say)
+    fit("stage1", model, params, objective, cfg, state_file)
 
 
 def run_stage2(model, data: CaptionSet, tok, qtok, cfg: TrainConfig, state_file=None, qa_fraction: float = 0.5,
-               caption_prompt: str | None = None, aux_weight: float = 1.0, aux_every: int = 1, say=print) -> None:
+               caption_prompt: str | None = None, aux_weight: float = 1.0, aux_every: int = 1) -> None:
     """The frozen LLM's loss (train.blip2.families: OPT's language-modelling loss, T5's prefix-LM loss) on captions and
     answers; Q-Former + projection trained. Captions follow `caption_prompt`, or with None, what the family
     trains captioning on (OPT: the soft prompt and BOS; T5: that, or a prefix of the caption in the encoder)."""
@@ -154,4 +157,4 @@ def run_stage2(model, data: CaptionSet, tok, qtok, cfg: TrainConfig, state_file=
         return losses
 
     model.language_model.eval()  # frozen: no dropout either
-    fit("stage2", model, params, objective, cfg, state_file, say=say)
+    fit("stage2", model, params, objective, cfg, state_file)

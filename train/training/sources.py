@@ -21,6 +21,7 @@ Sources are folders (or Hugging Face hub ids, resolved through the local cache a
 Only the tensors wanted are read from the safetensors files (a 7B LLM is not loaded to take a ViT).
 """
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -29,6 +30,8 @@ from train.blip2.checkpoint import CheckpointError, load_checkpoint, load_tokeni
 from train.blip2.families import family
 from train.blip2.model import EDGE_WEIGHTS, Blip2Edge, EdgeConfig
 from train.blip2.tokenizers import IMAGE_TOKEN
+
+logger = logging.getLogger(__name__)
 
 
 def _folder(source, what: str) -> Path:
@@ -145,28 +148,28 @@ def _ids(qtok) -> dict:
 
 # ----------------------------------------------------------------------------- stage 1
 
-def stage1_start(init=None, vision=None, qformer_init=None, num_queries: int = 32, cross_attention_every: int = 2,
-                 say=print) -> tuple[Blip2Edge, object]:
+def stage1_start(init=None, vision=None, qformer_init=None, num_queries: int = 32,
+                 cross_attention_every: int = 2) -> tuple[Blip2Edge, object]:
     """A stage-1 model (Q-Former with ITC/ITM/ITG heads, no LLM) and its Q-Former tokenizer."""
     if init is not None:
         if vision is not None or qformer_init is not None:
             raise CheckpointError("pass either --init (a BLIP-2 checkpoint: its ViT and Q-Former) or --vision with "
                                   "--qformer-init, not both")
-        return _stage1_from_checkpoint(init, say)
+        return _stage1_from_checkpoint(init)
     if vision is None or qformer_init is None:
         raise CheckpointError("stage 1 starts from --init CHECKPOINT (a BLIP-2 folder or hub id) or from --vision DIR "
                               "(a BLIP-2 or Blip2VisionModel folder) with --qformer-init DIR (a BERT-style folder)")
-    return _stage1_from_parts(vision, qformer_init, num_queries, cross_attention_every, say)
+    return _stage1_from_parts(vision, qformer_init, num_queries, cross_attention_every)
 
 
-def _stage1_from_checkpoint(source, say) -> tuple[Blip2Edge, object]:
+def _stage1_from_checkpoint(source) -> tuple[Blip2Edge, object]:
     ck = load_checkpoint(source)
     if ck.qformer_tokenizer is None or not hasattr(ck.model, "text_projection"):
         raise CheckpointError(f"{source} has no Q-Former text side (a stage-2 checkpoint trained without it, like "
                               f"Salesforce/blip2-opt-2.7b); start stage 1 from --vision {source} --qformer-init "
                               f"BERT_DIR instead")
     model = _restage(ck.model, stage=1)
-    say(f"stage 1 from {ck.path}: its ViT, Q-Former and text side")
+    logger.info(f"stage 1 from {ck.path}: its ViT, Q-Former and text side")
     return model, ck.qformer_tokenizer
 
 
@@ -191,7 +194,7 @@ def _restage(model: Blip2Edge, stage: int, text_config=None, image_token_index=N
     return new
 
 
-def _stage1_from_parts(vision, qformer_init, num_queries, cross_attention_every, say) -> tuple[Blip2Edge, object]:
+def _stage1_from_parts(vision, qformer_init, num_queries, cross_attention_every) -> tuple[Blip2Edge, object]:
     from transformers import Blip2Config
 
     vision_cfg, vision_weights = vision_part(vision)
@@ -210,8 +213,9 @@ def _stage1_from_parts(vision, qformer_init, num_queries, cross_attention_every,
     if not any("attention.attention.query" in n for n in done):
         raise CheckpointError(f"--qformer-init {qformer_init}: no BERT encoder weights found (expected names like "
                               f"encoder.layer.0.attention.self.query.weight)")
-    say(f"stage 1 from the ViT of {vision} and a Q-Former initialised from {qformer_init} "
-        f"({len(done)} tensors; cross-attention every {cross_attention_every} layers and {num_queries} queries new)")
+    logger.info(f"stage 1 from the ViT of {vision} and a Q-Former initialised from {qformer_init} "
+                f"({len(done)} tensors; cross-attention every {cross_attention_every} layers and {num_queries} "
+                f"queries new)")
     return model, qtok
 
 
@@ -233,7 +237,7 @@ def llm_part(source):
                           f"BLIP-2 checkpoint, whose LLM is taken)")
 
 
-def stage2_start(init, llm, say=print):
+def stage2_start(init, llm):
     """A stage-2 model: `init`'s ViT, Q-Former (and text side), the LLM of `llm`, a new language projection
     (kept when `init` is a stage-2 checkpoint whose projection fits the LLM). Returns (model, tokenizer, qtok)."""
     ck = load_checkpoint(init)
@@ -264,8 +268,8 @@ def stage2_start(init, llm, say=print):
         model.config.text_config.vocab_size = len(tok)
     if ck.has_llm:
         model.language_projection.load_state_dict(ck.model.language_projection.state_dict())
-    say(f"stage 2 from {ck.path} with the frozen {text.model_type.upper()} of {llm} "
-        f"({sum(p.numel() for p in model.language_model.parameters()) / 1e6:.1f}M parameters)")
+    logger.info(f"stage 2 from {ck.path} with the frozen {text.model_type.upper()} of {llm} "
+                f"({sum(p.numel() for p in model.language_model.parameters()) / 1e6:.1f}M parameters)")
     return model, tok, ck.qformer_tokenizer
 
 

@@ -22,6 +22,7 @@ stopped when the same command runs again (same data order); the checkpoint is wr
 rank 0 only, once training ends.
 """
 import json
+import logging
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -36,6 +37,8 @@ from train.training.datasets import DataError, qa_prompt
 from train.training.losses import stage1_losses, world
 from train.training.options import OptionError, Options, options_from
 from train.training.trainer import RunFolderError, TrainConfig, check_resume, fit, trainable
+
+logger = logging.getLogger(__name__)
 
 
 
@@ -171,19 +174,19 @@ def check_data(data, command: str, task: str | None) -> None:
         raise DataError(f"{name} trains on {what}, and {data.source} has none ({data.describe()})")
 
 
-def start_model(command: str, task: str | None, args, say):
+def start_model(command: str, task: str | None, args):
     """(model, LLM tokenizer or None, Q-Former tokenizer) the command starts from."""
     from train.training import sources
 
     if command == "stage1":
         model, qtok = sources.stage1_start(args.init, args.vision, args.qformer_init, args.num_queries,
-                                           args.cross_attention_every, say=say)
+                                           args.cross_attention_every)
         return model, None, qtok
     if command == "stage2":
         if args.init is None or args.llm is None:
             raise DataError("stage2 needs --init STAGE1_DIR (a stage-1 checkpoint) and --llm LLM (an OPT/T5 folder, or "
                             "a BLIP-2 checkpoint whose LLM is taken)")
-        return sources.stage2_start(args.init, args.llm, say=say)
+        return sources.stage2_start(args.init, args.llm)
     if args.init is None:
         raise DataError("finetune needs --init CHECKPOINT (a stage-2 checkpoint for caption/vqa; one with the "
                         "Q-Former's text side for retrieval)")
@@ -209,7 +212,7 @@ RESUMABLE = frozenset({"out", "run", "workers", "log_every", "save_every", "max_
                        "trained_parameters"})
 
 
-def run_command(command: str, task: str | None, args, opts: Options, say=print) -> Path:
+def run_command(command: str, task: str | None, args, opts: Options) -> Path:
     """Train `command` (stage1 | stage2 | finetune with `task`) on args.data; write the checkpoint args.out."""
     from train.training.datasets import open_dataset
     from train.blip2.random_checkpoint import write_checkpoint
@@ -218,7 +221,6 @@ def run_command(command: str, task: str | None, args, opts: Options, say=print) 
 
     opts = _defaults(command, task, opts)
     rank, size = world()
-    say = say if rank == 0 else (lambda *_: None)
     data = open_dataset(args.data, args.images, opts.max_bad)
     check_data(data, command, task)
     if opts.aux_every and "vqa" in data.kinds:
@@ -227,8 +229,8 @@ def run_command(command: str, task: str | None, args, opts: Options, say=print) 
     if command != "stage2":
         data = data.only("vqa" if task == "vqa" else "caption")
     out, run = Path(args.out), Path(args.run or Path("runs") / Path(args.out).name)
-    say(f"data: {data!r}" + (f"; {len(data.skipped)} missing images skipped (first: {data.skipped[0]})"
-                             if data.skipped else ""))
+    logger.info(f"data: {data!r}" + (f"; {len(data.skipped)} missing images skipped (first: {data.skipped[0]})"
+                                     if data.skipped else ""))
     steps_per_epoch = len(data) // (opts.batch_size * opts.grad_accum * size)
     steps = opts.steps or max(1, round(opts.epochs * steps_per_epoch))
     cfg = _config(opts, steps)
@@ -238,12 +240,12 @@ def run_command(command: str, task: str | None, args, opts: Options, say=print) 
                 **asdict(opts), "steps": steps, "processes": size, "frozen": list(frozen)}
     check_resume(run, settings, "train_args.json", RESUMABLE)  # (before the model is loaded)
     torch.manual_seed(opts.seed)  # the new parts' initial weights: a function of the seed
-    model, tok, qtok = start_model(command, task, args, say)
+    model, tok, qtok = start_model(command, task, args)
     params = trainable(model, frozen)
     if opts.precision != "fp32":
         hold_frozen_in(model, frozen, getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[opts.precision]))
     settings["trained_parameters"] = sum(p.numel() for p in params)
-    say("settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+    logger.info("settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
     run.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         (run / "train_args.json").write_text(json.dumps(settings, indent=2) + "\n")
@@ -258,9 +260,10 @@ def run_command(command: str, task: str | None, args, opts: Options, say=print) 
     else:
         objective = lm_objective(model, stream, tok, qtok, opts, questions_to_qformer=task == "vqa")
     name = command if task is None else f"{command}-{task}"
-    fit(name, model, params, objective, cfg, run / "state.pt", say=say, log_file=run / "log.jsonl")
+    fit(name, model, params, objective, cfg, run / "state.pt", log_file=run / "log.jsonl")
     if stream.bad:
-        say(f"{len(stream.bad)} images could not be decoded and were skipped (first: {next(iter(stream.bad.values()))})")
+        first = next(iter(stream.bad.values()))
+        logger.info(f"{len(stream.bad)} images could not be decoded and were skipped (first: {first})")
     model.float()
     if rank != 0:
         return out

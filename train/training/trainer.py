@@ -14,6 +14,7 @@ DistributedDataParallel does, without its wrapper, since the objectives call sev
 methods). ITC gathers features from every process itself (train.training.losses.gather).
 """
 import json
+import logging
 import math
 import os
 import time
@@ -24,6 +25,8 @@ import torch
 import torch.distributed as dist
 
 from train.training.losses import world
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -200,7 +203,7 @@ def _accumulate(objective, module, step: int, cfg: TrainConfig) -> dict:
     return total
 
 
-def fit(name: str, module, params, objective, cfg: TrainConfig, state_file: Path | None = None, say=print,
+def fit(name: str, module, params, objective, cfg: TrainConfig, state_file: Path | None = None,
         progress: bool = True, log_file: Path | None = None) -> int:
     """Run `cfg.steps` optimisation steps of `objective` on `params`; returns the number of steps run now.
 
@@ -216,7 +219,7 @@ def fit(name: str, module, params, objective, cfg: TrainConfig, state_file: Path
     start = 0
     if state_file is not None and Path(state_file).is_file():
         start = load_state(Path(state_file), module, optimizer)
-        say(f"{name}: resuming from {state_file} at step {start}/{cfg.steps}")
+        logger.info(f"{name}: resuming from {state_file} at step {start}/{cfg.steps}")
     _train_mode(module)
     log = StepLog(log_file)
     bar = tqdm(range(start, cfg.steps), desc=name, disable=not progress or rank != 0, leave=False, mininterval=1.0)
@@ -240,8 +243,8 @@ def fit(name: str, module, params, objective, cfg: TrainConfig, state_file: Path
         rate = images_per_step * (done - start) / max(time.time() - t0, 1e-9)
         bar.set_postfix_str(f"{_fmt(losses)} lr {lr_at(step, cfg):.1e} {rate:.1f} img/s", refresh=False)
         if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
-            say(f"{name} step {done}/{cfg.steps} lr {lr_at(step, cfg):.2e} {_fmt(losses)} "
-                f"({(time.time() - t0) / (done - start):.3f}s/step, {rate:.1f} images/s)")
+            logger.info(f"{name} step {done}/{cfg.steps} lr {lr_at(step, cfg):.2e} {_fmt(losses)} "
+                        f"({(time.time() - t0) / (done - start):.3f}s/step, {rate:.1f} images/s)")
             log.write(name, done, {"lr": lr_at(step, cfg), **_values(losses), "images_per_s": rate})
         if state_file is not None and (done % cfg.save_every == 0 or done == cfg.steps):
             save_state(Path(state_file), module, optimizer, done)
