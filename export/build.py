@@ -203,9 +203,11 @@ def _references(ck, specs, limits, precision: str, feeds: dict | None = None, la
 
 def _convert(specs, src: Path, dst: Path, precision: str, ranges: dict | None, for_tensorrt: bool) -> dict:
     """fp32 ONNX graphs in `src` -> reduced-precision graphs in `dst`; returns per-graph precision details.
-    INT8 graphs for ONNX Runtime store activations as uint8 (the same values; see export.precision); INT4 is
+    INT8 graphs for ONNX Runtime store activations as uint8 (the same values; see export.int8); INT4 is
     weight-only, for the graphs whose spec asks for it (the LLM's), the others are copied in fp32."""
-    from export.precision import to_fp16, to_int4, to_int8
+    from export.fp16 import to_fp16
+    from export.int4 import to_int4
+    from export.int8 import to_int8
 
     details = {}
     for spec in specs:
@@ -245,7 +247,7 @@ def _reduce(ck, specs, fp32_dir: Path, out: Path, precision: str, calibration: C
     per graph, the calibration ImageSet)."""
     from export.calibration import calibration_images, record_feeds, record_ranges
     from export.parity import GATE_TEXTS, select_cases
-    from export.precision import int8_plan_of
+    from export.int8 import int8_plan_of
 
     data = calibration_images(calibration.images, ck.config.vision_config.image_size, calibration.count,
                               calibration.seed, calibration.report_images)

@@ -153,12 +153,12 @@ def record_feeds(folder, images: list, texts: list[str] | None = None, max_new_t
 
 def record_ranges(folder, tensors: dict[str, list[str]], images: list, texts: list[str] | None = None,
                   max_new_tokens: int = 16, channels: dict[str, list[str]] | None = None) -> dict:
-    """{graph name: {tensor: largest magnitude}} for the `tensors` of each graph (`export.precision.int8_plan_of`),
+    """{graph name: {tensor: largest magnitude}} for the `tensors` of each graph (`export.int8.int8_plan_of`),
     measured while the fp32 pipeline of `folder` runs on `images`: each graph runs as a copy that also outputs
     those tensors' min and max, so no feed is kept (a full-size LLM's recorded KV caches would need gigabytes).
     `channels`: per graph, tensors whose per-channel maxima are measured too (export/smoothing.py)."""
     from export.parity import check_runner
-    from export.precision import RangeRunner
+    from export.int8 import RangeRunner
 
     runners = {}
 

@@ -44,8 +44,8 @@ class GraphSpec:
     profiles: list[dict[str, AxisRange]]  # one dict per TensorRT optimization profile
     export_sizes: dict[str, int]  # axis sizes of the dummy inputs used for tracing
     check_sizes: list[dict[str, int]] = field(default_factory=list)  # other sizes for the parity gate
-    fp16: dict = field(default_factory=dict)  # options of export.precision.to_fp16 for this graph
-    int8: dict = field(default_factory=dict)  # options of export.precision.to_int8 for this graph
+    fp16: dict = field(default_factory=dict)  # options of export.fp16.to_fp16 for this graph
+    int8: dict = field(default_factory=dict)  # options of export.int8.to_int8 for this graph
     large_input: tuple[str, float] | None = None  # (input, factor): the fp16 gate scales it to probe overflow
     int4: bool = False  # onnx-int4 / trt-int4 store this graph's weight MatMuls as int4 (the LLM's graphs)
 

@@ -66,7 +66,7 @@ class Tolerance:
 # check twice, in float32 and in float64 (export/float64.py), and the graph may be `noise_multiple` times as far
 # from the float64 result as PyTorch's float32 is, plus `noise_floor` of the output's range (8 float32 steps at the
 # top of the range: outputs PyTorch computes exactly, like a copied cache, still allow ONNX Runtime's last bits).
-# Measured (`python bench/bench_gate_noise.py`; ONNX Runtime's error / PyTorch's, both against float64, worst
+# Measured (`python bench/experiments/bench_gate_noise.py`; ONNX Runtime's error / PyTorch's, both against float64, worst
 # output of each graph, docs/export.md): 0.65x..4.6x over the tiny presets (random, trained-like Flan-T5 and
 # original T5, OPT with outlier features) and the trained demo models, 0.91x..1.6x at Flan-T5-XL's widths with
 # trained-like scales. End to end, the runtime's logits after a generated placeholder were 0.4x..1.8x Hugging
@@ -96,7 +96,7 @@ FP32_NOISE_FLOOR = 1e-6
 # Hence cosine >= 0.9 and max error <= 0.6 of the range: a wrong weight, layout or mask gives cosines near 0
 # and errors of the order of the range. Whether int4 is good enough for a model is the accuracy report's and
 # the task metrics' call (models/demo: caption 0.965 against 0.98 in fp32, VQA 0.91 against 0.905). The LM
-# head is in 8-bit blocks (export/precision.py): with an int4 head the random 677M variant's teacher-forced
+# head is in 8-bit blocks (export/int4.py): with an int4 head the random 677M variant's teacher-forced
 # agreement fell to 0.48, under the end-to-end bound below, and the demo's greedy agreement with fp32 to 0.60.
 TOLERANCES = {
     "fp32": Tolerance(atol=None, rtol=None, noise_multiple=FP32_NOISE_MULTIPLE, noise_floor=FP32_NOISE_FLOOR,
@@ -145,7 +145,7 @@ class EndToEnd:
 # different pick counts as agreeing only within about half of the precision's own error: 0.01 (fp16), 0.1 (int8),
 # 0.3 (int4). fp32 is free-running and exact but at near-ties of the float64 reference: Hugging Face's own float32
 # run is off its float64 logits by up to 0.011 on the tiny original-T5 layout with trained-like scales and 0.63 at
-# Flan-T5-XL's widths (`python bench/bench_gate_noise.py`, the builds' placeholder_step summary), where a wrongly
+# Flan-T5-XL's widths (`python bench/experiments/bench_gate_noise.py`, the builds' placeholder_step summary), where a wrongly
 # embedded placeholder moves them 365x the bound or more. A wrong weight, layout or mask still fails: its picks sit
 # several standard deviations below the reference's top. The raw agreement is reported beside it.
 END_TO_END = {

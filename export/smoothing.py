@@ -14,7 +14,7 @@ absorb the range more easily than the activations.
 
 Only LayerNorms whose calibrated channel maxima show outliers are smoothed: the largest channel over `OUTLIER_RATIO`
 times the median channel (OPT-6.7B's outlier dimensions: 20-60x; every LayerNorm of the random and trained demo
-models measured 1.2-4.5x, `python bench/bench_gate_noise.py` prints it), so a model without outliers gets the
+models measured 1.2-4.5x, `python bench/experiments/bench_gate_noise.py` prints it), so a model without outliers gets the
 same int8 graph as before. The alpha and what was smoothed are recorded in the manifest's precision details.
 
     plan = int8_plan(graph)                  # plan.channels: the LayerNorm outputs whose channels to measure

@@ -3,10 +3,10 @@
     python -m runtime caption --engines engines/demo/onnx examples/*.png
     python -m runtime caption --engines engines/demo/onnx --num-beams 3 --max-new-tokens 20 photo.jpg
     python -m runtime ask --engines engines/demo/onnx --prompt "Question: what color is the circle? Answer:" img.png
-    python -m runtime caption --engines engines/stage1/onnx --decoder qformer img.png   # Q-Former (ITG) captions
-    python -m runtime match --engines engines/stage1/onnx --text "a red circle" a.png b.png   # ITM probability
-    python -m runtime retrieve --engines engines/stage1/onnx --text "a red circle" --k 5 gallery/*.png
-    python -m runtime retrieve --engines engines/stage1/onnx --image a.png --k 3 "a red circle" "a blue square"
+    python -m runtime caption --engines engines/demo/onnx --decoder qformer img.png   # Q-Former (ITG) captions
+    python -m runtime match --engines engines/demo/onnx --text "a red circle" a.png b.png   # ITM probability
+    python -m runtime retrieve --engines engines/demo/onnx --text "a red circle" --k 5 gallery/*.png
+    python -m runtime retrieve --engines engines/demo/onnx --image a.png --k 3 "a red circle" "a blue square"
     python -m runtime batch --engines engines/demo/onnx --task caption --input photos/ --output captions/
     python -m runtime serve --engines engines/demo/onnx --port 8000      # HTTP: POST /caption /ask /match /embed
 

@@ -1,5 +1,6 @@
 """`python -m export.build` under the faults a deployment's build meets: SIGTERM (a CI runner, `timeout`), a killed
 build's leftovers, a full disk, and a reduced build of a model its default calibration images do not fit."""
+import logging
 import os
 import shutil
 import signal
@@ -37,7 +38,7 @@ def test_sigterm_ends_a_build_in_one_line_with_nothing_left(tmp_path):
     assert not out.exists() or not any(out.rglob("*")), sorted(out.rglob("*"))
 
 
-def test_a_killed_builds_leftovers_are_removed_and_only_they(tmp_path):
+def test_a_killed_builds_leftovers_are_removed_and_only_they(tmp_path, caplog):
     final = tmp_path / "demo" / "onnx"
     final.parent.mkdir()
     dead, alive = _dead_pid(), os.getpid()
@@ -45,8 +46,9 @@ def test_a_killed_builds_leftovers_are_removed_and_only_they(tmp_path):
              f".onnx-int8.partial-{dead}-4"]
     for name in names:
         (final.parent / name).mkdir()
-    said = []
-    _remove_leftovers(final, said.append)
+    with caplog.at_level(logging.INFO, logger="export"):
+        _remove_leftovers(final)
+    said = caplog.messages
     left = sorted(p.name for p in final.parent.iterdir())
     assert left == sorted(names[2:]), left  # another build's (alive), a name without a pid, another target's
     assert len(said) == 2 and all(f"process {dead} is gone" in line for line in said)

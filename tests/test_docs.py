@@ -77,3 +77,18 @@ def _demo_engine(tmp_path) -> Path:
     from export.build import build
 
     return build(ROOT / "models" / "demo", "onnx", tmp_path / "engines")
+
+
+def test_the_runtime_page_python_example_runs_as_written(tmp_path):
+    """docs/runtime.md's first Python block, run from a folder holding the examples and the demo model's engine
+    folder where the page expects them (it writes a gallery/ folder there)."""
+    page = (ROOT / "docs" / "runtime.md").read_text()
+    code = re.search(r"```python\n(.*?)```", page, re.S).group(1)
+    work = tmp_path / "work"
+    (work / "engines" / "demo").mkdir(parents=True)
+    (work / "examples").symlink_to(ROOT / "examples")
+    (work / "engines" / "demo" / "onnx").symlink_to(_demo_engine(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (work / "gallery").is_dir()

@@ -14,8 +14,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from export.calibration import calibration_images, record_feeds
 from export.parity import GATE_TEXTS, TOLERANCES, check_graph, graph_tolerance, probe_images
-from export.precision import (INT8_OPTIONS, int8_plan, int8_plan_of, int8_ranges, shift_activations_to_uint8,
-                              to_fp16, to_int4, to_int8, weight_matmuls)
+from export.fp16 import to_fp16
+from export.graph_edit import weight_matmuls
+from export.int4 import to_int4
+from export.int8 import INT8_OPTIONS, int8_plan, int8_plan_of, int8_ranges, shift_activations_to_uint8, to_int8
 from export.smoothing import CHANNEL_MAX
 from export.graph_spec import torch_inputs
 from export.specs import graph_specs
@@ -308,7 +310,7 @@ def test_int8_slices_of_a_large_weight_give_the_same_graph(make_engine, tmp_path
     lowered so that every weight here is sliced, the graph computes exactly what the unsliced one does."""
     import onnxruntime as ort
 
-    import export.precision as precision
+    import export.int8 as precision
 
     _, engine32 = make_engine(VARIANT, "onnx")
     src = engine32 / "llm_decoder.onnx"

@@ -8,7 +8,7 @@ import numpy as np
 import export.smoothing as smoothing
 from export.calibration import calibration_images, record_feeds
 from export.parity import TOLERANCES, check_graph, select_cases
-from export.precision import int8_plan, int8_ranges, to_int8
+from export.int8 import int8_plan, int8_ranges, to_int8
 from export.specs import graph_specs
 from export.weights import load_graph
 from runtime.manifest import load_manifest

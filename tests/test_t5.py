@@ -13,7 +13,7 @@ import torch
 from export.calibration import calibration_images
 from export.graph_spec import torch_inputs
 from export.parity import END_TO_END, probe_images
-from export.precision import to_fp16
+from export.fp16 import to_fp16
 from export.specs import graph_specs
 from hf_calls import hf_generate
 from runtime import Blip2Pipeline

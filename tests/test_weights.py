@@ -6,7 +6,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from export.precision import to_fp16, to_int4
+from export.fp16 import to_fp16
+from export.int4 import to_int4
 from export.weights import load_graph
 
 

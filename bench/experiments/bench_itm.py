@@ -3,9 +3,9 @@ engine's `qformer_itm` graph in ONNX Runtime fp32, the same graph dynamically qu
 Runtime's `quantize_dynamic`, and PyTorch (`Blip2Edge.itm_forward`), with the same thread count, each side's
 rounds back to back.
 
-    python bench/bench_itm.py                     # the small preset's stage-1 engine of bench_retrieval.py
-    python bench/bench_itm.py --batch 32 --threads 2
-    python bench/bench_itm.py --count-only --preset blip2-opt-2.7b   # multiply-adds per pair at BLIP-2's size
+    python bench/experiments/bench_itm.py                     # the small preset's stage-1 engine of bench_retrieval.py
+    python bench/experiments/bench_itm.py --batch 32 --threads 2
+    python bench/experiments/bench_itm.py --count-only --preset blip2-opt-2.7b   # multiply-adds per pair at BLIP-2's size
 
 Prints ms per batch, the ratio against PyTorch, the largest ITM-probability difference from PyTorch, and
 whether the candidates' order by probability is PyTorch's. Then the same pairs with one text against the batch's
@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402

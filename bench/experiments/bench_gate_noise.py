@@ -3,7 +3,7 @@ and the size of a real error, per model, from the tiny presets to full widths.
 
     python -m train.blip2.random_checkpoint --preset tiny-t5 --scales trained --out checkpoints/t5-trained
     python -m train.blip2.random_checkpoint --preset tiny --scales trained --outliers 3 --out checkpoints/opt-outliers
-    python bench/bench_gate_noise.py --models checkpoints/t5-trained checkpoints/opt-outliers [--json gate.json]
+    python bench/experiments/bench_gate_noise.py --models checkpoints/t5-trained checkpoints/opt-outliers [--json gate.json]
 
 Each model is built with `python -m export.build --target onnx` (in this process, into a temporary folder unless
 `--out`), so every figure is the gate's own:
@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402

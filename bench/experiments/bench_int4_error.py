@@ -1,20 +1,20 @@
 """What each int4 setting of ONNX Runtime's weight-only quantizer costs one matrix product (no model needed).
 
-    python bench/bench_int4_error.py                 # OPT-2.7B's width (2560 x 2560), random N(0, 0.02) weights
-    python bench/bench_int4_error.py --width 4096
-    python bench/bench_int4_error.py --model checkpoints/blip2-opt-2.7b-6l   # which LLM layers carry the error
+    python bench/experiments/bench_int4_error.py                 # OPT-2.7B's width (2560 x 2560), random N(0, 0.02) weights
+    python bench/experiments/bench_int4_error.py --width 4096
+    python bench/experiments/bench_int4_error.py --model checkpoints/blip2-opt-2.7b-6l   # which LLM layers carry the error
 
 One MatMul with Gaussian weights (what a random-weight checkpoint holds) is quantized with
 `MatMulNBitsQuantizer` / `DefaultWeightOnlyQuantConfig` at every block size, symmetric or not, and both
 accuracy levels (4: int8 activations, MLAS's fast path; 0: float32), then run by ONNX Runtime on 64 random
 inputs; printed: the output's relative error against float32 and the mean cosine. This is the per-layer
-error behind `export/precision.py`'s INT4_BLOCK_SIZE: stacked over a 32-layer LLM it sets the teacher-forced
+error behind `export/int4.py`'s INT4_BLOCK_SIZE: stacked over a 32-layer LLM it sets the teacher-forced
 logit cosine `bench/bench_engines.py` reports for an onnx-int4 folder.
 
 With `--model`, a checkpoint's LLM is quantized one layer at a time (the same symmetric round-to-nearest blocks,
 simulated in PyTorch: the Gaussian matrix's error is printed both ways to show they agree) and the teacher-forced
 logit cosine against float32 is printed per layer (greedy captions of random images, the LM head float): the
-figures behind `export/precision.py`'s INT4_EIGHT_BIT_LAYERS.
+figures behind `export/int4.py`'s INT4_EIGHT_BIT_LAYERS.
 """
 import argparse
 import logging
@@ -27,7 +27,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 logging.getLogger().setLevel(logging.WARNING)  # (importing the quantizer turns the root logger to INFO)
 
 
@@ -69,7 +69,7 @@ def layer_cosines(model_dir: str, block: int, images: int = 4, new_tokens: int =
     import torch
     from transformers import Blip2ForConditionalGeneration
 
-    from export.precision import LAYER_PATTERN  # (the same layer names the int4 build reads)
+    from export.int4 import LAYER_PATTERN  # the same layer names the int4 build reads
 
     model = Blip2ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
     size, queries = model.config.vision_config.image_size, model.config.num_query_tokens
