@@ -4,7 +4,7 @@ while it is sent decompression bombs and large bodies, /health's latency meanwhi
     pip install ".[scale]"
     python -m export.build --model models/demo --target onnx
     python bench/bench_serve_limits.py                       # engines/demo/onnx, default service limits
-    python bench/bench_serve_limits.py --json limits.json
+    python bench/bench_serve_limits.py --json bench/results/serve-limits.json
 
 One replica on a local Ray instance, warmed up with 3 ordinary requests. Then, twice, all at once from 16 clients:
 16 decompression bombs (17 KB PNGs of 12000 x 12000 1-bit pixels: 432 MB once decoded), 8 bodies of 19 MB (14 MB
@@ -109,7 +109,7 @@ class Watch:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--engines", default=str(ROOT / "engines" / "demo" / "onnx"))
-    ap.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
+    ap.add_argument("--json", metavar="FILE", help="write the figures to FILE (bench/results/*.json: bench/report.py)")
     args = ap.parse_args(argv)
     from PIL import Image
 
@@ -153,7 +153,20 @@ def main(argv=None) -> dict:
     finally:
         stop()
     if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=1))
+        from common import Headline, write_results
+
+        hostile, overload = figures["hostile"], figures["overload"]
+        name = f"service limits: {Path(args.engines).parent.name}/{Path(args.engines).name}"
+        write_results(args.json, name, figures, [
+            Headline("replica memory growth under hostile bodies (worst of 2 runs)",
+                     max(r["replica_growth_mib"] for r in hostile), "MiB", "<=", 300,
+                     "16 decompression bombs, 8 bodies of 14 MB, 4 images of 36 Mpx and 4 bodies of 48 MB at once"),
+            Headline("/health during them, slowest", max(r["health_max_s"] for r in hostile), "s", "<=", 1.0),
+            Headline("96 concurrent clients: requests answered neither 200 nor 503",
+                     sum(v for k, v in overload["statuses"].items() if k not in ("200", "503")), "", "<=", 0,
+                     f"{overload['statuses']}, slowest {overload['slowest_s']} s, then an ordinary request: "
+                     f"{overload['after']}"),
+        ])
     return figures
 
 
