@@ -46,13 +46,13 @@ from export.parity import (
     graph_references, raise_on_failure, summarize,
 )
 from export.specs import graph_specs, resolve_limits
+from runtime.backends import make_runner
 from runtime.errors import Blip2EdgeError
 from runtime.image import ImageProcessorConfig
 from runtime.manifest import (
     FORMAT, FORMAT_VERSION, Build, LanguageModel, Manifest, Model, Precision, QFormer, load_manifest,
 )
 from runtime.memory import COLLECT_ABOVE_BYTES, collecting, map_large_allocations, return_freed_memory
-from runtime.backends import make_runner
 from runtime.processes import alive
 from train.blip2.checkpoint import (CheckpointError, checkpoint_hash, load_checkpoint, parameter_count, resolve_source,
                                     safetensors_headers)
@@ -329,8 +329,8 @@ def _check_and_record(ck, folder: Path, manifest: Manifest, results: list, want:
 # ---------------------------------------------------------------- the build
 def _check_calibration_fits(model_dir: Path, calibration: Calibration, target: str) -> None:
     """INT8 ranges from synthetic ShapesCaps shapes fit a model trained on them (the demo recipe's checkpoints, which
-    hold recipe.json) or random weights (train.blip2.random_checkpoint's, which hold random_weights.json), and nothing else: a model of
-    natural images calibrated on them gets ranges its inputs exceed, and its gate and accuracy report, which use the
+    hold recipe.json) or random weights (train.blip2.random_checkpoint's, which hold random_weights.json), and nothing
+    else: a model of natural images calibrated on them gets ranges its inputs exceed, and its gate and accuracy report, which use the
     same kind of images, would pass while saying nothing about its real inputs."""
     from train.blip2.random_checkpoint import RANDOM_MARK
 

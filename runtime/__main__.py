@@ -34,7 +34,9 @@ def _folder_args(p: argparse.ArgumentParser) -> None:
 
 
 def _provider_list(value: str) -> list[str]:
-    names = [n.strip() for n in value.split(",") if n.strip()]
+    from runtime.ort_runner import provider_names
+
+    names = provider_names(value)
     if not names:
         raise argparse.ArgumentTypeError("give provider names separated by commas, e.g. CPUExecutionProvider")
     return names

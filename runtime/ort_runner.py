@@ -1,12 +1,9 @@
-"""The ONNX Runtime runner and the backend factory (the interface is `runtime.runner.Runner`).
+"""ONNX Runtime's runner (the interface is `runtime.runner.Runner`; `runtime.backends.make_runner` opens a graph on
+either backend), its execution providers and session options, and the arrays it keeps on a provider's device.
 
-    from runtime.backends import make_runner
-    runner = make_runner("engines/demo/onnx/vision.onnx", backend="onnxruntime")
+    from runtime.ort_runner import OrtRunner
+    runner = OrtRunner("engines/demo/onnx/vision.onnx", providers=["CPUExecutionProvider"])
     outputs = runner.run({"pixel_values": x})      # {"image_embeds": array}
-    make_runner("engines/demo/trt-fp16/vision.engine", backend="tensorrt", build_info=...)
-
-TensorRT's runner lives in `runtime.trt_runner`, imported only when a TensorRT folder is opened (the module
-itself imports without TensorRT).
 """
 import functools
 import os
@@ -42,7 +39,7 @@ class OrtRunner(Runner):
 
     Outputs named in `run(..., keep=...)` (KV caches, cross keys/values) are returned as `OrtArray`s that stay on
     the first provider's device (IO binding) and are bound as they are when fed back: with the CUDA provider a
-    decoder's cache does not cross PCIe between steps; on the CPU the same path runs (and saves a copy per step).
+    decoder's cache does not cross PCIe between steps; on the CPU the same path runs (the tests' path).
 
     Thread pools: by default every session has its own intra-op pool whose threads sleep between runs instead
     of spinning (spinning pools of graphs that run back to back steal the cores from each other).
@@ -114,7 +111,7 @@ class OrtRunner(Runner):
             if isinstance(value, OrtArray):
                 binding.bind_ortvalue_input(name, value.value)
             else:
-                binding.bind_cpu_input(name, np.ascontiguousarray(feeds[name]))
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
         for name in self.output_names:
             binding.bind_output(name, *(self.device if name in keep else ("cpu", 0)))
         self.session.run_with_iobinding(binding)
@@ -158,7 +155,7 @@ def provider_device(providers) -> tuple[str, int]:
 
 # Gather(data, index) along axis 0, the whole ONNX model (opset 13), with the element type's code (TensorProto:
 # 1 float32, 10 float16, 16 bfloat16) in its two {t} slots: how an OrtArray on a device gathers its rows there
-# (beam search's reordering, rows leaving a batch). tests/test_runners.py rebuilds it with onnx.helper.
+# (beam search's reordering, rows leaving a batch). tests/test_providers.py rebuilds it with onnx.helper.
 GATHER_MODEL = ("080712003a640a280a04646174610a05696e6465781204726f777322064761746865722a0b0a04617869731800a00102"
                 "12066761746865725a0c0a046461746112040a0208{t}5a140a05696e646578120b0a09080712050a0312016e620c0a04"
                 "726f777312040a0208{t}42040a00100d")
@@ -221,6 +218,12 @@ class OrtArray(DeviceArray):
 
     def __repr__(self):
         return f"OrtArray({self.value.data_type()}, shape={self.shape}, on {self.device[0]}:{self.device[1]})"
+
+
+def provider_names(text: str) -> list[str]:
+    """Provider names from a comma-separated option (`--providers`, `runtime.serve:app providers=...`)."""
+    return [n.strip() for n in text.split(",") if n.strip()]
+
 
 # A whole ONNX model: one Cast, float16 [n] -> float32 [n] (77 bytes, opset 13; tests/test_index.py rebuilds it
 # with onnx.helper and checks it against numpy on every float16 value).

@@ -28,14 +28,14 @@ from pathlib import Path
 import numpy as np
 
 from runtime import retrieval
+from runtime.backends import make_runner
 from runtime.errors import BackendError, EngineFolderError, PromptError
 from runtime.image import DEFAULT_MAX_PIXELS
 from runtime.itg import ItgCaptioner
 from runtime.llm import LlmGenerator
 from runtime.manifest import Manifest, load_manifest
+from runtime.ort_runner import default_threads
 from runtime.retrieval import ImageGallery, Match, QFormerText, TextGallery, check_texts
-from runtime.ort_runner import check_providers, default_threads
-from runtime.backends import make_runner
 from runtime.runner import RunnerFactory
 from runtime.vision import ImageEncoder
 
@@ -101,7 +101,7 @@ class Blip2Pipeline:
             return lambda path, graph: make_runner(path, "tensorrt", build_info=self.manifest.build.tensorrt,
                                                    dynamic_axes=self.manifest.graphs[graph].dynamic_axes())
         threads = threads or default_threads()
-        providers = check_providers(providers)  # (a missing provider is named before any graph is opened)
+        # (OrtRunner names a provider this onnxruntime lacks before it opens its graph: before any graph is opened)
         return lambda path, graph: make_runner(path, "onnxruntime", threads=threads, shared_pool=shared_pool,
                                                providers=providers)
 

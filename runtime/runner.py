@@ -9,8 +9,8 @@ that the next call takes back as inputs as they are, so a KV cache never leaves 
     runner = make_runner("engines/demo/onnx/vision.onnx", backend="onnxruntime")
     outputs = runner.run({"pixel_values": x})      # {"image_embeds": array}
 
-This module imports nothing but numpy: `runtime.ort_runner` (ONNX Runtime, and the backend factory) and
-`runtime.trt_runner` (TensorRT) both build on it, and neither imports the other's module at load time.
+This module imports nothing but numpy: `runtime.ort_runner` (ONNX Runtime) and `runtime.trt_runner` (TensorRT)
+build on it, and `runtime.backends.make_runner` opens a graph on either.
 """
 from pathlib import Path
 from typing import Callable

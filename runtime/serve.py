@@ -44,6 +44,7 @@ from runtime.errors import (Blip2EdgeError, ImageFormatError, ImageInputError, I
                             RequestError)
 from runtime.image import base64_image
 from runtime.memory import trim
+from runtime.ort_runner import provider_names
 from runtime.engine import GenerationEngine
 from runtime.openai_api import (CHAT, MODELS, chat_model, chunk, completion, error_body, finish_reason, models_list,
                                 parse_chat)
@@ -907,7 +908,7 @@ def app(args: dict):
                                    f"{kinds[key].__name__}") from None
     service = {k: options.pop(k) for k in list(options) if k in ServiceLimits.__dataclass_fields__}
     if "providers" in options:
-        options["providers"] = [n.strip() for n in options["providers"].split(",") if n.strip()] or None
+        options["providers"] = provider_names(options["providers"]) or None
     if "allowed_hosts" in service:
         service["allowed_hosts"] = tuple(h.strip().lower() for h in service["allowed_hosts"].split(",") if h.strip())
     return build_app(**options, limits=ServiceLimits(**service))

@@ -31,7 +31,8 @@ Metrics, over the first `n` samples of `ShapesCaps("val", n=n, image_size=<model
   "not equivalent": some captions leave out sizes, and a caption of a shape that differs only in size
   would still describe the image truthfully);
 * VQA exact match: one question per image from `sample.qa`, chosen deterministically from the seed,
-  prompted as `train.shapescaps.synthetic.qa_prompt(question)` and answered greedily; `train.shapescaps.synthetic.vqa_correct`.
+  prompted as `train.training.datasets.qa_prompt(question)` and answered greedily;
+  `train.shapescaps.synthetic.vqa_correct`.
 
 A capability the model lacks (no LLM: a stage-1 folder; no Q-Former text side: a plain stage-2
 folder) is skipped: its metrics are reported as "n/a" with the reason (`value` null, `status` "n/a"
