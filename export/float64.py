@@ -104,6 +104,49 @@ class _Float64(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+def _concat(parts: list):
+    """One output from the outputs of each row: tensors joined along the batch, tuples and Hugging Face's
+    ModelOutput (a dict) field by field."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(first, dict):
+        return type(first)(**{k: _concat([p[k] for p in parts]) for k in first.keys()})
+    if isinstance(first, (tuple, list)):
+        return type(first)(_concat(list(column)) for column in zip(*parts))
+    return first
+
+
+@contextlib.contextmanager
+def rows_apart(module: torch.nn.Module, argument: str = "pixel_values"):
+    """Within the block, `module` (whose rows are independent: a vision encoder) computes a batch one row of
+    `argument` at a time, so its float64 activations are one image's. ViT-g's float64 MLP and attention over the
+    gate's 4 images held 0.17 GiB at once, the peak of the Flan-T5-XL-width fp32 build. The float64 results equal
+    the batch's up to float64 rounding (1e-16 relative, under float32's by 9 orders)."""
+    had, forward = "forward" in module.__dict__, module.forward
+
+    def one_row_at_a_time(*args, **kwargs):
+        batch = kwargs[argument] if argument in kwargs else args[0]
+        if batch.shape[0] <= 1:
+            return forward(*args, **kwargs)
+        rows = []
+        for i in range(batch.shape[0]):
+            if argument in kwargs:
+                rows.append(forward(*args, **{**kwargs, argument: batch[i:i + 1]}))
+            else:
+                rows.append(forward(batch[i:i + 1], *args[1:], **kwargs))
+        return _concat(rows)
+
+    module.forward = one_row_at_a_time
+    try:
+        yield
+    finally:
+        if had:
+            module.forward = forward
+        else:
+            del module.forward
+
+
 @contextlib.contextmanager
 def float64():
     """Run PyTorch in float64 inside the block: float32 operands widened per operation, tensors created without a

@@ -114,3 +114,31 @@ def test_reading_a_weights_metadata_widens_nothing(monkeypatch):
     with f64.float64():
         model.weight * 2  # (arithmetic does widen it: the spy sees that)
     assert widened
+
+
+def test_a_vision_encoder_takes_a_batch_one_image_at_a_time():
+    """rows_apart: inside float64, Hugging Face's BLIP-2 vision encoder computes a batch one image at a time (its
+    float64 activations for 4 images at ViT-g's width were a full-width build's peak); every output field equals
+    the batch's within float64 rounding (a row mixed up or a field dropped would differ by the activations' size),
+    the model is called as Hugging Face calls it (keywords), and after the block the module is as it was."""
+    from transformers import Blip2VisionConfig, Blip2VisionModel
+
+    from export.float64 import rows_apart
+
+    torch.manual_seed(0)
+    model = Blip2VisionModel(Blip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                               num_attention_heads=4, image_size=28, patch_size=14)).eval()
+    pixels = torch.randn(3, 3, 28, 28)
+    rows = []  # batch sizes the patch embedding sees
+    model.embeddings.register_forward_pre_hook(
+        lambda m, args, kwargs: rows.append((args[0] if args else kwargs["pixel_values"]).shape[0]), with_kwargs=True)
+    with float64():
+        whole = model(pixel_values=pixels, output_hidden_states=True)
+        with rows_apart(model):
+            apart = model(pixel_values=pixels, output_hidden_states=True)
+    assert rows == [3, 1, 1, 1] and "forward" not in model.__dict__
+    for field in ("last_hidden_state", "pooler_output"):
+        assert apart[field].shape == whole[field].shape and apart[field].dtype == torch.float64
+        assert (apart[field] - whole[field]).abs().max() < 1e-12
+    assert len(apart.hidden_states) == len(whole.hidden_states)
+    assert all((a - b).abs().max() < 1e-12 for a, b in zip(apart.hidden_states, whole.hidden_states))
