@@ -40,14 +40,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.actors import check_cluster_gpus, gpus_per_actor
-from runtime.errors import (Blip2EdgeError, ImageFormatError, ImageInputError, ImageTooLargeError, PromptError,
-                            RequestError)
+from runtime.engine import GenerationEngine
+from runtime.errors import (BackendError, Blip2EdgeError, ImageFormatError, ImageInputError, ImageTooLargeError,
+                            PromptError, RequestError)
 from runtime.image import base64_image
 from runtime.memory import trim
-from runtime.ort_runner import provider_names
-from runtime.engine import GenerationEngine
 from runtime.openai_api import (CHAT, MODELS, chat_model, chunk, completion, error_body, finish_reason, models_list,
                                 parse_chat)
+from runtime.ort_runner import check_providers, provider_names
 from runtime.text import TextStream
 
 log = logging.getLogger(__name__)
@@ -554,6 +554,11 @@ def _application(engines: str, max_batch_size: int | None = None, batch_wait_ms:
     if batching not in BATCHING:
         raise ServeOptionError(f"--batching {batching!r}: give one of {', '.join(BATCHING)}")
     manifest = load_manifest(engines)
+    if providers:  # (a provider this onnxruntime lacks is named here, before Ray starts, not in a replica's log)
+        try:
+            check_providers(providers)
+        except BackendError as e:
+            raise ServeOptionError(f"--providers: {e}") from None
     limit, per_replica = manifest.limits.max_batch, gpus_per_actor(manifest, gpus, providers)
     batch = max_batch_size or limit
     if not 1 <= batch <= limit:

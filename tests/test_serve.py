@@ -401,6 +401,8 @@ def test_routes_options_and_the_serve_run_builder_are_checked_before_ray_starts(
             start(str(engine), **options)
     with pytest.raises(ServeOptionError, match="--port 99999 is not a TCP port"):
         start(str(engine), port=99999)
+    with pytest.raises(ServeOptionError, match="--providers: .*NoSuchExecutionProvider not available"):
+        start(str(engine), providers=["NoSuchExecutionProvider"])
     assert type(app({"engines": str(engine), "max_batch_size": "2", "batch_wait_ms": "5"})).__name__ == "Application"
     with pytest.raises(ServeOptionError, match="not port"):
         app({"engines": str(engine), "port": "8000"})
