@@ -4,6 +4,7 @@
     python bench/bench_caption.py --targets onnx onnx-fp16 onnx-int8     # reduced precision beside fp32
     python bench/bench_caption.py --targets onnx trt-fp16 trt-int8       # on a GPU machine with TensorRT
     python bench/bench_caption.py --preset tiny --rounds 5 --batches 1 4
+    python bench/bench_caption.py --targets onnx onnx-int8 --json bench/results/caption.json   # for bench/report.py
 
 Same model, same images: every side generates exactly `--new-tokens` tokens (min_new_tokens =
 max_new_tokens) greedily from the same pixels, so every side does the same amount of work. The fp32
@@ -18,14 +19,16 @@ is taken against the faster PyTorch variant (fp32). Timings include image prepro
 
 Memory and size: a fresh process that imports only `runtime` loads each engine folder and captions; its
 peak RSS is printed beside the size of the graphs on disk.
+
+The targets (docs/testing.md, held on the default `small` preset): `onnx` at least 2.0x faster than PyTorch at
+batch 1 and 1.5x at batch 8, `onnx-int8` 3x at batch 1; `--json` writes them beside the figures (`--no-targets`:
+the figures alone, for other presets and checkpoints).
 """
 import argparse
-import json
-import statistics
+import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,37 +38,33 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import Blip2ForConditionalGeneration  # noqa: E402
 
-from export.build import TARGETS, build  # noqa: E402
+from bench.common import (  # noqa: E402
+    Headline, checkpoint_folder, engine_folder, held_target, interleaved_medians, write_results)
+from export.build import TARGETS  # noqa: E402
 from export.parity import probe_images, token_agreement  # noqa: E402
 from runtime import Blip2Pipeline  # noqa: E402
 from train.blip2.checkpoint import load_checkpoint  # noqa: E402
-from train.blip2.random_checkpoint import make_random_checkpoint  # noqa: E402
 from train.blip2.logs import quiet_libraries  # noqa: E402
 from train.blip2.reference import HfReference  # noqa: E402
 
 MEMORY_PROBE = """
 import sys
 import runtime
+from bench.common import proc_bytes
 from export_free_images import images
 pipe = runtime.Blip2Pipeline.from_dir(sys.argv[1], shared_pool=True)
 pipe.generate_ids(images, max_new_tokens={new}, min_new_tokens={new})
 assert "torch" not in sys.modules
-# VmHWM: this process's own peak RSS (ru_maxrss would carry over the parent's peak through fork + exec)
-print([int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0])
+print(proc_bytes())  # VmHWM: this process's own peak RSS
 """
+
+# (batch, target) -> the speed ratio against PyTorch it is held to (docs/testing.md, on the default small preset)
+SPEEDUP_TARGETS = {(1, "onnx"): 2.0, (8, "onnx"): 1.5, (1, "onnx-int8"): 3.0}
 
 
 def prepare(preset: str, work: Path, targets: list[str], checkpoint: str | None = None) -> tuple[Path, dict[str, Path]]:
-    ck = Path(checkpoint) if checkpoint else work / "checkpoints" / f"bench-{preset}"
-    if not ck.exists():
-        make_random_checkpoint(ck, preset, seed=0)
-    engines = {}
-    for target in targets:
-        engines[target] = work / "engines" / ck.name / target
-        if not engines[target].exists():
-            print(f"building {engines[target]} (export + parity gate) ...", flush=True)
-            build(ck, target, work / "engines")
-    return ck, engines
+    ck = Path(checkpoint) if checkpoint else checkpoint_folder(work / "checkpoints" / f"bench-{preset}", preset)
+    return ck, {target: engine_folder(ck, target, work / "engines") for target in targets}
 
 
 def hf_caption(reference: HfReference, images, new_tokens: int, margins: bool = False):
@@ -95,12 +94,6 @@ def differences_beyond_ties(picks, expected, margins) -> list[tuple[int, int]]:
     """(row, step) where the pipeline's choice differs from PyTorch's although PyTorch's choice was no tie."""
     return [(b, t) for b, (got, want) in enumerate(zip(picks, expected)) for t, (g, w) in enumerate(zip(got, want))
             if g != w and margins[t][b] > TIE]
-
-
-def timed(fn):
-    t0 = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - t0, result
 
 
 def teacher_forced_choices(pipe, images, expected: list[list[int]], eos: int) -> list[list[int]]:
@@ -134,12 +127,8 @@ def bench_batch(pipes: dict, models: dict, batch: int, new_tokens: int, rounds: 
         elif name in models:  # free-running: the first difference in each row must be at a tie
             wrong = [(b, t) for b, t in first_differences(tokens, expected) if margins[t][b] > TIE]
             assert not wrong, f"hf {name} generated other tokens than hf eager at (row, step) {wrong}, not ties"
-    times = {name: [] for name in runs}
     with torch.inference_mode():
-        for _ in range(rounds):
-            for name, fn in runs.items():
-                times[name].append(timed(fn)[0])
-    med = {name: statistics.median(t) for name, t in times.items()}
+        med = interleaved_medians(runs, rounds)
     ref_name = min(models, key=med.get)
     return {"batch": batch, "new_tokens": new_tokens, "rounds": rounds, "median_s": med, "reference": ref_name,
             "speedup": {t: med[ref_name] / med[t] for t in pipes}, "token_agreement": agreement,
@@ -156,8 +145,6 @@ def peak_memory(engine: Path, image_size: int, new_tokens: int, work: Path) -> d
     (probe_dir / "export_free_images.py").write_text(f"images = [{str(probe_dir / '0.png')!r}]\n")
     code = MEMORY_PROBE.format(new=new_tokens)
     env = {"PYTHONPATH": f"{ROOT}:{probe_dir}"}
-    import os
-
     out = subprocess.run([sys.executable, "-c", code, str(engine)], capture_output=True, text=True,
                          env={**os.environ, **env}, check=True)
     peak = int(out.stdout.strip().splitlines()[-1])
@@ -176,7 +163,9 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--work", default=None, help="folder for the checkpoint and engines (default: a temp folder)")
-    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--json", metavar="FILE", help="write the figures to FILE (bench/results/*.json: bench/report.py)")
+    ap.add_argument("--no-targets", action="store_true", help="write the figures without the targets (which are held "
+                    "on the default small preset) beside them: for other presets and checkpoints, shown for context")
     args = ap.parse_args(argv)
     quiet_libraries()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="blip2-edge-bench-"))
@@ -185,14 +174,15 @@ def main(argv=None):
     torch.set_flush_denormal(True)
     ck_dir, engines = prepare(args.preset, work, args.targets, args.checkpoint)
     ck = load_checkpoint(ck_dir)
-    models = {impl: HfReference(ck, Blip2ForConditionalGeneration.from_pretrained(ck_dir, attn_implementation=impl).eval())
-              for impl in ("eager", "sdpa")}
+    models = {impl: HfReference(ck, Blip2ForConditionalGeneration.from_pretrained(ck_dir, attn_implementation=impl)
+                                .eval()) for impl in ("eager", "sdpa")}
     # one shared ONNX Runtime thread pool, as the command line uses (this process runs nothing else on it)
     pipes = {target: Blip2Pipeline.from_dir(engine, shared_pool=True) for target, engine in engines.items()}
     n_params = sum(p.numel() for p in models["eager"].model.parameters())
     label = f"checkpoint {ck_dir}" if args.checkpoint else f"preset {args.preset} (random weights)"
     print(f"\n{label}: {n_params / 1e6:.1f}M parameters, torch threads {torch.get_num_threads()}")
-    results = {"preset": None if args.checkpoint else args.preset, "checkpoint": args.checkpoint, "params_m": n_params / 1e6, "batches": [], "memory": {}}
+    results = {"preset": None if args.checkpoint else args.preset, "checkpoint": args.checkpoint,
+               "params_m": n_params / 1e6, "batches": [], "memory": {}}
     for batch in args.batches:
         r = bench_batch(pipes, models, batch, args.new_tokens, args.rounds)
         results["batches"].append(r)
@@ -209,7 +199,25 @@ def main(argv=None):
         print(f"{target:<10} on disk {mem['weights_mb']:6.1f} MB | runtime-only process peak RSS "
               f"{mem['peak_rss_mb']:.0f} MB ({mem['ratio']:.2f}x the graphs)")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        write_results(args.json, f"caption: {label}", results, headline(results, not args.no_targets))
+
+
+def headline(results: dict, held: bool) -> list[Headline]:
+    """Each target's speed against PyTorch per batch size (held to SPEEDUP_TARGETS), then its runtime-only memory."""
+    out = []
+    for r in results["batches"]:
+        ms, ref = r["per_caption_ms"], r["reference"]
+        for name, speedup in r["speedup"].items():
+            bound = SPEEDUP_TARGETS.get((r["batch"], name))
+            out.append(Headline(
+                f"batch {r['batch']}: {name} / Hugging Face generate, per-caption speed", speedup, "x",
+                *held_target(">=", bound, held and bound is not None),
+                f"{ms[name]:.1f} against {ms[ref]:.1f} ms per caption (hf {ref}); token agreement with PyTorch fp32: "
+                f"greedy {r['token_agreement'][name]:.3f}, teacher-forced {r['teacher_forced_agreement'][name]:.3f}"))
+    for name, mem in results["memory"].items():
+        out.append(Headline(f"{name}: runtime-only process peak RSS / graphs on disk", mem["ratio"], "x",
+                            note=f"{mem['peak_rss_mb']:.0f} MB against {mem['weights_mb']:.1f} MB"))
+    return out
 
 
 if __name__ == "__main__":

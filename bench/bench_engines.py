@@ -1,8 +1,8 @@
 """Runtime figures of engine folders at the size users deploy: memory, decode speed against what memory
 bandwidth allows, and how close each precision stays to PyTorch fp32.
 
-    python -m train.blip2.random_checkpoint --preset blip2-opt-2.7b --dtype float16 --vision-layers 2 --qformer-layers 2 \
-        --llm-layers 6 --out checkpoints/blip2-opt-2.7b-6l
+    python -m train.blip2.random_checkpoint --preset blip2-opt-2.7b --dtype float16 --vision-layers 2 \
+        --qformer-layers 2 --llm-layers 6 --out checkpoints/blip2-opt-2.7b-6l
     for t in onnx onnx-fp16 onnx-int4; do python -m export.build --model checkpoints/blip2-opt-2.7b-6l --target $t; done
     python bench/bench_engines.py --model checkpoints/blip2-opt-2.7b-6l \
         --engines engines/blip2-opt-2.7b-6l/onnx engines/blip2-opt-2.7b-6l/onnx-fp16 engines/blip2-opt-2.7b-6l/onnx-int4
@@ -24,6 +24,11 @@ engine folder then runs in a fresh process that imports only the runtime (no tor
     minimum). With random weights the logits are nearly flat, so top-1 flips at near-ties: the cosine is the
     measure there, top-1 on trained models.
 The ratio of each folder's decode speed to the first folder's (normally fp32) closes the table.
+
+The targets (docs/export.md, held on the 677M OPT-2.7B-width variant): an fp32 folder's peak RSS at most 1.3x its
+graphs; an int4 folder decoding at least 3x the tokens/s of the first folder, when that one is fp32, with a
+teacher-forced logit cosine of at least 0.99 at every position. `--json FILE` writes them beside the figures
+(bench/report.py; `--no-targets`: the figures alone, for other models).
 """
 import argparse
 import json
@@ -38,11 +43,14 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+from bench.common import Headline, held_target, write_results  # noqa: E402
+
 PROBE = r'''
-import json, statistics, sys, time
+import json, sys, time
 import numpy as np
 from PIL import Image
 import runtime
+from bench.common import median_seconds, proc_bytes, timed
 
 engine, work, new_tokens, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 ref = np.load(f"{work}/reference.npz")
@@ -51,16 +59,13 @@ t0 = time.perf_counter()
 pipe = runtime.Blip2Pipeline.from_dir(engine)
 open_s = time.perf_counter() - t0
 
-def timed(n):
-    t = time.perf_counter()
+def caption(n):
     pipe.generate_ids(images[:1], max_new_tokens=n, min_new_tokens=n)
-    return time.perf_counter() - t
 
-timed(2)  # warm-up
-first = [timed(1) for _ in range(rounds)]
-full = [timed(new_tokens) for _ in range(rounds)]
-caption_hwm = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
-ttft, total = statistics.median(first), statistics.median(full)
+caption(2)  # warm-up
+ttft = median_seconds(lambda: caption(1), rounds)
+total = median_seconds(lambda: caption(new_tokens), rounds)
+caption_hwm = proc_bytes()  # VmHWM: this process's own peak RSS
 per_token = (total - ttft) / (new_tokens - 1)
 scores = pipe.score(images, [ref[f"tokens{i}"].tolist() for i in range(len(images))])
 top1, cosines = [], []
@@ -69,17 +74,13 @@ for b, s in enumerate(scores):
     top1 += (s.argmax(-1) == w.argmax(-1)).tolist()
     cosines += ((s * w).sum(-1) / np.linalg.norm(s, axis=-1) / np.linalg.norm(w, axis=-1)).tolist()
 assert "torch" not in sys.modules
-hwm = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
+hwm = proc_bytes()
 matrix, vector = np.ones((16384, 8192), np.float32), np.ones(8192, np.float32)  # 512 MB
-reads = []
-for _ in range(5):
-    t = time.perf_counter()
-    matrix @ vector
-    reads.append(time.perf_counter() - t)
-bandwidth = matrix.nbytes / min(reads)  # bytes of weights a matrix-vector product streams per second
+bandwidth = matrix.nbytes / min(timed(matrix.dot, vector)[0] for _ in range(5))  # bytes a matrix-vector product
 print(json.dumps({"open_s": open_s, "ttft_s": ttft, "per_token_s": per_token, "top1": float(np.mean(top1)),
                   "cosine_mean": float(np.mean(cosines)), "cosine_min": float(np.min(cosines)),
-                  "bandwidth": bandwidth, "peak_rss": caption_hwm, "peak_rss_scoring": hwm, "precision": pipe.manifest.precision.name}))
+                  "bandwidth": bandwidth, "peak_rss": caption_hwm, "peak_rss_scoring": hwm,
+                  "precision": pipe.manifest.precision.name}))
 '''
 
 
@@ -145,7 +146,9 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=4, help="probe images for the teacher-forced comparison")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--json", metavar="FILE", help="write the figures to FILE (bench/results/*.json: bench/report.py)")
+    ap.add_argument("--no-targets", action="store_true", help="write the figures without the targets (which are held "
+                    "on the 677M OPT-2.7B-width variant) beside them: for other models, shown for context")
     args = ap.parse_args(argv)
     from train.blip2.logs import quiet_libraries
 
@@ -165,10 +168,34 @@ def main(argv=None) -> int:
               f"{r['peak_rss'] / r['graphs']:6.2f} {r['ttft_s']:7.2f} {1000 * r['per_token_s']:9.1f} {tps:6.1f} "
               f"{r['floor_tokens_s']:6.1f} {tps / r['floor_tokens_s']:8.2f} {base / r['per_token_s']:7.2f}x "
               f"{r['top1']:6.3f} {r['cosine_mean']:8.4f} {r['cosine_min']:8.4f}")
-    print(f"memory bandwidth measured: {results[str(args.engines[0])]['bandwidth'] / 1e9:.1f} GB/s (numpy float32 matrix-vector product, 512 MB)")
+    print(f"memory bandwidth measured: {results[str(args.engines[0])]['bandwidth'] / 1e9:.1f} GB/s (numpy float32 "
+          "matrix-vector product, 512 MB)")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        write_results(args.json, f"engines: {Path(args.model).name}", results,
+                      headline(results, not args.no_targets))
     return 0
+
+
+def headline(results: dict, held: bool) -> list[Headline]:
+    """Per folder: peak RSS against its graphs, decode speed against the first folder's, the logit cosine."""
+    (first, base), out = next(iter(results.items())), []
+    for engine, r in results.items():
+        name, precision, tps = Path(engine).name, r["precision"], 1 / r["per_token_s"]
+        out.append(Headline(f"{name}: runtime peak RSS / graphs on disk", r["peak_rss"] / r["graphs"], "x",
+                            *held_target("<=", 1.3, held and precision == "fp32"),
+                            f"{r['peak_rss'] / 1e9:.2f} against {r['graphs'] / 1e9:.2f} GB, one image captioned"))
+        bound = f"{r['floor_tokens_s']:.1f} tokens/s the bandwidth bound ({tps / r['floor_tokens_s']:.2f} of it)"
+        if engine == first:
+            out.append(Headline(f"{name}: decode speed, batch 1", tps, "tokens/s", note=bound))
+        else:
+            int4_on_fp32 = precision == "int4" and base["precision"] == "fp32"
+            out.append(Headline(f"{name}: decode tokens/s / {Path(first).name}'s", base["per_token_s"] * tps, "x",
+                                *held_target(">=", 3.0, held and int4_on_fp32),
+                                f"{tps:.1f} against {1 / base['per_token_s']:.1f} tokens/s; {bound}"))
+        out.append(Headline(f"{name}: teacher-forced logit cosine with PyTorch fp32, lowest position", r["cosine_min"],
+                            "", *held_target(">=", 0.99, held and precision == "int4"),
+                            f"mean {r['cosine_mean']:.4f}; top-1 agreement {r['top1']:.3f}"))
+    return out
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ should not grow with the number of training images.
 
     python bench/bench_train_memory.py                       # 2,000 and 20,000 ShapesCaps images (64 px) on disk
     python bench/bench_train_memory.py --sizes 2000 20000 --steps 40 --workers 2
+    python bench/bench_train_memory.py --steps 30 --json bench/results/train-memory.json   # for bench/report.py
 
 For each size, ShapesCaps images are written as a COCO captions data set (once, under --root), then a fresh
 `python -m train stage1` (ViT of models/demo, a small random BERT for the Q-Former, --steps steps) runs while
@@ -10,7 +11,8 @@ the memory of its whole process tree (the trainer and its image-decoding workers
 sizes summed, so pages the forked workers share are counted once) is sampled every 0.1 s. Printed per size:
 peak tree memory, peak RSS of the trainer alone, and the ratio to the
 smallest size; beside it, what keeping every image's frozen-ViT output in memory (the demo's
-`CaptionSet.embeds`) would take at that size.
+`CaptionSet.embeds`) would take at that size. `--json FILE` writes the figures; the docs set no number for the
+ratio (docs/training.md: memory does not grow with the data), so it is shown for context.
 """
 import argparse
 import json
@@ -24,25 +26,17 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def _kb(path: str, key: str) -> int:
-    try:
-        for line in Path(path).read_text().splitlines():
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+from bench.common import Headline, proc_bytes, write_results  # noqa: E402
 
 
 def _rss(pid: int) -> int:
-    return _kb(f"/proc/{pid}/status", "VmRSS:")
+    return proc_bytes(pid, "VmRSS")
 
 
 def _pss(pid: int) -> int:
     """Proportional set size: pages shared with the other processes of the tree (the workers are forked) are
     split between them, so the sum over the tree is the memory the tree takes."""
-    return _kb(f"/proc/{pid}/smaps_rollup", "Pss:")
+    return proc_bytes(pid, "Pss", "smaps_rollup")
 
 
 def _tree(pid: int) -> list[int]:
@@ -84,6 +78,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--root", default=str(Path(tempfile.gettempdir()) / "blip2-edge-bench-train"),
                     help="where the data sets are written (kept for the next run)")
+    ap.add_argument("--json", metavar="FILE", help="write the figures to FILE (bench/results/*.json: bench/report.py)")
     args = ap.parse_args(argv)
     root = Path(args.root)
     bert = root / "bert"
@@ -113,6 +108,17 @@ def main(argv=None) -> int:
     base = rows[0][1]
     for n, tree, *_ in rows[1:]:
         print(f"{n} vs {rows[0][0]} images: peak memory ratio {tree / base:.3f}")
+    if args.json:
+        mib = 2**20
+        write_results(args.json, "train memory: stage 1, demo-sized model", {
+            "steps": args.steps, "batch_size": args.batch_size, "workers": args.workers,
+            "sizes": {n: {"peak_tree_pss_bytes": tree, "peak_trainer_rss_bytes": top, "seconds": seconds,
+                          "vit_outputs_in_memory_bytes": in_memory} for n, tree, top, seconds, in_memory in rows}},
+            [Headline(f"{n:,} images on disk: peak memory, trainer + {args.workers} workers (summed PSS)", tree / mib,
+                      "MiB", note=f"trainer alone (RSS) {top / mib:.0f} MiB; every ViT output kept in memory instead "
+                      f"would add {in_memory / mib:.0f} MiB") for n, tree, top, _, in_memory in rows]
+            + [Headline(f"{n:,} against {rows[0][0]:,} images: peak memory", tree / base, "x")
+               for n, tree, *_ in rows[1:]])
     return 0
 
 
