@@ -11,6 +11,7 @@ import re
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+from onnxruntime.quantization import QuantFormat
 
 from export.graph_edit import (drop_unused_initializers, ensure_names, logits_product, quiet_onnxruntime,
                                transposed_weights_as_kn, weight_matmuls)
@@ -156,8 +157,6 @@ def _int4_targets(graph, with_weight) -> set[str]:
 
 def _nbits_quantizer(block_size: int, symmetric: bool, accuracy_level: int, for_tensorrt: bool):
     """bits -> ONNX Runtime's weight-only quantizer for that many bits (MatMulNBits, or QDQ for TensorRT)."""
-    from onnxruntime.quantization import QuantFormat
-
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
@@ -176,6 +175,42 @@ def _nbits_quantizer(block_size: int, symmetric: bool, accuracy_level: int, for_
     return quantizer
 
 
+# A weight larger than this goes through ONNX Runtime's quantizer a block of output columns at a time: the
+# quantizer copies its float weight twice (into the graph it is handed, and out of it), so an LM head of 4096 x
+# 50272 (OPT-6.7B's, 0.82 GB in float32) added 1.9 GB at once and set the OPT-6.7B-width onnx-int4 build's peak
+# (4.02 GiB, 1.57x its float32 weights). MatMulNBits keeps each column's blocks apart ([N, blocks, bytes]), so the
+# blocks of column ranges, joined along N, are the blocks of the whole weight, byte for byte.
+COLUMN_BLOCK_BYTES = 64 * 2**20
+
+
+def _quantize_one(node, weight: np.ndarray, bits: int, quantizer, scratch_inits: list) -> list:
+    """ONNX Runtime's quantized form of MatMul `node` reading `weight` [K, N] (its nodes; its new initializers
+    appended to `scratch_inits`); a large weight for MatMulNBits a block of columns at a time."""
+    k, n = weight.shape
+    columns = max(1, COLUMN_BLOCK_BYTES // (4 * k))
+    quantize = quantizer(bits)
+    if n <= columns or quantize.config.quant_format != QuantFormat.QOperator:
+        scratch = onnx.GraphProto(initializer=[numpy_helper.from_array(weight, node.input[1])])
+        replaced = quantize.quantize(node, [scratch])
+        scratch_inits += scratch.initializer[1:]
+        return replaced
+    pieces = []
+    for start in range(0, n, columns):
+        block = numpy_helper.from_array(np.ascontiguousarray(weight[:, start:start + columns]), node.input[1])
+        scratch = onnx.GraphProto(initializer=[block])
+        replaced = quantize.quantize(node, [scratch])
+        if len(replaced) != 1 or replaced[0].op_type != "MatMulNBits":
+            raise RuntimeError(f"ONNX Runtime's quantizer made {[r.op_type for r in replaced]} of {node.name}, "
+                               f"not one MatMulNBits")
+        pieces.append([(t.name, numpy_helper.to_array(t)) for t in scratch.initializer[1:]])
+    for i, (name, _) in enumerate(pieces[0]):  # packed blocks, scales, zero points: each [N, ...]
+        scratch_inits.append(numpy_helper.from_array(np.concatenate([p[i][1] for p in pieces]), name))
+    for attribute in replaced[0].attribute:
+        if attribute.name == "N":
+            attribute.i = n
+    return replaced
+
+
 def _quantize_weight_matmuls(graph, weights, bits: dict[str, int], quantizer) -> int:
     """Replace each MatMul named in `bits` by its quantized form, one weight at a time (read, quantized by ONNX
     Runtime, its output held); -> how many were replaced."""
@@ -185,12 +220,11 @@ def _quantize_weight_matmuls(graph, weights, bits: dict[str, int], quantizer) ->
             if node.name not in bits:
                 body.append(node)
                 continue
-            weight = numpy_helper.from_array(weights.array(node.input[1]), node.input[1])
-            scratch = onnx.GraphProto(initializer=[weight])
-            replaced = quantizer(bits[node.name]).quantize(node, [scratch])
+            made = []
+            replaced = _quantize_one(node, weights.array(node.input[1]), bits[node.name], quantizer, made)
             quantized += replaced != [node]
             body += replaced
-            graph.initializer.extend(weights.put(t) for t in scratch.initializer[1:])
+            graph.initializer.extend(weights.put(t) for t in made)
     del graph.node[:]
     graph.node.extend(body)
     return quantized

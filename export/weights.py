@@ -43,12 +43,18 @@ def _stub(t: TensorProto) -> None:
     t.external_data.add(key="location", value=_HELD)
 
 
+def _buffer(values: np.ndarray, dtype) -> memoryview:
+    """The bytes of `values` as `dtype`, C-ordered, without a copy beyond the one making them so (`tobytes` would
+    copy again: a second 0.8 GB for an LM head's transposed weight)."""
+    return np.ascontiguousarray(values, dtype=dtype).reshape(-1).view(np.uint8).data
+
+
 class Weights:
     """Where each stub initializer's values are, and how to get them (one at a time)."""
 
     def __init__(self, folder: Path, external_source: bool):
         self.folder, self.external_source = Path(folder), external_source
-        self._get: dict[str, Callable[[], bytes]] = {}
+        self._get: dict[str, Callable[[], bytes | memoryview]] = {}  # (memoryview: values computed here)
         self._types: dict[str, tuple[int, tuple[int, ...]]] = {}
         self._stubs: set[str] = set()
         self._sources: set[Path] = set()  # the data files read from
@@ -98,7 +104,7 @@ class Weights:
         data_type = source_type if data_type is None else data_type
         stub = TensorProto(name=name, data_type=data_type, dims=dims if dims is not None else source_dims)
         dtype = helper.tensor_dtype_to_np_dtype(data_type)
-        return self._hold(stub, lambda: np.ascontiguousarray(fn(self.array(source)), dtype=dtype).tobytes())
+        return self._hold(stub, lambda: _buffer(fn(self.array(source)), dtype))
 
     def transform(self, t: TensorProto, fn: Callable[[np.ndarray], np.ndarray]) -> None:
         """Replace the values of initializer `t` with fn(its values), of the same type and shape: computed when
@@ -106,8 +112,8 @@ class Weights:
         data_type, dims = self._types[t.name]
         dtype, get = helper.tensor_dtype_to_np_dtype(data_type), self._get[t.name]
 
-        def values() -> bytes:
-            return np.ascontiguousarray(fn(np.frombuffer(get(), dtype=dtype).reshape(dims)), dtype=dtype).tobytes()
+        def values() -> memoryview:
+            return _buffer(fn(np.frombuffer(get(), dtype=dtype).reshape(dims)), dtype)
 
         if t.name in self._stubs:
             self._get[t.name] = values
@@ -143,7 +149,7 @@ class Weights:
             for t in held:
                 del t.external_data[:]
                 t.data_location = TensorProto.DEFAULT
-                t.raw_data = self._get[t.name]()
+                t.raw_data = bytes(self._get[t.name]())
         onnx.save(model, str(dst))
         onnx.checker.check_model(str(dst))
 

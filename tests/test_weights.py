@@ -92,3 +92,37 @@ def test_int4_quantizes_a_head_tied_to_the_embedding_table(tmp_path):
     got, want = session.run(None, {"ids": ids})[0], table @ table.T
     cosine = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
     assert cosine.min() > 0.999 and np.abs(got - want).max() > 0
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "zero-points"])
+def test_int4_of_a_large_weight_in_column_blocks_is_the_whole_weights(tmp_path, monkeypatch, symmetric):
+    """A weight over export.int4.COLUMN_BLOCK_BYTES goes through ONNX Runtime's quantizer a block of columns at a
+    time (the quantizer copies its float weight twice: an LM head's whole 0.8 GB set a build's peak); the graph
+    it gives is byte for byte the one quantizing each weight whole gives, with zero points too, int4 and the
+    8-bit head (a block joined along the wrong axis or N left at the block's width would differ or not load)."""
+    import export.int4 as int4
+
+    rng = np.random.default_rng(0)
+    k, n, vocab = 64, 300, 200
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+             helper.make_node("MatMul", ["h", "head"], ["logits"], name="head")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", vocab])],
+        [numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32), "w"),
+         numpy_helper.from_array(rng.standard_normal((n, vocab)).astype(np.float32), "head")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "g.onnx"))
+    to_int4(tmp_path / "g.onnx", tmp_path / "whole.onnx", symmetric=symmetric)
+    monkeypatch.setattr(int4, "COLUMN_BLOCK_BYTES", 4 * k * 128)  # w: 128, 128, 44 columns; head: 27 a block
+    to_int4(tmp_path / "g.onnx", tmp_path / "blocks.onnx", symmetric=symmetric)
+    whole, blocks = onnx.load(str(tmp_path / "whole.onnx")), onnx.load(str(tmp_path / "blocks.onnx"))
+    assert [n.op_type for n in blocks.graph.node] == ["MatMulNBits", "MatMulNBits"]
+    assert [helper.printable_node(n) for n in blocks.graph.node] == [helper.printable_node(n) for n in whole.graph.node]
+    assert {a.name: helper.get_attribute_value(a) for a in blocks.graph.node[1].attribute}["bits"] == 8
+    got = {t.name: numpy_helper.to_array(t) for t in blocks.graph.initializer}
+    want = {t.name: numpy_helper.to_array(t) for t in whole.graph.initializer}
+    assert got.keys() == want.keys() and len(want) == (4 if symmetric else 6)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    np.testing.assert_array_equal(_run(tmp_path / "blocks.onnx", x), _run(tmp_path / "whole.onnx", x))
