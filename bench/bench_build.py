@@ -1,7 +1,7 @@
 """Peak memory and time of `python -m export.build` against the size of the checkpoint's float32 weights.
 
-    python -m train.blip2.random_checkpoint --preset blip2-opt-2.7b --dtype float16 --vision-layers 2 --qformer-layers 2 \
-        --llm-layers 6 --out checkpoints/blip2-opt-2.7b-6l          # 677M parameters, 2.7 GB in float32
+    python -m train.blip2.random_checkpoint --preset blip2-opt-2.7b --dtype float16 --vision-layers 2 \
+        --qformer-layers 2 --llm-layers 6 --out checkpoints/blip2-opt-2.7b-6l          # 677M parameters, 2.7 GB in float32
     python bench/bench_build.py --model checkpoints/blip2-opt-2.7b-6l --targets onnx onnx-int4
 
 Each target is built by a fresh `python -m export.build` process (the whole build: export, the parity gate
@@ -45,8 +45,8 @@ def main(argv=None) -> int:
     extra = [a for a in args.build_args if a != "--"]
     folder = Path(args.model)
     if not folder.is_dir():
-        raise SystemExit(f"--model {folder}: not a folder; write one with `python -m train.blip2.random_checkpoint --preset ... "
-                         f"--out {folder}`")
+        raise SystemExit(f"--model {folder}: not a folder; write one with `python -m train.blip2.random_checkpoint "
+                         f"--preset ... --out {folder}`")
     fp32 = parameter_count(folder) * 4
     print(f"{folder}: {fp32 / 4 / 1e6:.0f}M parameters, {fp32 / 2**30:.2f} GiB in float32")
     with tempfile.TemporaryDirectory(prefix="bench_build.") as tmp:
@@ -66,7 +66,8 @@ def main(argv=None) -> int:
         write_results(args.json, f"build: {folder.name}", {
             "parameters": fp32 // 4, "fp32_weight_bytes": fp32,
             "targets": {t: {"peak_rss_bytes": peak, "seconds": seconds, "exit": rc} for t, peak, seconds, rc in rows}},
-            [Headline(f"{target}: peak RSS / fp32 weights", peak / fp32, "x", "<=", 1.5,
+            [Headline(f"{target}: peak RSS / fp32 weights" + ("" if rc == 0 else " (build refused or failed)"),
+                      peak / fp32, "x", "<=", 1.5,
                       f"{peak / 2**30:.2f} GiB, {seconds:.0f} s, " + ("built" if rc == 0 else f"failed (exit {rc})"))
              for target, peak, seconds, rc in rows])
     return 0 if all(r[3] == 0 for r in rows) else 1
