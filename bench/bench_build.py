@@ -1,7 +1,7 @@
 """Peak memory and time of `python -m export.build` against the size of the checkpoint's float32 weights.
 
     python -m train.blip2.random_checkpoint --preset blip2-opt-2.7b --dtype float16 --vision-layers 2 \
-        --qformer-layers 2 --llm-layers 6 --out checkpoints/blip2-opt-2.7b-6l          # 677M parameters, 2.7 GB in float32
+        --qformer-layers 2 --llm-layers 6 --out checkpoints/blip2-opt-2.7b-6l       # 677M parameters, 2.7 GB in float32
     python bench/bench_build.py --model checkpoints/blip2-opt-2.7b-6l --targets onnx onnx-int4
 
 Each target is built by a fresh `python -m export.build` process (the whole build: export, the parity gate

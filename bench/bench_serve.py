@@ -10,8 +10,8 @@ batching, the image cache on and off, and the engine without HTTP.
    `--requests` requests, half captions and half questions, `max_new_tokens` drawn from 4..32 (at most the
    folder's limit), ShapesCaps images. The same requests go to the service twice on one local Ray instance, one
    replica each time: `--batching continuous` (POST /v1/chat/completions with "stream": true: its first chunk,
-   sent with the first token, gives the time to first token) and `--batching requests` (POST /caption and /ask, batched whole by
-   serve.batch: the answer comes at once, so its time to first token is its latency). Printed: requests/s,
+   sent with the first token, gives the time to first token) and `--batching requests` (POST /caption and /ask, batched
+   whole by serve.batch: the answer comes at once, so its time to first token is its latency). Printed: requests/s,
    tokens/s, latency p50/p99, time to first token p50/p99, failures, and the ratios continuous / requests.
 2. The image cache: one client asks about one image 8 times in a row (different questions), cache on (64 MB) and
    off (0): the latency of questions 2..8 against the first's. The ceiling beside it: what the vision graph and
@@ -190,7 +190,8 @@ def main(argv=None):
         port = s.getsockname()[1]
     figures = {"engines": args.engines, "requests": args.requests, "clients": args.clients,
                "max_batch": limits.max_batch}
-    print(f"{args.requests} requests (half captions, half questions, max_new_tokens 4..{min(32, limits.max_new_tokens)})"
+    print(f"{args.requests} requests (half captions, half questions, "
+          f"max_new_tokens 4..{min(32, limits.max_new_tokens)})"
           f" from {args.clients} closed-loop clients, {args.engines}, 1 replica, 127.0.0.1")
     try:
         for mode in ("continuous", "requests"):

@@ -132,7 +132,8 @@ def main(argv=None) -> dict:
         figures = {"hostile": []}
         for run in (1, 2):
             with Watch(url, replica) as watch, ThreadPoolExecutor(16) as pool:
-                statuses = Counter(pool.map(lambda d: _post(url, d), [bomb] * 16 + [large] * 8 + [big] * 4 + [huge] * 4))
+                statuses = Counter(pool.map(lambda d: _post(url, d),
+                                            [bomb] * 16 + [large] * 8 + [big] * 4 + [huge] * 4))
             row = {"statuses": {str(k): v for k, v in statuses.items()}, "replica_base_mib": round(watch.base),
                    "replica_growth_mib": round(watch.peak - watch.base), "decoder_peak_mib": round(watch.decoder_peak),
                    "health_max_s": round(max(watch.health), 3), "health_polls": len(watch.health)}

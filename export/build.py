@@ -330,8 +330,8 @@ def _check_and_record(ck, folder: Path, manifest: Manifest, results: list, want:
 def _check_calibration_fits(model_dir: Path, calibration: Calibration, target: str) -> None:
     """INT8 ranges from synthetic ShapesCaps shapes fit a model trained on them (the demo recipe's checkpoints, which
     hold recipe.json) or random weights (train.blip2.random_checkpoint's, which hold random_weights.json), and nothing
-    else: a model of natural images calibrated on them gets ranges its inputs exceed, and its gate and accuracy report, which use the
-    same kind of images, would pass while saying nothing about its real inputs."""
+    else: a model of natural images calibrated on them gets ranges its inputs exceed, and its gate and accuracy report,
+    which use the same kind of images, would pass while saying nothing about its real inputs."""
     from train.blip2.random_checkpoint import RANDOM_MARK
 
     if calibration.images is not None or any((model_dir / f).is_file() for f in ("recipe.json", RANDOM_MARK)):

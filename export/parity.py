@@ -67,8 +67,8 @@ class Tolerance:
 # check twice, in float32 and in float64 (export/float64.py), and the graph may be `noise_multiple` times as far
 # from the float64 result as PyTorch's float32 is, plus `noise_floor` of the output's range (8 float32 steps at the
 # top of the range: outputs PyTorch computes exactly, like a copied cache, still allow ONNX Runtime's last bits).
-# Measured (`python bench/experiments/bench_gate_noise.py`; ONNX Runtime's error / PyTorch's, both against float64, worst
-# output of each graph, docs/export.md): 0.65x..4.6x over the tiny presets (random, trained-like Flan-T5 and
+# Measured (`python bench/experiments/bench_gate_noise.py`; ONNX Runtime's error / PyTorch's, both against float64,
+# worst output of each graph, docs/export.md): 0.65x..4.6x over the tiny presets (random, trained-like Flan-T5 and
 # original T5, OPT with outlier features) and the trained demo models, 0.91x..1.6x at Flan-T5-XL's widths with
 # trained-like scales. End to end, the runtime's logits after a generated placeholder were 0.4x..1.8x Hugging
 # Face's own float32 error. A real error is far above: that placeholder embedded as another id moved the logits
@@ -146,9 +146,9 @@ class EndToEnd:
 # different pick counts as agreeing only within about half of the precision's own error: 0.01 (fp16), 0.1 (int8),
 # 0.3 (int4). fp32 is free-running and exact but at near-ties of the float64 reference: Hugging Face's own float32
 # run is off its float64 logits by up to 0.011 on the tiny original-T5 layout with trained-like scales and 0.63 at
-# Flan-T5-XL's widths (`python bench/experiments/bench_gate_noise.py`, the builds' placeholder_step summary), where a wrongly
-# embedded placeholder moves them 365x the bound or more. A wrong weight, layout or mask still fails: its picks sit
-# several standard deviations below the reference's top. The raw agreement is reported beside it.
+# Flan-T5-XL's widths (`python bench/experiments/bench_gate_noise.py`, the builds' placeholder_step summary), where a
+# wrongly embedded placeholder moves them 365x the bound or more. A wrong weight, layout or mask still fails: its picks
+# sit several standard deviations below the reference's top. The raw agreement is reported beside it.
 END_TO_END = {
     "fp32": EndToEnd(token_agreement=1.0, teacher_forced=False, prob_atol=1e-4, sim_atol=1e-4, same_ranking=True,
                      noise_multiple=FP32_NOISE_MULTIPLE),
@@ -376,7 +376,8 @@ def check_runner(path, graph: str | None = None):
 
 def compare_graphs(references: list[GraphReference], open_runner, tol: Tolerance | str) -> list:
     """Every graph of `references` against PyTorch's outputs, emptying the list as it goes; `open_runner(graph
-    name)` opens the exported graph (one at a time). `tol`: the bounds, or a precision whose bounds `graph_tolerance` picks per graph."""
+    name)` opens the exported graph (one at a time). `tol`: the bounds, or a precision whose bounds `graph_tolerance`
+    picks per graph."""
     results = []
     while references:  # (each graph's cases and outputs dropped once it is checked)
         ref = references.pop(0)

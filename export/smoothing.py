@@ -14,8 +14,8 @@ absorb the range more easily than the activations.
 
 Only LayerNorms whose calibrated channel maxima show outliers are smoothed: the largest channel over `OUTLIER_RATIO`
 times the median channel (OPT-6.7B's outlier dimensions: 20-60x; every LayerNorm of the random and trained demo
-models measured 1.2-4.5x, `python bench/experiments/bench_gate_noise.py` prints it), so a model without outliers gets the
-same int8 graph as before. The alpha and what was smoothed are recorded in the manifest's precision details.
+models measured 1.2-4.5x, `python bench/experiments/bench_gate_noise.py` prints it), so a model without outliers gets
+the same int8 graph as before. The alpha and what was smoothed are recorded in the manifest's precision details.
 
     plan = int8_plan(graph)                  # plan.channels: the LayerNorm outputs whose channels to measure
     ranges = ...                             # calibration: {tensor: max|x|, CHANNEL_MAX.format(t): max|x_j| per j}
@@ -46,7 +46,8 @@ def smoothable(graph, quantized: list[str]) -> dict[str, tuple[str, list[str]]]:
         y = node.output[0]
         readers = consumers.get(y, [])
         if y in outputs or not readers or any(
-                r.op_type not in ("MatMul", "Gemm") or r.name not in chosen or r.input[0] != y or r.input[1] not in initializers
+                r.op_type not in ("MatMul", "Gemm") or r.name not in chosen or r.input[0] != y
+                or r.input[1] not in initializers
                 or len(initializers[r.input[1]].dims) != 2 or uses[r.input[1]] != 1 for r in readers):
             continue
         out[y] = (node.name, [r.name for r in readers])

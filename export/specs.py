@@ -168,7 +168,8 @@ def qformer_itm_spec(model, limits: Limits) -> GraphSpec:
 
     def make_inputs(sizes, rng):
         ids, mask = _random_text(model, sizes["batch"], sizes["text"], rng, model.edge.cls_token_id)
-        return {"image_embeds": _random_image_embeds(cfg, sizes["batch"], rng), "input_ids": ids, "attention_mask": mask}
+        return {"image_embeds": _random_image_embeds(cfg, sizes["batch"], rng), "input_ids": ids,
+                "attention_mask": mask}
 
     return GraphSpec(
         name="qformer_itm",

@@ -11,9 +11,9 @@ Precision comes from the ONNX itself, never from builder flags: the network is s
 TensorRT 10.x for this path; always the case on 11.x, where the flag is accepted and ignored), and FP16 / INT8 engines
 are built from the FP16-cast or Q/DQ ONNX that `onnx-fp16` / `onnx-int8` produce; `trt-int4` from the LLM graphs
 with int4 weights read by block-quantized DequantizeLinear (opset 21, symmetric: TensorRT's weight-only INT4 takes
-no zero points), the form `export.int4.to_int4(for_tensorrt=True)` writes (not run here: no TensorRT). TensorRT 11 removed
-`BuilderFlag.FP16/INT8` and weak typing altogether, so none is set here. `EXPLICIT_BATCH` is not set either: TensorRT
-10 documents it as deprecated and ignored (networks are always explicit batch), and 11 dropped it.
+no zero points), the form `export.int4.to_int4(for_tensorrt=True)` writes (not run here: no TensorRT). TensorRT 11
+removed `BuilderFlag.FP16/INT8` and weak typing altogether, so none is set here. `EXPLICIT_BATCH` is not set either:
+TensorRT 10 documents it as deprecated and ignored (networks are always explicit batch), and 11 dropped it.
 
 The optimization profiles are exactly `spec.trt_profiles()` (the same numbers as the export's dynamic axes); the
 decoder graphs get two (context: prompt + empty cache; generation: one token against the cache).

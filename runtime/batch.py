@@ -174,7 +174,8 @@ def claim_output(output: Path, job: Job) -> None:
         theirs = sorted(p.name for p in output.iterdir() if p.name not in mine
                         and not (p.name.startswith(("part-", ".part-")) and p.name.endswith(".parquet")))
         if theirs or (any(output.iterdir()) and not (output / JOB_FILE).is_file()):
-            raise BatchInputError(f"--output {output} holds files this job did not write ({', '.join(theirs[:3]) or 'parts without a job.json'}); "
+            raise BatchInputError(f"--output {output} holds files this job did not write "
+                                  f"({', '.join(theirs[:3]) or 'parts without a job.json'}); "
                                   f"give a new or empty folder")
         if (output / JOB_FILE).is_file():
             try:

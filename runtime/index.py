@@ -9,8 +9,8 @@ image re-scored exactly (max over its Nq features) so that scores and order are 
     index = build_index(feats)          # feats [N, Nq, D]: exact, or FAISS IVF when large
     images, scores = index.search(text_feat, k)
 
-* `ExactIndex` (numpy only, always available): the similarity against every row (`similarity`, as `Blip2Pipeline.similarity`);
-  what a gallery of fewer than `APPROXIMATE_FROM` query vectors uses.
+* `ExactIndex` (numpy only, always available): the similarity against every row (`similarity`, as
+  `Blip2Pipeline.similarity`); what a gallery of fewer than `APPROXIMATE_FROM` query vectors uses.
 * `FaissIndex` (`pip install faiss-cpu`, the `scale` extra): `IndexIVFFlat` (inner product) from
   `APPROXIMATE_FROM` rows, with `nprobe` raised at build time until the index finds the exact top k of probe
   queries, for each k of `PROBE_KS` (a larger k needs more lists: an nprobe tuned for the top 16 found 88% of

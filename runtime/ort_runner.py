@@ -243,7 +243,8 @@ def float16_to_float32(array: np.ndarray) -> np.ndarray:
     """array (float16) in float32, through ONNX Runtime's vectorised conversion where ONNX Runtime is installed:
     numpy converts float16 one value at a time. For the 128 x 197 x 256 image embeddings that a k = 128 query
     re-ranks (small preset) on this 2-core machine: numpy 11.1 ms, ONNX Runtime 2.3 ms on one thread, 1.5 on two
-    (`python bench/experiments/bench_float16.py [--threads 1]`). Both are exact (every float16 value is a float32 value)."""
+    (`python bench/experiments/bench_float16.py [--threads 1]`). Both are exact (every float16 value is a float32
+    value)."""
     try:
         session = _float16_cast()
     except ImportError:  # (a TensorRT-only device)

@@ -134,7 +134,8 @@ class ImageGallery:
         unpickled."""
         folder = Path(folder)
         fix = "encode the gallery again and write it with ImageGallery.save"
-        readers = {"gallery.json": lambda p: json.loads(p.read_text()), "feats.npy": lambda p: np.load(p, mmap_mode="r"),
+        readers = {"gallery.json": lambda p: json.loads(p.read_text()),
+                   "feats.npy": lambda p: np.load(p, mmap_mode="r"),
                    "embeds.npy": lambda p: np.load(p, mmap_mode="r")}
         read = {}
         for name, reader in readers.items():

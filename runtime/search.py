@@ -70,11 +70,13 @@ class StepModel(Protocol):
     """What the search needs from a decoder with a KV cache (prefill is done by the caller)."""
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
-        """tokens int64 [N]: one new token per live row; appends it to the KV cache and returns float32 logits [N, V] for the next position."""
+        """tokens int64 [N]: one new token per live row; appends it to the KV cache and returns float32 logits [N, V]
+        for the next position."""
         ...
 
     def reorder(self, index: np.ndarray) -> None:
-        """Keep/duplicate cache rows: row i of the new cache is old row index[i] (len(index) becomes the new N). Used to expand a batch to B*num_beams and to follow beams."""
+        """Keep/duplicate cache rows: row i of the new cache is old row index[i] (len(index) becomes the new N). Used to
+        expand a batch to B*num_beams and to follow beams."""
         ...
 
 
@@ -86,7 +88,8 @@ def _is_int(v) -> bool:
 
 
 def _is_real(v) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)) and math.isfinite(v)
+    return (isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+            and math.isfinite(v))
 
 
 @dataclass
@@ -214,7 +217,8 @@ def _softmax64(x: np.ndarray) -> np.ndarray:
 
 
 def _token_presence(ids: np.ndarray, vocab_size: int, prompt_ignore_length: np.ndarray | None = None) -> np.ndarray:
-    """bool [N, V+1]: which ids occur in each row (column V collects ids outside the vocabulary and ignored positions)."""
+    """bool [N, V+1]: which ids occur in each row (column V collects ids outside the vocabulary and ignored
+    positions)."""
     ids = np.asarray(ids, dtype=np.int64)
     ids = np.where((ids < 0) | (ids > vocab_size), vocab_size, ids)
     if prompt_ignore_length is not None:
@@ -345,7 +349,8 @@ def _leading_padding(context_ids: np.ndarray, prompt_mask: np.ndarray | None, pa
         prompt_mask = context_ids != pad_token_id  # what transformers derives when no mask is given
     prompt_mask = np.asarray(prompt_mask)
     if prompt_mask.shape != context_ids.shape:
-        raise ValueError(f"prompt_mask must have the shape of context_ids {list(context_ids.shape)}, got {list(prompt_mask.shape)}.")
+        raise ValueError(f"prompt_mask must have the shape of context_ids {list(context_ids.shape)}, "
+                         f"got {list(prompt_mask.shape)}.")
     return np.argmax(prompt_mask != 0, axis=1)
 
 
@@ -382,9 +387,11 @@ def generate(
         )
     b, v = first.shape
     if not cfg.eos_token_id < v:
-        raise PromptError(f"generation setting eos_token_id={cfg.eos_token_id} is out of range: it must be < vocabulary size {v}.")
+        raise PromptError(f"generation setting eos_token_id={cfg.eos_token_id} is out of range: "
+                          f"it must be < vocabulary size {v}.")
     if cfg.num_beams > 1 and 2 * cfg.num_beams > v:
-        raise PromptError(f"generation setting num_beams={cfg.num_beams} is out of range: it must be <= vocabulary size / 2 ({v // 2}).")
+        raise PromptError(f"generation setting num_beams={cfg.num_beams} is out of range: "
+                          f"it must be <= vocabulary size / 2 ({v // 2}).")
     return _run(model, start_search(b, ctx, cfg, v, prompt_mask), first.astype(np.float32, copy=False))
 
 
@@ -586,13 +593,15 @@ def start_search(first_logits_rows: int, context_ids: np.ndarray, cfg: Generatio
 # --------------------------------------------------------------------------- teacher forcing
 
 
-def teacher_forced(model: StepModel, first_logits: np.ndarray, tokens: list[list[int]], pad_token_id: int) -> list[np.ndarray]:
+def teacher_forced(model: StepModel, first_logits: np.ndarray, tokens: list[list[int]],
+                   pad_token_id: int) -> list[np.ndarray]:
     """Feed every row its given ``tokens`` one step at a time, whatever the model would choose, and return per row
     float32 [len(tokens[b]), V]: the logits that predicted each of those tokens (row 0 is ``first_logits[b]``).
     Rows shorter than the longest are fed ``pad_token_id`` after their end (their later logits are dropped)."""
     first = np.asarray(first_logits, dtype=np.float32)
     if first.ndim != 2 or first.shape[0] != len(tokens):
-        raise ValueError(f"first_logits must be [B, V] with one row per token list ({len(tokens)}), got {list(first.shape)}.")
+        raise ValueError(f"first_logits must be [B, V] with one row per token list ({len(tokens)}), "
+                         f"got {list(first.shape)}.")
     width = max((len(row) for row in tokens), default=0)
     picked: list[list[np.ndarray]] = [[] for _ in tokens]
     logits = first

@@ -118,7 +118,8 @@ def request_models(manifest, limits: ServiceLimits) -> dict:
     lim = manifest.limits
     new_tokens = lim.max_new_tokens or lim.max_qformer_tokens or 64
     base64_chars = 4 * (limits.max_body_bytes // 3) + 4
-    image = (str, Field(min_length=1, max_length=base64_chars, pattern=r"^(data:[\w/+.-]+;base64,)?[A-Za-z0-9+/]+={0,2}$",
+    image = (str, Field(min_length=1, max_length=base64_chars,
+                        pattern=r"^(data:[\w/+.-]+;base64,)?[A-Za-z0-9+/]+={0,2}$",
                         description=(
         "the image file's bytes, base64-encoded (or a data URL, data:image/png;base64,...): PNG, JPEG, WebP, BMP "
         f"or GIF, at most {limits.max_image_pixels:,} pixels")))

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny checkpoints built from presets and engine folders exported from them (built once per session)."""
+"""Shared fixtures: tiny checkpoints built from presets and engine folders exported from them (built once per
+session)."""
 import os
 import sys
 from pathlib import Path
@@ -20,9 +21,10 @@ VARIANTS = {
     # T5's (ReLU FFN, tied embeddings, LM head input scaled by d_model ** -0.5)
     "t5": {"preset": "tiny-t5", "qformer_text": True},  # with the Q-Former's text side: every T5 graph
     "t5-orig": {"preset": "tiny-t5", "t5_ffn": "relu", "tie_word_embeddings": True, "num_query_tokens": 3},
-    # what trained models have and random ones lack (train.blip2.random_checkpoint.trained_like): weights at 3/sqrt(fan_in) and the
-    # LLM's embeddings x2, T5's large activations and sharp softmaxes, in both T5 layouts; OPT's outlier features
-    # (3 hidden dimensions of the LayerNorm outputs every product reads x20..x60, the weights trained around them)
+    # what trained models have and random ones lack (train.blip2.random_checkpoint.trained_like): weights at
+    # 3/sqrt(fan_in) and the LLM's embeddings x2, T5's large activations and sharp softmaxes, in both T5 layouts; OPT's
+    # outlier features (3 hidden dimensions of the LayerNorm outputs every product reads x20..x60, the weights trained
+    # around them)
     "t5-trained": {"preset": "tiny-t5", "scales": "trained"},
     "t5-orig-trained": {"preset": "tiny-t5", "t5_ffn": "relu", "tie_word_embeddings": True, "num_query_tokens": 3,
                         "scales": "trained"},

@@ -1,4 +1,5 @@
-"""Tests of train/shapescaps/synthetic.py: ShapesCaps determinism, splits, captions/QA correctness, rendering, metrics, COCO loader."""
+"""Tests of train/shapescaps/synthetic.py: ShapesCaps determinism, splits, captions/QA correctness, rendering, metrics,
+COCO loader."""
 import json
 import re
 import subprocess
@@ -169,8 +170,10 @@ def test_captions_mostly_name_sizes(texts):
 def test_caption_attributes_examples():
     assert caption_attributes("a small red circle on the left") == [("red", "circle", "left")]
     assert caption_attributes("there is a red circle at the left of the image") == [("red", "circle", "left")]
-    assert caption_attributes("a red circle to the left of a blue square") == [("red", "circle", "left"), ("blue", "square", "right")]
-    assert caption_attributes("a blue square above an orange triangle") == [("blue", "square", "top"), ("orange", "triangle", "bottom")]
+    assert caption_attributes("a red circle to the left of a blue square") == [("red", "circle", "left"),
+                                                                               ("blue", "square", "right")]
+    assert caption_attributes("a blue square above an orange triangle") == [("blue", "square", "top"),
+                                                                            ("orange", "triangle", "bottom")]
     assert caption_attributes("a red circle on the left at the top") == [("red", "circle", None)]
     assert caption_attributes("a circle") == [(None, "circle", None)]
     assert caption_attributes("nothing here") == []
@@ -259,7 +262,8 @@ def _answer(question, shapes):
     place = r"(?:on the|at the|in the) (\w+)"
     rules = [
         (r"how many shapes are there\?", lambda: {1: "one", 2: "two"}[len(shapes)]),
-        (r"is there an? (\w+) (\w+)\?", lambda c, h: "yes" if any((x.colour, x.shape) == (c, h) for x in shapes) else "no"),
+        (r"is there an? (\w+) (\w+)\?",
+         lambda c, h: "yes" if any((x.colour, x.shape) == (c, h) for x in shapes) else "no"),
         (r"where is the (\w+) (\w+)\?", lambda c, h: one(lambda x: (x.colour, x.shape) == (c, h)).position),
         (r"where is the (\w+)\?", lambda h: one(lambda x: x.shape == h).position),
         (r"what size is the (\w+) (\w+)\?", lambda c, h: one(lambda x: (x.colour, x.shape) == (c, h)).size),
@@ -268,7 +272,8 @@ def _answer(question, shapes):
         (r"what shape is the (\w+) object\?", lambda c: one(lambda x: x.colour == c).shape),
         (rf"what shape is the object {place}\?", lambda p: one(lambda x: x.position == p).shape),
         (r"what shape is (?:to the )?(\w+)(?: of)? the (\w+) (\w+)\?", lambda r, c, h: _related(one, r, c, h).shape),
-        (r"what colou?r is the shape (?:to the )?(\w+)(?: of)? the (\w+) (\w+)\?", lambda r, c, h: _related(one, r, c, h).colour),
+        (r"what colou?r is the shape (?:to the )?(\w+)(?: of)? the (\w+) (\w+)\?",
+         lambda r, c, h: _related(one, r, c, h).colour),
     ]
     for pattern, rule in rules:
         m = re.fullmatch(pattern, question)
@@ -308,7 +313,8 @@ def test_text_corpus_covers_the_vocabulary():
     expected = sum(len(s.captions) + len(s.qa) for s in (ds.sample(i, render_image=False) for i in range(200)))
     assert len(corpus) == expected
     words = {w for line in corpus for w in re.findall(r"[a-z]+", line.lower())}
-    assert set(COLOURS) | set(SHAPES) | {"small", "large", "left", "right", "top", "bottom", "center", "above", "below"} <= words
+    assert set(COLOURS) | set(SHAPES) | {"small", "large", "left", "right", "top", "bottom", "center", "above",
+                                         "below"} <= words
     assert any(line.startswith("Question: ") and " Answer: " in line for line in corpus)
     assert corpus == list(text_corpus(200, seed=0))
 
@@ -340,7 +346,8 @@ def test_data_is_torch_free_and_preview_cli(tmp_path):
     """)
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["captions.txt", "train_0000.png", "train_0001.png", "train_0002.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["captions.txt", "train_0000.png", "train_0001.png",
+                                                          "train_0002.png"]
     text = (tmp_path / "captions.txt").read_text()
     assert text.count("caption: ") == 3 * 4 and "Q: how many shapes are there?" in text
     assert Image.open(tmp_path / "train_0001.png").size == (32, 32)
@@ -389,7 +396,8 @@ def _rewrite(ann, doc):
     (lambda ann, doc: _rewrite(ann, {"images": doc["images"]}), r"missing the key 'annotations'"),
     (lambda ann, doc: _rewrite(ann, {"annotations": doc["annotations"]}), r"missing the key 'images'"),
     (lambda ann, doc: _rewrite(ann, {**doc, "images": [{"id": 1}]}), r"images\[0\] .* missing 'file_name'"),
-    (lambda ann, doc: _rewrite(ann, {**doc, "annotations": [{"image_id": 1, "id": 3}]}), r"annotations\[0\] .* missing 'caption'"),
+    (lambda ann, doc: _rewrite(ann, {**doc, "annotations": [{"image_id": 1, "id": 3}]}),
+     r"annotations\[0\] .* missing 'caption'"),
     (lambda ann, doc: _rewrite(ann, {**doc, "annotations": []}), r"has no annotations"),
     (lambda ann, doc: _rewrite(ann, {**doc, "annotations": doc["annotations"] + [{"image_id": 99, "caption": "x"}]}),
      r"1 annotations .* image ids missing from 'images' \(first: \[99\]\)"),

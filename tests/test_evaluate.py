@@ -1,4 +1,5 @@
-"""train.shapescaps.evaluate: the held-out ShapesCaps evaluation, for a checkpoint (PyTorch) and an engine folder (runtime).
+"""train.shapescaps.evaluate: the held-out ShapesCaps evaluation, for a checkpoint (PyTorch) and an engine folder
+(runtime).
 
 The models here are random, so these tests check the machinery: both backends give the same outputs, missing
 capabilities are n/a, the metric rules (equivalence in recall, ITM negatives) hold, and the CLI behaves.
@@ -59,9 +60,9 @@ def _in_batches(fn, size, *columns):
 
 def _recompute(backend, results, n, size, caption_tokens=30, answer_tokens=10) -> dict:
     """{metric: (fewest, most) correct} from the backend's own answers on the first n val samples (asked in batches
-    of `size`, as evaluate does), with numpy and train.shapescaps.synthetic's correctness rules, never from what evaluate()
-    concluded. The two differ only where a retrieval's top two are within 1e-6 (a float32 near-tie may go either
-    way: an untrained model's similarities are nearly flat)."""
+    of `size`, as evaluate does), with numpy and train.shapescaps.synthetic's correctness rules, never from what
+    evaluate() concluded. The two differ only where a retrieval's top two are within 1e-6 (a float32 near-tie may go
+    either way: an untrained model's similarities are nearly flat)."""
     from train.shapescaps.synthetic import caption_correct, vqa_correct
 
     samples = [ShapesCaps("val", n=n, image_size=backend.image_size, seed=0)[i] for i in range(n)]
@@ -151,7 +152,8 @@ def test_stage1_checkpoint_has_no_llm_metrics(tmp_path):
         assert results["metrics"][name]["status"] == "ok"
     assert "caption_pred" not in results["per_sample"][0]
     table = format_table(results)
-    assert [line.split("|")[3].strip() for line in table.splitlines() if line.startswith("VQA") and "|" in line] == ["n/a"]
+    assert [line.split("|")[3].strip() for line in table.splitlines()
+            if line.startswith("VQA") and "|" in line] == ["n/a"]
     with pytest.raises(CapabilityError, match="no language model"):
         backend.caption([ShapesCaps("val", n=1, image_size=64)[0].image])
 

@@ -67,8 +67,8 @@ def test_full_width_presets_have_the_published_parameter_counts(preset, total, l
 
 @pytest.mark.parametrize("preset,options", [("tiny", {}), ("tiny-t5", {"qformer_text": True}), ("tiny", {"stage": 1})])
 def test_streamed_loading_gives_what_hugging_face_loads(tmp_path, preset, options):
-    """A float16 folder written by `python -m train.blip2.random_checkpoint --dtype float16`, loaded tensor by tensor, holds exactly
-    the float32 weights (and generation settings) of Hugging Face's own from_pretrained."""
+    """A float16 folder written by `python -m train.blip2.random_checkpoint --dtype float16`, loaded tensor by tensor,
+    holds exactly the float32 weights (and generation settings) of Hugging Face's own from_pretrained."""
     folder = make_random_checkpoint(tmp_path / "ck", preset, seed=0, dtype=torch.float16, **options)
     assert {entry["dtype"] for entry in safetensors_headers(folder).values()} == {"F16"}
     ours = Blip2Edge.from_pretrained(folder).hf_model()
@@ -113,7 +113,8 @@ def test_full_width_builds_stay_within_one_and_a_half_times_the_fp32_weights(tmp
     from export.build import _output_bytes
 
     folder = tmp_path / "opt27-6l"
-    subprocess.run([sys.executable, "-m", "train.blip2.random_checkpoint", "--preset", "blip2-opt-2.7b", "--dtype", "float16",
+    subprocess.run([sys.executable, "-m", "train.blip2.random_checkpoint",
+                    "--preset", "blip2-opt-2.7b", "--dtype", "float16",
                     "--vision-layers", "2", "--qformer-layers", "2", "--llm-layers", "6", "--out", str(folder)],
                    cwd=ROOT, check=True, capture_output=True)
     for target, precision in (("onnx", "fp32"), ("onnx-fp16", "fp16"), ("onnx-int8", "int8"), ("onnx-int4", "int4")):
@@ -144,7 +145,8 @@ def test_flan_t5_xl_and_opt_6_7b_widths_pass_their_gates_within_the_memory_bound
     from runtime.manifest import load_manifest
 
     folder = tmp_path / preset
-    subprocess.run([sys.executable, "-m", "train.blip2.random_checkpoint", "--preset", preset, "--dtype", "float16", *options,
+    subprocess.run([sys.executable, "-m", "train.blip2.random_checkpoint",
+                    "--preset", preset, "--dtype", "float16", *options,
                     "--vision-layers", "2", "--qformer-layers", "2", "--llm-layers", "2", "--out", str(folder)],
                    cwd=ROOT, check=True, capture_output=True)
     for target in targets:

@@ -449,7 +449,8 @@ def test_int8_products_do_not_saturate_on_any_cpu(tmp_path):
     did not, before the runner asked ONNX Runtime for exact products; elsewhere this holds anyway)."""
     rng = np.random.default_rng(0)
     k, n = 64, 16
-    x = rng.choice([-1.0, 1.0], size=(4, k)).astype(np.float32) * 1.27  # stored as 1 or 255 (scale 0.01, zero point 128)
+    x = rng.choice([-1.0, 1.0], size=(4, k)).astype(np.float32) * 1.27  # stored as 1 or 255
+                                                                        # (scale 0.01, zero point 128)
     x[:, ::2] = 1.27  # pairs of large same-signed products
     w8 = (rng.choice([-1, 1], size=(k, n)) * 127).astype(np.int8)
     w8[::2] = w8[1::2]
@@ -463,7 +464,8 @@ def test_int8_products_do_not_saturate_on_any_cpu(tmp_path):
     inits = [numpy_helper.from_array(np.array(scale_x), "sx"), numpy_helper.from_array(np.array(128, np.uint8), "zx"),
              numpy_helper.from_array(w8, "w"), numpy_helper.from_array(scale_w, "sw"),
              numpy_helper.from_array(np.zeros(n, np.int8), "zw"),
-             numpy_helper.from_array(np.array(np.float32(0.2)), "sy"), numpy_helper.from_array(np.array(128, np.uint8), "zy")]
+             numpy_helper.from_array(np.array(np.float32(0.2)), "sy"),
+             numpy_helper.from_array(np.array(128, np.uint8), "zy")]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, n])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)

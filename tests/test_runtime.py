@@ -19,7 +19,8 @@ def images(checkpoint):
 def test_batch_equals_one_by_one(pipeline, images, options):
     prompts = ["a photo of", None, "Question: what shape is in the image? Answer:"]
     batched = pipeline.generate_ids(images, prompt=prompts, max_new_tokens=10, **options)
-    single = [pipeline.generate_ids([im], prompt=[p], max_new_tokens=10, **options)[0] for im, p in zip(images, prompts)]
+    single = [pipeline.generate_ids([im], prompt=[p], max_new_tokens=10, **options)[0]
+              for im, p in zip(images, prompts)]
     assert batched == single
 
 

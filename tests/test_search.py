@@ -133,7 +133,8 @@ def _hf_new_tokens(out: torch.Tensor, prompt_len: int, eos: int) -> list[list[in
     return rows
 
 
-def _run_both(model_name: str, batch: int, prompt_seed: int = 1, **kw) -> tuple[list[list[int]], list[list[int]], TorchStepModel]:
+def _run_both(model_name: str, batch: int, prompt_seed: int = 1,
+              **kw) -> tuple[list[list[int]], list[list[int]], TorchStepModel]:
     model = MODELS[model_name]
     ids, mask = _prompts(batch, prompt_seed)
     hf_kw = dict(kw)
@@ -144,7 +145,8 @@ def _run_both(model_name: str, batch: int, prompt_seed: int = 1, **kw) -> tuple[
         hf_out = model.generate(ids, attention_mask=mask, do_sample=False, eos_token_id=EOS, pad_token_id=PAD, **hf_kw)
     expected = _hf_new_tokens(hf_out, ids.shape[1], EOS)
     step_model = TorchStepModel(model, ids, mask)
-    got = generate(step_model, step_model.first_logits, ids.numpy(), GenerationConfig(eos_token_id=EOS, pad_token_id=PAD, **kw))
+    got = generate(step_model, step_model.first_logits, ids.numpy(),
+                   GenerationConfig(eos_token_id=EOS, pad_token_id=PAD, **kw))
     return got, expected, step_model
 
 
@@ -436,7 +438,8 @@ def test_sampling_top_k_1_is_greedy(model_name):
     greedy = generate(sm, sm.first_logits, ids.numpy(), GenerationConfig(max_new_tokens=15, repetition_penalty=1.2))
     sm = TorchStepModel(MODELS[model_name], ids, mask)
     sampled = generate(sm, sm.first_logits, ids.numpy(),
-                       GenerationConfig(max_new_tokens=15, repetition_penalty=1.2, do_sample=True, top_k=1, temperature=3.0, seed=7))
+                       GenerationConfig(max_new_tokens=15, repetition_penalty=1.2, do_sample=True, top_k=1,
+                                        temperature=3.0, seed=7))
     assert sampled == greedy
 
 
@@ -467,7 +470,8 @@ def test_a_seeded_row_draws_what_it_draws_alone():
     row = _fixed_logits()
     alone = _requests(row, 1, max_new_tokens=6)[0].tolist()
     fake = FixedLogitsModel(row, 5)
-    batch = generate(fake, fake.first(), np.full((5, 1), BOS), GenerationConfig(max_new_tokens=6, do_sample=True, seed=0))
+    batch = generate(fake, fake.first(), np.full((5, 1), BOS),
+                     GenerationConfig(max_new_tokens=6, do_sample=True, seed=0))
     assert batch == [alone] * 5
 
 
@@ -491,7 +495,8 @@ def test_sampling_respects_top_k_and_top_p():
 def test_sampling_finished_rows_stop_and_are_not_padded():
     row = np.zeros(8, dtype=np.float32)  # uniform: EOS drawn often
     fake = FixedLogitsModel(row, 200)
-    out = generate(fake, fake.first(), np.full((200, 1), BOS), GenerationConfig(max_new_tokens=30, do_sample=True, seed=5, min_new_tokens=2))
+    out = generate(fake, fake.first(), np.full((200, 1), BOS),
+                   GenerationConfig(max_new_tokens=30, do_sample=True, seed=5, min_new_tokens=2))
     assert all(len(r) >= 2 for r in out)
     for r in out:
         assert EOS not in r[:-1] and (r[-1] == EOS or len(r) == 30)
@@ -578,9 +583,11 @@ def test_validate_messages_name_range():
     GenerationConfig(max_new_tokens=32).validate(max_total_new=32)
     GenerationConfig(temperature=0.0).validate()  # only checked when sampling, as in HF
     with pytest.raises(PromptError, match="num_beams"):  # generate() validates too
-        generate(FixedLogitsModel(_fixed_logits(), 1), _fixed_logits()[None], np.array([[BOS]]), GenerationConfig(num_beams=0))
+        generate(FixedLogitsModel(_fixed_logits(), 1), _fixed_logits()[None], np.array([[BOS]]),
+                 GenerationConfig(num_beams=0))
 
 
 def test_runtime_search_does_not_import_torch():
-    code = "import sys, runtime.search; bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad"
+    code = ("import sys, runtime.search; bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+            "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, env={"PYTHONPATH": str(REPO), "PATH": ""})

@@ -272,7 +272,8 @@ def test_hostile_and_careless_requests_get_a_4xx_before_any_expensive_work(servi
     assert post(data=data, headers={"content-type": kind}, route="/ask")[0] == 200
     assert _raw(port, b"POST /caption HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                       b"Content-Length: 50331648\r\n\r\n", b"x" * 65536).split()[1] == b"413"
-    assert post({"image": image}, headers={"content-type": "application/json", "Origin": "http://evil.example"})[0] == 403
+    assert post({"image": image},
+                headers={"content-type": "application/json", "Origin": "http://evil.example"})[0] == 403
     assert post({"image": image}, headers={"content-type": "application/json", "Host": "attacker.example"})[0] == 421
     with socket.create_connection(("127.0.0.1", port), timeout=60) as stalled:  # a body that never comes
         stalled.sendall(b"POST /caption HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -425,8 +426,8 @@ def test_a_port_in_use_is_one_error_line(make_engine):
 def test_ctrl_c_and_sigterm_stop_the_service_in_one_line_and_end_its_ray_instance(make_engine):
     """`python -m runtime serve` on a Ray instance of its own (RAY_ADDRESS=local): Ctrl-C prints one line after
     the serving line, nothing from Ray (serve.shutdown() made the raylet print one about its controller), exits
-    130 as the other commands do, and the port stops answering; SIGTERM answers the requests in flight first; Ctrl-C while Ray is still starting prints the
-    same line (serve.delete() raised there, with no Serve yet)."""
+    130 as the other commands do, and the port stops answering; SIGTERM answers the requests in flight first; Ctrl-C
+    while Ray is still starting prints the same line (serve.delete() raised there, with no Serve yet)."""
     _, engine = make_engine("stage2text")
     port = _free_port()
     env = {**os.environ, "RAY_ADDRESS": "local"}

@@ -62,7 +62,8 @@ def test_the_three_formats_read_the_same_examples_and_images(files):
     # the WebDataset groups the same image's caption rows per shard member: same texts, same pixels
     assert sorted(c for t in caps(shards) for c in t) == sorted(c for t in caps(jsonl) for c in t)
     first = shards.only("caption")
-    image = next(i for i, e in enumerate(jsonl.examples) if e.captions and e.captions[0] == first.examples[0].captions[0])
+    image = next(i for i, e in enumerate(jsonl.examples)
+                 if e.captions and e.captions[0] == first.examples[0].captions[0])
     assert np.array_equal(_pixels(first, 0), _pixels(jsonl, image))
 
 
@@ -182,7 +183,8 @@ def test_qformer_from_bert_takes_its_weights_as_blip2_does(files):
     assert torch.equal(model.embeddings.word_embeddings.weight[: len(words)], words)
     assert model.embeddings.word_embeddings.weight.shape[0] == len(qtok) and "[DEC]" in qtok.get_vocab()
     assert model.edge.dec_token_id == qtok.convert_tokens_to_ids("[DEC]")
-    assert hasattr(model.qformer.encoder.layer[0], "crossattention") and not model.qformer.encoder.layer[1].has_cross_attention
+    assert (hasattr(model.qformer.encoder.layer[0], "crossattention")
+            and not model.qformer.encoder.layer[1].has_cross_attention)
     demo = load_file(str(DEMO / "model.safetensors"))
     assert torch.equal(model.vision_model.embeddings.patch_embedding.weight,
                        demo["vision_model.embeddings.patch_embedding.weight"].float())
@@ -333,7 +335,8 @@ def test_two_processes_train_one_checkpoint(files, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("wrote ") == 1 and proc.stdout.count("settings:") == 1 and (tmp_path / "ddp" / "model.safetensors").is_file()
+    assert (proc.stdout.count("wrote ") == 1 and proc.stdout.count("settings:") == 1
+            and (tmp_path / "ddp" / "model.safetensors").is_file())
     assert json.loads((tmp_path / "run" / "train_args.json").read_text())["processes"] == 2
 
 
@@ -399,7 +402,8 @@ def test_caption_scores_follow_the_coco_evaluation():
     other = caption_scores({"1": "a blue square", "2": "a green triangle"}, refs)
     assert other["bleu4"] < 0.01 and other["cider"] < same["cider"] / 10
     gts = {k: v for k, v in refs.items()}
-    assert same["bleu4"] == pytest.approx(Bleu(4).compute_score(gts, {k: [v[0]] for k, v in refs.items()}, verbose=0)[0][3])
+    assert same["bleu4"] == pytest.approx(Bleu(4).compute_score(gts, {k: [v[0]] for k, v in refs.items()},
+                                                                verbose=0)[0][3])
 
 
 def test_retrieval_recall_counts_any_caption_of_the_image():

@@ -1,7 +1,7 @@
 """The re-rank's read of k image embeddings from a gallery's float16 file: numpy's float16 -> float32 conversion
 against ONNX Runtime's Cast (`runtime.ort_runner.float16_to_float32`, what `rows_float32` uses), on the same rows.
 
-    python bench/experiments/bench_float16.py                      # k = 128 rows of the small preset's 197 x 256 embeddings
+    python bench/experiments/bench_float16.py                  # k = 128 rows of the small preset's 197 x 256 embeddings
     python bench/experiments/bench_float16.py --rows 16 --tokens 257 --width 1408   # k = 16 at ViT-g's size
 
 Prints ms per read for each, their ratio, and whether the two results are bit for bit the same. ONNX Runtime's

@@ -3,7 +3,8 @@ and the size of a real error, per model, from the tiny presets to full widths.
 
     python -m train.blip2.random_checkpoint --preset tiny-t5 --scales trained --out checkpoints/t5-trained
     python -m train.blip2.random_checkpoint --preset tiny --scales trained --outliers 3 --out checkpoints/opt-outliers
-    python bench/experiments/bench_gate_noise.py --models checkpoints/t5-trained checkpoints/opt-outliers [--json gate.json]
+    python bench/experiments/bench_gate_noise.py --models checkpoints/t5-trained checkpoints/opt-outliers \\
+        [--json gate.json]
 
 Each model is built with `python -m export.build --target onnx` (in this process, into a temporary folder unless
 `--out`), so every figure is the gate's own:
@@ -85,7 +86,8 @@ def measure(model: str, out: Path) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", required=True, help="checkpoint folders (python -m train.blip2.random_checkpoint writes them)")
+    ap.add_argument("--models", nargs="+", required=True,
+                    help="checkpoint folders (python -m train.blip2.random_checkpoint writes them)")
     ap.add_argument("--out", help="engines root (default: a temporary folder, removed at the end)")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args(argv)

@@ -1,8 +1,9 @@
 """What each int4 setting of ONNX Runtime's weight-only quantizer costs one matrix product (no model needed).
 
-    python bench/experiments/bench_int4_error.py                 # OPT-2.7B's width (2560 x 2560), random N(0, 0.02) weights
+    python bench/experiments/bench_int4_error.py             # OPT-2.7B's width (2560 x 2560), random N(0, 0.02) weights
     python bench/experiments/bench_int4_error.py --width 4096
-    python bench/experiments/bench_int4_error.py --model checkpoints/blip2-opt-2.7b-6l   # which LLM layers carry the error
+    python bench/experiments/bench_int4_error.py --model checkpoints/blip2-opt-2.7b-6l
+                                                             # which LLM layers carry the error
 
 One MatMul with Gaussian weights (what a random-weight checkpoint holds) is quantized with
 `MatMulNBitsQuantizer` / `DefaultWeightOnlyQuantConfig` at every block size, symmetric or not, and both

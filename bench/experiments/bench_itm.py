@@ -5,7 +5,8 @@ rounds back to back.
 
     python bench/experiments/bench_itm.py                     # the small preset's stage-1 engine of bench_retrieval.py
     python bench/experiments/bench_itm.py --batch 32 --threads 2
-    python bench/experiments/bench_itm.py --count-only --preset blip2-opt-2.7b   # multiply-adds per pair at BLIP-2's size
+    python bench/experiments/bench_itm.py --count-only --preset blip2-opt-2.7b
+                                                              # multiply-adds per pair at BLIP-2's size
 
 Prints ms per batch, the ratio against PyTorch, the largest ITM-probability difference from PyTorch, and
 whether the candidates' order by probability is PyTorch's. Then the same pairs with one text against the batch's

@@ -4,7 +4,8 @@ against PyTorch and whether the int8 gate passes, each way.
     python -m train.blip2.random_checkpoint --preset blip2-opt-6.7b --dtype float16 --outliers 4 --vision-layers 2 \
         --qformer-layers 2 --llm-layers 2 --out checkpoints/blip2-opt-6.7b-2l
     python -m export.build --model checkpoints/blip2-opt-6.7b-2l --target onnx
-    python bench/experiments/bench_smoothing.py --model checkpoints/blip2-opt-6.7b-2l --fp32 engines/blip2-opt-6.7b-2l/onnx
+    python bench/experiments/bench_smoothing.py --model checkpoints/blip2-opt-6.7b-2l \
+        --fp32 engines/blip2-opt-6.7b-2l/onnx
 
 Each way is a whole `onnx-int8` build (calibration, conversion, the gate) in a temporary folder that reuses the
 fp32 folder; "without" sets the outlier ratio past any channel's, so no LayerNorm is smoothed. Printed per way: the

@@ -87,7 +87,8 @@ def _image_processor_dict(path: Path) -> dict:
             return data["image_processor"]
     raise CheckpointError(
         f"{path} has no image processor settings (preprocessor_config.json, or processor_config.json with an "
-        f"'image_processor' entry); save the Blip2Processor beside the model with processor.save_pretrained({str(path)!r})"
+        "'image_processor' entry); save the Blip2Processor beside the model with "
+        f"processor.save_pretrained({str(path)!r})"
     )
 
 
@@ -206,7 +207,8 @@ def load_checkpoint(path) -> Checkpoint:
     config = Blip2Config.from_pretrained(path)
     check_weight_files(path)
     if config.model_type != "blip-2":
-        raise CheckpointError(f"{path} holds a {config.model_type!r} model; blip2-edge exports BLIP-2 (model_type 'blip-2')")
+        raise CheckpointError(f"{path} holds a {config.model_type!r} model; "
+                              "blip2-edge exports BLIP-2 (model_type 'blip-2')")
     edge = EdgeConfig.load(path, config)
     if edge.stage == 2:
         check_llm(path, config)

@@ -73,8 +73,9 @@ PRESETS = {
     # Salesforce/blip2-opt-2.7b's published architecture (3.8B parameters): ViT-g/14 at 224 px (39 layers, width
     # 1408, MLP 6144, 16 heads), the Q-Former (12 layers of width 768, cross-attention every 2nd, 32 queries) and
     # OPT-2.7B (32 layers, width 2560, 32 heads, FFN 10240, vocabulary 50272, 2048 positions; tied embeddings).
-    # With random weights (`python -m train.blip2.random_checkpoint --preset blip2-opt-2.7b --dtype float16`) it shows that a build
-    # fits the size users deploy; `--vision-layers 2 --qformer-layers 2 --llm-layers 6` keeps the widths (677M).
+    # With random weights (`python -m train.blip2.random_checkpoint --preset blip2-opt-2.7b --dtype float16`) it shows
+    # that a build fits the size users deploy; `--vision-layers 2 --qformer-layers 2 --llm-layers 6` keeps the widths
+    # (677M).
     "blip2-opt-2.7b": Preset(
         image_size=224, patch_size=14, vision_width=1408, vision_layers=39, vision_heads=16, vision_mlp=6144,
         num_query_tokens=32, qformer_width=768, qformer_layers=12, qformer_heads=12,
@@ -150,9 +151,9 @@ def blip2_config(preset: str | Preset = "tiny", **overrides) -> Blip2Config:
         preset = PRESETS[preset]
     p = replace(preset, **overrides)
     vision = Blip2VisionConfig(
-        hidden_size=p.vision_width, intermediate_size=p.vision_mlp or 4 * p.vision_width, num_hidden_layers=p.vision_layers,
-        num_attention_heads=p.vision_heads, image_size=p.image_size, patch_size=p.patch_size,
-        initializer_range=p.vision_init_std,
+        hidden_size=p.vision_width, intermediate_size=p.vision_mlp or 4 * p.vision_width,
+        num_hidden_layers=p.vision_layers, num_attention_heads=p.vision_heads, image_size=p.image_size,
+        patch_size=p.patch_size, initializer_range=p.vision_init_std,
     )
     qformer = Blip2QFormerConfig(
         hidden_size=p.qformer_width, intermediate_size=4 * p.qformer_width, num_hidden_layers=p.qformer_layers,
@@ -183,8 +184,8 @@ def t5_config(p: Preset) -> T5Config:
     """T5 as BLIP-2's conversion writes it: BOS = EOS = </s> (a caption's encoder input ends with it), exact GELU
     in the gated FFN; untied (and unscaled) LM head unless tie_word_embeddings."""
     return T5Config(
-        vocab_size=p.vocab_size, d_model=p.llm_width, d_kv=p.d_kv or p.llm_width // p.llm_heads, d_ff=p.llm_ffn or 4 * p.llm_width,
-        num_layers=p.llm_layers, num_heads=p.llm_heads, feed_forward_proj=p.t5_ffn,
+        vocab_size=p.vocab_size, d_model=p.llm_width, d_kv=p.d_kv or p.llm_width // p.llm_heads,
+        d_ff=p.llm_ffn or 4 * p.llm_width, num_layers=p.llm_layers, num_heads=p.llm_heads, feed_forward_proj=p.t5_ffn,
         dense_act_fn="gelu" if p.t5_ffn.endswith("gelu") else p.t5_ffn.split("-")[-1],
         tie_word_embeddings=p.tie_word_embeddings, dropout_rate=p.dropout, pad_token_id=T5_PAD_ID,
         eos_token_id=T5_EOS_ID, bos_token_id=T5_EOS_ID, decoder_start_token_id=T5_PAD_ID,

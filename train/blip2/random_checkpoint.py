@@ -4,12 +4,17 @@ module makes random ones.)
 
     python -m train.blip2.random_checkpoint --out checkpoints/tiny              # tiny preset, seed 0, stage 2
     python -m train.blip2.random_checkpoint --preset small --out checkpoints/small
-    python -m train.blip2.random_checkpoint --stage 1 --out checkpoints/stage1  # Q-Former with ITC/ITM/ITG heads, no LLM
-    python -m train.blip2.random_checkpoint --qformer-text --out checkpoints/demo   # stage 2 that also keeps ITC/ITM/ITG
-    python -m train.blip2.random_checkpoint --bert --out checkpoints/bert   # a small random BERT-style folder (stage1 --qformer-init)
-    python -m train.blip2.random_checkpoint --preset blip2-opt-2.7b --dtype float16 --out checkpoints/blip2-opt-2.7b-random
+    python -m train.blip2.random_checkpoint --stage 1 --out checkpoints/stage1
+                                                   # Q-Former with ITC/ITM/ITG heads, no LLM
+    python -m train.blip2.random_checkpoint --qformer-text --out checkpoints/demo
+                                                   # stage 2 that also keeps ITC/ITM/ITG
+    python -m train.blip2.random_checkpoint --bert --out checkpoints/bert
+                                                   # a small random BERT-style folder (stage1 --qformer-init)
+    python -m train.blip2.random_checkpoint --preset blip2-opt-2.7b --dtype float16 \\
+        --out checkpoints/blip2-opt-2.7b-random
                                                    # Salesforce/blip2-opt-2.7b's architecture, 3.8B random weights
-    python -m train.blip2.random_checkpoint --preset blip2-opt-2.7b --dtype float16 --vision-layers 2 --qformer-layers 2 --llm-layers 6 \\
+    python -m train.blip2.random_checkpoint --preset blip2-opt-2.7b --dtype float16 --vision-layers 2 \\
+        --qformer-layers 2 --llm-layers 6 \\
         --out checkpoints/blip2-opt-2.7b-6l        # the same widths, fewer layers (677M parameters)
     python -m train.blip2.random_checkpoint --preset tiny-t5 --scales trained --out checkpoints/t5-trained
                                                    # trained-like weight scales: T5's large activations
@@ -52,8 +57,8 @@ def make_random_checkpoint(out: str | Path, preset: str = "tiny", seed: int = 0,
     tokenizer_adds_bos=False: the LLM's tokenizer puts no BOS before a prompt (the model still has one).
     dtype: the weights' type, in memory while they are drawn and in the folder (float16 halves both: the 3.8B
     preset needs 7.6 GB instead of 15). scales="trained": weights at the scales of a trained model
-    (`trained_like`); outliers=N: N of its hidden dimensions carry OPT's outlier features. The tokenizers are small stand-ins trained on ShapesCaps texts (at most
-    512 ids, `<image>` the last), whatever the model's vocabulary.
+    (`trained_like`); outliers=N: N of its hidden dimensions carry OPT's outlier features. The tokenizers are small
+    stand-ins trained on ShapesCaps texts (at most 512 ids, `<image>` the last), whatever the model's vocabulary.
     """
     out = Path(out)
     qformer_text = stage == 1 if qformer_text is None else qformer_text

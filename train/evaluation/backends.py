@@ -76,7 +76,8 @@ class TorchBackend:
         self._need("caption")
         return self._generate(images, None if prompt is None else [prompt] * len(images), max_new_tokens)
 
-    def answer(self, images, questions, max_new_tokens: int = ANSWER_TOKENS, qformer_question: bool = False) -> list[str]:
+    def answer(self, images, questions, max_new_tokens: int = ANSWER_TOKENS,
+               qformer_question: bool = False) -> list[str]:
         self._need("vqa")
         if qformer_question:
             raise EvaluationError("Hugging Face's Blip2ForConditionalGeneration.generate has no Q-Former text input: "
@@ -147,7 +148,8 @@ class PipelineBackend:
 
         runners, missing = self.pipe.runners, {}
         if "llm_decoder" not in runners:
-            why = f"no llm_decoder graph in {self.folder} (built from a stage-1 checkpoint; needs {NEEDS['llm_decoder']})"
+            why = (f"no llm_decoder graph in {self.folder} (built from a stage-1 checkpoint; "
+                   f"needs {NEEDS['llm_decoder']})")
             missing.update(caption=why, vqa=why)
         if "qformer_text" not in runners or "image_feats" not in runners["qformer_query"].output_names:
             missing["itc"] = f"no qformer_text graph in {self.folder} (needs {NEEDS['qformer_text']})"
@@ -176,7 +178,8 @@ class PipelineBackend:
                                       num_beams=1)
         return self.pipe.caption(list(images), max_new_tokens=max_new_tokens, num_beams=1, decoder="llm")
 
-    def answer(self, images, questions, max_new_tokens: int = ANSWER_TOKENS, qformer_question: bool = False) -> list[str]:
+    def answer(self, images, questions, max_new_tokens: int = ANSWER_TOKENS,
+               qformer_question: bool = False) -> list[str]:
         self._need("vqa")
         return self.pipe.generate(list(images), prompt=[qa_prompt(q) for q in questions], decoder="llm",
                                   max_new_tokens=max_new_tokens, num_beams=1,

@@ -194,15 +194,17 @@ def itc_metrics(backend, split: Split, batch_size: int) -> dict:
     seconds = time.perf_counter() - t0
     for row, i2t, t2i in zip(split.per_sample, r["i2t_top1"], r["t2i_top1"]):
         row.update(i2t_top1=i2t, t2i_top1=t2i)
-    return {f"itc_r1_{way}": _metric(f"itc_r1_{way}", r[way], exact_value=r[f"{way}_exact"], correct=round(r[way] * split.n),
-                                     total=split.n, seconds=seconds, rule=EQUIVALENCE) for way in ("i2t", "t2i")}
+    return {f"itc_r1_{way}": _metric(f"itc_r1_{way}", r[way], exact_value=r[f"{way}_exact"],
+                                     correct=round(r[way] * split.n), total=split.n, seconds=seconds,
+                                     rule=EQUIVALENCE) for way in ("i2t", "t2i")}
 
 
 def itm_metric(backend, split: Split, batch_size: int) -> dict:
     t0 = time.perf_counter()
     n = split.n
     more = ShapesCaps(SPLIT, n=n + 1000, image_size=backend.image_size, seed=split.seed)  # same samples, more of them
-    negatives = pick_negatives(split.samples, split.seed, (more.sample(j, render_image=False) for j in range(n, n + 1000)))
+    negatives = pick_negatives(split.samples, split.seed,
+                               (more.sample(j, render_image=False) for j in range(n, n + 1000)))
     pair_texts = split.captions + [neg.captions[0] for neg in negatives]
     labels = np.array([1] * n + [0] * n)
     probs = _batched_array(backend.itm, batch_size, split.images + split.images, pair_texts).astype(np.float64)
@@ -211,7 +213,8 @@ def itm_metric(backend, split: Split, batch_size: int) -> dict:
         row.update(itm_negative_index=negatives[i].index, itm_negative=pair_texts[n + i],
                    itm_pos_prob=float(probs[i]), itm_neg_prob=float(probs[n + i]))
     return {"itm_accuracy": _metric("itm_accuracy", hits.mean(), correct=int(hits.sum()), total=2 * n,
-                                    positives_accuracy=float(hits[:n].mean()), negatives_accuracy=float(hits[n:].mean()),
+                                    positives_accuracy=float(hits[:n].mean()),
+                                    negatives_accuracy=float(hits[n:].mean()),
                                     seconds=time.perf_counter() - t0, rule=NEGATIVES)}
 
 
@@ -393,7 +396,8 @@ def run(args) -> int:
         baseline = getattr(args, "baseline", None)
         if baseline is not None:
             is_engine = (Path(baseline) / "manifest.json").is_file()
-            base = evaluate(open_backend(model=None if is_engine else baseline, engines=baseline if is_engine else None),
+            base = evaluate(open_backend(model=None if is_engine else baseline,
+                                         engines=baseline if is_engine else None),
                             n=n, seed=args.seed, batch_size=getattr(args, "batch_size", BATCH_SIZE))
             results["baseline"] = base
     except Exception as e:

@@ -35,7 +35,8 @@ class Recipe:
     batch_size: int = 32
     vision_batch_size: int = 64
     vision_steps: int = 2000  # 400 left the ViT at its label prior (attribute BCE 0.19, ITC R@1 0.47)
-    llm_steps: int = 12000  # in-context reading forms late: seed 0 re-read 2-shape captions 0.38 at 4000, 1.00 from 8000; text QA 0.88 at 8000, 0.94 at 10000-12000
+    llm_steps: int = 12000  # in-context reading forms late: seed 0 re-read 2-shape captions 0.38 at 4000, 1.00 from
+                            # 8000; text QA 0.88 at 8000, 0.94 at 10000-12000
     stage1_steps: int = 1500
     stage2_steps: int = 3000
     aux_every: int = 2  # stage 2: the stage-1 losses every this many steps

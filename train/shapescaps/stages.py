@@ -55,7 +55,8 @@ def scene_key(shapes) -> tuple:
     return tuple(sorted((s.colour, s.shape, s.size, s.position) for s in shapes))
 
 
-def shapescaps_set(vision_model, preprocess, n: int, image_size: int, seed: int = 0, split: str = "train") -> CaptionSet:
+def shapescaps_set(vision_model, preprocess, n: int, image_size: int, seed: int = 0,
+                   split: str = "train") -> CaptionSet:
     data = ShapesCaps(split, n=n, image_size=image_size, seed=seed)
     samples = list(data)
     embeds = encode_images(vision_model, preprocess, [s.image for s in samples])

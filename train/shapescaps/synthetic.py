@@ -5,7 +5,8 @@ training stack. Preview a few samples, or write them as a user's data set on dis
 
     python -m train.shapescaps.synthetic --preview previews/ --n 8                     # PNGs + captions.txt
     python -m train.shapescaps.synthetic --preview previews/ --split val --image-size 64
-    python -m train.shapescaps.synthetic --write data/shapes --n 2000 --split train --image-size 64   # as a user's data on disk
+    python -m train.shapescaps.synthetic --write data/shapes --n 2000 --split train --image-size 64
+                                                                                       # as a user's data on disk
 
     >>> from train.shapescaps.synthetic import ShapesCaps, caption_correct, vqa_correct
     >>> ds = ShapesCaps("train", n=1000, image_size=224, seed=0)
@@ -322,7 +323,8 @@ class ShapesCaps:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; choose one of {sorted(SPLITS)}")
         if n < 0 or image_size < 16 or seed < 0:
-            raise ValueError(f"need n >= 0, image_size >= 16 and seed >= 0 (got n={n}, image_size={image_size}, seed={seed})")
+            raise ValueError("need n >= 0, image_size >= 16 and seed >= 0 "
+                             f"(got n={n}, image_size={image_size}, seed={seed})")
         self.split, self.n, self.image_size, self.seed = split, n, image_size, seed
 
     def __len__(self) -> int:

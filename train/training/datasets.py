@@ -193,7 +193,8 @@ def _example(row: dict, image: str, where: str) -> Example:
         if "answers" not in row and "answer" not in row:
             raise DataError(f"{where}: a VQA row needs \"answers\" (a list of strings: VQAv2 has 10 per question) "
                             f"beside its \"question\"")
-        return Example(image, question=question, answers=_texts(row.get("answers", row.get("answer")), "answers", where))
+        return Example(image, question=question,
+                       answers=_texts(row.get("answers", row.get("answer")), "answers", where))
     for key in ("caption", "captions", "text", "txt"):
         if key in row:
             return Example(image, captions=_texts(row[key], key, where))

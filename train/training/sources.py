@@ -188,7 +188,8 @@ def _restage(model: Blip2Edge, stage: int, text_config=None, image_token_index=N
     config.image_token_index = image_token_index if stage == 2 else None
     edge = EdgeConfig(**{**model.edge.__dict__, "stage": stage, "qformer_text": True, "itg_head": True})
     new = Blip2Edge(config, edge)
-    keep = {k: v for k, v in model.state_dict().items() if not k.startswith(("language_model.", "language_projection."))}
+    keep = {k: v for k, v in model.state_dict().items()
+            if not k.startswith(("language_model.", "language_projection."))}
     missing, unexpected = new.load_state_dict(keep, strict=False)
     assert not unexpected, unexpected
     return new

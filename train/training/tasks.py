@@ -269,7 +269,8 @@ def run_command(command: str, task: str | None, args, opts: Options) -> Path:
         return out
     stage = 1 if command == "stage1" else model.edge.stage
     return write_checkpoint(model, out, tok if stage == 2 else None, qtok, stage=stage,
-                            before_rename=lambda tmp: (tmp / "train_args.json").write_text(json.dumps(settings, indent=2)))
+                            before_rename=lambda tmp: (tmp / "train_args.json").write_text(
+                                json.dumps(settings, indent=2)))
 
 
 def main(command: str, args) -> int:

@@ -53,8 +53,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then cosine decay to lr * min_lr_ratio (a pure function of the step, so a resumed run takes
     up the schedule where it stopped). transformers' `get_cosine_with_min_lr_schedule_with_warmup` gives the same
     values from the end of the warm-up on (equal to float rounding, 10 warm-up steps of 100), but its warm-up starts
-    one step later, at lr 0 (step 0: 0 there, lr / warmup here): taking it would change every run's first steps, and so the
-    shipped demo model that `python -m train demo` reproduces exactly."""
+    one step later, at lr 0 (step 0: 0 there, lr / warmup here): taking it would change every run's first steps, and so
+    the shipped demo model that `python -m train demo` reproduces exactly."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
