@@ -187,24 +187,25 @@ def _quantize_one(node, weight: np.ndarray, bits: int, quantizer, scratch_inits:
     """ONNX Runtime's quantized form of MatMul `node` reading `weight` [K, N] (its nodes; its new initializers
     appended to `scratch_inits`); a large weight for MatMulNBits a block of columns at a time."""
     k, n = weight.shape
-    columns = max(1, COLUMN_BLOCK_BYTES // (4 * k))
     quantize = quantizer(bits)
-    if n <= columns or quantize.config.quant_format != QuantFormat.QOperator:
-        scratch = onnx.GraphProto(initializer=[numpy_helper.from_array(weight, node.input[1])])
-        replaced = quantize.quantize(node, [scratch])
-        scratch_inits += scratch.initializer[1:]
-        return replaced
+    columns = max(1, COLUMN_BLOCK_BYTES // (4 * k))
+    if quantize.config.quant_format != QuantFormat.QOperator:  # (QDQ's int4 weights are [K, N]: whole)
+        columns = n
     pieces = []
     for start in range(0, n, columns):
-        block = numpy_helper.from_array(np.ascontiguousarray(weight[:, start:start + columns]), node.input[1])
-        scratch = onnx.GraphProto(initializer=[block])
+        block = np.ascontiguousarray(weight[:, start:start + columns]) if columns < n else weight
+        scratch = onnx.GraphProto(initializer=[numpy_helper.from_array(block, node.input[1])])
         replaced = quantize.quantize(node, [scratch])
-        if len(replaced) != 1 or replaced[0].op_type != "MatMulNBits":
-            raise RuntimeError(f"ONNX Runtime's quantizer made {[r.op_type for r in replaced]} of {node.name}, "
-                               f"not one MatMulNBits")
-        pieces.append([(t.name, numpy_helper.to_array(t)) for t in scratch.initializer[1:]])
-    for i, (name, _) in enumerate(pieces[0]):  # packed blocks, scales, zero points: each [N, ...]
-        scratch_inits.append(numpy_helper.from_array(np.concatenate([p[i][1] for p in pieces]), name))
+        pieces.append(scratch.initializer[1:])
+    if len(pieces) == 1:
+        scratch_inits += pieces[0]
+        return replaced
+    if len(replaced) != 1 or replaced[0].op_type != "MatMulNBits":
+        raise RuntimeError(f"ONNX Runtime's quantizer made {[r.op_type for r in replaced]} of {node.name}, "
+                           f"not one MatMulNBits")
+    for i, made in enumerate(pieces[0]):  # packed blocks, scales, zero points: each [N, ...], joined along N
+        scratch_inits.append(numpy_helper.from_array(
+            np.concatenate([numpy_helper.to_array(p[i]) for p in pieces]), made.name))
     for attribute in replaced[0].attribute:
         if attribute.name == "N":
             attribute.i = n
