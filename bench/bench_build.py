@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import Headline, write_results  # noqa: E402
 from train.blip2.checkpoint import parameter_count  # noqa: E402
 
 
@@ -61,8 +62,6 @@ def main(argv=None) -> int:
         print(f"{target:<12} {peak / 2**30:>12.2f} {peak / fp32:>15.2f} {seconds:>8.0f}  "
               f"{'ok' if rc == 0 else f'failed (exit {rc})'}")
     if args.json:
-        from common import Headline, write_results
-
         write_results(args.json, f"build: {folder.name}", {
             "parameters": fp32 // 4, "fp32_weight_bytes": fp32,
             "targets": {t: {"peak_rss_bytes": peak, "seconds": seconds, "exit": rc} for t, peak, seconds, rc in rows}},

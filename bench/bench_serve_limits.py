@@ -32,6 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import Headline, proc_bytes, write_results  # noqa: E402
+
 
 def _png(image) -> bytes:
     buf = io.BytesIO()
@@ -52,10 +54,7 @@ def _post(url: str, data: bytes, timeout: float = 120) -> int | str:
 
 
 def _rss_mib(pid: int) -> float:
-    try:
-        return int(open(f"/proc/{pid}/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        return 0.0
+    return proc_bytes(pid, "VmRSS") / 2**20
 
 
 def _parent(pid: int) -> int:
@@ -154,8 +153,6 @@ def main(argv=None) -> dict:
     finally:
         stop()
     if args.json:
-        from common import Headline, write_results
-
         hostile, overload = figures["hostile"], figures["overload"]
         name = f"service limits: {Path(args.engines).parent.name}/{Path(args.engines).name}"
         write_results(args.json, name, figures, [

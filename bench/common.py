@@ -1,7 +1,7 @@
 """What the benchmarks share: the machine they ran on, peak memory, and their figures written as JSON that
 `python bench/report.py` turns into docs/benchmarks.md and the README's table (so no figure is copied by hand).
 
-    from common import Headline, write_results
+    from bench.common import Headline, write_results
     write_results("bench/results/serve.json", "serve", figures,
                   [Headline("continuous / requests: requests/s", ratio, "x", ">=", 1.5)])
 
@@ -18,7 +18,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import shlex
 import statistics
 import sys
@@ -56,12 +55,6 @@ def held_target(op: str, bound: float | None, held: bool = True) -> tuple[str | 
     """A Headline's (op, bound): the target where it is held, (None, None) where the figure is shown for context
     (e.g. `--no-targets`: another configuration than the one the docs hold the target on)."""
     return (op, bound) if held else (None, None)
-
-
-def peak_rss_bytes(children: bool = False) -> int:
-    """This process's (or its waited-for children's) peak resident set, from the kernel's ru_maxrss."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF)
-    return usage.ru_maxrss * 1024
 
 
 def proc_bytes(pid: int | str = "self", key: str = "VmHWM", file: str = "status") -> int:

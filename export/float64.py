@@ -46,9 +46,9 @@ _METADATA = {"__get__", "numel", "dim", "size", "stride", "is_floating_point", "
              "data_ptr", "get_device", "__len__"}
 
 # A weight larger than this is widened a block of output rows at a time: an LM head of 50272 x 4096 (OPT-6.7B) is
-# 0.82 GB in float32, and widened whole it would add 1.65 GB to the build's peak. At Flan-T5-XL's widths the fp32
-# build's peak is the float64 ViT-g's MLP and attention (4 images), where a 64 MiB block (ViT-g's 6144 x 1408 fc1 and
-# fc2, its qkv widened whole) added 0.07 GiB over a 16 MiB one (2.55 -> 2.49 GiB, 2 layers each).
+# 0.82 GB in float32, and widened whole it would add 1.65 GB to the build's peak. At Flan-T5-XL's widths, when the
+# gate's 4 images went through ViT-g's float64 MLP and attention together (before `rows_apart`), a 64 MiB block
+# (ViT-g's 6144 x 1408 fc1 and fc2, its qkv widened whole) added 0.07 GiB over a 16 MiB one (2.55 -> 2.49 GiB).
 CHUNK_BYTES = 16 * 2**20
 
 
