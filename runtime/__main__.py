@@ -229,6 +229,15 @@ def _serve(args) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, interrupted)
+    printing = sys.unraisablehook
+
+    # A KeyboardInterrupt raised where Python cannot raise it (logging's at-fork hook while Ray starts its processes)
+    # is printed as "Exception ignored" with a traceback: `asked` has it, so only the one line below is printed.
+    def quiet_interrupt(unraisable):
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            printing(unraisable)
+
+    sys.unraisablehook = quiet_interrupt
     try:  # (Ctrl-C during the slow imports: the same one line as later)
         if _missing_scale("serve", ("ray", "ray.serve", "fastapi", "multipart")):
             return 2
